@@ -1,0 +1,86 @@
+"""Process-group setup that works the same under `deepspeed`, `torchrun`, Slurm `srun` and plain `python`."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Remove the `--local_rank=N` the deepspeed launcher appends (Hydra would reject it); keep it in LOCAL_RANK."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_env() -> DistInfo:
+    """Rank and world size from the launcher's environment; a lone process is rank 0 of 1."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    return DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def init(info: DistInfo, timeout_s: float) -> None:
+    """Join the process group; a rank that dies makes the others fail after `timeout_s`, not hang."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if info.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        auto_mpi_discovery=False,
+        timeout=timedelta(seconds=timeout_s),
+        rank=info.rank,
+        world_size=info.world_size,
+    )
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,104 @@
+"""DeepSpeed ZeRO-3: building the engine, and checkpoints that resume exactly.
+
+A checkpoint is a DeepSpeed tag directory `checkpoints/step<N>/` (partitioned model and optimizer states,
+LR scheduler, our client state) plus one `rng_rank<R>.pt` per rank. DeepSpeed writes `checkpoints/latest`
+only after every rank has written its part, so `latest` always names a complete checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from typing import Callable
+
+import deepspeed
+import numpy as np
+import torch
+from torch import nn
+
+from pretrain.errors import UserError
+
+_STEP_DIR = re.compile(r"^step(\d+)$")
+
+
+def build_model(make: Callable[[], nn.Module], ds_config: dict, seed: int) -> nn.Module:
+    """Construct under zero.Init so that no rank ever holds the full model: each keeps its partition."""
+    torch.manual_seed(seed)  # rank 0 initialises, the others receive its values
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        return make()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights (every 1-d parameter)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (no_decay if getattr(p, "ds_shape", p.shape).__len__() <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
+    )
+    return engine, scheduler
+
+
+def local_partition_numel(model: nn.Module) -> int:
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class Checkpoints:
+    def __init__(self, run_dir: str, rank: int, keep_last: int):
+        self.dir = os.path.join(run_dir, "checkpoints")
+        self.rank, self.keep_last = rank, keep_last
+
+    def latest_tag(self) -> str | None:
+        path = os.path.join(self.dir, "latest")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return f.read().strip() or None
+
+    def save(self, engine, step: int, client_state: dict) -> None:
+        tag = f"step{step}"
+        os.makedirs(os.path.join(self.dir, tag), exist_ok=True)
+        torch.save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt"))
+        engine.save_checkpoint(self.dir, tag=tag, client_state=client_state)  # writes `latest` last
+        if self.rank == 0:
+            self._prune(keep=tag)
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted((int(m.group(1)), n) for n in os.listdir(self.dir) if (m := _STEP_DIR.match(n)))
+        for _, name in tags[: -self.keep_last]:
+            if name != keep:
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+
+    def load(self, engine, resume: str) -> dict | None:
+        """Restore model, optimizer, scheduler and this rank's RNG; returns the client state or None."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            load_dir, tag = self.dir, self.latest_tag()
+            if tag is None:
+                return None
+        else:
+            load_dir, tag = os.path.dirname(os.path.abspath(resume)), os.path.basename(os.path.abspath(resume))
+        rng_path = os.path.join(load_dir, tag, f"rng_rank{self.rank}.pt")
+        if not os.path.isfile(rng_path):
+            raise UserError(f"{os.path.join(load_dir, tag)}: incomplete checkpoint (no {os.path.basename(rng_path)})")
+        path, client_state = engine.load_checkpoint(load_dir, tag=tag)
+        if path is None:
+            raise UserError(f"{os.path.join(load_dir, tag)}: DeepSpeed could not load this checkpoint")
+        set_rng_state(torch.load(rng_path, weights_only=False))
+        return client_state

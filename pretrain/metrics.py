@@ -1,0 +1,101 @@
+"""Metrics: per-objective sums gathered over a window of steps and all ranks, written by rank 0
+to `metrics.jsonl` (one JSON object per row) and, unless disabled, to wandb."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from pretrain.distributed import all_reduce_sum
+
+
+class Window:
+    """Sums (loss, correct, count) per objective and the tokens seen, until `reduce()`."""
+
+    def __init__(self, objectives: tuple[str, ...]):
+        self.objectives = objectives
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {name: [0.0, 0.0, 0.0] for name in self.objectives}
+        self.tokens = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, stats: dict[str, tuple[float, float, int]], tokens: int) -> None:
+        for name, values in stats.items():
+            acc = self.sums[name]
+            for i, v in enumerate(values):
+                acc[i] += v
+        self.tokens += tokens
+
+    def reduce(self) -> dict:
+        """Means over every rank: `<name>_loss`, `<name>_acc` (None where nothing was predicted), tokens_per_s."""
+        flat = [v for name in self.objectives for v in self.sums[name]] + [self.tokens]
+        flat = all_reduce_sum(flat)
+        out = {}
+        for i, name in enumerate(self.objectives):
+            loss_sum, correct, n = flat[3 * i : 3 * i + 3]
+            out[f"{name}_loss"] = loss_sum / n if n else None
+            out[f"{name}_acc"] = correct / n if n else None
+            out[f"{name}_count"] = int(n)
+        elapsed = time.perf_counter() - self.started
+        out["tokens"] = int(flat[-1])
+        out["tokens_per_s"] = flat[-1] / elapsed if elapsed > 0 else None
+        self.reset()
+        return out
+
+
+class MetricsLog:
+    """Rank 0 appends rows to metrics.jsonl; a resumed run first drops rows past its checkpoint."""
+
+    def __init__(self, run_dir: str, rank: int, wandb_cfg, config: dict, resumed_step: int):
+        self.rank = rank
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.wandb = None
+        if rank != 0:
+            return
+        self._truncate_after(resumed_step)
+        if wandb_cfg.mode != "disabled":
+            self.wandb = _start_wandb(run_dir, wandb_cfg, config)
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def write(self, row: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.wandb is not None:
+            split = row["split"]
+            self.wandb.log({f"{split}/{k}": v for k, v in row.items() if k not in ("step", "split") and v is not None},
+                           step=row["step"])  # fmt: skip
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(run_dir: str, wandb_cfg, config: dict):
+    import wandb
+
+    # One wandb run per run.dir, continued across resumes; offline mode never touches the network.
+    id_path = os.path.join(run_dir, "wandb_id")
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        with open(id_path, "w") as f:
+            f.write(run_id)
+    return wandb.init(
+        project=wandb_cfg.project, name=wandb_cfg.name, id=run_id, resume="allow", dir=run_dir,
+        mode=wandb_cfg.mode, config=config, settings=wandb.Settings(silent=True),
+    )  # fmt: skip

@@ -1,0 +1,209 @@
+"""The StructBERT encoder (BERT shapes, pre-LN or post-LN) and its pre-training heads.
+
+The encoder is kept free of heads so that stage two (PALM) can reuse it as is: the same module and
+parameter names, so initialising stage two from stage one is a plain mapping of names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    max_positions: int = 512
+    type_vocab: int = 3
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    ln_eps: float = 1e-12
+    init_std: float = 0.02
+    pre_ln: bool = True
+    sso_classes: int = 3
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.position = nn.Embedding(cfg.max_positions, cfg.hidden)
+        self.token_type = nn.Embedding(cfg.type_vocab, cfg.hidden)
+        # Post-LN BERT normalises the embeddings; pre-LN normalises at the input of every block instead.
+        self.norm = nn.Identity() if cfg.pre_ln else nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions)[None] + self.token_type(token_type_ids)
+        return self.drop(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.attn_dropout = cfg.heads, cfg.attn_dropout
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)  # one fused projection, one GEMM
+        self.out = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, h = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(b, t, h))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden, cfg.ffn)
+        self.down = nn.Linear(cfg.ffn, cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_ln = cfg.pre_ln
+        self.attn = SelfAttention(cfg)
+        self.attn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.ffn = FeedForward(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.drop(self.attn(self.attn_norm(x), attn_mask))
+            return x + self.drop(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, attn_mask)))
+        return self.ffn_norm(x + self.drop(self.ffn(x)))
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool (True = real token) -> [B, 1, 1, T], broadcast by SDPA over heads and queries."""
+    return attention_mask[:, None, None, :]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps) if cfg.pre_ln else nn.Identity()
+
+    def forward(self, input_ids, token_type_ids, attention_mask) -> torch.Tensor:
+        x = self.embeddings(input_ids, token_type_ids)
+        mask = padding_mask(attention_mask)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.final_norm(x)
+
+
+class MLMHead(nn.Module):
+    """Transform + output projection tied to the word embeddings (the weight is passed in, not owned)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(F.gelu(self.dense(h))), word_embeddings, self.bias)
+
+
+class SentenceHead(nn.Module):
+    """Pooler (dense + tanh on [CLS]) then the 3-way sentence-structure classifier."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
+        self.classifier = nn.Linear(cfg.hidden, cfg.sso_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.tanh(self.pooler(h[:, 0])))
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT initialisation, one module at a time.
+
+    Under `deepspeed.zero.Init` each parameter is partitioned as soon as its module is built, so it is
+    gathered here (only its own module's, never the whole model), set on rank 0 and re-partitioned.
+    """
+    for m in module.modules():
+        params = list(m.parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            if isinstance(m, MLMHead):
+                nn.init.zeros_(m.bias)
+
+
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor):
+    """Mean cross-entropy, summed loss, correct count and count over labels != IGNORE."""
+    n = labels.numel()
+    if n == 0:  # keeps the graph connected so every rank runs the same backward
+        zero = logits.sum() * 0.0
+        return zero, zero.detach(), zero.detach(), 0
+    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+    correct = (logits.argmax(-1) == labels).sum()
+    return loss_sum / n, loss_sum.detach(), correct.detach().float(), n
+
+
+class StructBert(nn.Module):
+    """Encoder + MLM head (shared by the word-structure objective) + sentence-structure head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.mlm_head = MLMHead(cfg)
+        self.sentence_head = SentenceHead(cfg)
+        init_weights(self, cfg.init_std)
+
+    def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
+        h = self.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        # The vocabulary projection is the costliest matmul: run it only where a token is predicted.
+        mlm_at, wso_at = batch["mlm_labels"] != IGNORE, batch["wso_labels"] != IGNORE
+        logits = self.mlm_head(h[mlm_at | wso_at], self.encoder.embeddings.word.weight)
+        is_mlm = mlm_at[mlm_at | wso_at]
+        mlm = masked_ce(logits[is_mlm], batch["mlm_labels"][mlm_at])
+        wso = masked_ce(logits[~is_mlm], batch["wso_labels"][wso_at])
+        sso_labels = batch["sso_labels"]
+        sso_logits = self.sentence_head(h)
+        sso = masked_ce(sso_logits[sso_labels != IGNORE], sso_labels[sso_labels != IGNORE])
+        loss = weights["mlm"] * mlm[0] + weights["wso"] * wso[0] + weights["sso"] * sso[0]
+        stats = {}
+        for name, (_, loss_sum, correct, n) in (("mlm", mlm), ("wso", wso), ("sso", sso)):
+            stats[name] = (float(loss_sum), float(correct), n)
+        return loss, stats
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Full parameter count, also for a ZeRO-3 partitioned model (ds_numel holds the unpartitioned size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+

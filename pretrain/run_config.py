@@ -1,0 +1,146 @@
+"""Turns the Hydra config into checked settings: batch geometry, model shapes, the DeepSpeed config.
+
+Everything here runs before any rank writes a file, so bad settings fail with one line and nothing on disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from pretrain.errors import UserError
+from pretrain.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    micro: int  # samples per rank per forward
+    accum: int  # forwards per optimizer step
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+
+def batch_geometry(train: DictConfig, world: int) -> BatchGeometry:
+    micro = int(train.micro_batch_size)
+    if micro < 1:
+        raise UserError(f"train.micro_batch_size={micro}: must be >= 1")
+    glob = micro * world if train.global_batch_size is None else int(train.global_batch_size)
+    if glob < 1 or glob % (micro * world):
+        raise UserError(
+            f"train.global_batch_size={glob} is not a positive multiple of train.micro_batch_size={micro} x {world} ranks"
+        )
+    return BatchGeometry(micro, glob // (micro * world), world)
+
+
+def check_train(cfg: DictConfig) -> None:
+    t = cfg.train
+    if t.max_steps is None or int(t.max_steps) < 1:
+        raise UserError(f"train.max_steps={t.max_steps}: must be >= 1")
+    for key in ("log_every", "eval_every", "save_every", "keep_last"):
+        if int(t[key]) < 1:
+            raise UserError(f"train.{key}={t[key]}: must be >= 1")
+    if t.exit_at_step is not None and not 1 <= int(t.exit_at_step) <= int(t.max_steps):
+        raise UserError(f"train.exit_at_step={t.exit_at_step}: must be in [1, train.max_steps={t.max_steps}]")
+    if not 0.0 <= float(t.warmup_fraction) < 1.0:
+        raise UserError(f"train.warmup_fraction={t.warmup_fraction}: must be in [0, 1)")
+    if float(t.lr) <= 0:
+        raise UserError(f"train.lr={t.lr}: must be > 0")
+    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
+        raise UserError(f"logger.wandb.mode={cfg.logger.wandb.mode}: must be offline, online or disabled")
+    if str(t.resume) not in ("auto", "never") and not os.path.isdir(str(t.resume)):
+        raise UserError(f"train.resume={t.resume}: not auto, never, or an existing checkpoint directory")
+
+
+def load_data_meta(data_dir: str) -> dict:
+    """The prepared corpus's meta.json, checked against the vocab.txt beside it."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data.dir={data_dir}: no such directory (prepare it with python -m pretrain.prepare)")
+    meta_path, vocab_path = os.path.join(data_dir, "meta.json"), os.path.join(data_dir, "vocab.txt")
+    for p in (meta_path, vocab_path):
+        if not os.path.isfile(p):
+            raise UserError(f"data.dir={data_dir}: {os.path.basename(p)} missing (not a prepared corpus)")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        expected_hash, vocab_size = meta["vocab_sha256"], int(meta["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path}: unreadable ({e})") from None
+    with open(vocab_path, "rb") as f:
+        actual_hash = hashlib.sha256(f.read()).hexdigest()
+    if actual_hash != expected_hash:
+        raise UserError(
+            f"{vocab_path}: sha256 {actual_hash[:12]} does not match meta.json vocab_sha256 {expected_hash[:12]}"
+            " (the corpus was prepared with another vocab)"
+        )
+    return meta
+
+
+def model_config(m: DictConfig, data_vocab_size: int, seq_len: int) -> ModelConfig:
+    if m.vocab_size is None:
+        mult = int(m.pad_vocab_multiple)
+        vocab = -(-data_vocab_size // mult) * mult
+    else:
+        vocab = int(m.vocab_size)
+        if vocab < data_vocab_size:
+            raise UserError(f"model.vocab_size={vocab} is smaller than the prepared vocab ({data_vocab_size} tokens)")
+    if m.hidden % m.heads:
+        raise UserError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
+    if seq_len > m.max_positions:
+        raise UserError(f"data.seq_len={seq_len} exceeds model.max_positions={m.max_positions}")
+    if seq_len < 8:
+        raise UserError(f"data.seq_len={seq_len}: must be >= 8")
+    return ModelConfig(
+        vocab_size=vocab, hidden=m.hidden, layers=m.layers, heads=m.heads, ffn=m.ffn,
+        max_positions=m.max_positions, type_vocab=m.type_vocab, dropout=m.dropout,
+        attn_dropout=m.attn_dropout, ln_eps=m.ln_eps, init_std=m.init_std, pre_ln=m.pre_ln,
+    )  # fmt: skip
+
+
+def deepspeed_config(cfg: DictConfig, geometry: BatchGeometry) -> dict:
+    """The DeepSpeed config, generated from the `deepspeed` group and the `train` settings."""
+    t, ds = cfg.train, cfg.deepspeed
+    warmup = max(1, round(float(t.warmup_fraction) * int(t.max_steps)))
+    out = {
+        "train_batch_size": geometry.global_batch,
+        "train_micro_batch_size_per_gpu": geometry.micro,
+        "gradient_accumulation_steps": geometry.accum,
+        "gradient_clipping": float(t.grad_clip),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": float(t.lr), "betas": list(t.betas), "eps": float(t.eps), "weight_decay": float(t.weight_decay)},
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": float(t.min_lr),
+                "warmup_max_lr": float(t.lr),
+                "warmup_num_steps": warmup,
+                "total_num_steps": int(t.max_steps),
+                "warmup_type": "linear",
+            },
+        },
+        "zero_optimization": dict(ds.zero),
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        f = ds.fp16
+        out["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # 0 = dynamic
+            "initial_scale_power": int(f.initial_scale_power),
+            "loss_scale_window": int(f.loss_scale_window),
+            "hysteresis": int(f.hysteresis),
+            "min_loss_scale": float(f.min_loss_scale),
+        }
+    elif ds.precision != "fp32":
+        raise UserError(f"deepspeed.precision={ds.precision}: must be fp32, bf16 or fp16")
+    return out

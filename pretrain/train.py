@@ -1,0 +1,141 @@
+"""Pre-training entry point, the same under `deepspeed`, `torchrun`, `srun` and plain `python`:
+
+    deepspeed --num_gpus 2 --module pretrain.train stage=structbert model=toy data.dir=D run.dir=R
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from pretrain import distributed, engine as ds
+from pretrain.errors import UserError, exit_on_user_error
+from pretrain.metrics import MetricsLog, Window
+from pretrain.model import count_parameters
+from pretrain.run_config import batch_geometry, check_train, deepspeed_config, load_data_meta
+from pretrain.stages import build_stage
+
+
+def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
+    # 1. Check everything before any rank writes a byte.
+    check_train(cfg)
+    geometry = batch_geometry(cfg.train, info.world_size)
+    stage = build_stage(cfg, load_data_meta(cfg.data.dir))
+    ds_config = deepspeed_config(cfg, geometry)
+    if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError(f"deepspeed={cfg.deepspeed.name}: fp16 needs a GPU; on CPU use deepspeed=zero3_cpu (fp32 or bf16)")
+
+    # 2. Join the ranks, build the partitioned model, restore the newest checkpoint.
+    distributed.init(info, float(cfg.dist.timeout_s))
+    run_dir = cfg.run.dir
+    os.makedirs(run_dir, exist_ok=True)
+    model = ds.build_model(stage.make_model, ds_config, int(cfg.seed))
+    engine, scheduler = ds.initialize(model, ds_config, float(cfg.train.weight_decay))
+    checkpoints = ds.Checkpoints(run_dir, info.rank, int(cfg.train.keep_last))
+    client = checkpoints.load(engine, str(cfg.train.resume))
+    if client is None:
+        step = 0
+        ds.set_rng_state(_fresh_rng(int(cfg.seed), info.rank))
+    else:
+        step = int(client["step"])
+        if client["global_batch"] != geometry.global_batch:
+            raise UserError(f"train.global_batch_size={geometry.global_batch} differs from the checkpoint's {client['global_batch']}")
+    _write_run_info(cfg, info, model, ds_config, geometry, step)
+    log = MetricsLog(run_dir, info.rank, cfg.logger.wandb, OmegaConf.to_container(cfg, resolve=True), step)
+
+    # 3. Train: every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
+    max_steps, t = int(cfg.train.max_steps), cfg.train
+    stop_at = int(t.exit_at_step) if t.exit_at_step is not None else max_steps
+    batches = iter(stage.train_loader(geometry, info.rank, start_step=step))
+    valid = stage.valid_loader(geometry, info.rank)
+    window = Window(stage.objectives)
+    bar = tqdm(total=max_steps, initial=step, disable=info.rank != 0 or not cfg.logger.progress, desc="train")
+    engine.train()
+    while step < stop_at:
+        lr = engine.get_lr()[0]  # the rate this step applies
+        for _ in range(geometry.accum):
+            batch = next(batches)
+            loss, stats = engine(batch, stage.weights)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed updates only at the accumulation boundary
+            window.add(stats, int(batch["attention_mask"].sum()))
+        step += 1
+        bar.update(1)
+        if step % t.log_every == 0 or step == stop_at:
+            row = stage.summarize(window.reduce())
+            log.write({"step": step, "split": "train", **row, "lr": lr, "grad_norm": _grad_norm(engine)})
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if valid is not None and (step % t.eval_every == 0 or step == max_steps):
+            log.write({"step": step, "split": "valid", **evaluate(engine, stage, valid)})
+        if step % t.save_every == 0 or step == stop_at:
+            checkpoints.save(engine, step, {"step": step, "global_batch": geometry.global_batch,
+                                            "consumed_samples": step * geometry.global_batch})  # fmt: skip
+    bar.close()
+    log.close()
+    distributed.barrier()
+
+
+@torch.no_grad()
+def evaluate(engine, stage, loader) -> dict:
+    engine.eval()
+    window = Window(stage.objectives)
+    for batch in loader:
+        _, stats = engine(batch, stage.weights)
+        window.add(stats, int(batch["attention_mask"].sum()))
+    engine.train()
+    return stage.summarize(window.reduce())
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _fresh_rng(seed: int, rank: int) -> dict:
+    """Dropout differs across ranks but is reproducible: seeded from (seed, rank)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed * 1000 + rank)
+    np.random.seed(seed * 1000 + rank)
+    torch.manual_seed(seed * 1000 + rank)
+    return ds.rng_state()
+
+
+def _write_run_info(cfg, info, model, ds_config, geometry, step) -> None:
+    """config.yaml (resolved) and run.json: world size, parameter counts and each rank's partition size."""
+    import json
+
+    import torch.distributed as dist
+
+    local = ds.local_partition_numel(model)
+    per_rank = [None] * info.world_size
+    dist.all_gather_object(per_rank, local)
+    if info.rank != 0:
+        return
+    OmegaConf.save(cfg, os.path.join(cfg.run.dir, "config.yaml"), resolve=True)
+    run_info = {
+        "world_size": info.world_size, "parameters": count_parameters(model), "partition_numel_per_rank": per_rank,
+        "micro_batch": geometry.micro, "grad_accum": geometry.accum, "global_batch": geometry.global_batch,
+        "resumed_from_step": step, "deepspeed_config": ds_config,
+    }  # fmt: skip
+    with open(os.path.join(cfg.run.dir, "run.json"), "w") as f:
+        json.dump(run_info, f, indent=2)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    info = distributed.read_env()
+    with exit_on_user_error("pretrain.train", quiet=info.rank != 0):
+        train(cfg, info)
+
+
+if __name__ == "__main__":
+    sys.argv = distributed.strip_local_rank(sys.argv)
+    main()

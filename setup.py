@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="plug-pretrain",
+    version="0.1.0",
+    description="Two-stage PLUG pre-training (StructBERT, then PALM) on DeepSpeed ZeRO-3 with Hydra configs",
+    packages=find_packages(include=["pretrain", "pretrain.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1,<2.15",
+        "deepspeed>=0.16,<0.20",
+        "numpy>=1.24",
+        "jieba>=0.42",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3",
+        "tokenizers>=0.15",
+        "tqdm",
+        "wandb",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
