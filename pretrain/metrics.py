@@ -19,6 +19,7 @@ class Window:
     def reset(self) -> None:
         self.sums = {name: [0.0, 0.0, 0.0] for name in self.objectives}
         self.tokens = 0.0
+        self.steps = 0
         self.started = time.perf_counter()
 
     def add(self, stats: dict[str, tuple[float, float, int]], tokens: int) -> None:
@@ -27,6 +28,9 @@ class Window:
             for i, v in enumerate(values):
                 acc[i] += v
         self.tokens += tokens
+
+    def mark_step(self) -> None:
+        self.steps += 1
 
     def reduce(self) -> dict:
         """Means over every rank: `<name>_loss`, `<name>_acc` (None where nothing was predicted), tokens_per_s."""
@@ -41,6 +45,7 @@ class Window:
         elapsed = time.perf_counter() - self.started
         out["tokens"] = int(flat[-1])
         out["tokens_per_s"] = flat[-1] / elapsed if elapsed > 0 else None
+        out["step_time_s"] = elapsed / self.steps if self.steps else None
         self.reset()
         return out
 

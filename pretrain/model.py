@@ -11,6 +11,7 @@ import deepspeed
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
@@ -30,6 +31,7 @@ class ModelConfig:
     init_std: float = 0.02
     pre_ln: bool = True
     sso_classes: int = 3
+    activation_checkpointing: bool = False  # recompute each layer in backward: memory for compute
 
     @property
     def head_dim(self) -> int:
@@ -107,12 +109,16 @@ class Encoder(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps) if cfg.pre_ln else nn.Identity()
+        self.checkpointing = cfg.activation_checkpointing
 
     def forward(self, input_ids, token_type_ids, attention_mask) -> torch.Tensor:
         x = self.embeddings(input_ids, token_type_ids)
         mask = padding_mask(attention_mask)
         for layer in self.layers:
-            x = layer(x, mask)
+            if self.checkpointing and self.training:
+                x = checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask)
         return self.final_norm(x)
 
 

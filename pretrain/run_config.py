@@ -81,7 +81,7 @@ def load_data_meta(data_dir: str) -> dict:
     return meta
 
 
-def model_config(m: DictConfig, data_vocab_size: int, seq_len: int) -> ModelConfig:
+def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_checkpointing: bool = False) -> ModelConfig:
     if m.vocab_size is None:
         mult = int(m.pad_vocab_multiple)
         vocab = -(-data_vocab_size // mult) * mult
@@ -99,6 +99,7 @@ def model_config(m: DictConfig, data_vocab_size: int, seq_len: int) -> ModelConf
         vocab_size=vocab, hidden=m.hidden, layers=m.layers, heads=m.heads, ffn=m.ffn,
         max_positions=m.max_positions, type_vocab=m.type_vocab, dropout=m.dropout,
         attn_dropout=m.attn_dropout, ln_eps=m.ln_eps, init_std=m.init_std, pre_ln=m.pre_ln,
+        activation_checkpointing=activation_checkpointing,
     )  # fmt: skip
 
 
@@ -113,7 +114,12 @@ def deepspeed_config(cfg: DictConfig, geometry: BatchGeometry) -> dict:
         "gradient_clipping": float(t.grad_clip),
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": float(t.lr), "betas": list(t.betas), "eps": float(t.eps), "weight_decay": float(t.weight_decay)},
+            "params": {
+                "lr": float(t.lr), "betas": list(t.betas), "eps": float(t.eps), "weight_decay": float(t.weight_decay),
+                # DeepSpeed's CPU Adam accumulates beta^t by multiplication, which a resumed run recomputes
+                # with pow(): torch's AdamW derives it from the step alone, so resume stays bitwise exact.
+                "torch_adam": bool(ds.torch_adam),
+            },  # fmt: skip
         },
         "scheduler": {
             "type": "WarmupDecayLR",

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import os
-from functools import partial
-
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from pretrain.dataset import StepSampler, StructBertDataset, collate, eval_batches
+from pretrain.dataset import StepSampler, StructBertDataset, eval_batches
 from pretrain.errors import UserError
 from pretrain.indexed import IndexedCorpus
 from pretrain.model import StructBert
@@ -25,7 +23,9 @@ class StructBertStage:
     def __init__(self, cfg: DictConfig, meta: dict):
         self.cfg = cfg
         self.tokenizer = Tokenizer(os.path.join(cfg.data.dir, "vocab.txt"))
-        self.model_cfg = model_config(cfg.model, meta["vocab_size"], int(cfg.data.seq_len))
+        self.model_cfg = model_config(
+            cfg.model, meta["vocab_size"], int(cfg.data.seq_len), bool(cfg.deepspeed.activation_checkpointing)
+        )
         known = set(ObjectiveConfig.__dataclass_fields__)
         unknown = set(cfg.stage.objectives) - known
         if unknown:
@@ -52,9 +52,9 @@ class StructBertStage:
             micro_batch=geometry.micro, grad_accum=geometry.accum, world_size=geometry.world, rank=rank,
             start_step=start_step, max_steps=int(self.cfg.train.max_steps),
         )  # fmt: skip
-        workers = int(self.cfg.data.num_workers)
+        workers, data = int(self.cfg.data.num_workers), self.dataset("train")
         return DataLoader(
-            self.dataset("train"), batch_sampler=sampler, collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+            data, batch_sampler=sampler, collate_fn=data.collate_fn,
             num_workers=workers, persistent_workers=workers > 0,
             generator=torch.Generator(),  # keeps the loader from drawing on the global RNG (exact resume)
         )  # fmt: skip
@@ -67,7 +67,7 @@ class StructBertStage:
         per_round = geometry.micro * geometry.world
         n = min(int(self.cfg.train.eval_samples), len(data)) // per_round * per_round or per_round
         batches = eval_batches(n, geometry.micro, geometry.world, rank)
-        return DataLoader(data, batch_sampler=batches, collate_fn=partial(collate, pad_id=self.tokenizer.pad_id))
+        return DataLoader(data, batch_sampler=batches, collate_fn=data.collate_fn)
 
     def summarize(self, reduced: dict) -> dict:
         """The logged row: total loss as trained (weighted sum of the objective means) and each objective."""
@@ -76,6 +76,8 @@ class StructBertStage:
         for k in self.objectives:
             row[f"{k}_loss"], row[f"{k}_acc"] = reduced[f"{k}_loss"], reduced[f"{k}_acc"]
         row["tokens_per_s"] = reduced["tokens_per_s"]
+        if reduced["step_time_s"] is not None:
+            row["step_time_s"] = reduced["step_time_s"]
         return row
 
 

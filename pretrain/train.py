@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
-import time
+import warnings
 
 import hydra
 import torch
@@ -20,6 +21,9 @@ from pretrain.model import count_parameters
 from pretrain.run_config import batch_geometry, check_train, deepspeed_config, load_data_meta
 from pretrain.stages import build_stage
 
+# torch 2.13 deprecates the collectives DeepSpeed calls, once per step: not ours to fix, only noise.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
+
 
 def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # 1. Check everything before any rank writes a byte.
@@ -31,6 +35,7 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
         raise UserError(f"deepspeed={cfg.deepspeed.name}: fp16 needs a GPU; on CPU use deepspeed=zero3_cpu (fp32 or bf16)")
 
     # 2. Join the ranks, build the partitioned model, restore the newest checkpoint.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     distributed.init(info, float(cfg.dist.timeout_s))
     run_dir = cfg.run.dir
     os.makedirs(run_dir, exist_ok=True)
@@ -65,6 +70,7 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
             engine.step()  # DeepSpeed updates only at the accumulation boundary
             window.add(stats, int(batch["attention_mask"].sum()))
         step += 1
+        window.mark_step()
         bar.update(1)
         if step % t.log_every == 0 or step == stop_at:
             row = stage.summarize(window.reduce())

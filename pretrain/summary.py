@@ -1,0 +1,63 @@
+"""Summarise a run directory: `python -m pretrain.summary run.dir=<dir>` (several run.dir= for a table)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from pretrain.errors import UserError, exit_on_user_error
+
+# Columns shown when present, in this order.
+COLUMNS = ("loss", "mlm_acc", "wso_acc", "sso_acc", "lm_loss", "lm_acc", "lm_ppl")
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"run.dir={run_dir}: no metrics.jsonl (has this run trained?)")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(run_dir: str) -> dict:
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if r["split"] == "train"]
+    valid = [r for r in rows if r["split"] == "valid"]
+    if not train:
+        raise UserError(f"run.dir={run_dir}: metrics.jsonl has no train rows")
+    times = [r["step_time_s"] for r in train if r.get("step_time_s")]
+    return {
+        "run": run_dir,
+        "steps": train[-1]["step"],
+        "first_train": train[0],
+        "last_train": train[-1],
+        "last_valid": valid[-1] if valid else None,
+        "s_per_step": sorted(times)[len(times) // 2] if times else None,  # median: robust to the first, slow steps
+    }
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def render(s: dict) -> str:
+    lines = [f"{s['run']}: {s['steps']} steps, median {_fmt(s['s_per_step'])} s/step"]
+    cols = [c for c in COLUMNS if c in s["last_train"] or (s["last_valid"] and c in s["last_valid"])]
+    lines.append("  " + "split".ljust(14) + "".join(c.rjust(10) for c in cols))
+    for name, row in (("train first", s["first_train"]), ("train last", s["last_train"]), ("valid last", s["last_valid"])):
+        if row is not None:
+            lines.append("  " + f"{name} @{row['step']}".ljust(14) + "".join(_fmt(row.get(c)).rjust(10) for c in cols))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    dirs = [a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")]
+    if not dirs or len(dirs) != len(argv):
+        raise UserError("usage: python -m pretrain.summary run.dir=<dir> [run.dir=<dir> ...]")
+    for d in dirs:
+        print(render(summarize(d)))
+
+
+if __name__ == "__main__":
+    with exit_on_user_error("pretrain.summary"):
+        main(sys.argv[1:])
