@@ -1,0 +1,132 @@
+"""Reading raw text: input files, documents made of paragraphs, Chinese sentence splitting.
+
+.txt    UTF-8, one paragraph per line, a blank line between documents.
+.jsonl  one JSON object per line whose "text" is one document; newlines inside it split paragraphs.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections import Counter
+from typing import BinaryIO, Iterator
+
+from pretrain.errors import UserError
+
+EXTENSIONS = (".txt", ".jsonl")
+_CHUNK = 1 << 20
+
+# A sentence ends after a run of 。！？；!? or ellipsis characters, together with the closing quotes and
+# brackets that follow it, so '“你好。”' stays one sentence and the next one does not start with '”'
+# ('《好！》。' too: punctuation after a closer still belongs to the sentence).
+_SENTENCE = re.compile(r"[^。！？；!?…]*(?:(?:[。！？；!?…]+[”’」』）)\"'》】]*)+|$)")
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """Sentences of `paragraph`, each keeping its final punctuation; whitespace-stripped, empties dropped."""
+    return [s for s in (m.strip() for m in _SENTENCE.findall(paragraph)) if s]
+
+
+def iter_input_files(spec: str) -> list[str]:
+    """The input files named by `spec`: a file, a directory (its *.txt / *.jsonl, recursively) or a glob."""
+    if os.path.isfile(spec):
+        return [spec]
+    matches = [spec] if os.path.isdir(spec) else glob.glob(spec, recursive=True)
+    files = set()
+    for match in matches:
+        if os.path.isdir(match):
+            for root, _, names in os.walk(match):
+                files.update(os.path.join(root, n) for n in names if n.endswith(EXTENSIONS))
+        elif match.endswith(EXTENSIONS) and os.path.isfile(match):
+            files.add(match)
+    if not files:
+        raise UserError(f"input={spec}: no .txt or .jsonl files found")
+    return sorted(files)
+
+
+def _lines(f: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(byte offset, line without its newline, length in bytes) per line; the line is None when longer than
+    max_line_bytes, and such a line is read past in chunks so that its size never has to fit in memory."""
+    offset = 0
+    while head := f.readline(max_line_bytes + 2):  # + 2: room for the '\r\n' of a line of the maximum length
+        size, last = len(head), head
+        while not last.endswith(b"\n") and (more := f.readline(_CHUNK)):
+            size, last = size + len(more), more
+        length = size - (2 if last.endswith(b"\r\n") else 1 if last.endswith(b"\n") else 0)
+        yield offset, (head[:length] if length <= max_line_bytes else None), length
+        offset += size
+
+
+def read_documents(paths: list[str], on_error: str = "raise", max_line_bytes: int = 1_000_000
+                   ) -> tuple[list[list[str]], dict]:
+    """Documents (lists of non-blank paragraphs) from .txt / .jsonl files, and reading statistics.
+
+    A bad line (invalid UTF-8, longer than max_line_bytes, bad JSON) is a UserError naming where it is, or,
+    with on_error="skip", is left out and counted by reason in stats["skipped_lines"].
+    """
+    if on_error not in ("raise", "skip"):
+        raise UserError(f"on_error={on_error}: expected raise or skip")
+    documents: list[list[str]] = []
+    skipped: Counter[str] = Counter()
+    for path in paths:
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        with f:
+            jsonl = path.endswith(".jsonl")
+            paragraphs: list[str] = []  # the .txt document being read
+            for lineno, (offset, raw, length) in enumerate(_lines(f, max_line_bytes), start=1):
+                try:
+                    text = _decode(path, lineno, offset, raw, length, max_line_bytes)
+                    if jsonl:
+                        doc = _jsonl_document(path, lineno, text)
+                        if doc:
+                            documents.append(doc)
+                    elif text.strip():
+                        paragraphs.append(text.strip())
+                    elif paragraphs:
+                        documents.append(paragraphs)
+                        paragraphs = []
+                except _BadLine as bad:
+                    if on_error == "raise":
+                        raise UserError(str(bad)) from None
+                    skipped[bad.reason] += 1
+            if paragraphs:
+                documents.append(paragraphs)
+    return documents, {"files": len(paths), "skipped_lines": dict(sorted(skipped.items()))}
+
+
+class _BadLine(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _decode(path: str, lineno: int, offset: int, raw: bytes | None, length: int, max_line_bytes: int) -> str:
+    if raw is None:
+        raise _BadLine("too_long", f"{path}:{lineno}: line of {length} bytes exceeds max_line_bytes={max_line_bytes} "
+                                   "(raise max_line_bytes= or split the input)")
+    try:
+        return raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+    except UnicodeDecodeError as e:
+        bom = len(_BOM) if offset == 0 and raw.startswith(_BOM) else 0  # utf-8-sig counts from after the BOM
+        raise _BadLine("invalid_utf8", f"{path}: invalid UTF-8 at byte offset {offset + bom + e.start} (line {lineno})")
+
+
+def _jsonl_document(path: str, lineno: int, line: str) -> list[str]:
+    if not line.strip():
+        return []
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _BadLine("invalid_json", f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict) or "text" not in obj:
+        raise _BadLine("no_text", f'{path}:{lineno}: expected a JSON object with a "text" field')
+    if not isinstance(obj["text"], str):
+        raise _BadLine("no_text", f'{path}:{lineno}: "text" is {type(obj["text"]).__name__}, expected a string')
+    return [p.strip() for p in obj["text"].splitlines() if p.strip()]
