@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 
 from pretrain.distributed import all_reduce_sum
 
@@ -97,7 +98,7 @@ def _start_wandb(run_dir: str, wandb_cfg, config: dict):
         with open(id_path) as f:
             run_id = f.read().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:8]
         with open(id_path, "w") as f:
             f.write(run_id)
     return wandb.init(

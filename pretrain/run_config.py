@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pretrain.errors import UserError
 from pretrain.model import ModelConfig
@@ -39,6 +39,9 @@ def batch_geometry(train: DictConfig, world: int) -> BatchGeometry:
 
 
 def check_train(cfg: DictConfig) -> None:
+    for group in ("run", "data"):
+        if OmegaConf.is_missing(cfg[group], "dir"):
+            raise UserError(f"{group}.dir is required (add {group}.dir=<dir>)")
     t = cfg.train
     if t.max_steps is None or int(t.max_steps) < 1:
         raise UserError(f"train.max_steps={t.max_steps}: must be >= 1")
