@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,6 +152,8 @@ def init_weights(module: nn.Module, std: float) -> None:
     Under `deepspeed.zero.Init` each parameter is partitioned as soon as its module is built, so it is
     gathered here (only its own module's, never the whole model), set on rank 0 and re-partitioned.
     """
+    import deepspeed  # imported here so that config errors surface before DeepSpeed's start-up noise
+
     for m in module.modules():
         params = list(m.parameters(recurse=False))
         if not params:

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from pretrain import distributed, engine as ds
+from pretrain import distributed
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.metrics import MetricsLog, Window
 from pretrain.model import count_parameters
@@ -35,6 +35,8 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
         raise UserError(f"deepspeed={cfg.deepspeed.name}: fp16 needs a GPU; on CPU use deepspeed=zero3_cpu (fp32 or bf16)")
 
     # 2. Join the ranks, build the partitioned model, restore the newest checkpoint.
+    from pretrain import engine as ds  # DeepSpeed logs on import: only once the config is known good
+
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     distributed.init(info, float(cfg.dist.timeout_s))
     run_dir = cfg.run.dir
@@ -45,7 +47,7 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     client = checkpoints.load(engine, str(cfg.train.resume))
     if client is None:
         step = 0
-        ds.set_rng_state(_fresh_rng(int(cfg.seed), info.rank))
+        _fresh_rng(int(cfg.seed), info.rank)
     else:
         step = int(client["step"])
         if client["global_batch"] != geometry.global_batch:
@@ -102,7 +104,7 @@ def _grad_norm(engine) -> float | None:
     return None if norm is None else float(norm)
 
 
-def _fresh_rng(seed: int, rank: int) -> dict:
+def _fresh_rng(seed: int, rank: int) -> None:
     """Dropout differs across ranks but is reproducible: seeded from (seed, rank)."""
     import random
 
@@ -111,7 +113,6 @@ def _fresh_rng(seed: int, rank: int) -> dict:
     random.seed(seed * 1000 + rank)
     np.random.seed(seed * 1000 + rank)
     torch.manual_seed(seed * 1000 + rank)
-    return ds.rng_state()
 
 
 def _write_run_info(cfg, info, model, ds_config, geometry, step) -> None:
@@ -120,7 +121,9 @@ def _write_run_info(cfg, info, model, ds_config, geometry, step) -> None:
 
     import torch.distributed as dist
 
-    local = ds.local_partition_numel(model)
+    from pretrain.engine import local_partition_numel
+
+    local = local_partition_numel(model)
     per_rank = [None] * info.world_size
     dist.all_gather_object(per_rank, local)
     if info.rank != 0:

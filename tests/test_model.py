@@ -1,0 +1,96 @@
+"""The encoder and its heads, without DeepSpeed: masking, tying, the predicted-positions-only projection."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.distributed import strip_local_rank
+from pretrain.model import IGNORE, ModelConfig, StructBert
+
+WEIGHTS = {"mlm": 1.0, "wso": 1.0, "sso": 1.0}
+
+
+def tiny(pre_ln=True, **kw) -> StructBert:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, hidden=32, layers=2, heads=4, ffn=64, max_positions=64, pre_ln=pre_ln, **kw)
+    return StructBert(cfg).eval()
+
+
+def batch(b=2, t=12, seed=1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 50, (b, t), generator=g)
+    mlm = torch.full((b, t), IGNORE)
+    wso = torch.full((b, t), IGNORE)
+    mlm[:, 2], mlm[:, 5], wso[:, 7] = ids[:, 2], ids[:, 5], ids[:, 7]
+    return {
+        "input_ids": ids, "token_type_ids": torch.zeros(b, t, dtype=torch.long),
+        "attention_mask": torch.ones(b, t, dtype=torch.bool), "mlm_labels": mlm, "wso_labels": wso,
+        "sso_labels": torch.tensor([0, 2][:b]),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_padding_does_not_change_real_positions(pre_ln):
+    model, b = tiny(pre_ln), batch()
+    h = model.encoder(b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    pad = lambda x, v: torch.cat([x, torch.full((x.shape[0], 4), v, dtype=x.dtype)], 1)  # noqa: E731
+    mask = pad(b["attention_mask"], False)
+    h_padded = model.encoder(pad(b["input_ids"], 0), pad(b["token_type_ids"], 0), mask)
+    torch.testing.assert_close(h_padded[:, :12], h, rtol=0, atol=1e-5)
+    # ...and the mask really is applied: attending to the padding would change the outputs.
+    h_leaky = model.encoder(pad(b["input_ids"], 0), pad(b["token_type_ids"], 0), torch.ones_like(mask))
+    assert (h_leaky[:, :12] - h).abs().max() > 1e-3
+
+
+def test_pre_ln_and_post_ln_differ_in_structure():
+    pre, post = tiny(True), tiny(False)
+    assert isinstance(post.encoder.final_norm, torch.nn.Identity) and not isinstance(pre.encoder.final_norm, torch.nn.Identity)
+    assert isinstance(pre.encoder.embeddings.norm, torch.nn.Identity)
+    assert isinstance(post.encoder.embeddings.norm, torch.nn.LayerNorm)
+
+
+def test_losses_equal_full_vocab_reference_and_decoder_is_tied():
+    model, b = tiny(), batch()
+    loss, stats = model(b, WEIGHTS)
+    h = model.encoder(b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    head = model.mlm_head
+    logits = F.linear(head.norm(F.gelu(head.dense(h))), model.encoder.embeddings.word.weight, head.bias)  # all positions
+    mlm_ref = F.cross_entropy(logits.view(-1, 50), b["mlm_labels"].view(-1), ignore_index=IGNORE)
+    wso_ref = F.cross_entropy(logits.view(-1, 50), b["wso_labels"].view(-1), ignore_index=IGNORE)
+    sso_ref = F.cross_entropy(model.sentence_head(h), b["sso_labels"])
+    torch.testing.assert_close(loss, mlm_ref + wso_ref + sso_ref)
+    assert stats["mlm"][2] == 4 and stats["wso"][2] == 2 and stats["sso"][2] == 2
+    # Tied: the output projection has no weight of its own, and its gradient lands in the embedding.
+    assert not any("mlm_head" in n and "weight" in n and p.shape[0] == 50 for n, p in model.named_parameters())
+    loss.backward()
+    assert model.encoder.embeddings.word.weight.grad[b["mlm_labels"][0, 2]].abs().sum() > 0
+
+
+def test_ignored_sso_labels_and_no_predictions_keep_the_graph():
+    model, b = tiny(), batch()
+    b["sso_labels"][:] = IGNORE
+    b["wso_labels"][:] = IGNORE
+    loss, stats = model(b, WEIGHTS)
+    assert stats["sso"][2] == 0 and stats["wso"][2] == 0
+    loss.backward()  # no error: every rank must be able to run the same backward
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    b = batch()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(activation_checkpointing=ckpt).train()
+        torch.manual_seed(5)  # same dropout masks: the recompute replays the RNG state
+        loss, _ = model(b, WEIGHTS)
+        loss.backward()
+        grads.append((loss.detach(), model.encoder.layers[0].attn.qkv.weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-7)
+
+
+def test_strip_local_rank_handles_both_launcher_spellings(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert strip_local_rank(["prog", "--local_rank=1", "a=b"]) == ["prog", "a=b"]
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert strip_local_rank(["prog", "--local_rank", "3", "x=y"]) == ["prog", "x=y"]

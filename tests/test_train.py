@@ -1,0 +1,143 @@
+"""End to end: the real `deepspeed` launcher (and torchrun, and plain python) with 2 CPU ranks and ZeRO-3."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.prepare import PrepareConfig, prepare
+from synthetic import write_synthetic_corpus
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A model small enough for seconds-long runs; the rest of the recipe is the real one.
+TINY = [
+    "model=toy", "model.hidden=64", "model.layers=2", "model.heads=2", "model.ffn=128",
+    "data.seq_len=64", "train.micro_batch_size=4", "train.lr=1e-3", "train.eval_samples=16",
+    "logger.progress=false", "logger.wandb.mode=disabled",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("corpus")
+    write_synthetic_corpus(root / "corpus.txt", num_docs=300, seed=0)
+    out = str(root / "prepared")
+    prepare(PrepareConfig(input=str(root / "corpus.txt"), out=out, valid_fraction=0.05))
+    return out
+
+
+def launch(launcher: list[str], args: list[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != expect_rc:
+        raise AssertionError(f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+DEEPSPEED = ["deepspeed", "--num_gpus", "2", "--module", "pretrain.train"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pretrain.train"]
+PYTHON = [sys.executable, "-m", "pretrain.train"]
+
+
+def rows(run_dir: str, split: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def straight_run(prepared, tmp_path_factory) -> str:
+    run = str(tmp_path_factory.mktemp("runs") / "straight")
+    launch(DEEPSPEED, TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=40", "train.log_every=1",
+                              "train.eval_every=20", "train.save_every=10", "train.keep_last=2"])  # fmt: skip
+    return run
+
+
+def test_deepspeed_run_writes_outputs_and_loss_falls(straight_run):
+    train = rows(straight_run, "train")
+    assert [r["step"] for r in train] == list(range(1, 41))
+    for key in ("loss", "mlm_loss", "mlm_acc", "wso_acc", "sso_loss", "sso_acc", "lr", "grad_norm", "tokens_per_s"):
+        assert all(r[key] is not None for r in train), key
+    first, last = (sum(r["loss"] for r in part) / 5 for part in (train[:5], train[-5:]))
+    assert last < first - 1.0, (first, last)
+    assert [r["step"] for r in rows(straight_run, "valid")] == [20, 40]
+    assert os.path.isfile(os.path.join(straight_run, "config.yaml"))
+    ckpt = os.path.join(straight_run, "checkpoints")
+    assert open(os.path.join(ckpt, "latest")).read().strip() == "step40"
+    assert sorted(d for d in os.listdir(ckpt) if d.startswith("step")) == ["step30", "step40"]  # keep_last=2
+
+
+def test_zero3_partitions_parameters_across_ranks(straight_run):
+    info = json.load(open(os.path.join(straight_run, "run.json")))
+    assert info["world_size"] == 2 and info["deepspeed_config"]["zero_optimization"]["stage"] == 3
+    total, parts = info["parameters"], info["partition_numel_per_rank"]
+    assert len(parts) == 2 and sum(parts) >= total
+    assert all(p <= total // 2 + 64 for p in parts), (total, parts)  # each rank holds about half, padding aside
+    step40 = os.path.join(straight_run, "checkpoints", "step40")
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(os.listdir(step40))
+
+
+def test_resume_is_bitwise_exact(prepared, straight_run, tmp_path):
+    run = str(tmp_path / "resumed")
+    args = TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=40", "train.log_every=1",
+                   "train.eval_every=20", "train.save_every=10", "train.keep_last=2"]  # fmt: skip
+    launch(DEEPSPEED, args + ["train.exit_at_step=20"])
+    assert rows(run, "train")[-1]["step"] == 20
+    assert open(os.path.join(run, "checkpoints", "latest")).read().strip() == "step20"
+    launch(DEEPSPEED, args)
+    expected = {(r["step"], r["split"]): r["loss"] for r in rows(straight_run, "train") + rows(straight_run, "valid")}
+    got = {(r["step"], r["split"]): r["loss"] for r in rows(run, "train") + rows(run, "valid")}
+    assert got == expected  # bitwise: CPU fp32, same data order, masking, dropout RNG and optimizer state
+
+
+def test_torchrun_and_plain_python_entry_points(prepared, tmp_path):
+    common = TINY + [f"data.dir={prepared}", "train.max_steps=3", "train.log_every=1", "train.eval_every=3"]
+    launch(TORCHRUN, common + [f"run.dir={tmp_path / 'torchrun'}"])
+    assert json.load(open(tmp_path / "torchrun" / "run.json"))["world_size"] == 2
+    # Plain python: one rank, wandb in offline mode (the default) writing under run.dir, no network.
+    launch(PYTHON, [a for a in common if not a.startswith("logger.wandb")] + [f"run.dir={tmp_path / 'python'}"])
+    assert json.load(open(tmp_path / "python" / "run.json"))["world_size"] == 1
+    assert [r["step"] for r in rows(str(tmp_path / "python"), "train")] == [1, 2, 3]
+    assert any(n.startswith("offline-run") for n in os.listdir(tmp_path / "python" / "wandb"))
+
+
+def test_summary_prints_final_metrics(straight_run):
+    proc = launch([sys.executable, "-m", "pretrain.summary"], [f"run.dir={straight_run}"])
+    assert "40 steps" in proc.stdout and "valid last @40" in proc.stdout and "sso_acc" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.dir=/nonexistent/corpus", "data.dir=/nonexistent/corpus: no such directory"),
+        ("train.max_steps=0", "train.max_steps=0: must be >= 1"),
+        ("stage.objectives.mask_rate=1.5", "stage.objectives.mask_rate=1.5: must be in (0, 1)"),
+        ("stage.objectives.mask_rate=0", "stage.objectives.mask_rate=0"),
+        ("data.seq_len=1024", "data.seq_len=1024 exceeds model.max_positions=512"),
+        ("train.global_batch_size=6", "train.global_batch_size=6 is not a positive multiple"),
+        ("deepspeed=zero3_v100", "fp16 needs a GPU"),
+    ],
+)
+def test_bad_config_fails_with_one_line_and_writes_nothing(prepared, tmp_path, override, message):
+    run = tmp_path / "run"
+    args = TINY + [f"data.dir={prepared}", f"run.dir={run}", override]
+    proc = launch(PYTHON, args, expect_rc=2)
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+    assert not run.exists()
+
+
+def test_missing_run_dir_is_named(prepared):
+    proc = launch(PYTHON, TINY + [f"data.dir={prepared}"], expect_rc=2)
+    assert proc.stderr.strip() == "pretrain.train: error: run.dir is required (add run.dir=<dir>)"
+
+
+def test_vocab_that_does_not_match_the_prepared_data(prepared, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    with open(data / "vocab.txt", "a", encoding="utf-8") as f:
+        f.write("多余\n")
+    proc = launch(PYTHON, TINY + [f"data.dir={data}", f"run.dir={tmp_path / 'run'}"], expect_rc=2)
+    assert "vocab.txt: sha256" in proc.stderr and "does not match meta.json" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "run").exists()
