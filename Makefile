@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 DEMO_DATA = data/demo
 DEMO_RUN = runs/demo
-DEMO_STEPS ?= 700
+DEMO_STEPS ?= 1200
 
 .PHONY: install install-test demo test clean-demo
 
@@ -20,7 +20,7 @@ demo: install
 	[ -f $(DEMO_DATA)/prepared/meta.json ] || $(PYTHON) -m pretrain.prepare input=$(DEMO_DATA)/raw out=$(DEMO_DATA)/prepared workers=2
 	deepspeed --num_gpus 2 --module pretrain.train stage=structbert model=toy \
 		data.dir=$(DEMO_DATA)/prepared run.dir=$(DEMO_RUN)/structbert train.max_steps=$(DEMO_STEPS) \
-		train.lr=1e-3 train.log_every=20 train.eval_every=100 train.save_every=350
+		data.seq_len=64 train.lr=1e-3 train.log_every=20 train.eval_every=200 train.save_every=600
 	$(PYTHON) -m pretrain.summary run.dir=$(DEMO_RUN)/structbert
 
 test: install-test

@@ -33,7 +33,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on biases and LayerNorm weights (every 1-d parameter)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
-        (no_decay if getattr(p, "ds_shape", p.shape).__len__() <= 1 else decay).append(p)
+        (no_decay if len(getattr(p, "ds_shape", p.shape)) <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
