@@ -67,14 +67,26 @@ def _rebalance_last_chunks(first, end, unit_start, unit_end, unit_doc, max_token
     end[move - 1] -= 1
 
 
+def _cut_to_fit(x: tuple[int, int], y: tuple[int, int], max_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shorten two token spans from their tails, the longer first, until together they fit in max_tokens."""
+    lx, ly = x[1] - x[0], y[1] - y[0]
+    excess = lx + ly - max_tokens
+    if excess > 0:
+        cut = min(excess, abs(lx - ly))
+        lx, ly = (lx - cut, ly) if lx >= ly else (lx, ly - cut)
+        excess -= cut
+        lx, ly = lx - (excess + 1) // 2, ly - excess // 2
+    return (x[0], x[0] + lx), (y[0], y[0] + ly)
+
+
 class StructBertDataset(torch.utils.data.Dataset):
     """Index g (any int >= 0) -> sample of epoch g // num_chunks; len() is one epoch."""
 
     def __init__(self, corpus: IndexedCorpus, *, seq_len: int, seed: int, cfg: ObjectiveConfig,
                  cls_id: int, sep_id: int, mask_id: int, pad_id: int, random_ids: np.ndarray):
         cfg.validate()
-        if seq_len < 4:
-            raise UserError(f"seq_len={seq_len}: must be >= 4 ([CLS] A [SEP] B [SEP])")
+        if seq_len < 5:
+            raise UserError(f"seq_len={seq_len}: must be >= 5 ([CLS] A [SEP] B [SEP] with a token in each)")
         if seed < 0:
             raise UserError(f"seed={seed}: must be >= 0")
         if corpus.num_tokens == 0:
@@ -124,7 +136,7 @@ class StructBertDataset(torch.utils.data.Dataset):
         """Token range of units first..end-1 (units of one document are contiguous)."""
         return int(self.unit_start[first_unit]), int(self.unit_end[end_unit - 1])
 
-    def _random_doc_span(self, doc: int, budget: int, rng: np.random.Generator) -> tuple[int, int]:
+    def _random_doc_span(self, doc: int, budget: int, rng: np.random.Generator, max_units: int | None = None) -> tuple[int, int]:
         """B for SSO label 0: from a uniformly drawn other document, whole units from a random unit on while
         they fit in budget (the first one truncated if even it does not), so B ends where a sentence ends
         just as it does for labels 1 and 2."""
@@ -137,18 +149,20 @@ class StructBertDataset(torch.utils.data.Dataset):
         start_unit = int(rng.integers(u0, u1))
         start = int(self.unit_start[start_unit])
         fit = int(np.searchsorted(self.unit_end[start_unit:u1], start + budget, side="right"))
+        if max_units is not None:
+            fit = min(fit, max_units)
         end = int(self.unit_end[start_unit + fit - 1]) if fit else start + budget
         return start, end
 
     def _segments(self, chunk: int, rng: np.random.Generator) -> tuple[tuple[int, int], tuple[int, int] | None, int]:
         """Token spans of A and B (None for a single segment) and the SSO label."""
         a, b = int(self.chunk_first[chunk]), int(self.chunk_end[chunk])
-        if b - a < 2 or not self.cfg.sso:
+        if not self.cfg.sso:
             return self._span(a, b), None, IGNORE
+        if b - a < 2:
+            return self._single_unit_pair(a, rng)
         split = int(rng.integers(a + 1, b))  # B starts at unit `split`
-        label = int(rng.integers(3))
-        if label == SSO_RANDOM and len(self.docs_with_units) < 2:  # nothing to draw from: next/previous only
-            label = SSO_NEXT + int(rng.integers(2))
+        label = self._draw_label(rng)
         first, second = self._span(a, split), self._span(split, b)
         if label == SSO_NEXT:
             return first, second, label
@@ -156,6 +170,31 @@ class StructBertDataset(torch.utils.data.Dataset):
             return second, first, label
         budget = self.max_tokens - (first[1] - first[0])
         return first, self._random_doc_span(int(self.chunk_doc[chunk]), budget, rng), label
+
+    def _draw_label(self, rng: np.random.Generator) -> int:
+        label = int(rng.integers(3))
+        if label == SSO_RANDOM and len(self.docs_with_units) < 2:  # nothing to draw from: next/previous only
+            label = SSO_NEXT + int(rng.integers(2))
+        return label
+
+    def _single_unit_pair(self, unit: int, rng: np.random.Generator):
+        """A chunk of one long sentence: paired with the next sentence of its document (the previous one at the
+        document's end), or with a sentence of another document for label 0; then both are cut from the tail,
+        the longer first, to fit. Every label goes through the same cut, so where a segment ends tells nothing
+        about the label. A document of one sentence has no pair: masked LM and word structure only."""
+        doc = int(self.unit_doc[unit])
+        u0, u1 = int(self.doc_unit_offsets[doc]), int(self.doc_unit_offsets[doc + 1])
+        if u1 - u0 < 2:
+            return self._span(unit, unit + 1), None, IGNORE
+        first_unit = unit if unit + 1 < u1 else unit - 1
+        first, second = self._span(first_unit, first_unit + 1), self._span(first_unit + 1, first_unit + 2)
+        label = self._draw_label(rng)
+        if label == SSO_PREVIOUS:
+            first, second = second, first
+        elif label == SSO_RANDOM:
+            first = self._span(unit, unit + 1)
+            second = self._random_doc_span(doc, self.max_tokens, rng, max_units=1)
+        return _cut_to_fit(first, second, self.max_tokens) + (label,)
 
     def build_sample(self, chunk: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         span_a, span_b, sso_label = self._segments(chunk, rng)

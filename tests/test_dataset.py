@@ -112,6 +112,36 @@ def test_single_sentence_documents_give_ignored_sso():
         assert (s["mlm_labels"] != IGNORE).sum() >= 1
 
 
+def test_single_sentence_chunks_pair_with_a_neighbour_cut_to_fit():
+    """Sentences of 30 tokens with 37 to fill: every chunk is one sentence. Its SSO pair is the next sentence
+    (or one from another document), both cut from the tail the same way whatever the label."""
+    docs = [[30] * int(n) for n in np.random.default_rng(3).integers(2, 6, size=60)]
+    corpus = make_corpus(docs)
+    ds = dataset(corpus)
+    assert ds.stats()["single_unit_chunks"] == ds.num_chunks
+    lay = Layout(corpus)
+    sent_end = dict(zip(corpus.sent_offsets[:-1].tolist(), corpus.sent_offsets[1:].tolist()))
+    counts, cut_first = {0: 0, 1: 0, 2: 0}, {0: 0, 1: 0, 2: 0}
+    for g in range(6 * len(ds)):
+        s = ds[g]
+        label = int(s["sso_label"])
+        a, b = segments(s)
+        assert b is not None and len(a) + len(b) == ds.max_tokens and consecutive(a) and consecutive(b)
+        assert a[0] in lay.sent_start and b[0] in lay.sent_start
+        if label == 1:
+            assert b[0] == sent_end[a[0]]  # B is the sentence after A's
+        elif label == 2:
+            assert a[0] == sent_end[b[0]]  # swapped
+        else:
+            assert lay.doc(a[0]) != lay.doc(b[0])
+        counts[label] += 1
+        cut_first[label] += a[-1] + 1 != sent_end[a[0]]
+    total = sum(counts.values())
+    for label in (0, 1, 2):
+        assert abs(counts[label] / total - 1 / 3) < 0.04, counts
+        assert cut_first[label] / counts[label] > 0.99  # 30 + 30 > 37: both cut, under every label
+
+
 def test_one_document_corpus_falls_back_to_next_and_previous():
     ds = dataset(make_corpus([[5, 6, 7, 4, 5, 6, 3, 4]]), seq_len=64)
     labels = {int(ds[g]["sso_label"]) for g in range(60)}
@@ -243,7 +273,7 @@ def test_collate_pads_to_a_multiple_of_eight_capped():
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    (dict(seq_len=3), "seq_len=3"),
+    (dict(seq_len=4), "seq_len=4"),
     (dict(seed=-1), "seed=-1"),
     (dict(cfg=ObjectiveConfig(mask_rate=2.0)), "mask_rate=2.0"),
 ])
