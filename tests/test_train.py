@@ -93,8 +93,11 @@ def test_resume_is_bitwise_exact(prepared, straight_run, tmp_path):
 
 def test_torchrun_and_plain_python_entry_points(prepared, tmp_path):
     common = TINY + [f"data.dir={prepared}", "train.max_steps=3", "train.log_every=1", "train.eval_every=3"]
-    launch(TORCHRUN, common + [f"run.dir={tmp_path / 'torchrun'}"])
-    assert json.load(open(tmp_path / "torchrun" / "run.json"))["world_size"] == 2
+    # torchrun, with gradient accumulation: 16 samples a step = 4 per rank x 2 ranks x 2 forwards.
+    launch(TORCHRUN, common + [f"run.dir={tmp_path / 'torchrun'}", "train.global_batch_size=16"])
+    info = json.load(open(tmp_path / "torchrun" / "run.json"))
+    assert info["world_size"] == 2 and info["grad_accum"] == 2
+    assert [r["step"] for r in rows(str(tmp_path / "torchrun"), "train")] == [1, 2, 3]
     # Plain python: one rank, wandb in offline mode (the default) writing under run.dir, no network.
     launch(PYTHON, [a for a in common if not a.startswith("logger.wandb")] + [f"run.dir={tmp_path / 'python'}"])
     assert json.load(open(tmp_path / "python" / "run.json"))["world_size"] == 1
