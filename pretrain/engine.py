@@ -12,7 +12,6 @@ import re
 import shutil
 from typing import Callable
 
-import deepspeed
 import numpy as np
 import torch
 from torch import nn
@@ -24,6 +23,8 @@ _STEP_DIR = re.compile(r"^step(\d+)$")
 
 def build_model(make: Callable[[], nn.Module], ds_config: dict, seed: int) -> nn.Module:
     """Construct under zero.Init so that no rank ever holds the full model: each keeps its partition."""
+    import deepspeed  # here, not at module level: DeepSpeed logs on import, and config errors come first
+
     torch.manual_seed(seed)  # rank 0 initialises, the others receive its values
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         return make()
@@ -38,10 +39,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
-    )
-    return engine, scheduler
+    """The DeepSpeed engine; its optimizer and LR scheduler come from ds_config and live inside it."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+    return engine
 
 
 def local_partition_numel(model: nn.Module) -> int:
@@ -59,9 +61,9 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpoints:
-    def __init__(self, run_dir: str, rank: int, keep_last: int):
+    def __init__(self, run_dir: str, rank: int, world_size: int, keep_last: int):
         self.dir = os.path.join(run_dir, "checkpoints")
-        self.rank, self.keep_last = rank, keep_last
+        self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
 
     def latest_tag(self) -> str | None:
         path = os.path.join(self.dir, "latest")
@@ -84,21 +86,30 @@ class Checkpoints:
             if name != keep:
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
-    def load(self, engine, resume: str) -> dict | None:
-        """Restore model, optimizer, scheduler and this rank's RNG; returns the client state or None."""
+    def resolve(self, resume: str) -> str | None:
+        """The checkpoint directory `train.resume` names (auto: the newest complete one), checked against this
+        run's world size before anything is loaded or written; None to start fresh."""
         if resume == "never":
             return None
         if resume == "auto":
-            load_dir, tag = self.dir, self.latest_tag()
+            tag = self.latest_tag()
             if tag is None:
                 return None
+            tag_dir = os.path.join(self.dir, tag)
         else:
-            load_dir, tag = os.path.dirname(os.path.abspath(resume)), os.path.basename(os.path.abspath(resume))
-        rng_path = os.path.join(load_dir, tag, f"rng_rank{self.rank}.pt")
-        if not os.path.isfile(rng_path):
-            raise UserError(f"{os.path.join(load_dir, tag)}: incomplete checkpoint (no {os.path.basename(rng_path)})")
-        path, client_state = engine.load_checkpoint(load_dir, tag=tag)
+            tag_dir = os.path.abspath(resume)
+        saved_ranks = sum(1 for n in os.listdir(tag_dir) if n.startswith("rng_rank")) if os.path.isdir(tag_dir) else 0
+        if saved_ranks != self.world_size:
+            raise UserError(
+                f"{tag_dir}: written by {saved_ranks} ranks, this run has {self.world_size}"
+                " (ZeRO-3 optimizer partitions cannot be re-split; resume with the same number of ranks)"
+            )
+        return tag_dir
+
+    def load(self, engine, tag_dir: str) -> dict:
+        """Restore model, optimizer, scheduler and this rank's RNG; returns the client state."""
+        path, client_state = engine.load_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
         if path is None:
-            raise UserError(f"{os.path.join(load_dir, tag)}: DeepSpeed could not load this checkpoint")
-        set_rng_state(torch.load(rng_path, weights_only=False))
+            raise UserError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+        set_rng_state(torch.load(os.path.join(tag_dir, f"rng_rank{self.rank}.pt"), weights_only=False))
         return client_state

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pretrain import distributed
+from pretrain import engine as ds
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.metrics import MetricsLog, Window
 from pretrain.model import count_parameters
@@ -35,16 +36,15 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
         raise UserError(f"deepspeed={cfg.deepspeed.name}: fp16 needs a GPU; on CPU use deepspeed=zero3_cpu (fp32 or bf16)")
 
     # 2. Join the ranks, build the partitioned model, restore the newest checkpoint.
-    from pretrain import engine as ds  # DeepSpeed logs on import: only once the config is known good
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    distributed.init(info, float(cfg.dist.timeout_s))
     run_dir = cfg.run.dir
+    checkpoints = ds.Checkpoints(run_dir, info.rank, info.world_size, int(cfg.train.keep_last))
+    resume_from = checkpoints.resolve(str(cfg.train.resume))
+    distributed.init(info, float(cfg.dist.timeout_s))
     os.makedirs(run_dir, exist_ok=True)
     model = ds.build_model(stage.make_model, ds_config, int(cfg.seed))
-    engine, scheduler = ds.initialize(model, ds_config, float(cfg.train.weight_decay))
-    checkpoints = ds.Checkpoints(run_dir, info.rank, int(cfg.train.keep_last))
-    client = checkpoints.load(engine, str(cfg.train.resume))
+    engine = ds.initialize(model, ds_config, float(cfg.train.weight_decay))
+    client = checkpoints.load(engine, resume_from) if resume_from else None
     if client is None:
         step = 0
         _fresh_rng(int(cfg.seed), info.rank)
@@ -121,9 +121,7 @@ def _write_run_info(cfg, info, model, ds_config, geometry, step) -> None:
 
     import torch.distributed as dist
 
-    from pretrain.engine import local_partition_numel
-
-    local = local_partition_numel(model)
+    local = ds.local_partition_numel(model)
     per_rank = [None] * info.world_size
     dist.all_gather_object(per_rank, local)
     if info.rank != 0:

@@ -144,3 +144,14 @@ def test_vocab_that_does_not_match_the_prepared_data(prepared, tmp_path):
     assert "vocab.txt: sha256" in proc.stderr and "does not match meta.json" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_a_checkpoint_of_another_world_size_is_refused(prepared, straight_run, tmp_path):
+    step40 = os.path.join(straight_run, "checkpoints", "step40")
+    run = tmp_path / "run"
+    proc = launch(PYTHON, TINY + [f"data.dir={prepared}", f"run.dir={run}", f"train.resume={step40}"], expect_rc=2)
+    assert proc.stderr.strip() == (
+        f"pretrain.train: error: {step40}: written by 2 ranks, this run has 1"
+        " (ZeRO-3 optimizer partitions cannot be re-split; resume with the same number of ranks)"
+    )
+    assert not run.exists()
