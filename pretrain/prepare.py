@@ -9,7 +9,6 @@ The output is a function of the input and these settings only (never of `workers
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -26,7 +25,9 @@ from omegaconf.errors import OmegaConfBaseException
 from pretrain.corpus import iter_input_files, read_documents, split_sentences
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.indexed import IndexedWriter, token_dtype
-from pretrain.tokenizer import SPECIAL_TOKENS, Tokenizer, build_vocab, encode_sentences, jieba_segmenter, jieba_version
+from pretrain.tokenizer import (
+    SPECIAL_TOKENS, Tokenizer, build_vocab, encode_sentences, jieba_segmenter, jieba_version, vocab_sha256,
+)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
@@ -133,12 +134,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         for writer in writers.values():
             writer.close()
 
-        with open(vocab_path, "rb") as f:
-            vocab_sha256 = hashlib.sha256(f.read()).hexdigest()
         meta = {
             "format_version": FORMAT_VERSION,
             "vocab_size": tok.vocab_size,
-            "vocab_sha256": vocab_sha256,
+            "vocab_sha256": vocab_sha256(vocab_path),
             "token_dtype": token_dtype(tok.vocab_size).name,
             "segmenter": f"jieba {jieba_version()}",
             "lowercase": True,

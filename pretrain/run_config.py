@@ -4,7 +4,6 @@ Everything here runs before any rank writes a file, so bad settings fail with on
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.errors import UserError
 from pretrain.model import ModelConfig
+from pretrain.tokenizer import vocab_sha256
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,7 @@ def load_data_meta(data_dir: str) -> dict:
         expected_hash, vocab_size = meta["vocab_sha256"], int(meta["vocab_size"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path}: unreadable ({e})") from None
-    with open(vocab_path, "rb") as f:
-        actual_hash = hashlib.sha256(f.read()).hexdigest()
+    actual_hash = vocab_sha256(vocab_path)
     if actual_hash != expected_hash:
         raise UserError(
             f"{vocab_path}: sha256 {actual_hash[:12]} does not match meta.json vocab_sha256 {expected_hash[:12]}"

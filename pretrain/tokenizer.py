@@ -5,6 +5,7 @@ character is a word of its own; words are split into WordPiece pieces ('##' mark
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import re
@@ -25,6 +26,12 @@ _BRACKETED = re.compile(r"^\[.*\]$")  # [PAD], [unused7], ...: never drawn as ra
 
 def _normalizer():
     return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True, lowercase=True)
+
+
+def vocab_sha256(path: str) -> str:
+    """The vocab's fingerprint: prepare records it in meta.json, training checks the data against it."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def read_vocab(path: str) -> list[str]:

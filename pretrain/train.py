@@ -47,7 +47,7 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     client = checkpoints.load(engine, resume_from) if resume_from else None
     if client is None:
         step = 0
-        _fresh_rng(int(cfg.seed), info.rank)
+        ds.seed_rng(int(cfg.seed) * 1000 + info.rank)  # dropout differs across ranks, reproducibly
     else:
         step = int(client["step"])
         if client["global_batch"] != geometry.global_batch:
@@ -102,17 +102,6 @@ def evaluate(engine, stage, loader) -> dict:
 def _grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
-
-
-def _fresh_rng(seed: int, rank: int) -> None:
-    """Dropout differs across ranks but is reproducible: seeded from (seed, rank)."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed * 1000 + rank)
-    np.random.seed(seed * 1000 + rank)
-    torch.manual_seed(seed * 1000 + rank)
 
 
 def _write_run_info(cfg, info, model, ds_config, geometry, step) -> None:
