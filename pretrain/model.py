@@ -31,6 +31,9 @@ class ModelConfig:
     pre_ln: bool = True
     sso_classes: int = 3
     activation_checkpointing: bool = False  # recompute each layer in backward: memory for compute
+    decoder_layers: int = 0  # stage two (PALM) only
+    decoder_init: str = "random"  # random | encoder_top (copy the top encoder layers' self-attention and FFN)
+    copy: bool = False  # PALM's pointer-generator over the source tokens (PLUG does not use it)
 
     @property
     def head_dim(self) -> int:
@@ -47,8 +50,9 @@ class Embeddings(nn.Module):
         self.norm = nn.Identity() if cfg.pre_ln else nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+        # position_offset: where a decoder continuing from a key/value cache is in its sequence
+        positions = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
         x = self.word(input_ids) + self.position(positions)[None] + self.token_type(token_type_ids)
         return self.drop(self.norm(x))
 
