@@ -11,7 +11,7 @@ from pretrain.distributed import all_reduce_sum
 
 
 class Window:
-    """Sums (loss, correct, count) per objective and the tokens seen, until `reduce()`."""
+    """Sums (loss, correct, count) per objective, the real tokens and the padded batch sizes, until `reduce()`."""
 
     def __init__(self, objectives: tuple[str, ...]):
         self.objectives = objectives
@@ -20,22 +20,25 @@ class Window:
     def reset(self) -> None:
         self.sums = {name: [0.0, 0.0, 0.0] for name in self.objectives}
         self.tokens = 0.0
+        self.padded = 0.0
         self.steps = 0
         self.started = time.perf_counter()
 
-    def add(self, stats: dict[str, tuple[float, float, int]], tokens: int) -> None:
+    def add(self, stats: dict[str, tuple[float, float, int]], tokens: int, padded: int) -> None:
         for name, values in stats.items():
             acc = self.sums[name]
             for i, v in enumerate(values):
                 acc[i] += v
         self.tokens += tokens
+        self.padded += padded
 
     def mark_step(self) -> None:
         self.steps += 1
 
     def reduce(self) -> dict:
-        """Means over every rank: `<name>_loss`, `<name>_acc` (None where nothing was predicted), tokens_per_s."""
-        flat = [v for name in self.objectives for v in self.sums[name]] + [self.tokens]
+        """Means over every rank: `<name>_loss`, `<name>_acc` (None where nothing was predicted), tokens_per_s,
+        and `padding`, the share of the batches' token slots that held padding (compute spent on nothing)."""
+        flat = [v for name in self.objectives for v in self.sums[name]] + [self.tokens, self.padded]
         flat = all_reduce_sum(flat)
         out = {}
         for i, name in enumerate(self.objectives):
@@ -44,8 +47,10 @@ class Window:
             out[f"{name}_acc"] = correct / n if n else None
             out[f"{name}_count"] = int(n)
         elapsed = time.perf_counter() - self.started
-        out["tokens"] = int(flat[-1])
-        out["tokens_per_s"] = flat[-1] / elapsed if elapsed > 0 else None
+        tokens, padded = flat[-2:]
+        out["tokens"] = int(tokens)
+        out["tokens_per_s"] = tokens / elapsed if elapsed > 0 else None
+        out["padding"] = 1.0 - tokens / padded if padded else None
         out["step_time_s"] = elapsed / self.steps if self.steps else None
         self.reset()
         return out

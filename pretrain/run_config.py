@@ -83,7 +83,8 @@ def load_data_meta(data_dir: str) -> dict:
     return meta
 
 
-def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_checkpointing: bool = False) -> ModelConfig:
+def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_checkpointing: bool = False,
+                 seq_len_key: str = "data.seq_len") -> ModelConfig:
     if m.vocab_size is None:
         mult = int(m.pad_vocab_multiple)
         vocab = -(-data_vocab_size // mult) * mult
@@ -94,14 +95,17 @@ def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_c
     if m.hidden % m.heads:
         raise UserError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
     if seq_len > m.max_positions:
-        raise UserError(f"data.seq_len={seq_len} exceeds model.max_positions={m.max_positions}")
+        raise UserError(f"{seq_len_key}={seq_len} exceeds model.max_positions={m.max_positions}")
     if seq_len < 8:
-        raise UserError(f"data.seq_len={seq_len}: must be >= 8")
+        raise UserError(f"{seq_len_key}={seq_len}: must be >= 8")
+    if m.decoder_init not in ("random", "encoder_top"):
+        raise UserError(f"model.decoder_init={m.decoder_init}: must be random or encoder_top")
     return ModelConfig(
         vocab_size=vocab, hidden=m.hidden, layers=m.layers, heads=m.heads, ffn=m.ffn,
         max_positions=m.max_positions, type_vocab=m.type_vocab, dropout=m.dropout,
         attn_dropout=m.attn_dropout, ln_eps=m.ln_eps, init_std=m.init_std, pre_ln=m.pre_ln,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, decoder_layers=int(m.decoder_layers),
+        decoder_init=str(m.decoder_init), copy=bool(m.copy),
     )  # fmt: skip
 
 

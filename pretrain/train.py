@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from pretrain import distributed
+from pretrain import distributed, init_from
 from pretrain import engine as ds
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.metrics import MetricsLog, Window
@@ -31,6 +31,7 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     check_train(cfg)
     geometry = batch_geometry(cfg.train, info.world_size)
     stage = build_stage(cfg, load_data_meta(cfg.data.dir))
+    init = stage.init_plan()  # stage two: the stage-one checkpoint and its parameter mapping, checked
     ds_config = deepspeed_config(cfg, geometry)
     if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
         raise UserError(f"deepspeed={cfg.deepspeed.name}: fp16 needs a GPU; on CPU use deepspeed=zero3_cpu (fp32 or bf16)")
@@ -43,6 +44,8 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     distributed.init(info, float(cfg.dist.timeout_s))
     os.makedirs(run_dir, exist_ok=True)
     model = ds.build_model(stage.make_model, ds_config, int(cfg.seed))
+    if init is not None and resume_from is None:  # before initialize: the optimizer copies the weights it sees
+        init_from.load_into(model, *init, rank=info.rank)
     engine = ds.initialize(model, ds_config, float(cfg.train.weight_decay))
     client = checkpoints.load(engine, resume_from) if resume_from else None
     if client is None:
@@ -52,36 +55,37 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
         step = int(client["step"])
         if client["global_batch"] != geometry.global_batch:
             raise UserError(f"train.global_batch_size={geometry.global_batch} differs from the checkpoint's {client['global_batch']}")
-    _write_run_info(cfg, info, model, ds_config, geometry, step)
+    _write_run_info(cfg, info, model, ds_config, geometry, step, stage, init)
     log = MetricsLog(run_dir, info.rank, cfg.logger.wandb, OmegaConf.to_container(cfg, resolve=True), step)
 
     # 3. Train: every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
     max_steps, t = int(cfg.train.max_steps), cfg.train
     stop_at = int(t.exit_at_step) if t.exit_at_step is not None else max_steps
     batches = iter(stage.train_loader(geometry, info.rank, start_step=step))
-    valid = stage.valid_loader(geometry, info.rank)
     window = Window(stage.objectives)
     bar = tqdm(total=max_steps, initial=step, disable=info.rank != 0 or not cfg.logger.progress, desc="train")
     engine.train()
     while step < stop_at:
         lr = engine.get_lr()[0]  # the rate this step applies
         for _ in range(geometry.accum):
-            batch = next(batches)
+            batch = {k: v.to(engine.device) for k, v in next(batches).items()}
             loss, stats = engine(batch, stage.weights)
             engine.backward(loss)
             engine.step()  # DeepSpeed updates only at the accumulation boundary
-            window.add(stats, int(batch["attention_mask"].sum()))
+            window.add(stats, *stage.token_counts(batch))
         step += 1
         window.mark_step()
         bar.update(1)
         if step % t.log_every == 0 or step == stop_at:
-            row = stage.summarize(window.reduce())
+            row = stage.summarize(window.reduce(), step, "train")
             log.write({"step": step, "split": "train", **row, "lr": lr, "grad_norm": _grad_norm(engine)})
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if valid is not None and (step % t.eval_every == 0 or step == max_steps):
-            log.write({"step": step, "split": "valid", **evaluate(engine, stage, valid)})
+        if step % t.eval_every == 0 or step == max_steps:
+            valid = stage.valid_loader(geometry, info.rank, step)
+            if valid is not None:
+                log.write({"step": step, "split": "valid", **evaluate(engine, stage, valid, step)})
         if step % t.save_every == 0 or step == stop_at:
-            checkpoints.save(engine, step, {"step": step, "global_batch": geometry.global_batch,
+            checkpoints.save(engine, step, {"step": step, "stage": cfg.stage.name, "global_batch": geometry.global_batch,
                                             "consumed_samples": step * geometry.global_batch})  # fmt: skip
     bar.close()
     log.close()
@@ -89,14 +93,15 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine, stage, loader) -> dict:
+def evaluate(engine, stage, loader, step: int) -> dict:
     engine.eval()
     window = Window(stage.objectives)
     for batch in loader:
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
         _, stats = engine(batch, stage.weights)
-        window.add(stats, int(batch["attention_mask"].sum()))
+        window.add(stats, *stage.token_counts(batch))
     engine.train()
-    return stage.summarize(window.reduce())
+    return stage.summarize(window.reduce(), step, "valid")
 
 
 def _grad_norm(engine) -> float | None:
@@ -104,9 +109,12 @@ def _grad_norm(engine) -> float | None:
     return None if norm is None else float(norm)
 
 
-def _write_run_info(cfg, info, model, ds_config, geometry, step) -> None:
-    """config.yaml (resolved) and run.json: world size, parameter counts and each rank's partition size."""
+def _write_run_info(cfg, info, model, ds_config, geometry, step, stage, init) -> None:
+    """config.yaml (resolved), run.json (world size, parameter counts, each rank's partition size), and what
+    reading the checkpoints back needs without the data: model.json (the model's shapes) and vocab.txt."""
+    import dataclasses
     import json
+    import shutil
 
     import torch.distributed as dist
 
@@ -119,10 +127,13 @@ def _write_run_info(cfg, info, model, ds_config, geometry, step) -> None:
     run_info = {
         "world_size": info.world_size, "parameters": count_parameters(model), "partition_numel_per_rank": per_rank,
         "micro_batch": geometry.micro, "grad_accum": geometry.accum, "global_batch": geometry.global_batch,
-        "resumed_from_step": step, "deepspeed_config": ds_config,
+        "resumed_from_step": step, "initialized_from": None if init is None else init[0], "deepspeed_config": ds_config,
     }  # fmt: skip
     with open(os.path.join(cfg.run.dir, "run.json"), "w") as f:
         json.dump(run_info, f, indent=2)
+    with open(os.path.join(cfg.run.dir, "model.json"), "w") as f:
+        json.dump({"stage": cfg.stage.name, **dataclasses.asdict(stage.model_cfg)}, f, indent=2)
+    shutil.copyfile(os.path.join(cfg.data.dir, "vocab.txt"), os.path.join(cfg.run.dir, "vocab.txt"))
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
