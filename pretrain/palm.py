@@ -1,0 +1,225 @@
+"""PALM, the encoder-decoder of PLUG's stage two: the stage-one encoder (same module, same names) plus an
+autoregressive decoder that cross-attends to it, and optionally PALM's copy mechanism over the source.
+
+The decoder owns no embeddings: it is handed the encoder's embedding module, and its output projection is
+the word embedding itself. A second registered reference would put the tied weight into the state dict
+twice, which DeepSpeed's ZeRO checkpoint consolidation mishandles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.model import (
+    IGNORE, Embeddings, Encoder, FeedForward, MLMHead, ModelConfig, SelfAttention, init_weights, masked_ce,
+    padding_mask,
+)  # fmt: skip
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's keys and values, each [B, heads, length, head_dim]."""
+
+    k: torch.Tensor | None = None  # self-attention: grows by the fed tokens each step
+    v: torch.Tensor | None = None
+    cross_k: torch.Tensor | None = None  # cross-attention: from the encoder output, computed on the first step
+    cross_v: torch.Tensor | None = None
+
+
+@dataclass
+class DecoderCache:
+    """The decoder's keys and values so far, one LayerCache per layer (Palm.new_cache makes an empty one)."""
+
+    layers: list[LayerCache]
+
+    @property
+    def length(self) -> int:
+        """Decoder tokens already fed (and so the position of the next one)."""
+        k = self.layers[0].k
+        return 0 if k is None else k.shape[2]
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        """Keep, in place, row indices[i] of every cached tensor as row i (beam search; it may also expand)."""
+        for layer in self.layers:
+            for name in ("k", "v", "cross_k", "cross_v"):
+                t = getattr(layer, name)
+                if t is not None:
+                    setattr(layer, name, t.index_select(0, indices))
+
+
+class CausalSelfAttention(SelfAttention):
+    """model.SelfAttention's parameters (so encoder layers can initialise it), causal, with a key/value cache."""
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        b, t, h = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        past = 0
+        if cache is not None:
+            if cache.k is not None:
+                past = cache.k.shape[2]
+                k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
+            cache.k, cache.v = k, v
+        mask = None  # a single new query may see every key so far
+        if t > 1 and past > 0:  # several new queries after a cache: query i sits at position past + i
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=t > 1 and past == 0,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )  # fmt: skip
+        return self.out(y.transpose(1, 2).reshape(b, t, h))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.attn_dropout = cfg.heads, cfg.attn_dropout
+        self.q = nn.Linear(cfg.hidden, cfg.hidden)
+        self.kv = nn.Linear(cfg.hidden, 2 * cfg.hidden)  # keys and values of the encoder output, one GEMM
+        self.out = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor, cache: LayerCache | None, need_probs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """mask: [B, 1, 1, S] bool, True = real source token. Returns the output and, if need_probs, the
+        attention probabilities averaged over heads [B, T, S] (before dropout: the copy distribution)."""
+        b, t, h = x.shape
+        d = h // self.heads
+        if cache is not None and cache.cross_k is not None:
+            k, v = cache.cross_k, cache.cross_v
+        else:
+            k, v = self.kv(memory).view(b, memory.shape[1], 2, self.heads, d).permute(2, 0, 3, 1, 4)
+            if cache is not None:
+                cache.cross_k, cache.cross_v = k, v
+        q = self.q(x).view(b, t, self.heads, d).transpose(1, 2)
+        p = self.attn_dropout if self.training else 0.0
+        probs = None
+        if need_probs:  # SDPA does not return its probabilities, so this one is computed by hand
+            a = (q @ k.transpose(-1, -2) * d**-0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+            y, probs = F.dropout(a, p, self.training) @ v, a.mean(1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.out(y.transpose(1, 2).reshape(b, t, h)), probs
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_ln = cfg.pre_ln
+        self.self_attn = CausalSelfAttention(cfg)
+        self.self_attn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.cross_attn = CrossAttention(cfg)
+        self.cross_attn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.ffn = FeedForward(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor, cache: LayerCache | None, need_probs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.pre_ln:
+            x = x + self.drop(self.self_attn(self.self_attn_norm(x), cache))
+            y, probs = self.cross_attn(self.cross_attn_norm(x), memory, mask, cache, need_probs)
+            x = x + self.drop(y)
+            return x + self.drop(self.ffn(self.ffn_norm(x))), probs
+        x = self.self_attn_norm(x + self.drop(self.self_attn(x, cache)))
+        y, probs = self.cross_attn(x, memory, mask, cache, need_probs)
+        x = self.cross_attn_norm(x + self.drop(y))
+        return self.ffn_norm(x + self.drop(self.ffn(x))), probs
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps) if cfg.pre_ln else nn.Identity()
+        self.checkpointing = cfg.activation_checkpointing
+
+    def forward(
+        self, input_ids: torch.Tensor, embeddings: Embeddings, memory: torch.Tensor, enc_attention_mask: torch.Tensor,
+        cache: DecoderCache | None = None, copy_probs: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """input_ids: the tokens not yet in the cache. Returns the final hidden states and, if copy_probs,
+        the last layer's head-averaged cross-attention probabilities [B, T, S]."""
+        x = embeddings(input_ids, torch.zeros_like(input_ids), 0 if cache is None else cache.length)
+        mask = padding_mask(enc_attention_mask)
+        probs = None
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            need = copy_probs and i == len(self.layers) - 1
+            if self.checkpointing and self.training:
+                x, probs = checkpoint(layer, x, memory, mask, layer_cache, need, use_reentrant=False)
+            else:
+                x, probs = layer(x, memory, mask, layer_cache, need)
+        return self.final_norm(x), probs
+
+
+class Palm(nn.Module):
+    """Encoder (+ MLM head, for the masked-source phase) and decoder, all sharing one embedding module."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.decoder_layers < 1:
+            raise ValueError(f"PALM needs a decoder: decoder_layers={cfg.decoder_layers}, must be >= 1")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.mlm_head = MLMHead(cfg)
+        self.decoder = Decoder(cfg)
+        if cfg.copy:
+            self.copy_gate = nn.Linear(2 * cfg.hidden, 1)
+        init_weights(self, cfg.init_std)
+
+    def encode(self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(enc_input_ids, torch.zeros_like(enc_input_ids), enc_attention_mask)
+
+    def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
+        enc_ids, enc_mask = batch["enc_input_ids"], batch["enc_attention_mask"]
+        memory = self.encode(enc_ids, enc_mask)
+        word = self.encoder.embeddings.word.weight
+        # The vocabulary projection is the costliest matmul: run it only where a token is predicted.
+        mlm_labels, lm_labels = batch["mlm_labels"], batch["dec_labels"]
+        mlm_at, lm_at = mlm_labels != IGNORE, lm_labels != IGNORE
+        mlm = masked_ce(self.mlm_head(memory[mlm_at], word), mlm_labels[mlm_at])
+        h, probs = self.decoder(batch["dec_input_ids"], self.encoder.embeddings, memory, enc_mask, None, self.cfg.copy)
+        lm = masked_ce(self._vocab_scores(h, probs, memory, enc_ids, lm_at), lm_labels[lm_at])
+        loss = weights["lm"] * lm[0] + weights["mlm"] * mlm[0]
+        stats = {}
+        for name, (_, loss_sum, correct, n) in (("lm", lm), ("mlm", mlm)):
+            stats[name] = (float(loss_sum), float(correct), n)
+        return loss, stats
+
+    def _vocab_scores(
+        self, h: torch.Tensor, probs: torch.Tensor | None, memory: torch.Tensor, enc_ids: torch.Tensor,
+        at: torch.Tensor | tuple,
+    ) -> torch.Tensor:
+        """Scores at decoder positions `at` (an index into [B, T]) whose log_softmax is the next-token
+        log-probability: the tied projection's logits, or with copy log P itself (P sums to 1, so the
+        log_softmax that cross-entropy applies leaves it as it is)."""
+        logits = F.linear(h[at], self.encoder.embeddings.word.weight)
+        if probs is None:
+            return logits
+        a = probs[at].float()  # [N, S]
+        context = (probs @ memory)[at]  # what the decoder reads from the source, the pointer-generator's input
+        p_gen = torch.sigmoid(self.copy_gate(torch.cat([context, h[at]], -1))).float()
+        p_copy = torch.zeros_like(logits, dtype=torch.float).scatter_add_(-1, enc_ids[:, None].expand_as(probs)[at], a)
+        p = p_gen * logits.float().softmax(-1) + (1 - p_gen) * p_copy
+        return p.clamp_min(1e-12).log()
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache([LayerCache() for _ in self.decoder.layers])
+
+    def next_token_logprobs(
+        self, dec_input_ids: torch.Tensor, memory: torch.Tensor, enc_attention_mask: torch.Tensor,
+        enc_input_ids: torch.Tensor, cache: DecoderCache | None = None,
+    ) -> tuple[torch.Tensor, DecoderCache | None]:  # fmt: skip
+        """Log-probabilities [B, V] (float32) of the token after dec_input_ids [B, T], and the cache.
+
+        Without a cache the whole decoder prefix is run; with one only dec_input_ids[:, cache.length:] is fed
+        and the cache is extended in place. memory, enc_attention_mask and enc_input_ids have B rows too."""
+        new = dec_input_ids if cache is None else dec_input_ids[:, cache.length :]
+        h, probs = self.decoder(new, self.encoder.embeddings, memory, enc_attention_mask, cache, self.cfg.copy)
+        last = (slice(None), -1)
+        return self._vocab_scores(h, probs, memory, enc_input_ids, last).float().log_softmax(-1), cache
