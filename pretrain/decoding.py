@@ -12,8 +12,8 @@ from pretrain.palm import DecoderCache, Palm
 STRATEGIES = ("greedy", "sample", "beam")
 
 
-def _check(strategy: str, top_k: int, top_p: float, temperature: float, num_beams: int, max_new_tokens: int,
-           max_positions: int, enc_input_ids: torch.Tensor) -> None:  # fmt: skip
+def check_args(strategy: str, top_k: int, top_p: float, temperature: float, num_beams: int) -> None:
+    """The decoding settings alone, so that a command line can be checked before a model is loaded."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: must be one of {', '.join(STRATEGIES)}")
     if top_k < 0:
@@ -24,6 +24,9 @@ def _check(strategy: str, top_k: int, top_p: float, temperature: float, num_beam
         raise ValueError(f"temperature={temperature}: must be > 0 (use strategy='greedy' for argmax decoding)")
     if num_beams < 1:
         raise ValueError(f"num_beams={num_beams}: must be >= 1")
+
+
+def _check_input(max_new_tokens: int, max_positions: int, enc_input_ids: torch.Tensor) -> None:
     if not 1 <= max_new_tokens <= max_positions:  # the decoder's last input is bos + max_new_tokens - 1 tokens
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be in [1, max_positions={max_positions}]")
     if enc_input_ids.dim() != 2 or enc_input_ids.shape[0] != 1:
@@ -51,7 +54,8 @@ def generate(
     generator: torch.Generator | None = None, use_cache: bool = True,
 ) -> list[int]:  # fmt: skip
     """The new tokens for the source enc_input_ids [1, S] (eos excluded), at most max_new_tokens of them."""
-    _check(strategy, top_k, top_p, temperature, num_beams, max_new_tokens, model.cfg.max_positions, enc_input_ids)
+    check_args(strategy, top_k, top_p, temperature, num_beams)
+    _check_input(max_new_tokens, model.cfg.max_positions, enc_input_ids)
     was_training = model.training
     model.eval()
     try:

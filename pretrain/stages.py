@@ -187,11 +187,15 @@ class PalmStage(_Stage):
 
 
 def _bounds(value, key: str) -> tuple[int, int]:
+    """[lo, hi] from the config, checked here so that a bad range fails before any rank starts."""
     try:
         lo, hi = (int(v) for v in value)
     except (TypeError, ValueError):
-        raise UserError(f"{key}={value}: need [lo, hi]") from None
-    return lo, hi  # the dataset checks the range itself
+        lo = hi = None
+    if lo is None or not 4 <= lo <= hi:
+        shown = list(value) if OmegaConf.is_list(value) else value
+        raise UserError(f"{key}={shown}: need [lo, hi] with 4 <= lo <= hi")
+    return lo, hi
 
 
 STAGES = {"structbert": StructBertStage, "palm": PalmStage}

@@ -2,48 +2,11 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from pretrain.prepare import PrepareConfig, prepare
-from synthetic import write_synthetic_corpus
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A model small enough for seconds-long runs; the rest of the recipe is the real one.
-TINY = [
-    "model=toy", "model.hidden=64", "model.layers=2", "model.heads=2", "model.ffn=128",
-    "data.seq_len=64", "train.micro_batch_size=4", "train.lr=1e-3", "train.eval_samples=16",
-    "logger.progress=false", "logger.wandb.mode=disabled",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("corpus")
-    write_synthetic_corpus(root / "corpus.txt", num_docs=300, seed=0)
-    out = str(root / "prepared")
-    prepare(PrepareConfig(input=str(root / "corpus.txt"), out=out, valid_fraction=0.05))
-    return out
-
-
-def launch(launcher: list[str], args: list[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != expect_rc:
-        raise AssertionError(f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
-    return proc
-
-
-DEEPSPEED = ["deepspeed", "--num_gpus", "2", "--module", "pretrain.train"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pretrain.train"]
-PYTHON = [sys.executable, "-m", "pretrain.train"]
-
-
-def rows(run_dir: str, split: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == split]
+from runs import DEEPSPEED, PYTHON, TINY, TORCHRUN, launch, rows
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +83,7 @@ def test_summary_prints_final_metrics(straight_run):
         ("data.seq_len=1024", "data.seq_len=1024 exceeds model.max_positions=512"),
         ("train.global_batch_size=6", "train.global_batch_size=6 is not a positive multiple"),
         ("deepspeed=zero3_v100", "fp16 needs a GPU"),
+        ("init_from=/tmp", "init_from=/tmp: stage one starts from random weights"),
     ],
 )
 def test_bad_config_fails_with_one_line_and_writes_nothing(prepared, tmp_path, override, message):

@@ -1,0 +1,115 @@
+"""Continue Chinese text with a stage-two model, on one CPU process, straight from its ZeRO-3 checkpoint:
+
+    python -m pretrain.generate run.dir=<stage-two run.dir> prompt="<text>" max_new_tokens=64 strategy=greedy
+    python -m pretrain.generate run.dir=<dir> prompts_file=<one prompt a line> strategy=beam num_beams=4
+
+The checkpoint (the newest, or `checkpoint=<dir>`) is consolidated from however many ranks wrote it; the
+model is built on the meta device and takes the consolidated tensors as they are, so no second copy is made.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain import init_from
+from pretrain.errors import UserError, exit_on_user_error
+from pretrain.model import ModelConfig
+from pretrain.tokenizer import Tokenizer
+
+DEFAULTS = {
+    "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,
+    "strategy": "greedy", "top_k": 0, "top_p": 1.0, "temperature": 1.0, "num_beams": 4, "length_penalty": 1.0,
+    "seed": 0, "echo": False,
+}  # fmt: skip
+
+
+def parse_args(argv: list[str]):
+    cfg = OmegaConf.create(DEFAULTS)
+    OmegaConf.set_struct(cfg, True)
+    try:
+        cfg.merge_with(OmegaConf.from_dotlist(argv))
+    except OmegaConfBaseException as e:
+        raise UserError(f"bad argument: {str(e).splitlines()[0]} (keys: {', '.join(sorted(DEFAULTS))})") from None
+    if cfg.run.dir is None:
+        raise UserError("run.dir is required (a stage-two run directory)")
+    if (cfg.prompt is None) == (cfg.prompts_file is None):
+        raise UserError("give exactly one of prompt=<text> or prompts_file=<file>")
+    return cfg
+
+
+def load_model(run_dir: str, checkpoint: str | None):
+    """The stage-two model of `run_dir` with the weights of its newest (or the given) checkpoint, and its tokenizer."""
+    from pretrain.palm import Palm
+
+    for name in ("model.json", "vocab.txt"):
+        if not os.path.isfile(os.path.join(run_dir, name)):
+            raise UserError(f"run.dir={run_dir}: no {name} (not a training run directory)")
+    with open(os.path.join(run_dir, "model.json")) as f:
+        saved = json.load(f)
+    if saved.pop("stage") != "palm":
+        raise UserError(f"run.dir={run_dir}: a stage-one run; generation needs a stage-two (stage=palm) run")
+    tag_dir = init_from.resolve(checkpoint or run_dir)
+    with torch.device("meta"):
+        model = Palm(ModelConfig(**saved))
+    state = init_from.consolidate(tag_dir)
+    missing = sorted(set(n for n, _ in model.named_parameters()) - set(state))
+    if missing:
+        raise UserError(f"{tag_dir}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more) of this model")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval(), Tokenizer(os.path.join(run_dir, "vocab.txt")), tag_dir
+
+
+def encoder_input(tok: Tokenizer, prompt: str, max_positions: int, where: str) -> torch.Tensor:
+    """[CLS] prompt [SEP], the prompt cut from the left (its end is what the continuation follows)."""
+    ids = tok.encode(prompt)
+    room = max_positions - 2
+    if len(ids) > room:
+        print(f"pretrain.generate: warning: {where}: {len(ids)} tokens, truncated from the left to the last {room}"
+              f" (model.max_positions={max_positions})", file=sys.stderr)  # fmt: skip
+        ids = ids[-room:]
+    return torch.tensor([[tok.cls_id, *ids, tok.sep_id]], dtype=torch.long)
+
+
+def main(argv: list[str]) -> None:
+    from pretrain.decoding import check_args, generate
+
+    cfg = parse_args(argv)
+    try:
+        check_args(str(cfg.strategy), int(cfg.top_k), float(cfg.top_p), float(cfg.temperature), int(cfg.num_beams))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.prompts_file is not None:
+        if not os.path.isfile(cfg.prompts_file):
+            raise UserError(f"prompts_file={cfg.prompts_file}: no such file")
+        with open(cfg.prompts_file, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise UserError(f"prompts_file={cfg.prompts_file}: no prompts (one a line)")
+    else:
+        prompts = [str(cfg.prompt)]
+    model, tok, _ = load_model(cfg.run.dir, cfg.checkpoint)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    for i, prompt in enumerate(prompts, 1):
+        where = f"prompt {i}" if cfg.prompts_file is not None else "prompt"
+        try:
+            new = generate(
+                model, encoder_input(tok, prompt, model.cfg.max_positions, where), bos_id=tok.cls_id, eos_id=tok.sep_id,
+                max_new_tokens=int(cfg.max_new_tokens), strategy=str(cfg.strategy), top_k=int(cfg.top_k),
+                top_p=float(cfg.top_p), temperature=float(cfg.temperature), num_beams=int(cfg.num_beams),
+                length_penalty=float(cfg.length_penalty), generator=generator,
+            )  # fmt: skip
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        text = tok.decode(new)
+        print(f"prompt: {prompt}\noutput: {text}\n" if cfg.echo else text, flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # one CPU process by design: DeepSpeed need not probe and warn
+    with exit_on_user_error("pretrain.generate"):
+        main(sys.argv[1:])

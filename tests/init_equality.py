@@ -1,0 +1,67 @@
+"""Initialisation from stage one, as training does it, checked from the inside.
+
+    deepspeed --num_gpus 2 tests/init_equality.py <stage-one run.dir> <decoder_init> <out.json>
+
+Builds the stage-two model partitioned by ZeRO-3 over the launched ranks, initialises it from the stage-one
+checkpoint with `init_from.load_into`, then gathers it and compares, on one fixed input, its encoder output
+and MLM logits with those of the stage-one model rebuilt from the consolidated checkpoint. Writes the
+largest differences (and, for encoder_top, whether the decoder got the top encoder layers) to out.json.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+from pretrain import distributed, init_from
+from pretrain.engine import build_model
+from pretrain.model import ModelConfig, StructBert
+from pretrain.palm import Palm
+
+
+def main(run_dir: str, decoder_init: str, out_path: str) -> None:
+    info = distributed.read_env()
+    distributed.init(info, timeout_s=120)
+    import deepspeed
+
+    with open(os.path.join(run_dir, "model.json")) as f:
+        saved = json.load(f)
+    assert saved.pop("stage") == "structbert"
+    one = ModelConfig(**saved)
+    two = dataclasses.replace(one, decoder_layers=2, decoder_init=decoder_init, dropout=0.0, attn_dropout=0.0)
+    ds_config = {"train_batch_size": info.world_size, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    model = build_model(lambda: Palm(two), ds_config, seed=99)
+    tag_dir = init_from.resolve(run_dir)
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Palm(two).named_parameters()}
+    init_from.load_into(model, tag_dir, init_from.check(run_dir, tag_dir, shapes, two), info.rank)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, one.vocab_size, (2, 20), generator=g)
+    types, mask = torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 15:] = False
+    with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
+        if info.rank == 0:
+            reference = StructBert(dataclasses.replace(one, dropout=0.0, attn_dropout=0.0))
+            reference.load_state_dict(init_from.consolidate(tag_dir), strict=True)
+            model.eval(), reference.eval()
+            h2, h1 = model.encoder(ids, types, mask), reference.encoder(ids, types, mask)
+            word2, word1 = model.encoder.embeddings.word.weight, reference.encoder.embeddings.word.weight
+            result = {
+                "encoder_max_diff": float((h2 - h1)[mask].abs().max()),
+                "mlm_max_diff": float((model.mlm_head(h2, word2) - reference.mlm_head(h1, word1))[mask].abs().max()),
+                "decoder_from_top_layer": all(
+                    torch.equal(model.decoder.layers[i].self_attn.qkv.weight, reference.encoder.layers[one.layers - 2 + i].attn.qkv.weight)
+                    and torch.equal(model.decoder.layers[i].ffn.down.weight, reference.encoder.layers[one.layers - 2 + i].ffn.down.weight)
+                    for i in range(2)
+                ),
+            }  # fmt: skip
+            with open(out_path, "w") as f:
+                json.dump(result, f)
+    distributed.barrier()
+
+
+if __name__ == "__main__":
+    sys.argv = distributed.strip_local_rank(sys.argv)
+    main(*sys.argv[1:4])

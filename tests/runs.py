@@ -1,0 +1,31 @@
+"""Launching real training runs from tests: the tiny model, the launchers, reading metrics back."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A model small enough for seconds-long runs; the rest of the recipe is the real one.
+TINY = [
+    "model=toy", "model.hidden=64", "model.layers=2", "model.heads=2", "model.ffn=128",
+    "data.seq_len=64", "train.micro_batch_size=4", "train.lr=1e-3", "train.eval_samples=16",
+    "logger.progress=false", "logger.wandb.mode=disabled",
+]  # fmt: skip
+
+
+def launch(launcher: list[str], args: list[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != expect_rc:
+        raise AssertionError(f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+DEEPSPEED = ["deepspeed", "--num_gpus", "2", "--module", "pretrain.train"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pretrain.train"]
+PYTHON = [sys.executable, "-m", "pretrain.train"]
+
+
+def rows(run_dir: str, split: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]

@@ -1,0 +1,135 @@
+"""Stage two end to end: PALM initialised from a real stage-one ZeRO-3 checkpoint under the real `deepspeed`
+launcher, the masked-LM switch, exact resume, bad `init_from`, and generation from the checkpoint."""
+import json
+import os
+import sys
+
+import pytest
+
+from runs import DEEPSPEED, PYTHON, REPO, TINY, launch, rows
+
+PALM = TINY + ["stage=palm", "palm.src_len=[8,40]", "palm.tgt_len=[8,24]", "palm.group_steps=4"]
+STEPS = ["train.max_steps=20", "train.log_every=1", "train.eval_every=10", "train.save_every=5"]
+GENERATE = [sys.executable, "-m", "pretrain.generate"]
+
+
+@pytest.fixture(scope="module")
+def stage_one(prepared, tmp_path_factory) -> dict[str, str]:
+    """Two stage-one runs: one written by 2 ranks, one by a single rank."""
+    root = tmp_path_factory.mktemp("stage_one")
+    common = TINY + [f"data.dir={prepared}", "train.max_steps=6", "train.save_every=3"]
+    launch(DEEPSPEED, common + [f"run.dir={root / 'two_ranks'}"])
+    launch(PYTHON, common + [f"run.dir={root / 'one_rank'}"])
+    return {"two_ranks": str(root / "two_ranks"), "one_rank": str(root / "one_rank")}
+
+
+@pytest.fixture(scope="module")
+def palm_run(prepared, stage_one, tmp_path_factory) -> str:
+    run = str(tmp_path_factory.mktemp("palm") / "straight")
+    launch(DEEPSPEED, PALM + STEPS + [f"data.dir={prepared}", f"run.dir={run}", f"init_from={stage_one['two_ranks']}"])
+    return run
+
+
+def test_stage_two_trains_from_stage_one_and_drops_mlm_for_the_last_tenth(palm_run, stage_one):
+    train, valid = rows(palm_run, "train"), rows(palm_run, "valid")
+    assert [r["step"] for r in train] == list(range(1, 21)) and [r["step"] for r in valid] == [10, 20]
+    for key in ("loss", "lm_loss", "lm_acc", "lr", "grad_norm", "tokens_per_s", "padding"):
+        assert all(r[key] is not None for r in train), key
+    # 0.9 x 20 = 18 steps with masked LM on the encoder, then the decoder loss alone.
+    assert [r["mlm_active"] for r in train] == [True] * 18 + [False] * 2
+    assert all(r["mlm_loss"] is not None and r["mlm_acc"] is not None for r in train[:18])
+    assert all(r["mlm_loss"] is None for r in train[18:])
+    assert train[-1]["loss"] == pytest.approx(train[-1]["lm_loss"])
+    assert valid[0]["mlm_loss"] is not None and valid[1]["mlm_loss"] is None
+    assert all(r["lm_ppl"] > 1.0 for r in valid)
+    assert 0.0 < train[0]["padding"] < 0.5
+    info = json.load(open(os.path.join(palm_run, "run.json")))
+    assert info["initialized_from"] == os.path.join(stage_one["two_ranks"], "checkpoints", "step6")
+    assert info["world_size"] == 2 and all(p <= info["parameters"] // 2 + 64 for p in info["partition_numel_per_rank"])
+
+
+def test_stage_two_resume_is_bitwise_exact_across_the_mlm_switch(prepared, stage_one, palm_run, tmp_path):
+    run = str(tmp_path / "resumed")
+    args = PALM + STEPS + [f"data.dir={prepared}", f"run.dir={run}", f"init_from={stage_one['two_ranks']}"]
+    launch(DEEPSPEED, args + ["train.exit_at_step=10"])
+    launch(DEEPSPEED, args)  # resumes at 10; the switch at 18 happens in the resumed run
+    loss = lambda run_dir: {(r["step"], r["split"]): r["loss"] for r in rows(run_dir, "train") + rows(run_dir, "valid")}  # noqa: E731
+    assert loss(run) == loss(palm_run)
+
+
+@pytest.mark.parametrize("written_by, decoder_init", [("two_ranks", "random"), ("one_rank", "encoder_top")])
+def test_stage_two_encoder_equals_stage_one_encoder(stage_one, tmp_path, written_by, decoder_init):
+    out = tmp_path / "result.json"
+    launch(["deepspeed", "--num_gpus", "2", os.path.join(REPO, "tests", "init_equality.py")],
+           [stage_one[written_by], decoder_init, str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["encoder_max_diff"] <= 1e-5 and result["mlm_max_diff"] <= 1e-5, result
+    assert result["decoder_from_top_layer"] == (decoder_init == "encoder_top")
+
+
+def test_stage_two_from_random_weights(prepared, tmp_path):
+    run = tmp_path / "random"
+    launch(PYTHON, PALM + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=2", "train.log_every=1"])
+    assert json.load(open(run / "run.json"))["initialized_from"] is None
+    assert [r["step"] for r in rows(str(run), "train")] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("init_from=/nonexistent/run", "init_from=/nonexistent/run: no such directory"),
+        ("model.hidden=32", "encoder.embeddings.word.weight is [{v}, 64] in the checkpoint, [{v}, 32] in this model"),
+        ("model.layers=3", "the checkpoint has 2 encoder layers, model.layers=3"),
+        ("model.max_positions=256", "model.max_positions=256 vs 512"),
+        ("palm.src_len=[40,8]", "palm.src_len=[40, 8]"),
+        ("model.decoder_init=top", "model.decoder_init=top: must be random or encoder_top"),
+    ],
+)
+def test_bad_stage_two_settings_fail_with_one_line(prepared, stage_one, tmp_path, override, message):
+    vocab = json.load(open(os.path.join(stage_one["one_rank"], "model.json")))["vocab_size"]
+    run = tmp_path / "run"
+    args = PALM + [f"data.dir={prepared}", f"run.dir={run}", f"init_from={stage_one['one_rank']}", override]
+    proc = launch(PYTHON, args, expect_rc=2)
+    assert proc.stderr.strip().count("\n") == 0 and message.format(v=vocab) in proc.stderr, proc.stderr
+    assert not run.exists()
+
+
+def test_init_from_a_stage_two_checkpoint_is_refused(prepared, palm_run, tmp_path):
+    step20 = os.path.join(palm_run, "checkpoints", "step20")
+    proc = launch(PYTHON, PALM + [f"data.dir={prepared}", f"run.dir={tmp_path / 'run'}", f"init_from={step20}"], expect_rc=2)
+    assert "a stage-two (palm) checkpoint; stage two starts from a stage-one (structbert) one" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("strategy", ["strategy=greedy", "strategy=sample top_k=5 top_p=0.9 temperature=0.8", "strategy=beam num_beams=3"])
+def test_generate_prints_a_continuation(palm_run, strategy):
+    proc = launch(GENERATE, [f"run.dir={palm_run}", "prompt=小明住在北京，已经十年了。", "max_new_tokens=12", *strategy.split()])
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].strip(), proc.stdout
+
+
+def test_generate_prompts_file_and_left_truncation(palm_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("小明每天早上都去公园散步。\n\n" + "很" * 600 + "\n", encoding="utf-8")
+    proc = launch(GENERATE, [f"run.dir={palm_run}", f"prompts_file={prompts}", "max_new_tokens=5", "echo=true"])
+    assert proc.stdout.count("prompt: ") == 2 and proc.stdout.count("output: ") == 2
+    assert "prompt 2: 600 tokens, truncated from the left to the last 510" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["strategy=nucleus"], "strategy"),
+        (["prompt=x", "prompts_file=y"], "give exactly one of prompt=<text> or prompts_file=<file>"),
+        (["colour=red"], "bad argument"),
+    ],
+)
+def test_generate_bad_arguments(palm_run, args, message):
+    argv = [f"run.dir={palm_run}"] + (args if any(a.startswith("prompt") for a in args) else ["prompt=你好"] + args)
+    proc = launch(GENERATE, argv, expect_rc=2)
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+
+
+def test_generate_refuses_a_stage_one_run(stage_one):
+    proc = launch(GENERATE, [f"run.dir={stage_one['one_rank']}", "prompt=你好"], expect_rc=2)
+    assert "a stage-one run; generation needs a stage-two (stage=palm) run" in proc.stderr
