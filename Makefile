@@ -5,8 +5,12 @@ PIP = $(PYTHON) -m pip
 DEMO_DATA = data/demo
 DEMO_RUN = runs/demo
 DEMO_STEPS ?= 1200
+DEMO_STAGE2_STEPS ?= 600
+# Stage two on the demo: the toy model's lengths are drawn from smaller ranges than PLUG's [32, 512].
+PALM_DEMO = stage=palm model=toy data.dir=$(DEMO_DATA)/prepared 'palm.src_len=[32,96]' 'palm.tgt_len=[32,64]' \
+	train.max_steps=$(DEMO_STAGE2_STEPS) train.lr=1e-3 train.log_every=20 train.eval_every=200 train.save_every=300
 
-.PHONY: install install-test demo test clean-demo
+.PHONY: install install-test demo compare test clean-demo
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -21,7 +25,16 @@ demo: install
 	deepspeed --num_gpus 2 --module pretrain.train stage=structbert model=toy \
 		data.dir=$(DEMO_DATA)/prepared run.dir=$(DEMO_RUN)/structbert train.max_steps=$(DEMO_STEPS) \
 		data.seq_len=64 train.lr=1e-3 train.log_every=20 train.eval_every=200 train.save_every=600
-	$(PYTHON) -m pretrain.summary run.dir=$(DEMO_RUN)/structbert
+	deepspeed --num_gpus 2 --module pretrain.train $(PALM_DEMO) run.dir=$(DEMO_RUN)/palm init_from=$(DEMO_RUN)/structbert
+	$(PYTHON) data/held_out_prompts.py --prepared $(DEMO_DATA)/prepared --count 4 --out $(DEMO_RUN)/prompts.txt
+	$(PYTHON) -m pretrain.generate run.dir=$(DEMO_RUN)/palm prompts_file=$(DEMO_RUN)/prompts.txt \
+		max_new_tokens=48 strategy=beam num_beams=4 echo=true
+	$(PYTHON) -m pretrain.summary run.dir=$(DEMO_RUN)/structbert run.dir=$(DEMO_RUN)/palm
+
+# Stage two from the demo's stage one against stage two from random weights (run `make demo` first).
+compare: install
+	$(PYTHON) launch/compare_init.py --stage-one $(DEMO_RUN)/structbert --out $(DEMO_RUN)/compare -- \
+		$(PALM_DEMO) logger.progress=false
 
 test: install-test
 	$(PYTHON) -m pytest -q tests

@@ -9,7 +9,6 @@ indices < mlm_until, which makes the switch a function of the index, not of the 
 from __future__ import annotations
 
 import math
-
 import operator
 from functools import partial
 from typing import Callable, Iterator, Sequence
@@ -25,8 +24,8 @@ from pretrain.objectives import IGNORE, ObjectiveConfig, whole_word_mask
 _POOL_STREAM = 3  # seed-sequence tag of the sampler's pool-step order (1 and 2 are the dataset's)
 
 
-def _check_range(name: str, value: Sequence[int]) -> tuple[int, int]:
-    """[lo, hi] from a list, tuple or Hydra ListConfig of two integers."""
+def check_range(name: str, value: Sequence[int]) -> tuple[int, int]:
+    """[lo, hi] from a list, tuple or Hydra ListConfig of two integers (palm.src_len, palm.tgt_len)."""
     try:
         shown = list(value)
         lo, hi = (operator.index(v) for v in shown)
@@ -48,7 +47,7 @@ class PalmDataset(torch.utils.data.Dataset):
     def __init__(self, corpus: IndexedCorpus, *, src_len: Sequence[int], tgt_len: Sequence[int], seed: int,
                  mlm_cfg: ObjectiveConfig, mlm_until: int, cls_id: int, sep_id: int, mask_id: int, pad_id: int,
                  random_ids: np.ndarray, snap: float = 0.25):
-        self.src_len, self.tgt_len = _check_range("src_len", src_len), _check_range("tgt_len", tgt_len)
+        self.src_len, self.tgt_len = check_range("src_len", src_len), check_range("tgt_len", tgt_len)
         mlm_cfg.validate("palm.mlm")
         if seed < 0:
             raise UserError(f"seed={seed}: must be >= 0")

@@ -16,6 +16,7 @@ from pretrain.dataset import StepSampler, StructBertDataset, eval_batches
 from pretrain.errors import UserError
 from pretrain.indexed import IndexedCorpus
 from pretrain.objectives import ObjectiveConfig
+from pretrain.palm_data import LengthGroupedStepSampler, PalmDataset, check_range
 from pretrain.run_config import BatchGeometry, model_config
 from pretrain.tokenizer import Tokenizer
 
@@ -121,7 +122,8 @@ class PalmStage(_Stage):
     def __init__(self, cfg: DictConfig, meta: dict):
         super().__init__(cfg, meta)
         p = cfg.palm
-        self.src_len, self.tgt_len = _bounds(p.src_len, "palm.src_len"), _bounds(p.tgt_len, "palm.tgt_len")
+        # checked here, not only in the dataset, so that a bad range fails before any rank starts
+        self.src_len, self.tgt_len = check_range("src_len", p.src_len), check_range("tgt_len", p.tgt_len)
         longest, key = max((self.src_len[1], "palm.src_len"), (self.tgt_len[1], "palm.tgt_len"))
         activation_ckpt = bool(cfg.deepspeed.activation_checkpointing)
         self.model_cfg = model_config(cfg.model, meta["vocab_size"], longest, activation_ckpt, seq_len_key=f"{key}[1]")
@@ -153,14 +155,10 @@ class PalmStage(_Stage):
         return Palm(self.model_cfg)
 
     def dataset(self, split: str, mlm_until: int):
-        from pretrain.palm_data import PalmDataset
-
         return PalmDataset(self.corpora[split], src_len=self.src_len, tgt_len=self.tgt_len, seed=int(self.cfg.seed),
                            mlm_cfg=self.objective_cfg, mlm_until=mlm_until, **self._token_ids())  # fmt: skip
 
     def train_loader(self, geometry: BatchGeometry, rank: int, start_step: int) -> DataLoader:
-        from pretrain.palm_data import LengthGroupedStepSampler
-
         data = self.dataset("train", mlm_until=self.mlm_steps * geometry.global_batch)
         sampler = LengthGroupedStepSampler(
             data.lengths, micro_batch=geometry.micro, grad_accum=geometry.accum, world_size=geometry.world,
@@ -184,18 +182,6 @@ class PalmStage(_Stage):
         if split == "valid" and reduced["lm_loss"] is not None:
             row["lm_ppl"] = math.exp(min(reduced["lm_loss"], 50.0))
         return {**row, **self._throughput_columns(reduced)}
-
-
-def _bounds(value, key: str) -> tuple[int, int]:
-    """[lo, hi] from the config, checked here so that a bad range fails before any rank starts."""
-    try:
-        lo, hi = (int(v) for v in value)
-    except (TypeError, ValueError):
-        lo = hi = None
-    if lo is None or not 4 <= lo <= hi:
-        shown = list(value) if OmegaConf.is_list(value) else value
-        raise UserError(f"{key}={shown}: need [lo, hi] with 4 <= lo <= hi")
-    return lo, hi
 
 
 STAGES = {"structbert": StructBertStage, "palm": PalmStage}

@@ -55,13 +55,16 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
         step = int(client["step"])
         if client["global_batch"] != geometry.global_batch:
             raise UserError(f"train.global_batch_size={geometry.global_batch} differs from the checkpoint's {client['global_batch']}")
-    _write_run_info(cfg, info, model, ds_config, geometry, step, stage, init)
+    # Every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
+    loader = stage.train_loader(geometry, info.rank, start_step=step)
+    data_stats = loader.dataset.stats() if info.rank == 0 else {}
+    _write_run_info(cfg, info, model, ds_config, geometry, step, stage, init, data_stats)
     log = MetricsLog(run_dir, info.rank, cfg.logger.wandb, OmegaConf.to_container(cfg, resolve=True), step)
 
-    # 3. Train: every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
+    # 3. Train.
     max_steps, t = int(cfg.train.max_steps), cfg.train
     stop_at = int(t.exit_at_step) if t.exit_at_step is not None else max_steps
-    batches = iter(stage.train_loader(geometry, info.rank, start_step=step))
+    batches = iter(loader)
     window = Window(stage.objectives)
     bar = tqdm(total=max_steps, initial=step, disable=info.rank != 0 or not cfg.logger.progress, desc="train")
     engine.train()
@@ -109,7 +112,7 @@ def _grad_norm(engine) -> float | None:
     return None if norm is None else float(norm)
 
 
-def _write_run_info(cfg, info, model, ds_config, geometry, step, stage, init) -> None:
+def _write_run_info(cfg, info, model, ds_config, geometry, step, stage, init, data_stats: dict) -> None:
     """config.yaml (resolved), run.json (world size, parameter counts, each rank's partition size), and what
     reading the checkpoints back needs without the data: model.json (the model's shapes) and vocab.txt."""
     import dataclasses
@@ -127,7 +130,8 @@ def _write_run_info(cfg, info, model, ds_config, geometry, step, stage, init) ->
     run_info = {
         "world_size": info.world_size, "parameters": count_parameters(model), "partition_numel_per_rank": per_rank,
         "micro_batch": geometry.micro, "grad_accum": geometry.accum, "global_batch": geometry.global_batch,
-        "resumed_from_step": step, "initialized_from": None if init is None else init[0], "deepspeed_config": ds_config,
+        "resumed_from_step": step, "initialized_from": None if init is None else init[0], "train_data": data_stats,
+        "deepspeed_config": ds_config,
     }  # fmt: skip
     with open(os.path.join(cfg.run.dir, "run.json"), "w") as f:
         json.dump(run_info, f, indent=2)
