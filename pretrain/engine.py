@@ -1,8 +1,10 @@
 """DeepSpeed ZeRO-3: building the engine, and checkpoints that resume exactly.
 
 A checkpoint is a DeepSpeed tag directory `checkpoints/step<N>/` (partitioned model and optimizer states,
-LR scheduler, our client state) plus one `rng_rank<R>.pt` per rank. DeepSpeed writes `checkpoints/latest`
-only after every rank has written its part, so `latest` always names a complete checkpoint.
+LR scheduler, our client state) plus one `rng_rank<R>.pt` per rank. `checkpoints/latest` is written here, not
+by DeepSpeed: DeepSpeed's rank 0 writes it as soon as its own part is on disk, before the other ranks are
+done, so a rank dying mid-save could leave `latest` naming a checkpoint that lacks its part. Here it is
+replaced atomically only after every rank has returned from the save, so it always names a complete one.
 """
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ import os
 import random
 import re
 import shutil
+import sys
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from pretrain import distributed
 from pretrain.errors import UserError
 
 _STEP_DIR = re.compile(r"^step(\d+)$")
@@ -82,9 +86,27 @@ class Checkpoints:
         tag = f"step{step}"
         os.makedirs(os.path.join(self.dir, tag), exist_ok=True)
         torch.save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt"))
-        engine.save_checkpoint(self.dir, tag=tag, client_state=client_state)  # writes `latest` last
+        _fault_point(step, self.rank)
+        engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)  # ends in a barrier
         if self.rank == 0:
+            tmp = os.path.join(self.dir, "latest.tmp")
+            with open(tmp, "w") as f:
+                f.write(tag)
+            os.replace(tmp, os.path.join(self.dir, "latest"))
             self._prune(keep=tag)
+        distributed.barrier()
+
+    def discard_uncommitted(self) -> None:
+        """Rank 0: remove step directories newer than `latest`, left by a run that died while saving."""
+        tag = self.latest_tag()
+        newest = int(_STEP_DIR.match(tag).group(1)) if tag and _STEP_DIR.match(tag) else -1
+        if self.rank != 0 or not os.path.isdir(self.dir):
+            return
+        for name in os.listdir(self.dir):
+            m = _STEP_DIR.match(name)
+            if m and int(m.group(1)) > newest:
+                print(f"pretrain.train: removing {os.path.join(self.dir, name)}: an unfinished checkpoint", file=sys.stderr)
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
     def _prune(self, keep: str) -> None:
         tags = sorted((int(m.group(1)), n) for n in os.listdir(self.dir) if (m := _STEP_DIR.match(n)))
@@ -119,3 +141,12 @@ class Checkpoints:
             raise UserError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
         set_rng_state(torch.load(os.path.join(tag_dir, f"rng_rank{self.rank}.pt"), weights_only=False))
         return client_state
+
+
+def _fault_point(step: int, rank: int) -> None:
+    """Fault injection for the tests of a crash mid-save: PRETRAIN_CRASH_IN_SAVE=<step>:<rank> kills that rank
+    after its RNG file is written and before its model and optimizer partitions are."""
+    spec = os.environ.get("PRETRAIN_CRASH_IN_SAVE")
+    if spec and spec == f"{step}:{rank}":
+        print(f"pretrain.train: PRETRAIN_CRASH_IN_SAVE={spec}: rank {rank} dies while saving step {step}", file=sys.stderr)
+        os._exit(113)

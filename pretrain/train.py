@@ -21,6 +21,7 @@ from pretrain.metrics import MetricsLog, Window
 from pretrain.model import count_parameters
 from pretrain.run_config import batch_geometry, check_train, deepspeed_config, load_data_meta
 from pretrain.stages import build_stage
+from pretrain.stopping import StopRequest
 
 # torch 2.13 deprecates the collectives DeepSpeed calls, once per step: not ours to fix, only noise.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
@@ -41,8 +42,11 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     run_dir = cfg.run.dir
     checkpoints = ds.Checkpoints(run_dir, info.rank, info.world_size, int(cfg.train.keep_last))
     resume_from = checkpoints.resolve(str(cfg.train.resume))
+    stop = StopRequest(os.path.join(run_dir, str(cfg.train.stop_file)))
+    stop.clear_stale(info.rank)
     distributed.init(info, float(cfg.dist.timeout_s))
     os.makedirs(run_dir, exist_ok=True)
+    checkpoints.discard_uncommitted()
     model = ds.build_model(stage.make_model, ds_config, int(cfg.seed))
     if init is not None and resume_from is None:  # before initialize: the optimizer copies the weights it sees
         init_from.load_into(model, *init, rank=info.rank)
@@ -79,7 +83,8 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
         step += 1
         window.mark_step()
         bar.update(1)
-        if step % t.log_every == 0 or step == stop_at:
+        stopping = step < stop_at and stop.requested()  # collective: every rank agrees on the step
+        if step % t.log_every == 0 or step == stop_at or stopping:
             row = stage.summarize(window.reduce(), step, "train")
             log.write({"step": step, "split": "train", **row, "lr": lr, "grad_norm": _grad_norm(engine)})
             bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -87,9 +92,13 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
             valid = stage.valid_loader(geometry, info.rank, step)
             if valid is not None:
                 log.write({"step": step, "split": "valid", **evaluate(engine, stage, valid, step)})
-        if step % t.save_every == 0 or step == stop_at:
+        if step % t.save_every == 0 or step == stop_at or stopping:
             checkpoints.save(engine, step, {"step": step, "stage": cfg.stage.name, "global_batch": geometry.global_batch,
                                             "consumed_samples": step * geometry.global_batch})  # fmt: skip
+        if stopping:
+            if info.rank == 0:
+                print(f"pretrain.train: stop requested: checkpoint of step {step} saved, exiting", file=sys.stderr)
+            break
     bar.close()
     log.close()
     distributed.barrier()
