@@ -1,6 +1,7 @@
 """Launching real training runs from tests: the tiny model, the launchers, reading metrics back."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -13,8 +14,21 @@ TINY = [
 ]  # fmt: skip
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(launcher: list[str], args: list[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
+    """Run to completion and check the exit status. Each multi-rank launch gets its own master port: DeepSpeed's
+    CPU shared-memory all-reduce names its buffers after the master address and port, so two jobs on one port
+    would share them (and the rendezvous)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for i, program in enumerate(launcher):
+        if program in ("deepspeed", "torch.distributed.run"):
+            launcher = launcher[: i + 1] + [f"--master_port={free_port()}"] + launcher[i + 1 :]
+            break
     proc = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != expect_rc:
         raise AssertionError(f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
