@@ -133,3 +133,15 @@ def test_generate_bad_arguments(palm_run, args, message):
 def test_generate_refuses_a_stage_one_run(stage_one):
     proc = launch(GENERATE, [f"run.dir={stage_one['one_rank']}", "prompt=你好"], expect_rc=2)
     assert "a stage-one run; generation needs a stage-two (stage=palm) run" in proc.stderr
+
+
+def test_model_copy_flag_is_read_from_the_config():
+    # `m.copy` on an OmegaConf DictConfig is its copy() method, always truthy: the key must be read as m["copy"].
+    from omegaconf import OmegaConf
+
+    from pretrain.run_config import model_config
+
+    toy = OmegaConf.load(os.path.join(REPO, "conf", "model", "toy.yaml"))
+    assert model_config(toy, 100, 64).copy is False
+    toy["copy"] = True
+    assert model_config(toy, 100, 64).copy is True
