@@ -5,6 +5,8 @@ PIP = $(PYTHON) -m pip
 DEMO_DATA = data/demo
 DEMO_RUN = runs/demo
 DEMO_STEPS ?= 1200
+DEMO_PORT ?= 29500   # the rendezvous port: two jobs on one port would join each other's rendezvous
+DEEPSPEED = deepspeed --num_gpus 2 --master_port $(DEMO_PORT)
 DEMO_STAGE2_STEPS ?= 600
 # Stage two on the demo: the toy model's lengths are drawn from smaller ranges than PLUG's [32, 512].
 PALM_DEMO = stage=palm model=toy data.dir=$(DEMO_DATA)/prepared 'palm.src_len=[32,96]' 'palm.tgt_len=[32,64]' \
@@ -32,10 +34,10 @@ install-test: install
 demo: install
 	$(PYTHON) data/fetch_demo.py --out $(DEMO_DATA)/raw
 	[ -f $(DEMO_DATA)/prepared/meta.json ] || $(PYTHON) -m pretrain.prepare input=$(DEMO_DATA)/raw out=$(DEMO_DATA)/prepared workers=2
-	deepspeed --num_gpus 2 --module pretrain.train stage=structbert model=toy \
+	$(DEEPSPEED) --module pretrain.train stage=structbert model=toy \
 		data.dir=$(DEMO_DATA)/prepared run.dir=$(DEMO_RUN)/structbert train.max_steps=$(DEMO_STEPS) \
 		data.seq_len=64 train.lr=1e-3 train.log_every=20 train.eval_every=200 train.save_every=600
-	deepspeed --num_gpus 2 --module pretrain.train $(PALM_DEMO) run.dir=$(DEMO_RUN)/palm init_from=$(DEMO_RUN)/structbert
+	$(DEEPSPEED) --module pretrain.train $(PALM_DEMO) run.dir=$(DEMO_RUN)/palm init_from=$(DEMO_RUN)/structbert
 	$(PYTHON) data/held_out_prompts.py --prepared $(DEMO_DATA)/prepared --count 4 --out $(DEMO_RUN)/prompts.txt
 	$(PYTHON) -m pretrain.generate run.dir=$(DEMO_RUN)/palm prompts_file=$(DEMO_RUN)/prompts.txt \
 		max_new_tokens=40 strategy=sample top_p=0.9 temperature=0.8 seed=0 echo=true
@@ -43,7 +45,7 @@ demo: install
 
 # Stage two from the demo's stage one against stage two from random weights (run `make demo` first).
 compare: install
-	$(PYTHON) launch/compare_init.py --stage-one $(DEMO_RUN)/structbert --out $(DEMO_RUN)/compare -- \
+	$(PYTHON) launch/compare_init.py --stage-one $(DEMO_RUN)/structbert --out $(DEMO_RUN)/compare --master-port $(DEMO_PORT) -- \
 		$(PALM_DEMO) logger.progress=false
 
 test: install-test

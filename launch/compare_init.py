@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 
-LAUNCHER = ["deepspeed", "--num_gpus", "2", "--module", "pretrain.train", "stage=palm"]
 
 
 def valid_rows(run_dir: str) -> list[dict]:
@@ -33,8 +32,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage-one", required=True, help="stage-one run.dir (its newest checkpoint) or checkpoint dir")
     ap.add_argument("--out", required=True, help="directory for the two stage-two runs")
+    ap.add_argument("--master-port", type=int, default=29500, help="rendezvous port of the deepspeed launcher")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for both runs (after --)")
     args = ap.parse_args()
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(args.master_port), "--module", "pretrain.train", "stage=palm"]
     runs = {"from stage one": os.path.join(args.out, "from_stage_one"), "from random": os.path.join(args.out, "from_random")}
     for name, run_dir in runs.items():
         if finished(run_dir, args.overrides):
@@ -42,7 +43,7 @@ def main() -> None:
             continue
         init = [f"init_from={args.stage_one}"] if name == "from stage one" else []
         print(f"{name}: training {run_dir}", flush=True)
-        subprocess.run(LAUNCHER + args.overrides + [f"run.dir={run_dir}"] + init, check=True)
+        subprocess.run(launcher + args.overrides + [f"run.dir={run_dir}"] + init, check=True)
 
     last = {name: valid_rows(run_dir)[-1] for name, run_dir in runs.items()}
     print(f"\n{'stage two':<16}{'step':>6}{'valid lm_loss':>15}{'lm_ppl':>10}{'lm_acc':>9}")
