@@ -1,0 +1,217 @@
+"""The Slurm job scripts under a real Slurm: a throwaway cluster of two nodes on this machine (tests/slurm_cluster.py),
+launch/slurm/train.sbatch in both launch modes and both stages, preemption with requeue, a killed rank, and a
+crash mid-checkpoint. Every run is 2 ranks, one per node, CPU fp32, so resumed runs must match an uninterrupted
+one bitwise. Skips when Slurm/munge are missing or the daemons cannot start (`make install-test` installs them)."""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from runs import TINY, rows
+from slurm_cluster import ClusterUnavailable, SlurmCluster, missing_programs
+
+pytestmark = pytest.mark.skipif(
+    bool(missing_programs()), reason=f"Slurm/munge not installed (missing {', '.join(missing_programs())}; `make install-test` installs them as root)"
+)
+
+SCRIPT = "launch/slurm/train.sbatch"
+# --time: a bound on a hang; above the script's --signal=B:USR1@600, which would otherwise fire at once.
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--time=30"]
+SRUN = {"LAUNCH_MODE": "srun", "GPUS_PER_NODE": "1"}
+# One schedule for the reference and every interrupted run: the losses must agree step by step.
+STEPS = ["train.max_steps=40", "train.log_every=1", "train.eval_every=20", "train.save_every=5", "dist.timeout_s=20"]
+PALM = ["stage=palm", "palm.src_len=[8,40]", "palm.tgt_len=[8,24]", "palm.group_steps=4", "train.max_steps=8",
+        "train.log_every=1", "train.eval_every=8", "train.save_every=4", "dist.timeout_s=20"]  # fmt: skip
+JOB_TIMEOUT = 240  # seconds for one job to finish; a run here takes well under a minute
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        c = SlurmCluster.start()
+    except ClusterUnavailable as e:
+        pytest.skip(f"could not start a Slurm cluster: {e}")
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def stage_one(prepared: str, run: str) -> list[str]:
+    return TINY + STEPS + [f"data.dir={prepared}", f"run.dir={run}"]
+
+
+def losses(run: str) -> dict:
+    return {(r["step"], r["split"]): r["loss"] for r in rows(run, "train") + rows(run, "valid")}
+
+
+def latest(run: str) -> str:
+    with open(os.path.join(run, "checkpoints", "latest")) as f:
+        return f.read().strip()
+
+
+def run_info(run: str) -> dict:
+    with open(os.path.join(run, "run.json")) as f:
+        return json.load(f)
+
+
+def wait_for_step(cluster: SlurmCluster, job: int, run: str, step: int, timeout: float = JOB_TIMEOUT) -> None:
+    """Until rank 0 has logged `step` (the job must still be running)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if any(r["step"] >= step for r in rows(run, "train")):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):  # not started yet, or a row half written
+            pass
+        assert cluster.job_state(job) in {"PENDING", "CONFIGURING", "RUNNING"}, cluster.describe(job)
+        time.sleep(0.2)
+    cluster.cancel(job)
+    raise AssertionError(f"job {job}: step {step} not reached in {timeout} s\n{cluster.describe(job)}")
+
+
+def assert_complete_checkpoint(run: str, world_size: int = 2) -> str:
+    tag = latest(run)
+    files = set(os.listdir(os.path.join(run, "checkpoints", tag)))
+    for r in range(world_size):
+        expected = {f"rng_rank{r}.pt", f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"}
+        assert expected <= files, (tag, sorted(files))
+    return tag
+
+
+def rank_pid(run: str, rank: int) -> int:
+    """The training process of `rank` in this run (not its DataLoader worker, which shares its command line)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split("=", 1) for kv in f.read().decode(errors="replace").split("\0") if "=" in kv)
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if "pretrain.train" in argv and f"run.dir={run}" in argv and env.get("SLURM_PROCID") == str(rank):
+            found[int(pid)] = ppid
+    mains = [pid for pid, ppid in found.items() if ppid not in found]
+    assert len(mains) == 1, f"rank {rank} of {run}: processes {found}"
+    return mains[0]
+
+
+# ---- a. both stages, both launch modes ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(cluster, prepared, tmp_path_factory) -> str:
+    """Stage one, srun mode, two nodes, uninterrupted: the run every interrupted one is compared with."""
+    run = str(tmp_path_factory.mktemp("slurm") / "reference")
+    job = cluster.submit(SCRIPT, stage_one(prepared, run), env=SRUN, sbatch_args=TWO_NODES)
+    cluster.wait_for(job, "COMPLETED", JOB_TIMEOUT)
+    info = cluster.job(job)
+    assert info["NodeList"] == "n[1-2]" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", info
+    assert "srun mode, 1 ranks per node, master 127.0.0.1:" in cluster.output(job)
+    return run
+
+
+def test_srun_mode_trains_stage_one_on_two_nodes(reference):
+    assert [r["step"] for r in rows(reference, "train")] == list(range(1, 41))
+    assert [r["step"] for r in rows(reference, "valid")] == [20, 40]
+    info = run_info(reference)
+    assert info["world_size"] == 2 and len(info["partition_numel_per_rank"]) == 2
+    assert assert_complete_checkpoint(reference) == "step40"
+    assert not os.path.exists(os.path.join(reference, "STOP"))
+
+
+def test_srun_mode_stage_two_starts_from_stage_one(cluster, prepared, reference, tmp_path):
+    run = str(tmp_path / "palm")
+    args = TINY + PALM + [f"data.dir={prepared}", f"run.dir={run}", f"init_from={reference}"]
+    job = cluster.submit(SCRIPT, args, env=SRUN, sbatch_args=TWO_NODES)
+    cluster.wait_for(job, "COMPLETED", JOB_TIMEOUT)
+    assert [r["step"] for r in rows(run, "train")] == list(range(1, 9))
+    info = run_info(run)
+    assert info["world_size"] == 2
+    assert info["initialized_from"] == os.path.join(reference, "checkpoints", "step40")
+    assert latest(run) == "step8"
+
+
+def test_deepspeed_mode_trains_stage_one_on_two_nodes(cluster, prepared, tmp_path):
+    run = str(tmp_path / "deepspeed")
+    args = TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=6", "train.log_every=1", "dist.timeout_s=20"]
+    job = cluster.submit(SCRIPT, args, env={"LAUNCH_MODE": "deepspeed", "GPUS_PER_NODE": "1"}, sbatch_args=TWO_NODES)
+    cluster.wait_for(job, "COMPLETED", JOB_TIMEOUT)
+    out = cluster.output(job)
+    assert "deepspeed mode, 1 ranks per node" in out
+    for node_rank in (0, 1):  # one launcher per node, each starting its node's rank
+        assert f"nnodes=2, num_local_procs=1, node_rank={node_rank}" in out, out[-4000:]
+    assert [r["step"] for r in rows(run, "train")] == list(range(1, 7))
+    assert run_info(run)["world_size"] == 2
+    assert assert_complete_checkpoint(run) == "step6"
+
+
+def test_missing_run_dir_fails_before_training(cluster, prepared):
+    job = cluster.submit(SCRIPT, TINY + [f"data.dir={prepared}"], env=SRUN, sbatch_args=TWO_NODES)
+    cluster.wait_for(job, "FAILED", 60)
+    assert cluster.job_exit_code(job) == (2, 0)
+    assert "train.sbatch: error: run.dir=<dir> is required" in cluster.output(job)
+
+
+# ---- b. preemption: USR1 to the batch shell -> checkpoint, requeue, resume ----------------------------------------
+def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, prepared, reference, tmp_path):
+    run = str(tmp_path / "preempted")
+    job = cluster.submit(SCRIPT, stage_one(prepared, run), env=SRUN, sbatch_args=TWO_NODES)
+    wait_for_step(cluster, job, run, 3)
+    cluster.cancel(job, "--batch", "--signal=USR1")  # what --signal=B:USR1@<s> does before the time limit
+    cluster.wait_for(job, "COMPLETED", JOB_TIMEOUT)
+    out = cluster.output(job)
+    assert cluster.restarts(job) == 1, cluster.describe(job)
+    assert "train.sbatch: USR1: asking the ranks to checkpoint and stop" in out
+    assert "pretrain.train: stop requested: checkpoint of step" in out
+    assert f"requeueing job {job} to resume" in out
+    resumed = run_info(run)["resumed_from_step"]
+    print(f"USR1 after step 3: checkpoint of step {resumed}, requeued, finished")
+    assert 3 <= resumed < 40, resumed
+    assert latest(run) == "step40" and not os.path.exists(os.path.join(run, "STOP"))
+    assert [r["step"] for r in rows(run, "train")] == list(range(1, 41))
+    assert losses(run) == losses(reference)  # bitwise
+
+
+# ---- c. a rank killed: the job fails fast, the checkpoint is whole, resubmission resumes ------------------------
+def test_killed_rank_fails_the_job_and_resubmission_resumes(cluster, prepared, reference, tmp_path):
+    run = str(tmp_path / "killed")
+    args = stage_one(prepared, run)
+    job = cluster.submit(SCRIPT, args, env=SRUN, sbatch_args=TWO_NODES)
+    wait_for_step(cluster, job, run, 12)  # step 10 is saved by now
+    os.kill(rank_pid(run, 1), signal.SIGKILL)
+    killed_at = time.time()
+    cluster.wait_for(job, "FAILED", 20 + 60, poll=0.2)  # dist.timeout_s + slack
+    print(f"rank 1 killed: job {job} FAILED {time.time() - killed_at:.1f} s later, exit code {cluster.job_exit_code(job)}")
+    assert cluster.job_exit_code(job)[0] != 0
+    assert "training failed with status" in cluster.output(job)
+    tag = assert_complete_checkpoint(run)
+    assert int(tag.removeprefix("step")) >= 10, tag
+
+    again = cluster.submit(SCRIPT, args, env=SRUN, sbatch_args=TWO_NODES)
+    cluster.wait_for(again, "COMPLETED", JOB_TIMEOUT)
+    assert run_info(run)["resumed_from_step"] == int(tag.removeprefix("step"))
+    assert latest(run) == "step40"
+    assert losses(run) == losses(reference)
+
+
+# ---- d. a rank dies while saving: latest still names the previous checkpoint ------------------------------------
+def test_crash_mid_checkpoint_keeps_the_previous_one(cluster, prepared, reference, tmp_path):
+    run = str(tmp_path / "crashed")
+    args = stage_one(prepared, run)
+    job = cluster.submit(SCRIPT, args, env=dict(SRUN, PRETRAIN_CRASH_IN_SAVE="10:1"), sbatch_args=TWO_NODES)
+    cluster.wait_for(job, "FAILED", JOB_TIMEOUT)
+    assert "PRETRAIN_CRASH_IN_SAVE=10:1: rank 1 dies while saving step 10" in cluster.output(job)
+    assert assert_complete_checkpoint(run) == "step5"
+    assert os.path.isdir(os.path.join(run, "checkpoints", "step10"))  # the unfinished one, still there
+
+    again = cluster.submit(SCRIPT, args, env=SRUN, sbatch_args=TWO_NODES)
+    cluster.wait_for(again, "COMPLETED", JOB_TIMEOUT)
+    out = cluster.output(again)
+    assert "step10: an unfinished checkpoint" in out
+    assert run_info(run)["resumed_from_step"] == 5
+    assert latest(run) == "step40"
+    assert losses(run) == losses(reference)
