@@ -35,7 +35,9 @@ def main() -> None:
     ap.add_argument("--master-port", type=int, default=29500, help="rendezvous port of the deepspeed launcher")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for both runs (after --)")
     args = ap.parse_args()
-    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(args.master_port), "--module", "pretrain.train", "stage=palm"]
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(args.master_port), "--module", "pretrain.train"]
+    if not any(o.startswith("stage=") for o in args.overrides):
+        launcher.append("stage=palm")
     runs = {"from stage one": os.path.join(args.out, "from_stage_one"), "from random": os.path.join(args.out, "from_random")}
     for name, run_dir in runs.items():
         if finished(run_dir, args.overrides):
