@@ -43,11 +43,44 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
-    """The DeepSpeed engine; its optimizer and LR scheduler come from ds_config and live inside it."""
+    """The DeepSpeed engine; its optimizer and LR scheduler come from ds_config and live inside it.
+
+    A "client_optimizer" entry (run_config.optimizer_config: the plain LAMB where FusedLamb cannot run) is
+    taken out of the config and built here on the same parameter groups, then handed to DeepSpeed, which wraps
+    it in ZeRO-3 and drives it with the config's scheduler as it would its own."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+    zero_partition_padding(model)
+    groups = param_groups(model, weight_decay)
+    config, optimizer = dict(ds_config), None
+    client = config.pop("client_optimizer", None)
+    if client is not None:
+        from pretrain import optim
+
+        optimizer = getattr(optim, client["type"].rsplit(".", 1)[-1])(groups, **client["params"])
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=config)
     return engine
+
+
+def zero_partition_padding(model: nn.Module) -> None:
+    """ZeRO-3 pads every parameter to a multiple of the world size, and the padding at the end of the last
+    rank's partition is uninitialised memory (DeepSpeed allocates it with torch.empty and copies only the real
+    elements). The optimizer's flat fp32 partitions are copied from these, padding included. Elementwise
+    optimizers (Adam) never mix it into real elements, but LAMB's trust ratio is a norm over the whole flat
+    partition: garbage there made it, and the run, differ from one launch to the next (or go NaN). Zeroed here,
+    the padding stays zero (its gradient is zero-padded, so its update is weight_decay * 0)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in model.parameters():
+            part = getattr(p, "ds_tensor", None)
+            if part is None or part.numel() == 0:
+                continue
+            group = getattr(p, "ds_process_group", None)
+            start = (dist.get_rank(group) if dist.is_initialized() else 0) * part.numel()
+            valid = max(0, min(part.numel(), p.ds_numel - start))
+            if valid < part.numel():
+                part.view(-1)[valid:].zero_()
 
 
 def local_partition_numel(model: nn.Module) -> int:

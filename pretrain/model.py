@@ -34,6 +34,7 @@ class ModelConfig:
     decoder_layers: int = 0  # stage two (PALM) only
     decoder_init: str = "random"  # random | encoder_top (copy the top encoder layers' self-attention and FFN)
     copy: bool = False  # PALM's pointer-generator over the source tokens (PLUG does not use it)
+    attention: str = "sdpa"  # sdpa (fused kernels on GPU) | math (the plain reference, see `attend`)
 
     @property
     def head_dim(self) -> int:
@@ -57,19 +58,54 @@ class Embeddings(nn.Module):
         return self.drop(self.norm(x))
 
 
+ATTENTION_IMPLS = ("sdpa", "math")
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, dropout_p: float,
+    training: bool, impl: str, need_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Scaled dot-product attention over q [B, H, T, d] and k, v [B, H, S, d]; returns [B, H, T, d] and, if
+    need_probs, the probabilities [B, H, T, S] before dropout (in q's dtype).
+
+    mask: bool, broadcast to [B, H, T, S], True = may attend (None: everything). is_causal: query i sees keys
+    <= i (top-left aligned, as SDPA's; SDPA refuses it together with a mask).
+
+    impl="sdpa": F.scaled_dot_product_attention, which on GPU picks a fused kernel (FlashAttention on sm80+,
+    the memory-efficient kernel on V100/sm70, both accumulating the softmax in fp32) and on CPU a fused or
+    the math kernel (the math kernel upcasts fp16/bf16 to fp32 unless
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)). impl="math": the plain reference, also
+    used whenever the probabilities are needed (SDPA does not return them): the scores in the input dtype
+    (q is scaled before the product so that fp16 scores cannot overflow where the scaled ones would not),
+    the softmax in float32 then cast back, dropout, then @ v.
+    """
+    p = dropout_p if training else 0.0
+    if impl == "sdpa" and not need_probs:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal), None
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={impl!r}: must be one of {', '.join(ATTENTION_IMPLS)}")
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.float().softmax(-1).to(q.dtype)
+    y = (F.dropout(probs, p) if p > 0 else probs) @ v
+    return y, probs if need_probs else None
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.heads, self.attn_dropout = cfg.heads, cfg.attn_dropout
+        self.heads, self.attn_dropout, self.impl = cfg.heads, cfg.attn_dropout, cfg.attention
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)  # one fused projection, one GEMM
         self.out = nn.Linear(cfg.hidden, cfg.hidden)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, t, h = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )
+        y, _ = attend(q, k, v, attn_mask, False, self.attn_dropout, self.training, self.impl)
         return self.out(y.transpose(1, 2).reshape(b, t, h))
 
 

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.model import (
-    IGNORE, Embeddings, Encoder, FeedForward, MLMHead, ModelConfig, SelfAttention, init_weights, masked_ce,
-    padding_mask,
+    IGNORE, Embeddings, Encoder, FeedForward, MLMHead, ModelConfig, SelfAttention, attend, init_weights,
+    masked_ce, padding_mask,
 )  # fmt: skip
 
 
@@ -66,17 +66,14 @@ class CausalSelfAttention(SelfAttention):
         mask = None  # a single new query may see every key so far
         if t > 1 and past > 0:  # several new queries after a cache: query i sits at position past + i
             mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=t > 1 and past == 0,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-        )  # fmt: skip
+        y, _ = attend(q, k, v, mask, t > 1 and past == 0, self.attn_dropout, self.training, self.impl)
         return self.out(y.transpose(1, 2).reshape(b, t, h))
 
 
 class CrossAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.heads, self.attn_dropout = cfg.heads, cfg.attn_dropout
+        self.heads, self.attn_dropout, self.impl = cfg.heads, cfg.attn_dropout, cfg.attention
         self.q = nn.Linear(cfg.hidden, cfg.hidden)
         self.kv = nn.Linear(cfg.hidden, 2 * cfg.hidden)  # keys and values of the encoder output, one GEMM
         self.out = nn.Linear(cfg.hidden, cfg.hidden)
@@ -95,14 +92,9 @@ class CrossAttention(nn.Module):
             if cache is not None:
                 cache.cross_k, cache.cross_v = k, v
         q = self.q(x).view(b, t, self.heads, d).transpose(1, 2)
-        p = self.attn_dropout if self.training else 0.0
-        probs = None
-        if need_probs:  # SDPA does not return its probabilities, so this one is computed by hand
-            a = (q @ k.transpose(-1, -2) * d**-0.5).masked_fill(~mask, float("-inf")).softmax(-1)
-            y, probs = F.dropout(a, p, self.training) @ v, a.mean(1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.out(y.transpose(1, 2).reshape(b, t, h)), probs
+        # the copy distribution needs the probabilities, which SDPA does not return: attend computes them by hand
+        y, a = attend(q, k, v, mask, False, self.attn_dropout, self.training, self.impl, need_probs)
+        return self.out(y.transpose(1, 2).reshape(b, t, h)), None if a is None else a.mean(1)
 
 
 class DecoderLayer(nn.Module):

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain.errors import UserError
-from pretrain.model import ModelConfig
+from pretrain.model import ATTENTION_IMPLS, ModelConfig
+from pretrain.optim import OPTIMIZERS, fused_lamb_status
 from pretrain.tokenizer import vocab_sha256
 
 
@@ -100,13 +101,43 @@ def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_c
         raise UserError(f"{seq_len_key}={seq_len}: must be >= 8")
     if m.decoder_init not in ("random", "encoder_top"):
         raise UserError(f"model.decoder_init={m.decoder_init}: must be random or encoder_top")
+    attention = str(m.get("attention", "sdpa"))
+    if attention not in ATTENTION_IMPLS:
+        raise UserError(f"model.attention={attention}: must be {' or '.join(ATTENTION_IMPLS)}")
     return ModelConfig(
         vocab_size=vocab, hidden=m.hidden, layers=m.layers, heads=m.heads, ffn=m.ffn,
         max_positions=m.max_positions, type_vocab=m.type_vocab, dropout=m.dropout,
         attn_dropout=m.attn_dropout, ln_eps=m.ln_eps, init_std=m.init_std, pre_ln=m.pre_ln,
         activation_checkpointing=activation_checkpointing, decoder_layers=int(m.decoder_layers),
-        decoder_init=str(m.decoder_init), copy=bool(m.copy),
+        decoder_init=str(m.decoder_init), copy=bool(m.copy), attention=attention,
     )  # fmt: skip
+
+
+def optimizer_config(t: DictConfig, ds: DictConfig) -> dict:
+    """The optimizer entries of the DeepSpeed config for `train.optimizer` (see pretrain/optim.py).
+
+    adamw: DeepSpeed's AdamW, fused unless `deepspeed.torch_adam`. lamb: DeepSpeed's "Lamb" (FusedLamb) where the
+    accelerator can build it; otherwise no "optimizer" block but a "client_optimizer" entry, which
+    engine.initialize removes and builds (pretrain.optim.Lamb, the same arithmetic) as a client optimizer."""
+    name = str(t.get("optimizer", "adamw"))
+    if name not in OPTIMIZERS:
+        raise UserError(f"train.optimizer={name}: must be {' or '.join(OPTIMIZERS)}")
+    hyper = {"lr": float(t.lr), "betas": list(t.betas), "eps": float(t.eps), "weight_decay": float(t.weight_decay)}
+    if name == "adamw":
+        # DeepSpeed's CPU Adam accumulates beta^t by multiplication, which a resumed run recomputes with pow():
+        # torch's AdamW derives it from the step alone, so resume stays bitwise exact.
+        return {"optimizer": {"type": "AdamW", "params": {**hyper, "torch_adam": bool(ds.torch_adam)}}}
+    # LAMB: trust ratios ||w|| / ||update|| clamped to [min_coeff, max_coeff]; under ZeRO they are computed per
+    # flattened partition (one flat tensor per parameter group on each rank), not per layer, by both
+    # implementations. DeepSpeed requires dynamic loss scaling for Lamb in fp16 (zero3_v100 has it).
+    hyper.update(max_coeff=10.0, min_coeff=0.01)
+    out = {"zero_allow_untested_optimizer": True}  # ZeRO's list of tested optimizers has neither LAMB
+    fused, how = fused_lamb_status()
+    if fused:
+        out["optimizer"] = {"type": "Lamb", "params": hyper}
+    else:
+        out["client_optimizer"] = {"type": "pretrain.optim.Lamb", "params": hyper, "why": how}
+    return out
 
 
 def deepspeed_config(cfg: DictConfig, geometry: BatchGeometry) -> dict:
@@ -118,15 +149,6 @@ def deepspeed_config(cfg: DictConfig, geometry: BatchGeometry) -> dict:
         "train_micro_batch_size_per_gpu": geometry.micro,
         "gradient_accumulation_steps": geometry.accum,
         "gradient_clipping": float(t.grad_clip),
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": float(t.lr), "betas": list(t.betas), "eps": float(t.eps), "weight_decay": float(t.weight_decay),
-                # DeepSpeed's CPU Adam accumulates beta^t by multiplication, which a resumed run recomputes
-                # with pow(): torch's AdamW derives it from the step alone, so resume stays bitwise exact.
-                "torch_adam": bool(ds.torch_adam),
-            },  # fmt: skip
-        },
         "scheduler": {
             "type": "WarmupDecayLR",
             "params": {
@@ -140,6 +162,7 @@ def deepspeed_config(cfg: DictConfig, geometry: BatchGeometry) -> dict:
         "zero_optimization": dict(ds.zero),
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
+        **optimizer_config(t, ds),
     }
     if ds.precision == "bf16":
         out["bf16"] = {"enabled": True}

@@ -86,7 +86,8 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
         stopping = step < stop_at and stop.requested()  # collective: every rank agrees on the step
         if step % t.log_every == 0 or step == stop_at or stopping:
             row = stage.summarize(window.reduce(), step, "train")
-            log.write({"step": step, "split": "train", **row, "lr": lr, "grad_norm": _grad_norm(engine)})
+            log.write({"step": step, "split": "train", **row, "lr": lr, "grad_norm": _grad_norm(engine),
+                       **fp16_columns(engine)})  # fmt: skip
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if step % t.eval_every == 0 or step == max_steps:
             valid = stage.valid_loader(geometry, info.rank, step)
@@ -114,6 +115,18 @@ def evaluate(engine, stage, loader, step: int) -> dict:
         window.add(stats, *stage.token_counts(batch))
     engine.train()
     return stage.summarize(window.reduce(), step, "valid")
+
+
+def fp16_columns(engine) -> dict:
+    """fp16 only: `skipped_steps`, the optimizer steps skipped on gradient overflow so far (cumulative, kept in
+    checkpoints), and `loss_scale`, the current dynamic loss scale. Absent under bf16 and fp32."""
+    if not engine.fp16_enabled():
+        return {}
+    opt = engine.optimizer  # ZeRO-3: DeepSpeedZeroOptimizer_Stage3.loss_scale; other fp16 wrappers: cur_scale
+    scale = getattr(opt, "loss_scale", None)
+    if scale is None:
+        scale = getattr(opt, "cur_scale", None)
+    return {"skipped_steps": int(engine.skipped_steps), "loss_scale": None if scale is None else float(scale)}
 
 
 def _grad_norm(engine) -> float | None:
