@@ -109,7 +109,7 @@ def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_c
         max_positions=m.max_positions, type_vocab=m.type_vocab, dropout=m.dropout,
         attn_dropout=m.attn_dropout, ln_eps=m.ln_eps, init_std=m.init_std, pre_ln=m.pre_ln,
         activation_checkpointing=activation_checkpointing, decoder_layers=int(m.decoder_layers),
-        decoder_init=str(m.decoder_init), copy=bool(m.copy), attention=attention,
+        decoder_init=str(m.decoder_init), copy=bool(m["copy"]), attention=attention,
     )  # fmt: skip
 
 
