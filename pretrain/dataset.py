@@ -79,6 +79,21 @@ def _cut_to_fit(x: tuple[int, int], y: tuple[int, int], max_tokens: int) -> tupl
     return (x[0], x[0] + lx), (y[0], y[0] + ly)
 
 
+class EpochOrder:
+    """The order in which epoch `e` visits n items: a permutation drawn from (seed, e) alone, cached for the
+    current epoch (consecutive sample indices are almost always in one epoch)."""
+
+    def __init__(self, seed: int, n: int):
+        self.seed, self.n = seed, n
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([_PERM_STREAM, self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return self._perm
+
+
 class StructBertDataset(torch.utils.data.Dataset):
     """Index g (any int >= 0) -> sample of epoch g // num_chunks; len() is one epoch."""
 
@@ -106,7 +121,7 @@ class StructBertDataset(torch.utils.data.Dataset):
                                self.unit_doc, self.max_tokens)
         self.chunk_doc = self.unit_doc[self.chunk_first]
         self.docs_with_units = np.flatnonzero(np.diff(self.doc_unit_offsets) > 0)
-        self._perm_epoch, self._perm = -1, None
+        self.epoch_permutation = EpochOrder(seed, self.num_chunks)
 
     # ---- indexing -------------------------------------------------------------------------------
     @property
@@ -115,12 +130,6 @@ class StructBertDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.num_chunks
-
-    def epoch_permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:  # cached: consecutive indices are almost always in one epoch
-            self._perm = np.random.default_rng([_PERM_STREAM, self.seed, epoch]).permutation(self.num_chunks)
-            self._perm_epoch = epoch
-        return self._perm
 
     def __getitem__(self, g: int) -> dict[str, np.ndarray]:
         g = int(g)

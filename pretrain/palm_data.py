@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from pretrain.dataset import _PERM_STREAM, _SAMPLE_STREAM, _pack_chunks, _units
+from pretrain.dataset import _SAMPLE_STREAM, EpochOrder, _pack_chunks, _units
 from pretrain.errors import UserError
 from pretrain.indexed import IndexedCorpus
 from pretrain.objectives import IGNORE, ObjectiveConfig, whole_word_mask
@@ -77,7 +77,7 @@ class PalmDataset(torch.utils.data.Dataset):
         self.dropped_docs = int((doc_len < 2).sum())
         if self.num_anchors == 0:
             raise UserError(f"the corpus has no document of 2 or more tokens ({self.dropped_docs} shorter ones)")
-        self._perm_epoch, self._perm = -1, None
+        self.epoch_permutation = EpochOrder(seed, self.num_anchors)
 
     # ---- indexing -------------------------------------------------------------------------------
     @property
@@ -86,12 +86,6 @@ class PalmDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.num_anchors
-
-    def epoch_permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:  # cached: consecutive indices are almost always in one epoch
-            self._perm = np.random.default_rng([_PERM_STREAM, self.seed, epoch]).permutation(self.num_anchors)
-            self._perm_epoch = epoch
-        return self._perm
 
     def _plan(self, g: int) -> tuple[np.random.Generator, int, int, int]:
         """The sample's rng and its token span: context [start, split), target [split, end)."""
