@@ -9,8 +9,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.indexed import IndexedCorpus  # noqa: E402
-from pretrain.tokenizer import Tokenizer  # noqa: E402
+from pretrain.data.indexed import IndexedCorpus  # noqa: E402
+from pretrain.data.tokenizer import Tokenizer  # noqa: E402
 
 
 def opening(corpus: IndexedCorpus, doc: int, min_tokens: int, max_tokens: int) -> tuple[int, int]:

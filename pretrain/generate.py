@@ -13,13 +13,12 @@ import os
 import sys
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from pretrain import init_from
+from pretrain.cli import parse
+from pretrain.training import checkpoint
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.model import ModelConfig
-from pretrain.tokenizer import Tokenizer
+from pretrain.models.config import ModelConfig
+from pretrain.data.tokenizer import Tokenizer
 
 DEFAULTS = {
     "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,
@@ -29,12 +28,8 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str]):
-    cfg = OmegaConf.create(DEFAULTS)
-    OmegaConf.set_struct(cfg, True)
-    try:
-        cfg.merge_with(OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as e:
-        raise UserError(f"bad argument: {str(e).splitlines()[0]} (keys: {', '.join(sorted(DEFAULTS))})") from None
+    cfg, _ = parse(argv, DEFAULTS, command="pretrain.generate", doc=__doc__,
+                   verbatim=("run.dir", "checkpoint", "prompt", "prompts_file"))  # fmt: skip
     if cfg.run.dir is None:
         raise UserError("run.dir is required (a stage-two run directory)")
     if (cfg.prompt is None) == (cfg.prompts_file is None):
@@ -42,9 +37,9 @@ def parse_args(argv: list[str]):
     return cfg
 
 
-def load_model(run_dir: str, checkpoint: str | None):
+def load_model(run_dir: str, checkpoint_dir: str | None):
     """The stage-two model of `run_dir` with the weights of its newest (or the given) checkpoint, and its tokenizer."""
-    from pretrain.palm import Palm
+    from pretrain.models.palm import Palm
 
     for name in ("model.json", "vocab.txt"):
         if not os.path.isfile(os.path.join(run_dir, name)):
@@ -53,10 +48,10 @@ def load_model(run_dir: str, checkpoint: str | None):
         saved = json.load(f)
     if saved.pop("stage") != "palm":
         raise UserError(f"run.dir={run_dir}: a stage-one run; generation needs a stage-two (stage=palm) run")
-    tag_dir = init_from.resolve(checkpoint or run_dir)
+    tag_dir = checkpoint.find(checkpoint_dir, "checkpoint") if checkpoint_dir else checkpoint.find(run_dir, "run.dir")
     with torch.device("meta"):
         model = Palm(ModelConfig(**saved))
-    state = init_from.consolidate(tag_dir)
+    state = checkpoint.consolidate(tag_dir)
     missing = sorted(set(n for n, _ in model.named_parameters()) - set(state))
     if missing:
         raise UserError(f"{tag_dir}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more) of this model")
@@ -76,7 +71,7 @@ def encoder_input(tok: Tokenizer, prompt: str, max_positions: int, where: str) -
 
 
 def main(argv: list[str]) -> None:
-    from pretrain.decoding import check_args, generate
+    from pretrain.models.decoding import check_args, generate
 
     cfg = parse_args(argv)
     try:

@@ -18,10 +18,13 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
+from pretrain import cli
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.model import ModelConfig, StructBert, count_parameters
-from pretrain.palm import Palm
-from pretrain.run_config import model_config
+from pretrain.models.config import ModelConfig
+from pretrain.models.layers import count_parameters
+from pretrain.models.structbert import StructBert
+from pretrain.models.palm import Palm
+from pretrain.training.config import model_config
 
 GiB = 2**30
 MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "model")
@@ -112,19 +115,9 @@ def _check(key: str, value, ok: bool, want: str) -> None:
 
 def parse(argv: list[str]) -> tuple[dict, ModelConfig]:
     """key=value arguments -> (settings, the ModelConfig the trainer would build). model.<field>=value overrides
-    a field of conf/model/<model>.yaml; split off first, as `model=plug` and `model.x=` cannot share a dotlist."""
-    bad = [a for a in argv if "=" not in a or a.startswith("=")]
-    if bad:
-        raise UserError(f"{bad[0]}: expected key=value (e.g. model=plug nodes=4 micro_batch=1)")
-    try:
-        given = OmegaConf.to_container(OmegaConf.from_dotlist([a for a in argv if not a.startswith("model.")]))
-        overrides = OmegaConf.to_container(OmegaConf.from_dotlist([a[6:] for a in argv if a.startswith("model.")]))
-    except Exception as e:  # OmegaConf's grammar errors: one line, not a traceback
-        raise UserError(f"unparsable arguments: {str(e).splitlines()[0]}") from None
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise UserError(f"unknown key {unknown[0]} (known: {', '.join(DEFAULTS)}, model.<field>)")
-    args = {**DEFAULTS, **given}
+    a field of conf/model/<model>.yaml (checked against that file here)."""
+    given, extra = cli.parse(argv, DEFAULTS, command="pretrain.plan", doc=__doc__, open_prefixes=("model.",))
+    args, overrides = OmegaConf.to_container(given), extra["model."]
     models = sorted(n[: -len(".yaml")] for n in os.listdir(MODEL_DIR) if n.endswith(".yaml"))
     _check("model", args["model"], args["model"] in models, f"one of {', '.join(models)} (conf/model/)")
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731  (YAML reads true as a bool)

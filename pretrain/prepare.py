@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.corpus import iter_input_files, read_documents, split_sentences
+from pretrain.cli import parse
+from pretrain.data.corpus import iter_input_files, read_documents, split_sentences
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.indexed import IndexedWriter, token_dtype
-from pretrain.tokenizer import (
+from pretrain.data.indexed import IndexedWriter, token_dtype
+from pretrain.data.tokenizer import (
     SPECIAL_TOKENS, Tokenizer, build_vocab, encode_sentences, jieba_segmenter, jieba_version, vocab_sha256,
-)
+)  # fmt: skip
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
@@ -48,30 +48,10 @@ class PrepareConfig:
     overwrite: bool = False
 
 
-# Paths are taken verbatim: from_dotlist would parse them as YAML, where 'input=*.txt' is a syntax error.
-_VERBATIM_KEYS = ("input", "out", "vocab")
-
-
-def load_config(args: list[str]) -> PrepareConfig:
-    """PrepareConfig from key=value arguments; unknown keys, bad values and missing ones are UserErrors."""
-    pairs = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise UserError(f"{arg}: expected key=value, e.g. input=corpus.txt out=data/prepared")
-        pairs.append((key, value))
-    verbatim = {k: (v or None) for k, v in pairs if k in _VERBATIM_KEYS}
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(PrepareConfig),
-                              OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs if k not in _VERBATIM_KEYS]),
-                              verbatim)
-    except OmegaConfBaseException as e:
-        where = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
-        raise UserError(where + str(e).splitlines()[0]) from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        keys = " ".join(k + "=" for k in missing)
-        raise UserError(f"missing {keys} (usage: python -m pretrain.prepare input=... out=...)")
+def load_config(args: list[str], doc: str | None = None) -> PrepareConfig:
+    """PrepareConfig from key=value arguments (paths verbatim: 'input=*.txt' is no YAML); bad ones are UserErrors.
+    With doc, -h/--help prints it and exits."""
+    cfg, _ = parse(args, PrepareConfig, command="pretrain.prepare", doc=doc, verbatim=("input", "out", "vocab"))
     return OmegaConf.to_object(cfg)
 
 
@@ -227,11 +207,8 @@ def summary(meta: dict, out: str, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__.strip())
-        return
     with exit_on_user_error("pretrain.prepare"):
-        cfg = load_config(args)
+        cfg = load_config(args, doc=__doc__)
         start = time.perf_counter()
         meta = prepare(cfg)
         print(summary(meta, cfg.out, time.perf_counter() - start))

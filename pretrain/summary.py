@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from pretrain.cli import parse
 from pretrain.errors import UserError, exit_on_user_error
 
 # Columns shown when present, in this order.
@@ -51,9 +52,10 @@ def render(s: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    dirs = [a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")]
-    if not dirs or len(dirs) != len(argv):
-        raise UserError("usage: python -m pretrain.summary run.dir=<dir> [run.dir=<dir> ...]")
+    cfg, _ = parse(argv, {"run": {"dir": []}}, command="pretrain.summary", doc=__doc__, repeated=("run.dir",))
+    dirs = list(cfg.run.dir)
+    if not dirs:
+        raise UserError("run.dir is required (python -m pretrain.summary run.dir=<dir> [run.dir=<dir> ...])")
     for d in dirs:
         print(render(summarize(d)))
 

@@ -14,10 +14,11 @@ import sys
 
 import torch
 
-from pretrain import distributed, init_from
-from pretrain.engine import build_model
-from pretrain.model import ModelConfig, StructBert
-from pretrain.palm import Palm
+from pretrain.models.config import ModelConfig
+from pretrain.models.palm import Palm
+from pretrain.models.structbert import StructBert
+from pretrain.training import checkpoint, distributed, init_from
+from pretrain.training.engine import build_model
 
 
 def main(run_dir: str, decoder_init: str, out_path: str) -> None:
@@ -32,10 +33,10 @@ def main(run_dir: str, decoder_init: str, out_path: str) -> None:
     two = dataclasses.replace(one, decoder_layers=2, decoder_init=decoder_init, dropout=0.0, attn_dropout=0.0)
     ds_config = {"train_batch_size": info.world_size, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     model = build_model(lambda: Palm(two), ds_config, seed=99)
-    tag_dir = init_from.resolve(run_dir)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Palm(two).named_parameters()}
-    init_from.load_into(model, tag_dir, init_from.check(run_dir, tag_dir, shapes, two), info.rank)
+    source = init_from.init_source(run_dir, shapes, two)
+    init_from.load_into(model, source, info.rank)
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, one.vocab_size, (2, 20), generator=g)
@@ -44,7 +45,7 @@ def main(run_dir: str, decoder_init: str, out_path: str) -> None:
     with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
         if info.rank == 0:
             reference = StructBert(dataclasses.replace(one, dropout=0.0, attn_dropout=0.0))
-            reference.load_state_dict(init_from.consolidate(tag_dir), strict=True)
+            reference.load_state_dict(checkpoint.consolidate(source.tag_dir), strict=True)
             model.eval(), reference.eval()
             h2, h1 = model.encoder(ids, types, mask), reference.encoder(ids, types, mask)
             word2, word1 = model.encoder.embeddings.word.weight, reference.encoder.embeddings.word.weight

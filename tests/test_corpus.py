@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from pretrain.corpus import iter_input_files, read_documents, split_sentences
+from pretrain.data.corpus import iter_input_files, read_documents, split_sentences
 from pretrain.errors import UserError
 
 

@@ -1,5 +1,5 @@
 """Fused kernels and their plain fallbacks agree: attention (SDPA vs the math reference), Adam (DeepSpeed's fused
-vs torch.optim.AdamW), LAMB (DeepSpeed FusedLamb vs pretrain.optim.Lamb); fp16 numerics and the fp16 metric columns."""
+vs torch.optim.AdamW), LAMB (DeepSpeed FusedLamb vs pretrain.training.optim.Lamb); fp16 numerics and the fp16 metric columns."""
 import json
 import math
 import os
@@ -10,13 +10,16 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from runs import DEEPSPEED, REPO, TINY, launch, rows
 
-from pretrain.decoding import generate
+from pretrain.models.decoding import generate
 from pretrain.errors import UserError
-from pretrain.model import IGNORE, ModelConfig, StructBert, attend
-from pretrain.optim import Lamb
-from pretrain.palm import Palm
-from pretrain.run_config import batch_geometry, deepspeed_config, model_config
-from pretrain.train import fp16_columns
+from pretrain.data.masking import IGNORE
+from pretrain.models.config import ModelConfig
+from pretrain.models.layers import attend
+from pretrain.models.structbert import StructBert
+from pretrain.training.optim import Lamb
+from pretrain.models.palm import Palm
+from pretrain.training.config import batch_geometry, deepspeed_config, model_config
+from pretrain.training.metrics import fp16_columns
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (FusedLamb/FusedAdam kernels, SDPA's GPU kernels)")
@@ -233,7 +236,7 @@ def test_optimizer_config():
     if CUDA and "optimizer" in lamb:  # FusedLamb could be built here
         assert lamb["optimizer"]["type"] == "Lamb"
     else:
-        assert "optimizer" not in lamb and lamb["client_optimizer"]["type"] == "pretrain.optim.Lamb"
+        assert "optimizer" not in lamb and lamb["client_optimizer"]["type"] == "pretrain.training.optim.Lamb"
         assert lamb["client_optimizer"]["params"]["weight_decay"] == 0.01
     with pytest.raises(UserError, match=r"^train.optimizer=sgd: must be adamw or lamb$"):
         deepspeed_config(config("train.optimizer=sgd"), geometry)
@@ -303,7 +306,7 @@ def test_lamb_trains_and_resumes_bitwise_on_cpu(prepared, tmp_path):
     common = ["train.optimizer=lamb", "train.max_steps=24", "train.save_every=8", "train.lr=0.1"]
     straight = _run(prepared, tmp_path / "straight", *common)
     info = json.load(open(tmp_path / "straight" / "run.json"))["deepspeed_config"]
-    assert "optimizer" not in info and info["client_optimizer"]["type"] == "pretrain.optim.Lamb"
+    assert "optimizer" not in info and info["client_optimizer"]["type"] == "pretrain.training.optim.Lamb"
     losses = [r["loss"] for r in straight]
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     print(f"lamb: mean loss of steps 1-4 {first:.3f}, of steps 21-24 {last:.3f}")

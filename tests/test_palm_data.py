@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.dataset import StepSampler
+from pretrain.data.sampling import StepSampler
 from pretrain.errors import UserError
-from pretrain.indexed import corpus_from_documents
-from pretrain.objectives import IGNORE, ObjectiveConfig
-from pretrain.palm_data import LengthGroupedStepSampler, PalmDataset, collate_palm
+from pretrain.data.indexed import corpus_from_documents
+from pretrain.data.masking import IGNORE, ObjectiveConfig
+from pretrain.data.palm import collate_palm, PalmDataset
+from pretrain.data.sampling import LengthGroupedStepSampler
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 RANDOM_IDS = np.arange(100, 200)

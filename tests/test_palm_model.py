@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.decoding import generate
-from pretrain.model import IGNORE, ModelConfig
-from pretrain.palm import Palm
+from pretrain.models.decoding import generate
+from pretrain.data.masking import IGNORE
+from pretrain.models.config import ModelConfig
+from pretrain.models.palm import Palm
 
 V, H = 50, 32
 LM_ONLY = {"lm": 1.0, "mlm": 0.0}

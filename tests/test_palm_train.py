@@ -101,6 +101,15 @@ def test_init_from_a_stage_two_checkpoint_is_refused(prepared, palm_run, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_resuming_a_stage_one_checkpoint_as_stage_two_is_refused(prepared, stage_one, tmp_path):
+    step6 = os.path.join(stage_one["one_rank"], "checkpoints", "step6")
+    run = tmp_path / "run"
+    proc = launch(PYTHON, PALM + [f"data.dir={prepared}", f"run.dir={run}", f"train.resume={step6}"], expect_rc=2)
+    assert proc.stderr.strip() == (f"pretrain.train: error: {step6}: a checkpoint of stage=structbert, this run has"
+                                   " stage=palm (stage two starts from stage one with init_from=, in a new run.dir)")
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("strategy", ["strategy=greedy", "strategy=sample top_k=5 top_p=0.9 temperature=0.8", "strategy=beam num_beams=3"])
 def test_generate_prints_a_continuation(palm_run, strategy):
     proc = launch(GENERATE, [f"run.dir={palm_run}", "prompt=小明住在北京，已经十年了。", "max_new_tokens=12", *strategy.split()])
@@ -139,7 +148,7 @@ def test_model_copy_flag_is_read_from_the_config():
     # `m.copy` on an OmegaConf DictConfig is its copy() method, always truthy: the key must be read as m["copy"].
     from omegaconf import OmegaConf
 
-    from pretrain.run_config import model_config
+    from pretrain.training.config import model_config
 
     toy = OmegaConf.load(os.path.join(REPO, "conf", "model", "toy.yaml"))
     assert model_config(toy, 100, 64).copy is False

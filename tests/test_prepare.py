@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from pretrain.errors import UserError
-from pretrain.indexed import IndexedCorpus
+from pretrain.data.indexed import IndexedCorpus
 from pretrain.prepare import PrepareConfig, _valid_documents, load_config, prepare
-from pretrain.tokenizer import SPECIAL_TOKENS, Tokenizer, build_vocab, encode_sentences, jieba_segmenter
+from pretrain.data.tokenizer import SPECIAL_TOKENS, build_vocab, encode_sentences, jieba_segmenter, Tokenizer
 from synthetic import write_synthetic_corpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def test_build_vocab_is_deterministic(tmp_path, zh_corpus):
     sentences = open(zh_corpus, encoding="utf-8").read().split()
     build_vocab(sentences, 300, str(tmp_path / "a.txt"))
     # A fresh interpreter with another hash seed: the order of ties must not depend on set/dict order.
-    code = (f"from pretrain.tokenizer import build_vocab; "
+    code = (f"from pretrain.data.tokenizer import build_vocab; "
             f"build_vocab(reversed({sentences!r}), 300, {str(tmp_path / 'b.txt')!r})")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, env={**os.environ, "PYTHONHASHSEED": "7"})
     a, b = (tmp_path / "a.txt").read_bytes(), (tmp_path / "b.txt").read_bytes()

@@ -1,4 +1,5 @@
-"""StructBERT's token-level objectives as pure numpy functions of (sequence, config, rng).
+"""The token-level corruptions of the pre-training objectives, as pure numpy functions of (sequence, config, rng).
+Their losses: models/layers.py (the heads and masked_ce); their weights: stage.loss_weights.
 
 MLM   Chinese whole-word masking: whole jieba words are chosen until 15% of the non-special tokens are
       predicted; per chosen word one draw decides 80% [MASK] / 10% random ids / 10% unchanged.
@@ -18,21 +19,20 @@ IGNORE = -100  # label value the losses skip (torch's CrossEntropyLoss default i
 
 
 @dataclass(frozen=True)
-class ObjectiveConfig:
+class MaskingConfig:
+    """Masked LM alone: stage two's `stage.objectives`."""
+
     mask_rate: float = 0.15  # share of non-special tokens the MLM predicts
     mask_token_prob: float = 0.8  # per chosen word: replace by [MASK]
     random_token_prob: float = 0.1  # per chosen word: replace each token by a random id (else unchanged)
     whole_word: bool = True  # False: every token is its own "word" (plain BERT masking)
-    wso_rate: float = 0.05  # share of the candidate (unpredicted) k-grams that are shuffled; 0 disables WSO
-    wso_k: int = 3  # length of the shuffled n-grams (trigrams in the paper)
-    sso: bool = True  # sentence structural objective (3-way next / previous / random segment)
 
-    def validate(self, where: str = "stage.objectives") -> "ObjectiveConfig":
+    def _bad(self, name: str, why: str):
+        raise UserError(f"stage.objectives.{name}={getattr(self, name)!r}: {why}")
+
+    def validate(self) -> "MaskingConfig":
         """Raise UserError naming the first bad field; return self so it can be chained."""
-
-        def bad(name: str, why: str):
-            raise UserError(f"{where}.{name}={getattr(self, name)!r}: {why}")
-
+        bad = self._bad
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in ("bool", bool) and not isinstance(value, bool):
@@ -43,16 +43,29 @@ class ObjectiveConfig:
                 bad(f.name, "must be a number")
         if not 0 < self.mask_rate < 1:
             bad("mask_rate", "must be in (0, 1)")
-        if not 0 <= self.wso_rate < 1:
-            bad("wso_rate", "must be in [0, 1) (0 disables the word structural objective)")
         for name in ("mask_token_prob", "random_token_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(name, "must be in [0, 1]")
         if self.mask_token_prob + self.random_token_prob > 1 + 1e-9:
             bad("random_token_prob", f"mask_token_prob + random_token_prob = "
                 f"{self.mask_token_prob + self.random_token_prob:g}: must be <= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(MaskingConfig):
+    """Masked LM and the structural objectives: stage one's `stage.objectives`."""
+
+    wso_rate: float = 0.05  # share of the candidate (unpredicted) k-grams that are shuffled; 0 disables WSO
+    wso_k: int = 3  # length of the shuffled n-grams (trigrams in the paper)
+    sso: bool = True  # sentence structural objective (3-way next / previous / random segment)
+
+    def validate(self) -> "ObjectiveConfig":
+        super().validate()
+        if not 0 <= self.wso_rate < 1:
+            self._bad("wso_rate", "must be in [0, 1) (0 disables the word structural objective)")
         if self.wso_k < 2:
-            bad("wso_k", "must be >= 2 (a shuffle needs at least two tokens)")
+            self._bad("wso_k", "must be >= 2 (a shuffle needs at least two tokens)")
         return self
 
 
@@ -84,7 +97,7 @@ def choose_words(word_len: np.ndarray, target: int, rng: np.random.Generator) ->
     return chosen
 
 
-def whole_word_mask(ids: np.ndarray, word_start: np.ndarray, special: np.ndarray, cfg: ObjectiveConfig,
+def whole_word_mask(ids: np.ndarray, word_start: np.ndarray, special: np.ndarray, cfg: MaskingConfig,
                     rng: np.random.Generator, mask_id: int, random_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MLM corruption. Returns (input_ids, mlm_labels): labels hold the original id at predicted positions
     and IGNORE elsewhere; specials are never predicted."""

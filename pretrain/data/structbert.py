@@ -1,55 +1,23 @@
-"""The StructBERT training dataset: chunks of whole sentences, turned into `[CLS] A [SEP] B [SEP]` samples.
+"""Stage one's samples: chunks of whole sentences, turned into `[CLS] A [SEP] B [SEP]` with the
+whole-word MLM and word-structure corruption (masking.py) and the sentence-structure label (here).
 
-Every sample is a pure function of (seed, global sample index): the index picks the epoch and the
-position in that epoch's chunk permutation, and the sample's rng is seeded from (seed, epoch, chunk).
-So batches do not depend on the number of DataLoader workers, the world size or where a run resumed;
-`StepSampler` turns (step, accumulation, rank) into global indices.
+Every sample is a pure function of (seed, global sample index) (see spans.py); `sampling.StepSampler` turns
+(step, accumulation, rank) into global indices.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 import torch
 
+from pretrain.data.indexed import IndexedCorpus
+from pretrain.data.masking import IGNORE, ObjectiveConfig, shuffle_trigrams, whole_word_mask
+from pretrain.data.sampling import pad_side
+from pretrain.data.spans import EpochOrder, check_sample_source, pack_chunks, sample_rng, units
 from pretrain.errors import UserError
-from pretrain.indexed import IndexedCorpus
-from pretrain.objectives import IGNORE, ObjectiveConfig, shuffle_trigrams, whole_word_mask
 
 SSO_RANDOM, SSO_NEXT, SSO_PREVIOUS = 0, 1, 2  # B from another document / B follows A / B precedes A
-_PERM_STREAM, _SAMPLE_STREAM = 1, 2  # seed-sequence tags: numpy treats [s, e] and [s, e, 0] as the same seed
-
-
-def _units(corpus: IndexedCorpus, max_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut every sentence longer than max_tokens into max_tokens pieces. Returns unit start/end token
-    offsets and, per document, the offset of its first unit ([num_docs + 1])."""
-    sent_start = np.asarray(corpus.sent_offsets[:-1], dtype=np.int64)
-    sent_len = np.diff(np.asarray(corpus.sent_offsets, dtype=np.int64))
-    pieces = -(-sent_len // max_tokens)  # ceil
-    first_piece = np.cumsum(pieces) - pieces
-    piece_in_sent = np.arange(int(pieces.sum())) - np.repeat(first_piece, pieces)
-    start = np.repeat(sent_start, pieces) + piece_in_sent * max_tokens
-    end = np.minimum(start + max_tokens, np.repeat(sent_start + sent_len, pieces))
-    sent_unit_offsets = np.concatenate([[0], np.cumsum(pieces)])
-    doc_unit_offsets = sent_unit_offsets[np.asarray(corpus.doc_offsets, dtype=np.int64)]
-    return start, end, doc_unit_offsets
-
-
-def _pack_chunks(unit_start, unit_end, unit_doc, doc_unit_offsets, max_tokens) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy per-document packing: a chunk takes whole units while their total stays <= max_tokens.
-    Returns chunk first unit and end unit (exclusive)."""
-    # units are contiguous in the token stream, so "fits" is a search over unit ends
-    fit_end = np.searchsorted(unit_end, unit_start + max_tokens, side="right")
-    next_unit = np.minimum(fit_end, doc_unit_offsets[unit_doc + 1]).tolist()
-    first = []
-    u, n = 0, len(unit_start)
-    while u < n:  # a loop over chunks, not units
-        first.append(u)
-        u = next_unit[u]
-    first = np.asarray(first, dtype=np.int64)
-    end = np.append(first[1:], n).astype(np.int64)
-    return first, end
 
 
 def _rebalance_last_chunks(first, end, unit_start, unit_end, unit_doc, max_tokens) -> None:
@@ -79,21 +47,6 @@ def _cut_to_fit(x: tuple[int, int], y: tuple[int, int], max_tokens: int) -> tupl
     return (x[0], x[0] + lx), (y[0], y[0] + ly)
 
 
-class EpochOrder:
-    """The order in which epoch `e` visits n items: a permutation drawn from (seed, e) alone, cached for the
-    current epoch (consecutive sample indices are almost always in one epoch)."""
-
-    def __init__(self, seed: int, n: int):
-        self.seed, self.n = seed, n
-        self._epoch, self._perm = -1, None
-
-    def __call__(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([_PERM_STREAM, self.seed, epoch]).permutation(self.n)
-            self._epoch = epoch
-        return self._perm
-
-
 class StructBertDataset(torch.utils.data.Dataset):
     """Index g (any int >= 0) -> sample of epoch g // num_chunks; len() is one epoch."""
 
@@ -102,20 +55,14 @@ class StructBertDataset(torch.utils.data.Dataset):
         cfg.validate()
         if seq_len < 5:
             raise UserError(f"seq_len={seq_len}: must be >= 5 ([CLS] A [SEP] B [SEP] with a token in each)")
-        if seed < 0:
-            raise UserError(f"seed={seed}: must be >= 0")
-        if corpus.num_tokens == 0:
-            raise UserError("the corpus has no tokens")
-        self.random_ids = np.asarray(random_ids, dtype=np.int64)
-        if self.random_ids.ndim != 1 or len(self.random_ids) == 0:
-            raise UserError("random_ids: need a non-empty 1-d array of token ids for MLM random replacement")
+        self.random_ids = check_sample_source(corpus, seed, random_ids)
         self.corpus, self.seq_len, self.seed, self.cfg = corpus, seq_len, seed, cfg
         self.cls_id, self.sep_id, self.mask_id, self.pad_id = cls_id, sep_id, mask_id, pad_id
         self.max_tokens = seq_len - 3
 
-        self.unit_start, self.unit_end, self.doc_unit_offsets = _units(corpus, self.max_tokens)
+        self.unit_start, self.unit_end, self.doc_unit_offsets = units(corpus, self.max_tokens)
         self.unit_doc = np.repeat(np.arange(corpus.num_docs), np.diff(self.doc_unit_offsets))
-        self.chunk_first, self.chunk_end = _pack_chunks(
+        self.chunk_first, self.chunk_end = pack_chunks(
             self.unit_start, self.unit_end, self.unit_doc, self.doc_unit_offsets, self.max_tokens)
         _rebalance_last_chunks(self.chunk_first, self.chunk_end, self.unit_start, self.unit_end,
                                self.unit_doc, self.max_tokens)
@@ -132,13 +79,8 @@ class StructBertDataset(torch.utils.data.Dataset):
         return self.num_chunks
 
     def __getitem__(self, g: int) -> dict[str, np.ndarray]:
-        g = int(g)
-        if g < 0:
-            raise IndexError(f"sample index {g}: must be >= 0")
-        epoch, position = divmod(g, self.num_chunks)
-        chunk = int(self.epoch_permutation(epoch)[position])
-        rng = np.random.default_rng([_SAMPLE_STREAM, self.seed, epoch, chunk])
-        return self.build_sample(chunk, rng)
+        epoch, chunk = self.epoch_permutation.locate(int(g))
+        return self.build_sample(chunk, sample_rng(self.seed, epoch, chunk))
 
     # ---- sample construction --------------------------------------------------------------------
     def _span(self, first_unit: int, end_unit: int) -> tuple[int, int]:
@@ -255,66 +197,8 @@ class StructBertDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict[str, np.ndarray]], pad_id: int, max_len: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad to the longest sample rounded up to a multiple of 8 (tensor-core friendly), capped at max_len."""
-    longest = max(len(s["input_ids"]) for s in samples)
-    width = -(-longest // 8) * 8
-    if max_len is not None:
-        width = max(longest, min(width, max_len))
-
-    def pad(key: str, value: int) -> torch.Tensor:
-        out = np.full((len(samples), width), value, dtype=np.int64)
-        for i, s in enumerate(samples):
-            out[i, : len(s[key])] = s[key]
-        return torch.from_numpy(out)
-
-    lengths = torch.tensor([len(s["input_ids"]) for s in samples])
-    return {
-        "input_ids": pad("input_ids", pad_id),
-        "token_type_ids": pad("token_type_ids", 0),
-        "attention_mask": torch.arange(width)[None, :] < lengths[:, None],
-        "mlm_labels": pad("mlm_labels", IGNORE),
-        "wso_labels": pad("wso_labels", IGNORE),
-        "sso_labels": torch.tensor([int(s["sso_label"]) for s in samples], dtype=torch.int64),
-    }
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """Batch sampler: for step t and accumulation a, rank r gets global indices
-    t*GB + a*(micro_batch*world_size) + r*micro_batch + j, j < micro_batch, GB = micro*accum*world.
-    A step covers range(t*GB, (t+1)*GB) whatever the world size; resuming = start_step. Steps run from
-    start_step up to max_steps (exclusive; an absolute step number), forever when max_steps is None."""
-
-    def __init__(self, *, micro_batch: int, grad_accum: int, world_size: int, rank: int,
-                 start_step: int = 0, max_steps: int | None = None):
-        for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum), ("world_size", world_size)):
-            if value < 1:
-                raise UserError(f"{name}={value}: must be >= 1")
-        if not 0 <= rank < world_size:
-            raise UserError(f"rank={rank}: must be in [0, world_size={world_size})")
-        if start_step < 0:
-            raise UserError(f"start_step={start_step}: must be >= 0")
-        self.micro_batch, self.grad_accum, self.world_size, self.rank = micro_batch, grad_accum, world_size, rank
-        self.start_step, self.max_steps = start_step, max_steps
-        self.global_batch = micro_batch * grad_accum * world_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        t = self.start_step
-        while self.max_steps is None or t < self.max_steps:
-            for a in range(self.grad_accum):
-                base = t * self.global_batch + (a * self.world_size + self.rank) * self.micro_batch
-                yield list(range(base, base + self.micro_batch))
-            t += 1
-
-    def __len__(self) -> int:
-        if self.max_steps is None:
-            raise TypeError("StepSampler without max_steps is infinite")
-        return max(0, self.max_steps - self.start_step) * self.grad_accum
-
-
-def eval_batches(num_samples: int, micro_batch: int, world_size: int, rank: int) -> list[list[int]]:
-    """Validation micro batches for `rank`: positions r, r+W, ... of epoch 0 (global index = position).
-    num_samples is rounded down to a multiple of world_size so every rank runs the same number of
-    batches (collective forwards, e.g. ZeRO-3, must not wait for a rank that has finished)."""
-    per_rank = num_samples // world_size
-    mine = list(range(rank, per_rank * world_size, world_size))
-    return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+    """Pad to the longest sample rounded up to a multiple of 8, capped at max_len (sampling.pad_side)."""
+    keys = {"input_ids": pad_id, "token_type_ids": 0, "mlm_labels": IGNORE, "wso_labels": IGNORE}
+    padded, attention_mask = pad_side(samples, keys, max_len)
+    return {**padded, "attention_mask": attention_mask,
+            "sso_labels": torch.tensor([int(s["sso_label"]) for s in samples], dtype=torch.int64)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.palm import DecoderCache, Palm
+from pretrain.models.palm import DecoderCache, Palm
 
 STRATEGIES = ("greedy", "sample", "beam")
 

@@ -1,44 +1,18 @@
-"""The StructBERT encoder (BERT shapes, pre-LN or post-LN) and its pre-training heads.
+"""The pieces both stages' models are built of: attention, the BERT encoder (pre-LN or post-LN), the
+pre-training heads, BERT initialisation under ZeRO-3, and the loss every objective uses (masked_ce).
 
 The encoder is kept free of heads so that stage two (PALM) can reuse it as is: the same module and
 parameter names, so initialising stage two from stage one is a plain mapping of names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    hidden: int
-    layers: int
-    heads: int
-    ffn: int
-    max_positions: int = 512
-    type_vocab: int = 3
-    dropout: float = 0.1
-    attn_dropout: float = 0.1
-    ln_eps: float = 1e-12
-    init_std: float = 0.02
-    pre_ln: bool = True
-    sso_classes: int = 3
-    activation_checkpointing: bool = False  # recompute each layer in backward: memory for compute
-    decoder_layers: int = 0  # stage two (PALM) only
-    decoder_init: str = "random"  # random | encoder_top (copy the top encoder layers' self-attention and FFN)
-    copy: bool = False  # PALM's pointer-generator over the source tokens (PLUG does not use it)
-    attention: str = "sdpa"  # sdpa (fused kernels on GPU) | math (the plain reference, see `attend`)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
 
 
 class Embeddings(nn.Module):
@@ -56,9 +30,6 @@ class Embeddings(nn.Module):
         positions = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
         x = self.word(input_ids) + self.position(positions)[None] + self.token_type(token_type_ids)
         return self.drop(self.norm(x))
-
-
-ATTENTION_IMPLS = ("sdpa", "math")
 
 
 def attend(
@@ -219,35 +190,6 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor):
     loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
     correct = (logits.argmax(-1) == labels).sum()
     return loss_sum / n, loss_sum.detach(), correct.detach().float(), n
-
-
-class StructBert(nn.Module):
-    """Encoder + MLM head (shared by the word-structure objective) + sentence-structure head."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.mlm_head = MLMHead(cfg)
-        self.sentence_head = SentenceHead(cfg)
-        init_weights(self, cfg.init_std)
-
-    def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
-        h = self.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-        # The vocabulary projection is the costliest matmul: run it only where a token is predicted.
-        mlm_at, wso_at = batch["mlm_labels"] != IGNORE, batch["wso_labels"] != IGNORE
-        logits = self.mlm_head(h[mlm_at | wso_at], self.encoder.embeddings.word.weight)
-        is_mlm = mlm_at[mlm_at | wso_at]
-        mlm = masked_ce(logits[is_mlm], batch["mlm_labels"][mlm_at])
-        wso = masked_ce(logits[~is_mlm], batch["wso_labels"][wso_at])
-        sso_labels = batch["sso_labels"]
-        sso_logits = self.sentence_head(h)
-        sso = masked_ce(sso_logits[sso_labels != IGNORE], sso_labels[sso_labels != IGNORE])
-        loss = weights["mlm"] * mlm[0] + weights["wso"] * wso[0] + weights["sso"] * sso[0]
-        stats = {}
-        for name, (_, loss_sum, correct, n) in (("mlm", mlm), ("wso", wso), ("sso", sso)):
-            stats[name] = (float(loss_sum), float(correct), n)
-        return loss, stats
 
 
 def count_parameters(model: nn.Module) -> int:

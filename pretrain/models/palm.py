@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.model import (
-    IGNORE, Embeddings, Encoder, FeedForward, MLMHead, ModelConfig, SelfAttention, attend, init_weights,
-    masked_ce, padding_mask,
+from pretrain.data.masking import IGNORE
+from pretrain.models.config import ModelConfig
+from pretrain.models.layers import (
+    Embeddings, Encoder, FeedForward, MLMHead, SelfAttention, attend, init_weights, masked_ce, padding_mask,
 )  # fmt: skip
 
 

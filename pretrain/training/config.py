@@ -1,4 +1,5 @@
-"""Turns the Hydra config into checked settings: batch geometry, model shapes, the DeepSpeed config.
+"""Turns the Hydra config into checked settings: the trainer's run settings, batch geometry, model shapes,
+the DeepSpeed config.
 
 Everything here runs before any rank writes a file, so bad settings fail with one line and nothing on disk.
 """
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain.errors import UserError
-from pretrain.model import ATTENTION_IMPLS, ModelConfig
-from pretrain.optim import OPTIMIZERS, fused_lamb_status
-from pretrain.tokenizer import vocab_sha256
+from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
+from pretrain.training.optim import OPTIMIZERS, fused_lamb_status
+from pretrain.data.tokenizer import vocab_sha256
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,37 @@ def batch_geometry(train: DictConfig, world: int) -> BatchGeometry:
     return BatchGeometry(micro, glob // (micro * world), world)
 
 
-def check_train(cfg: DictConfig) -> None:
+@dataclass(frozen=True)
+class WandbSettings:
+    mode: str  # offline | online | disabled
+    project: str
+    name: str | None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The trainer's own settings (the stage reads its data and model settings itself), read and checked once."""
+
+    run_dir: str
+    data_dir: str
+    seed: int
+    max_steps: int
+    stop_at: int  # train.exit_at_step, else max_steps
+    log_every: int
+    eval_every: int
+    save_every: int
+    keep_last: int
+    resume: str
+    stop_file: str
+    weight_decay: float
+    timeout_s: float
+    progress: bool
+    wandb: WandbSettings
+    hardware: str  # the deepspeed group's option
+    precision: str
+
+
+def run_settings(cfg: DictConfig) -> RunSettings:
     for group in ("run", "data"):
         if OmegaConf.is_missing(cfg[group], "dir"):
             raise UserError(f"{group}.dir is required (add {group}.dir=<dir>)")
@@ -55,10 +86,20 @@ def check_train(cfg: DictConfig) -> None:
         raise UserError(f"train.warmup_fraction={t.warmup_fraction}: must be in [0, 1)")
     if float(t.lr) <= 0:
         raise UserError(f"train.lr={t.lr}: must be > 0")
-    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
-        raise UserError(f"logger.wandb.mode={cfg.logger.wandb.mode}: must be offline, online or disabled")
+    w = cfg.logger.wandb
+    if w.mode not in ("offline", "online", "disabled"):
+        raise UserError(f"logger.wandb.mode={w.mode}: must be offline, online or disabled")
     if str(t.resume) not in ("auto", "never") and not os.path.isdir(str(t.resume)):
         raise UserError(f"train.resume={t.resume}: not auto, never, or an existing checkpoint directory")
+    ds = cfg.deepspeed  # its precision is checked by deepspeed_config
+    return RunSettings(
+        run_dir=str(cfg.run.dir), data_dir=str(cfg.data.dir), seed=int(cfg.seed), max_steps=int(t.max_steps),
+        stop_at=int(t.exit_at_step) if t.exit_at_step is not None else int(t.max_steps),
+        log_every=int(t.log_every), eval_every=int(t.eval_every), save_every=int(t.save_every),
+        keep_last=int(t.keep_last), resume=str(t.resume), stop_file=str(t.stop_file),
+        weight_decay=float(t.weight_decay), timeout_s=float(cfg.dist.timeout_s), progress=bool(cfg.logger.progress),
+        wandb=WandbSettings(str(w.mode), str(w.project), w.name), hardware=str(ds.name), precision=str(ds.precision),
+    )  # fmt: skip
 
 
 def load_data_meta(data_dir: str) -> dict:
@@ -86,13 +127,17 @@ def load_data_meta(data_dir: str) -> dict:
 
 def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_checkpointing: bool = False,
                  seq_len_key: str = "data.seq_len") -> ModelConfig:
+    mult = int(m.pad_vocab_multiple)
+    if mult < 1:
+        raise UserError(f"model.pad_vocab_multiple={mult}: must be >= 1")
     if m.vocab_size is None:
-        mult = int(m.pad_vocab_multiple)
         vocab = -(-data_vocab_size // mult) * mult
     else:
         vocab = int(m.vocab_size)
         if vocab < data_vocab_size:
             raise UserError(f"model.vocab_size={vocab} is smaller than the prepared vocab ({data_vocab_size} tokens)")
+        if vocab % mult:
+            raise UserError(f"model.vocab_size={vocab} is not a multiple of model.pad_vocab_multiple={mult}")
     if m.hidden % m.heads:
         raise UserError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
     if seq_len > m.max_positions:
@@ -101,7 +146,7 @@ def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_c
         raise UserError(f"{seq_len_key}={seq_len}: must be >= 8")
     if m.decoder_init not in ("random", "encoder_top"):
         raise UserError(f"model.decoder_init={m.decoder_init}: must be random or encoder_top")
-    attention = str(m.get("attention", "sdpa"))
+    attention = str(m.attention)
     if attention not in ATTENTION_IMPLS:
         raise UserError(f"model.attention={attention}: must be {' or '.join(ATTENTION_IMPLS)}")
     return ModelConfig(
@@ -118,8 +163,8 @@ def optimizer_config(t: DictConfig, ds: DictConfig) -> dict:
 
     adamw: DeepSpeed's AdamW, fused unless `deepspeed.torch_adam`. lamb: DeepSpeed's "Lamb" (FusedLamb) where the
     accelerator can build it; otherwise no "optimizer" block but a "client_optimizer" entry, which
-    engine.initialize removes and builds (pretrain.optim.Lamb, the same arithmetic) as a client optimizer."""
-    name = str(t.get("optimizer", "adamw"))
+    engine.initialize removes and builds (pretrain.training.optim.Lamb, the same arithmetic) as a client optimizer."""
+    name = str(t.optimizer)
     if name not in OPTIMIZERS:
         raise UserError(f"train.optimizer={name}: must be {' or '.join(OPTIMIZERS)}")
     hyper = {"lr": float(t.lr), "betas": list(t.betas), "eps": float(t.eps), "weight_decay": float(t.weight_decay)}
@@ -136,7 +181,7 @@ def optimizer_config(t: DictConfig, ds: DictConfig) -> dict:
     if fused:
         out["optimizer"] = {"type": "Lamb", "params": hyper}
     else:
-        out["client_optimizer"] = {"type": "pretrain.optim.Lamb", "params": hyper, "why": how}
+        out["client_optimizer"] = {"type": "pretrain.training.optim.Lamb", "params": hyper, "why": how}
     return out
 
 
@@ -167,6 +212,9 @@ def deepspeed_config(cfg: DictConfig, geometry: BatchGeometry) -> dict:
     if ds.precision == "bf16":
         out["bf16"] = {"enabled": True}
     elif ds.precision == "fp16":
+        if "fp16" not in ds:
+            raise UserError(f"deepspeed.precision=fp16: deepspeed={ds.name} has no fp16 loss-scaling settings"
+                            " (fp16 is for GPUs: deepspeed=zero3_v100)")  # fmt: skip
         f = ds.fp16
         out["fp16"] = {
             "enabled": True,

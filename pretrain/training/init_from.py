@@ -8,43 +8,30 @@ parameter shapes, before any rank starts or writes, so a bad path costs one line
 """
 from __future__ import annotations
 
-import contextlib
-import glob
-import io
-import os
 import re
+from dataclasses import dataclass
 
 import torch
 
 from pretrain.errors import UserError
-from pretrain.model import ModelConfig
+from pretrain.models.config import ModelConfig
+from pretrain.training import checkpoint
 
 _DECODER_FROM_ENCODER = {"self_attn.": "attn.", "self_attn_norm.": "attn_norm.", "ffn.": "ffn.", "ffn_norm.": "ffn_norm."}
 
 
-def resolve(path: str) -> str:
-    """The checkpoint directory `init_from` names: a run directory (its newest checkpoint) or a checkpoint."""
-    if not os.path.isdir(path):
-        raise UserError(f"init_from={path}: no such directory")
-    latest = os.path.join(path, "checkpoints", "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            path = os.path.join(path, "checkpoints", f.read().strip())
-    if not glob.glob(os.path.join(path, "*mp_rank_00_model_states.pt")):
-        raise UserError(f"init_from={path}: neither a run directory with checkpoints/latest nor a DeepSpeed checkpoint")
-    return path
+@dataclass(frozen=True)
+class InitSource:
+    """Where stage two's weights come from: a stage-one checkpoint, and which of its parameters each of ours takes."""
+
+    tag_dir: str
+    mapping: dict[str, str]  # our parameter -> the checkpoint's (missing: keeps its fresh init)
 
 
-def recorded_shapes(tag_dir: str) -> dict[str, tuple[int, ...]]:
-    """Every parameter's full (unpartitioned) shape, as DeepSpeed records it beside rank 0's partition."""
-    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    shapes = {}
-    for group in state.get("param_shapes") or []:
-        shapes.update({name: tuple(shape) for name, shape in group.items()})
-    if not shapes:
-        raise UserError(f"init_from={tag_dir}: the checkpoint records no parameter shapes (not a ZeRO-3 checkpoint?)")
-    return shapes
+def init_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> InitSource:
+    """The checkpoint `init_from` names (a run directory or a checkpoint), checked against our shapes."""
+    tag_dir = checkpoint.find(init_from, "init_from")
+    return InitSource(tag_dir, check(init_from, tag_dir, target_shapes, cfg))
 
 
 def source_names(target_names: list[str], cfg: ModelConfig) -> dict[str, str]:
@@ -64,7 +51,7 @@ def source_names(target_names: list[str], cfg: ModelConfig) -> dict[str, str]:
 
 def check(init_from: str, tag_dir: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> dict[str, str]:
     """The mapping, once the checkpoint is known to be a stage-one model of this model's dimensions."""
-    have = recorded_shapes(tag_dir)
+    have = checkpoint.recorded_shapes(tag_dir, "init_from")
     where = f"init_from={init_from}"
     if any(n.startswith("decoder.") for n in have):
         raise UserError(f"{where}: a stage-two (palm) checkpoint; stage two starts from a stage-one (structbert) one")
@@ -97,24 +84,15 @@ def _likely_cause(name: str, theirs: tuple, ours: tuple, cfg: ModelConfig) -> st
     return "model.ffn or model.heads differ"
 
 
-def consolidate(tag_dir: str) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a ZeRO checkpoint, whatever number of ranks wrote it (DeepSpeed's own tool)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its per-shard progress report
-        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
-
-
-def load_into(model: torch.nn.Module, tag_dir: str, mapping: dict[str, str], rank: int) -> None:
+def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
     """Copy the mapped stage-one weights into the ZeRO-3-partitioned model: only rank 0 holds the
     consolidated checkpoint; one parameter at a time is gathered, set on rank 0 and re-partitioned."""
     import deepspeed
 
-    source = consolidate(tag_dir) if rank == 0 else None
+    weights = checkpoint.consolidate(source.tag_dir) if rank == 0 else None
     for name, param in model.named_parameters():  # the same order on every rank: gathering is collective
-        if name not in mapping:
+        if name not in source.mapping:
             continue
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:
-                param.data.copy_(source[mapping[name]].to(param.dtype).view_as(param.data))
+                param.data.copy_(weights[source.mapping[name]].to(param.dtype).view_as(param.data))

@@ -1,13 +1,15 @@
-"""Metrics: per-objective sums gathered over a window of steps and all ranks, written by rank 0
-to `metrics.jsonl` (one JSON object per row) and, unless disabled, to wandb."""
+"""Metrics: per-objective sums gathered over a window of steps and all ranks, made into a row (here, and only
+here), written by rank 0 to `metrics.jsonl` (one JSON object per row) and, unless disabled, to wandb."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
 
-from pretrain.distributed import all_reduce_sum
+from pretrain.training.config import WandbSettings
+from pretrain.training.distributed import all_reduce_sum
 
 
 class Window:
@@ -56,10 +58,45 @@ class Window:
         return out
 
 
+def metrics_row(step: int, split: str, reduced: dict, weights: dict[str, float], phase: dict,
+                engine_columns: dict | None = None) -> dict:
+    """One row of metrics.jsonl: the weighted loss and each objective's loss and accuracy (over `weights`, the
+    stage's objectives), the stage's phase columns, on valid rows a language model's perplexity, throughput and,
+    on train rows, the engine's columns (engine_columns)."""
+    row = {"step": step, "split": split, "loss": sum(w * (reduced[f"{k}_loss"] or 0.0) for k, w in weights.items())}
+    for k in weights:
+        row[f"{k}_loss"], row[f"{k}_acc"] = reduced[f"{k}_loss"], reduced[f"{k}_acc"]
+    row.update(phase)
+    if split == "valid" and "lm" in weights and reduced["lm_loss"] is not None:
+        row["lm_ppl"] = math.exp(min(reduced["lm_loss"], 50.0))
+    row.update(tokens_per_s=reduced["tokens_per_s"], padding=reduced["padding"])
+    if reduced["step_time_s"] is not None:
+        row["step_time_s"] = reduced["step_time_s"]
+    return {**row, **(engine_columns or {})}
+
+
+def engine_columns(engine, lr: float) -> dict:
+    """A train row's optimizer columns: the rate the step applied, the gradient norm, and fp16_columns."""
+    norm = engine.get_global_grad_norm()
+    return {"lr": lr, "grad_norm": None if norm is None else float(norm), **fp16_columns(engine)}
+
+
+def fp16_columns(engine) -> dict:
+    """fp16 only: `skipped_steps`, the optimizer steps skipped on gradient overflow so far (cumulative, kept in
+    checkpoints), and `loss_scale`, the current dynamic loss scale. Absent under bf16 and fp32."""
+    if not engine.fp16_enabled():
+        return {}
+    opt = engine.optimizer  # ZeRO-3: DeepSpeedZeroOptimizer_Stage3.loss_scale; other fp16 wrappers: cur_scale
+    scale = getattr(opt, "loss_scale", None)
+    if scale is None:
+        scale = getattr(opt, "cur_scale", None)
+    return {"skipped_steps": int(engine.skipped_steps), "loss_scale": None if scale is None else float(scale)}
+
+
 class MetricsLog:
     """Rank 0 appends rows to metrics.jsonl; a resumed run first drops rows past its checkpoint."""
 
-    def __init__(self, run_dir: str, rank: int, wandb_cfg, config: dict, resumed_step: int):
+    def __init__(self, run_dir: str, rank: int, wandb_cfg: WandbSettings, config: dict, resumed_step: int):
         self.rank = rank
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb = None
@@ -94,7 +131,7 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def _start_wandb(run_dir: str, wandb_cfg, config: dict):
+def _start_wandb(run_dir: str, wandb_cfg: WandbSettings, config: dict):
     import wandb
 
     # One wandb run per run.dir, continued across resumes; offline mode never touches the network.

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from pretrain.distributed import all_reduce_sum
+from pretrain.training.distributed import all_reduce_sum
 
 
 class StopRequest:

@@ -1,0 +1,1 @@
+"""The models: shared layers and losses, stage one's StructBERT, stage two's PALM, and decoding."""

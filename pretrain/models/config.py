@@ -1,0 +1,32 @@
+"""The model's shapes and switches, shared by both stages (stage two adds the decoder fields)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTENTION_IMPLS = ("sdpa", "math")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    max_positions: int = 512
+    type_vocab: int = 3
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    ln_eps: float = 1e-12
+    init_std: float = 0.02
+    pre_ln: bool = True
+    sso_classes: int = 3
+    activation_checkpointing: bool = False  # recompute each layer in backward: memory for compute
+    decoder_layers: int = 0  # stage two (PALM) only
+    decoder_init: str = "random"  # random | encoder_top (copy the top encoder layers' self-attention and FFN)
+    copy: bool = False  # PALM's pointer-generator over the source tokens (PLUG does not use it)
+    attention: str = "sdpa"  # sdpa (fused kernels on GPU) | math (the plain reference, see `attend`)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads

@@ -1,0 +1,39 @@
+"""Stage one's model: the encoder, the MLM head (shared by the word-structure objective) and the
+sentence-structure head, with their three losses."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.data.masking import IGNORE
+from pretrain.models.config import ModelConfig
+from pretrain.models.layers import Encoder, MLMHead, SentenceHead, init_weights, masked_ce
+
+
+class StructBert(nn.Module):
+    """Encoder + MLM head (shared by the word-structure objective) + sentence-structure head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.mlm_head = MLMHead(cfg)
+        self.sentence_head = SentenceHead(cfg)
+        init_weights(self, cfg.init_std)
+
+    def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
+        h = self.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        # The vocabulary projection is the costliest matmul: run it only where a token is predicted.
+        mlm_at, wso_at = batch["mlm_labels"] != IGNORE, batch["wso_labels"] != IGNORE
+        logits = self.mlm_head(h[mlm_at | wso_at], self.encoder.embeddings.word.weight)
+        is_mlm = mlm_at[mlm_at | wso_at]
+        mlm = masked_ce(logits[is_mlm], batch["mlm_labels"][mlm_at])
+        wso = masked_ce(logits[~is_mlm], batch["wso_labels"][wso_at])
+        sso_labels = batch["sso_labels"]
+        sso_logits = self.sentence_head(h)
+        sso = masked_ce(sso_logits[sso_labels != IGNORE], sso_labels[sso_labels != IGNORE])
+        loss = weights["mlm"] * mlm[0] + weights["wso"] * wso[0] + weights["sso"] * sso[0]
+        stats = {}
+        for name, (_, loss_sum, correct, n) in (("mlm", mlm), ("wso", wso), ("sso", sso)):
+            stats[name] = (float(loss_sum), float(correct), n)
+        return loss, stats

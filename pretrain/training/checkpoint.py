@@ -1,0 +1,181 @@
+"""The checkpoint format, in one place: how a run saves, finds, resumes and hands on its weights.
+
+A checkpoint is a DeepSpeed tag directory `run.dir/checkpoints/step<N>/` (partitioned model and optimizer
+states, LR scheduler, and our client state: step, stage, global batch) plus one `rng_rank<R>.pt` per rank.
+`checkpoints/latest` names the newest complete one. It is written here, not by DeepSpeed: DeepSpeed's rank 0
+writes it as soon as its own part is on disk, before the other ranks are done, so a rank dying mid-save could
+leave `latest` naming a checkpoint that lacks its part. Here it is replaced atomically only after every rank has
+returned from the save, so it always names a complete one.
+
+Readers: the trainer (resume), init_from (stage two from stage one), generate (and later export), through
+`find`, `saved_state`, `recorded_shapes` and `consolidate`, which work whatever number of ranks wrote it.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import os
+import random
+import re
+import shutil
+import sys
+
+import numpy as np
+import torch
+
+from pretrain.errors import UserError
+from pretrain.training import distributed
+
+_STEP_DIR = re.compile(r"^step(\d+)$")
+_MODEL_STATES = "*mp_rank_00_model_states.pt"  # DeepSpeed's rank-0 file: client state and parameter shapes
+
+
+def read_latest(checkpoints_dir: str) -> str | None:
+    """The tag `checkpoints/latest` names, or None when there is none yet."""
+    path = os.path.join(checkpoints_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def find(path: str, key: str) -> str:
+    """The checkpoint directory that the setting `key`=`path` names: a run directory (its newest checkpoint)
+    or a checkpoint directory."""
+    if not os.path.isdir(path):
+        raise UserError(f"{key}={path}: no such directory")
+    tag = read_latest(os.path.join(path, "checkpoints"))
+    if tag is not None:
+        path = os.path.join(path, "checkpoints", tag)
+    if not glob.glob(os.path.join(path, _MODEL_STATES)):
+        raise UserError(f"{key}={path}: neither a run directory with checkpoints/latest nor a DeepSpeed checkpoint")
+    return path
+
+
+def saved_state(tag_dir: str) -> dict:
+    """DeepSpeed's rank-0 model-states file of a checkpoint (small under ZeRO-3: the weights are in the
+    partition files): our client state at top level, and `param_shapes`."""
+    files = sorted(glob.glob(os.path.join(tag_dir, _MODEL_STATES)))
+    if not files:
+        raise UserError(f"{tag_dir}: no {_MODEL_STATES} (not a DeepSpeed checkpoint)")
+    return torch.load(files[0], map_location="cpu", weights_only=False)
+
+
+def recorded_shapes(tag_dir: str, key: str) -> dict[str, tuple[int, ...]]:
+    """Every parameter's full (unpartitioned) shape, as DeepSpeed records it beside rank 0's partition."""
+    shapes = {}
+    for group in saved_state(tag_dir).get("param_shapes") or []:
+        shapes.update({name: tuple(shape) for name, shape in group.items()})
+    if not shapes:
+        raise UserError(f"{key}={tag_dir}: the checkpoint records no parameter shapes (not a ZeRO-3 checkpoint?)")
+    return shapes
+
+
+def consolidate(tag_dir: str) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a ZeRO checkpoint, whatever number of ranks wrote it (DeepSpeed's own tool)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its per-shard progress report
+        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def seed_rng(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class Checkpoints:
+    """A run's checkpoints: save with the commit protocol above, resume exactly, keep the last few."""
+
+    def __init__(self, run_dir: str, rank: int, world_size: int, keep_last: int):
+        self.dir = os.path.join(run_dir, "checkpoints")
+        self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+
+    def save(self, engine, step: int, stage: str, global_batch: int) -> None:
+        tag = f"step{step}"
+        os.makedirs(os.path.join(self.dir, tag), exist_ok=True)
+        torch.save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt"))
+        _fault_point(step, self.rank)
+        client_state = {"step": step, "stage": stage, "global_batch": global_batch}
+        engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)  # ends in a barrier
+        if self.rank == 0:
+            tmp = os.path.join(self.dir, "latest.tmp")
+            with open(tmp, "w") as f:
+                f.write(tag)
+            os.replace(tmp, os.path.join(self.dir, "latest"))
+            self._prune(keep=tag)
+        distributed.barrier()
+
+    def discard_uncommitted(self) -> None:
+        """Rank 0: remove step directories newer than `latest`, left by a run that died while saving."""
+        tag = read_latest(self.dir)
+        newest = int(_STEP_DIR.match(tag).group(1)) if tag and _STEP_DIR.match(tag) else -1
+        if self.rank != 0 or not os.path.isdir(self.dir):
+            return
+        for name in os.listdir(self.dir):
+            m = _STEP_DIR.match(name)
+            if m and int(m.group(1)) > newest:
+                print(f"pretrain.train: removing {os.path.join(self.dir, name)}: an unfinished checkpoint", file=sys.stderr)
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted((int(m.group(1)), n) for n in os.listdir(self.dir) if (m := _STEP_DIR.match(n)))
+        for _, name in tags[: -self.keep_last]:
+            if name != keep:
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+
+    def resolve(self, resume: str, stage: str, global_batch: int) -> str | None:
+        """The checkpoint directory `train.resume` names (auto: the newest complete one), checked against this
+        run's world size, stage and global batch before anything is loaded or written; None to start fresh."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            tag = read_latest(self.dir)
+            if tag is None:
+                return None
+            tag_dir = os.path.join(self.dir, tag)
+        else:
+            tag_dir = os.path.abspath(resume)
+        saved_ranks = sum(1 for n in os.listdir(tag_dir) if n.startswith("rng_rank")) if os.path.isdir(tag_dir) else 0
+        if saved_ranks != self.world_size:
+            raise UserError(
+                f"{tag_dir}: written by {saved_ranks} ranks, this run has {self.world_size}"
+                " (ZeRO-3 optimizer partitions cannot be re-split; resume with the same number of ranks)"
+            )
+        saved = saved_state(tag_dir)
+        if saved.get("stage") != stage:
+            raise UserError(f"{tag_dir}: a checkpoint of stage={saved.get('stage')}, this run has stage={stage}"
+                            " (stage two starts from stage one with init_from=, in a new run.dir)")  # fmt: skip
+        if saved.get("global_batch") != global_batch:
+            raise UserError(f"train.global_batch_size={global_batch} differs from the checkpoint's {saved.get('global_batch')}")
+        return tag_dir
+
+    def load(self, engine, tag_dir: str) -> int:
+        """Restore model, optimizer, scheduler and this rank's RNG; returns the step the checkpoint ended."""
+        path, client_state = engine.load_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
+        if path is None:
+            raise UserError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+        set_rng_state(torch.load(os.path.join(tag_dir, f"rng_rank{self.rank}.pt"), weights_only=False))
+        return int(client_state["step"])
+
+
+def _fault_point(step: int, rank: int) -> None:
+    """Fault injection for the tests of a crash mid-save: PRETRAIN_CRASH_IN_SAVE=<step>:<rank> kills that rank
+    after its RNG file is written and before its model and optimizer partitions are."""
+    spec = os.environ.get("PRETRAIN_CRASH_IN_SAVE")
+    if spec and spec == f"{step}:{rank}":
+        print(f"pretrain.train: PRETRAIN_CRASH_IN_SAVE={spec}: rank {rank} dies while saving step {step}", file=sys.stderr)
+        os._exit(113)
