@@ -15,10 +15,10 @@ import sys
 import torch
 
 from pretrain.cli import parse
-from pretrain.training import checkpoint
+from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
-from pretrain.data.tokenizer import Tokenizer
+from pretrain.training import checkpoint
 
 DEFAULTS = {
     "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,

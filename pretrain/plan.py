@@ -22,8 +22,8 @@ from pretrain import cli
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import count_parameters
-from pretrain.models.structbert import StructBert
 from pretrain.models.palm import Palm
+from pretrain.models.structbert import StructBert
 from pretrain.training.config import model_config
 
 GiB = 2**30

@@ -23,11 +23,11 @@ from omegaconf import MISSING, OmegaConf
 
 from pretrain.cli import parse
 from pretrain.data.corpus import iter_input_files, read_documents, split_sentences
-from pretrain.errors import UserError, exit_on_user_error
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.tokenizer import (
     SPECIAL_TOKENS, Tokenizer, build_vocab, encode_sentences, jieba_segmenter, jieba_version, vocab_sha256,
 )  # fmt: skip
+from pretrain.errors import UserError, exit_on_user_error
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")

@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from runs import DEEPSPEED, REPO, TINY, launch, rows
 
-from pretrain.models.decoding import generate
-from pretrain.errors import UserError
 from pretrain.data.masking import IGNORE
+from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
+from pretrain.models.decoding import generate
 from pretrain.models.layers import attend
-from pretrain.models.structbert import StructBert
-from pretrain.training.optim import Lamb
 from pretrain.models.palm import Palm
+from pretrain.models.structbert import StructBert
 from pretrain.training.config import batch_geometry, deepspeed_config, model_config
 from pretrain.training.metrics import fp16_columns
+from pretrain.training.optim import Lamb
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (FusedLamb/FusedAdam kernels, SDPA's GPU kernels)")

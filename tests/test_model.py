@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.training.distributed import strip_local_rank
 from pretrain.data.masking import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.structbert import StructBert
+from pretrain.training.distributed import strip_local_rank
 
 WEIGHTS = {"mlm": 1.0, "wso": 1.0, "sso": 1.0}
 

@@ -3,12 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data.sampling import StepSampler
-from pretrain.errors import UserError
 from pretrain.data.indexed import corpus_from_documents
 from pretrain.data.masking import IGNORE, ObjectiveConfig
-from pretrain.data.palm import collate_palm, PalmDataset
-from pretrain.data.sampling import LengthGroupedStepSampler
+from pretrain.data.palm import PalmDataset, collate_palm
+from pretrain.data.sampling import LengthGroupedStepSampler, StepSampler
+from pretrain.errors import UserError
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 RANDOM_IDS = np.arange(100, 200)

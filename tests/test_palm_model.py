@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.models.decoding import generate
 from pretrain.data.masking import IGNORE
 from pretrain.models.config import ModelConfig
+from pretrain.models.decoding import generate
 from pretrain.models.palm import Palm
 
 V, H = 50, 32

@@ -13,8 +13,8 @@ from deepspeed.runtime.zero.stage3 import (
 from pretrain import plan as P
 from pretrain.errors import exit_on_user_error
 from pretrain.models.layers import count_parameters
-from pretrain.models.structbert import StructBert
 from pretrain.models.palm import Palm
+from pretrain.models.structbert import StructBert
 
 V100 = ["gpus_per_node=8", "gpu_mem_gb=32", "seq_len=512"]
 

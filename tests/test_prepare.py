@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from pretrain.errors import UserError
 from pretrain.data.indexed import IndexedCorpus
+from pretrain.data.tokenizer import SPECIAL_TOKENS, Tokenizer, build_vocab, encode_sentences, jieba_segmenter
+from pretrain.errors import UserError
 from pretrain.prepare import PrepareConfig, _valid_documents, load_config, prepare
-from pretrain.data.tokenizer import SPECIAL_TOKENS, build_vocab, encode_sentences, jieba_segmenter, Tokenizer
 from synthetic import write_synthetic_corpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

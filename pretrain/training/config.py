@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from pretrain.data.tokenizer import vocab_sha256
 from pretrain.errors import UserError
 from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
 from pretrain.training.optim import OPTIMIZERS, fused_lamb_status
-from pretrain.data.tokenizer import vocab_sha256
 
 
 @dataclass(frozen=True)
