@@ -1,0 +1,27 @@
+"""Every key=value command (all but the Hydra trainer) reads its arguments through pretrain.cli: the same
+one-line errors, exit status 2, and -h/--help."""
+import subprocess
+import sys
+
+import pytest
+
+from runs import REPO
+
+COMMANDS = ["pretrain.prepare", "pretrain.generate", "pretrain.plan", "pretrain.summary"]
+
+
+def run(command: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", command, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_the_same_errors_from_every_command(command):
+    unknown = run(command, "colour=red")
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert unknown.stderr.startswith(f"{command}: error: bad argument colour=red: unknown key colour (keys: ")
+    assert unknown.stderr.count("\n") == 1, unknown.stderr
+    not_a_pair = run(command, "colour")
+    assert not_a_pair.returncode == 2
+    assert not_a_pair.stderr == f"{command}: error: bad argument colour: expected key=value (see python -m {command} --help)\n"
+    helped = run(command, "--help")
+    assert helped.returncode == 0 and f"python -m {command}" in helped.stdout and helped.stderr == ""
