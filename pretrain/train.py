@@ -31,7 +31,7 @@ from pretrain.training.config import (
 )  # fmt: skip
 from pretrain.training.engine import build_model, initialize, local_partition_numel
 from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row
-from pretrain.training.stages import build_stage
+from pretrain.training.stages import PalmStage, StructBertStage, build_stage
 from pretrain.training.stopping import StopRequest
 
 # torch 2.13 deprecates the collectives DeepSpeed calls, once per step: not ours to fix, only noise.
@@ -44,7 +44,7 @@ class Setup:
 
     settings: RunSettings
     geometry: BatchGeometry
-    stage: object  # stages.StructBertStage | stages.PalmStage
+    stage: StructBertStage | PalmStage
     init: init_from.InitSource | None  # stage two: the stage-one checkpoint and its parameter mapping
     ds_config: dict
 
