@@ -74,3 +74,18 @@ def test_a_key_that_a_group_lacks_is_a_one_line_error(prepared, tmp_path):
                   expect_rc=2)  # fmt: skip
     assert proc.stderr.strip().count("\n") == 0 and "deepspeed=zero3_cpu has no fp16" in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_plug_job_trains_at_the_length_its_memory_plan_assumes(prepared, tmp_path):
+    """launch/slurm/plug_27b.sbatch quotes a plan at seq_len=512 (PLUG's and StructBERT's length): the trainer
+    must get that length from the job's own overrides, not the config's default of 128."""
+    import re
+    import shlex
+
+    script = open(os.path.join(REPO, "launch", "slurm", "plug_27b.sbatch"), encoding="utf-8").read()
+    planned = int(re.search(r"pretrain\.plan .*\bseq_len=(\d+)", script).group(1))
+    launch_line = next(line for line in script.splitlines() if line.startswith("GPUS_PER_NODE=") and "exec bash" in line)
+    overrides = [a for a in shlex.split(launch_line)[4:] if a != "$@"]  # after: GPUS_PER_NODE=.. exec bash "$TRAIN_SBATCH"
+    assert overrides[:3] == ["stage=structbert", "model=plug", "deepspeed=zero3_v100"], overrides
+    cfg = compose_config(overrides + [f"data.dir={prepared}", f"run.dir={tmp_path}"])
+    assert planned == 512 and cfg.data.seq_len == planned
