@@ -96,11 +96,12 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     while step < s.stop_at:
         lr = engine.get_lr()[0]  # the rate this step applies
         for _ in range(geometry.accum):
-            batch = {k: v.to(engine.device) for k, v in next(batches).items()}
-            loss, stats = engine(batch, stage.weights)
+            host_batch = next(batches)
+            counts = stage.token_counts(host_batch)  # counted on the host: no device sync
+            loss, stats = engine({k: v.to(engine.device) for k, v in host_batch.items()}, stage.weights)
             engine.backward(loss)
             engine.step()  # DeepSpeed updates only at the accumulation boundary
-            window.add(stats, *stage.token_counts(batch))
+            window.add(stats, *counts)
         step += 1
         window.mark_step()
         bar.update(1)
@@ -129,10 +130,9 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
 def evaluate(engine, stage, loader, step: int) -> dict:
     engine.eval()
     window = Window(stage.objectives)
-    for batch in loader:
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        _, stats = engine(batch, stage.weights)
-        window.add(stats, *stage.token_counts(batch))
+    for host_batch in loader:
+        _, stats = engine({k: v.to(engine.device) for k, v in host_batch.items()}, stage.weights)
+        window.add(stats, *stage.token_counts(host_batch))
     engine.train()
     return metrics_row(step, "valid", window.reduce(), stage.weights, stage.phase_columns(step))
 

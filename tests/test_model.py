@@ -96,3 +96,23 @@ def test_strip_local_rank_handles_both_launcher_spellings(monkeypatch):
 
     assert os.environ["LOCAL_RANK"] == "1"
     assert strip_local_rank(["prog", "--local_rank", "3", "x=y"]) == ["prog", "x=y"]
+
+
+def test_statistics_stay_tensors_until_the_window_is_reduced():
+    """A float() per micro-batch would wait for the GPU each time: the models hand tensors to the metrics window,
+    which reads them once, at the log step, into the same running sums."""
+    from pretrain.training.metrics import Window
+
+    model, b = tiny(), batch()
+    _, stats = model(b, WEIGHTS)
+    assert all(isinstance(v[0], torch.Tensor) and isinstance(v[1], torch.Tensor) for v in stats.values()), stats
+    window = Window(("mlm", "wso", "sso"))
+    for _ in range(3):
+        window.add(stats, 20, 24)
+    window.mark_step()
+    reduced = window.reduce()
+    for name, (loss_sum, correct, n) in stats.items():
+        assert reduced[f"{name}_count"] == 3 * n
+        assert reduced[f"{name}_loss"] == (float(loss_sum) + float(loss_sum) + float(loss_sum)) / (3 * n)
+        assert reduced[f"{name}_acc"] == (float(correct) * 3) / (3 * n)
+    assert reduced["padding"] == 1 - 60 / 72

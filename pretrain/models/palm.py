@@ -181,7 +181,7 @@ class Palm(nn.Module):
         loss = weights["lm"] * lm[0] + weights["mlm"] * mlm[0]
         stats = {}
         for name, (_, loss_sum, correct, n) in (("lm", lm), ("mlm", mlm)):
-            stats[name] = (float(loss_sum), float(correct), n)
+            stats[name] = (loss_sum, correct, n)  # tensors: a float() here would sync the GPU every micro-batch
         return loss, stats
 
     def _vocab_scores(

@@ -35,5 +35,5 @@ class StructBert(nn.Module):
         loss = weights["mlm"] * mlm[0] + weights["wso"] * wso[0] + weights["sso"] * sso[0]
         stats = {}
         for name, (_, loss_sum, correct, n) in (("mlm", mlm), ("wso", wso), ("sso", sso)):
-            stats[name] = (float(loss_sum), float(correct), n)
+            stats[name] = (loss_sum, correct, n)  # tensors: a float() here would sync the GPU every micro-batch
         return loss, stats

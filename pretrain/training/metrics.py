@@ -13,26 +13,38 @@ from pretrain.training.distributed import all_reduce_sum
 
 
 class Window:
-    """Sums (loss, correct, count) per objective, the real tokens and the padded batch sizes, until `reduce()`."""
+    """Sums (loss, correct, count) per objective, the real tokens and the padded batch sizes, until `reduce()`.
+
+    The models hand their statistics over as tensors (on the GPU, a float() per micro-batch would wait for the
+    device each time); they are read once, when the window is reduced at a log step, and summed in the order
+    they came, so the figures are those of a running sum."""
 
     def __init__(self, objectives: tuple[str, ...]):
         self.objectives = objectives
         self.reset()
 
     def reset(self) -> None:
-        self.sums = {name: [0.0, 0.0, 0.0] for name in self.objectives}
+        self.pending: list[dict[str, tuple]] = []
         self.tokens = 0.0
         self.padded = 0.0
         self.steps = 0
         self.started = time.perf_counter()
 
-    def add(self, stats: dict[str, tuple[float, float, int]], tokens: int, padded: int) -> None:
-        for name, values in stats.items():
-            acc = self.sums[name]
-            for i, v in enumerate(values):
-                acc[i] += v
+    def add(self, stats: dict[str, tuple], tokens: int, padded: int) -> None:
+        """stats: objective -> (summed loss, correct count, count), tensors or numbers."""
+        self.pending.append(stats)
         self.tokens += tokens
         self.padded += padded
+
+    def sums(self) -> dict[str, list[float]]:
+        """Per objective [loss sum, correct, count] over the window so far (reads the pending tensors)."""
+        out = {name: [0.0, 0.0, 0.0] for name in self.objectives}
+        for stats in self.pending:
+            for name, values in stats.items():
+                acc = out[name]
+                for i, v in enumerate(values):
+                    acc[i] += float(v)
+        return out
 
     def mark_step(self) -> None:
         self.steps += 1
@@ -40,7 +52,8 @@ class Window:
     def reduce(self) -> dict:
         """Means over every rank: `<name>_loss`, `<name>_acc` (None where nothing was predicted), tokens_per_s,
         and `padding`, the share of the batches' token slots that held padding (compute spent on nothing)."""
-        flat = [v for name in self.objectives for v in self.sums[name]] + [self.tokens, self.padded]
+        sums = self.sums()
+        flat = [v for name in self.objectives for v in sums[name]] + [self.tokens, self.padded]
         flat = all_reduce_sum(flat)
         out = {}
         for i, name in enumerate(self.objectives):
