@@ -16,6 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.errors import UserError
 
+_ABSENT = object()  # what OmegaConf.select returns for a key the schema lacks
+
 
 def parse(argv: list[str], schema, *, command: str, doc: str | None = None, verbatim: tuple[str, ...] = (),
           repeated: tuple[str, ...] = (), open_prefixes: tuple[str, ...] = ()) -> tuple[DictConfig, dict]:
@@ -33,7 +35,7 @@ def parse(argv: list[str], schema, *, command: str, doc: str | None = None, verb
             raise UserError(f"bad argument {arg}: expected key=value (see {usage})")
         prefix = next((p for p in open_prefixes if key.startswith(p)), None)
         if prefix is not None:
-            extra[prefix][key[len(prefix):]] = _yaml_value(arg, key, value)
+            extra[prefix][key[len(prefix):]] = _yaml_value(arg, value)
         elif key in repeated:
             lists[key].append(value)
         elif key in verbatim:
@@ -60,10 +62,8 @@ def parse(argv: list[str], schema, *, command: str, doc: str | None = None, verb
     return cfg, extra
 
 
-_ABSENT = object()
 
-
-def _yaml_value(arg: str, key: str, value: str):
+def _yaml_value(arg: str, value: str):
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
     except OmegaConfBaseException as e:

@@ -159,7 +159,7 @@ def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_c
 
 
 def optimizer_config(t: DictConfig, ds: DictConfig) -> dict:
-    """The optimizer entries of the DeepSpeed config for `train.optimizer` (see pretrain/optim.py).
+    """The optimizer entries of the DeepSpeed config for `train.optimizer` (see training/optim.py).
 
     adamw: DeepSpeed's AdamW, fused unless `deepspeed.torch_adam`. lamb: DeepSpeed's "Lamb" (FusedLamb) where the
     accelerator can build it; otherwise no "optimizer" block but a "client_optimizer" entry, which
