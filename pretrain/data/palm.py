@@ -18,7 +18,7 @@ import torch
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.masking import IGNORE, MaskingConfig, whole_word_mask
 from pretrain.data.sampling import pad_side
-from pretrain.data.spans import EpochOrder, check_sample_source, pack_chunks, sample_rng, units
+from pretrain.data.spans import EpochOrder, check_sample_source, chunks, sample_rng
 from pretrain.errors import UserError
 
 
@@ -57,10 +57,8 @@ class PalmDataset(torch.utils.data.Dataset):
 
         mean_src, mean_tgt = sum(self.src_len) // 2, sum(self.tgt_len) // 2
         self.chunk_tokens = mean_src + mean_tgt - 3  # context + target of a mean sample, specials excluded
-        self.unit_start, self.unit_end, self.doc_unit_offsets = units(corpus, self.chunk_tokens)
-        self.unit_doc = np.repeat(np.arange(corpus.num_docs), np.diff(self.doc_unit_offsets))
-        chunk_first, chunk_end = pack_chunks(self.unit_start, self.unit_end, self.unit_doc,
-                                             self.doc_unit_offsets, self.chunk_tokens)
+        (self.unit_start, self.unit_end, self.doc_unit_offsets, self.unit_doc,
+         chunk_first, chunk_end) = chunks(corpus, self.chunk_tokens)
         self.sent_offsets = np.asarray(corpus.sent_offsets, dtype=np.int64)
         self.doc_tokens = self.sent_offsets[np.asarray(corpus.doc_offsets, dtype=np.int64)]  # [num_docs + 1]
         doc_len = np.diff(self.doc_tokens)

@@ -54,6 +54,15 @@ def pack_chunks(unit_start, unit_end, unit_doc, doc_unit_offsets, max_tokens) ->
     return first, end
 
 
+def chunks(corpus: IndexedCorpus, max_tokens: int):
+    """Units of at most max_tokens and their greedy per-document packing into chunks: (unit_start, unit_end,
+    doc_unit_offsets, unit_doc, chunk_first, chunk_end), unit_doc being each unit's document."""
+    unit_start, unit_end, doc_unit_offsets = units(corpus, max_tokens)
+    unit_doc = np.repeat(np.arange(corpus.num_docs), np.diff(doc_unit_offsets))
+    chunk_first, chunk_end = pack_chunks(unit_start, unit_end, unit_doc, doc_unit_offsets, max_tokens)
+    return unit_start, unit_end, doc_unit_offsets, unit_doc, chunk_first, chunk_end
+
+
 class EpochOrder:
     """The order in which epoch `e` visits n items: a permutation drawn from (seed, e) alone, cached for the
     current epoch (consecutive sample indices are almost always in one epoch)."""

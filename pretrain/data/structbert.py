@@ -14,7 +14,7 @@ import torch
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.masking import IGNORE, ObjectiveConfig, shuffle_trigrams, whole_word_mask
 from pretrain.data.sampling import pad_side
-from pretrain.data.spans import EpochOrder, check_sample_source, pack_chunks, sample_rng, units
+from pretrain.data.spans import EpochOrder, check_sample_source, chunks, sample_rng
 from pretrain.errors import UserError
 
 SSO_RANDOM, SSO_NEXT, SSO_PREVIOUS = 0, 1, 2  # B from another document / B follows A / B precedes A
@@ -60,10 +60,8 @@ class StructBertDataset(torch.utils.data.Dataset):
         self.cls_id, self.sep_id, self.mask_id, self.pad_id = cls_id, sep_id, mask_id, pad_id
         self.max_tokens = seq_len - 3
 
-        self.unit_start, self.unit_end, self.doc_unit_offsets = units(corpus, self.max_tokens)
-        self.unit_doc = np.repeat(np.arange(corpus.num_docs), np.diff(self.doc_unit_offsets))
-        self.chunk_first, self.chunk_end = pack_chunks(
-            self.unit_start, self.unit_end, self.unit_doc, self.doc_unit_offsets, self.max_tokens)
+        (self.unit_start, self.unit_end, self.doc_unit_offsets, self.unit_doc,
+         self.chunk_first, self.chunk_end) = chunks(corpus, self.max_tokens)
         _rebalance_last_chunks(self.chunk_first, self.chunk_end, self.unit_start, self.unit_end,
                                self.unit_doc, self.max_tokens)
         self.chunk_doc = self.unit_doc[self.chunk_first]
