@@ -61,6 +61,9 @@ def main(run_dir: str, decoder_init: str, out_path: str) -> None:
             with open(out_path, "w") as f:
                 json.dump(result, f)
     distributed.barrier()
+    # Tear the group down before the interpreter exits: a rank once aborted at exit ("terminate called without
+    # an active exception") with the group's threads still alive.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
