@@ -68,10 +68,15 @@ class Layout:
 
 
 def test_sample_layout_and_sso_semantics():
+    """[CLS] A [SEP] B [SEP]: A and B start where sentences start; label 1 is a run of sentences and the run
+    that follows it (each maybe cut from its tail), label 2 the same swapped, label 0 one of them and a span of
+    another document that ends at a sentence end as often as B does under labels 1 and 2."""
     corpus = random_corpus(n_docs=300, single_sentence_docs=30)
     ds = dataset(corpus)
     lay = Layout(corpus)
+
     counts = {0: 0, 1: 0, 2: 0, IGNORE: 0}
+    b_ends_a_sentence = {0: 0, 1: 0, 2: 0}
     for g in range(8 * len(ds)):
         s = ds[g]
         assert set(s) == {"input_ids", "token_type_ids", "mlm_labels", "wso_labels", "sso_label"}
@@ -84,24 +89,30 @@ def test_sample_layout_and_sso_semantics():
         assert (tt[:len_a] == 0).all() and (tt[len_a:] == 1).all() and ids[len_a - 1] == SEP
         assert not ((s["mlm_labels"] != IGNORE) & (s["wso_labels"] != IGNORE)).any()
         a, b = segments(s)
-        assert consecutive(a) and a[0] in lay.sent_start and a[-1] + 1 in lay.sent_end
+        span_a, span_b, spans_label = ds.sample_spans(g)  # the spans the sample was built from
+        assert spans_label == label and (a[0], a[-1] + 1) == span_a
+        assert consecutive(a) and a[0] in lay.sent_start
         counts[label] += 1
-        if label == IGNORE:  # single-unit chunk: [CLS] A [SEP] only
-            assert b is None
+        if label == IGNORE:  # a document of one sentence: [CLS] A [SEP] only
+            assert b is None and span_b is None and a[-1] + 1 in lay.sent_end
             continue
-        assert consecutive(b) and b[0] in lay.sent_start
-        if label == 1:  # B directly follows A in the document
-            assert b[0] == a[-1] + 1 and lay.doc(a[0]) == lay.doc(b[-1]) and b[-1] + 1 in lay.sent_end
+        assert consecutive(b) and (b[0], b[-1] + 1) == span_b and b[0] in lay.sent_start
+        assert len(a) + len(b) <= ds.max_tokens
+        b_ends_a_sentence[label] += b[-1] + 1 in lay.sent_end
+        uncut = len(a) + len(b) < ds.max_tokens  # a cut brings the pair to max_tokens exactly
+        if label == 1:  # B is the text that follows A's sentences (after what was cut from A's tail)
+            assert a[-1] < b[0] and lay.doc(a[0]) == lay.doc(b[-1]) and (b[0] == a[-1] + 1 or not uncut)
         elif label == 2:  # the same pair swapped: the later text comes first
-            assert a[0] == b[-1] + 1 and lay.doc(b[0]) == lay.doc(a[-1]) and a[-1] + 1 in lay.sent_end
-        else:  # B from another document, ends at a sentence end unless its first sentence was truncated
+            assert b[-1] < a[0] and lay.doc(b[0]) == lay.doc(a[-1]) and (a[0] == b[-1] + 1 or not uncut)
+        else:  # B from another document
             assert lay.doc(b[0]) != lay.doc(a[0]) and lay.doc(b[0]) == lay.doc(b[-1])
-            assert b[-1] + 1 in lay.sent_end or len(a) + len(b) == ds.max_tokens
     assert counts[IGNORE] > 0
     total = counts[0] + counts[1] + counts[2]
     assert total > 2000
     for label in (0, 1, 2):
         assert abs(counts[label] / total - 1 / 3) < 0.04, counts
+    shares = [b_ends_a_sentence[label] / counts[label] for label in (0, 1, 2)]
+    assert 0.2 < shares[1] < 0.98 and max(shares) - min(shares) < 0.03, shares  # cut sometimes, alike
 
 
 def test_single_sentence_documents_give_ignored_sso():
@@ -113,16 +124,19 @@ def test_single_sentence_documents_give_ignored_sso():
         assert (s["mlm_labels"] != IGNORE).sum() >= 1
 
 
-def test_single_sentence_chunks_pair_with_a_neighbour_cut_to_fit():
-    """Sentences of 30 tokens with 37 to fill: every chunk is one sentence. Its SSO pair is the next sentence
-    (or one from another document), both cut from the tail the same way whatever the label."""
+def test_long_sentences_pair_with_a_neighbour_cut_alike():
+    """Sentences of 30 tokens with 37 to fill: A and B are one sentence each, both cut from the tail the same
+    way whatever the label; which side keeps the odd token is drawn, so which segment is longer tells nothing,
+    and the boundary is drawn over the whole document, so a sentence is as often A as B."""
     docs = [[30] * int(n) for n in np.random.default_rng(3).integers(2, 6, size=60)]
     corpus = make_corpus(docs)
     ds = dataset(corpus)
     assert ds.stats()["single_unit_chunks"] == ds.num_chunks
     lay = Layout(corpus)
     sent_end = dict(zip(corpus.sent_offsets[:-1].tolist(), corpus.sent_offsets[1:].tolist()))
-    counts, cut_first = {0: 0, 1: 0, 2: 0}, {0: 0, 1: 0, 2: 0}
+    counts, cut_first, a_longer = {0: 0, 1: 0, 2: 0}, {0: 0, 1: 0, 2: 0}, {0: 0, 1: 0, 2: 0}
+    first_of_doc = {"A": 0, "B": 0}  # label 1: is a document's first sentence in A or in B
+    doc_starts = set(corpus.sent_offsets[corpus.doc_offsets[:-1]].tolist())
     for g in range(6 * len(ds)):
         s = ds[g]
         label = int(s["sso_label"])
@@ -131,16 +145,21 @@ def test_single_sentence_chunks_pair_with_a_neighbour_cut_to_fit():
         assert a[0] in lay.sent_start and b[0] in lay.sent_start
         if label == 1:
             assert b[0] == sent_end[a[0]]  # B is the sentence after A's
+            first_of_doc["A"] += a[0] in doc_starts
+            first_of_doc["B"] += b[0] in doc_starts
         elif label == 2:
             assert a[0] == sent_end[b[0]]  # swapped
         else:
             assert lay.doc(a[0]) != lay.doc(b[0])
         counts[label] += 1
         cut_first[label] += a[-1] + 1 != sent_end[a[0]]
+        a_longer[label] += len(a) > len(b)
     total = sum(counts.values())
     for label in (0, 1, 2):
         assert abs(counts[label] / total - 1 / 3) < 0.04, counts
         assert cut_first[label] / counts[label] > 0.99  # 30 + 30 > 37: both cut, under every label
+        assert abs(a_longer[label] / counts[label] - 0.5) < 0.08, a_longer
+    assert first_of_doc["B"] == 0 and first_of_doc["A"] > 0.2 * counts[1], first_of_doc
 
 
 def test_one_document_corpus_falls_back_to_next_and_previous():
@@ -166,15 +185,6 @@ def test_long_sentences_are_cut_into_units():
     assert (ds.unit_end - ds.unit_start).tolist() == [37, 37, 26, 5]
     assert chunks(ds) == [(0, 1), (1, 2), (2, 4)]
     assert ds.stats()["split_sentences"] == 2
-
-
-def test_lone_last_unit_takes_one_from_a_chunk_of_three():
-    # 10+10+10 = 30, +10 > 37: greedy gives [s0 s1 s2] [s3]; the rule moves s2 over
-    assert chunks(dataset(make_corpus([[10, 10, 10, 10]]))) == [(0, 2), (2, 4)]
-    # the previous chunk has only two units: unchanged
-    assert chunks(dataset(make_corpus([[15, 15, 10]]))) == [(0, 2), (2, 3)]
-    # s2 + s3 = 50 would not fit: unchanged
-    assert chunks(dataset(make_corpus([[5, 5, 20, 30]]))) == [(0, 3), (3, 4)]
 
 
 def test_chunks_partition_each_document_within_the_budget():

@@ -1,5 +1,12 @@
-"""Stage one's samples: chunks of whole sentences, turned into `[CLS] A [SEP] B [SEP]` with the
-whole-word MLM and word-structure corruption (masking.py) and the sentence-structure label (here).
+"""Stage one's samples: `[CLS] A [SEP] B [SEP]` with the whole-word MLM and word-structure corruption
+(masking.py) and the sentence-structure (SSO) label, built here.
+
+SSO's three labels share one geometry, so that only reading A and B tells them apart: a pair (P, Q) of
+adjacent runs of whole sentences is grown the same way on either side of a sentence boundary and cut to fit;
+label 1 is (P, Q), label 2 is (Q, P), label 0 keeps P or Q as A and puts in B's place a span of another document,
+as long as the one it replaces, starting at a sentence start and ending at a sentence end exactly when the
+replaced one does, from a document about as long as A's. tests/test_sso_layout.py holds a layout-only classifier
+to chance.
 
 Every sample is a pure function of (seed, global sample index) (see spans.py); `sampling.StepSampler` turns
 (step, accumulation, rank) into global indices.
@@ -18,37 +25,33 @@ from pretrain.data.spans import EpochOrder, check_sample_source, chunks, sample_
 from pretrain.errors import UserError
 
 SSO_RANDOM, SSO_NEXT, SSO_PREVIOUS = 0, 1, 2  # B from another document / B follows A / B precedes A
+SAME_SHAPE_TRIES = 64  # documents label 0 looks in for a span shaped like the one it replaces
+SAME_SHAPE_SCAN = 256  # sentence starts looked at per document
+LENGTH_NEIGHBOURS = 32  # label 0 draws B's document among this many either side of A's in length order
+LENGTH_ORDER_STREAM = 4  # seed-sequence tag of the length order's tie-break (spans.py has 1 to 3)
 
 
-def _rebalance_last_chunks(first, end, unit_start, unit_end, unit_doc, max_tokens) -> None:
-    """A document's last chunk holding one unit gets no SSO pair; if the chunk before it (same document)
-    has >= 3 units, move its last unit over when the two still fit in max_tokens. In place."""
-    doc = unit_doc[first]
-    n_units = end - first
-    is_last = np.append(doc[1:] != doc[:-1], True)
-    prev_ok = np.zeros(len(first), dtype=bool)
-    prev_ok[1:] = (doc[1:] == doc[:-1]) & (n_units[:-1] >= 3)
-    fits = np.zeros(len(first), dtype=bool)
-    fits[1:] = unit_end[first[1:]] - unit_start[first[1:] - 1] <= max_tokens  # the moved unit + the lone one
-    move = np.flatnonzero(is_last & (n_units == 1) & prev_ok & fits)
-    first[move] -= 1
-    end[move - 1] -= 1
-
-
-def _cut_to_fit(x: tuple[int, int], y: tuple[int, int], max_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shorten two token spans from their tails, the longer first, until together they fit in max_tokens."""
+def _cut_to_fit(x: tuple[int, int], y: tuple[int, int], max_tokens: int, rng: np.random.Generator):
+    """Shorten two token spans from their tails, the longer first, until together they fit in max_tokens; an odd
+    token left to cut from two equal spans comes off a side drawn at random (a fixed side would make which
+    segment is longer tell the order apart)."""
     lx, ly = x[1] - x[0], y[1] - y[0]
     excess = lx + ly - max_tokens
     if excess > 0:
         cut = min(excess, abs(lx - ly))
         lx, ly = (lx - cut, ly) if lx >= ly else (lx, ly - cut)
         excess -= cut
-        lx, ly = lx - (excess + 1) // 2, ly - excess // 2
+        odd = excess % 2 * int(rng.integers(2))
+        lx, ly = lx - excess // 2 - odd, ly - (excess + 1) // 2 + odd
     return (x[0], x[0] + lx), (y[0], y[0] + ly)
 
 
 class StructBertDataset(torch.utils.data.Dataset):
-    """Index g (any int >= 0) -> sample of epoch g // num_chunks; len() is one epoch."""
+    """Index g (any int >= 0) -> sample of epoch g // num_chunks; len() is one epoch.
+
+    Each epoch visits the chunks (spans.py) in its own order. A chunk is the sample's whole text when SSO is
+    off; with SSO it picks the document the pair is drawn from, so documents are visited in proportion to
+    their length."""
 
     def __init__(self, corpus: IndexedCorpus, *, seq_len: int, seed: int, cfg: ObjectiveConfig,
                  cls_id: int, sep_id: int, mask_id: int, pad_id: int, random_ids: np.ndarray):
@@ -60,12 +63,18 @@ class StructBertDataset(torch.utils.data.Dataset):
         self.cls_id, self.sep_id, self.mask_id, self.pad_id = cls_id, sep_id, mask_id, pad_id
         self.max_tokens = seq_len - 3
 
-        (self.unit_start, self.unit_end, self.doc_unit_offsets, self.unit_doc,
+        (self.unit_start, self.unit_end, _, self.unit_doc,
          self.chunk_first, self.chunk_end) = chunks(corpus, self.max_tokens)
-        _rebalance_last_chunks(self.chunk_first, self.chunk_end, self.unit_start, self.unit_end,
-                               self.unit_doc, self.max_tokens)
         self.chunk_doc = self.unit_doc[self.chunk_first]
-        self.docs_with_units = np.flatnonzero(np.diff(self.doc_unit_offsets) > 0)
+        self.sent_offsets = np.asarray(corpus.sent_offsets, dtype=np.int64)
+        self.doc_sents = np.asarray(corpus.doc_offsets, dtype=np.int64)  # first sentence of each document
+        doc_tokens = np.diff(self.sent_offsets[self.doc_sents])
+        # documents in order of length, ties in an order drawn from the seed (not the corpus's)
+        tie_break = np.random.default_rng([LENGTH_ORDER_STREAM, seed]).permutation(corpus.num_docs)
+        by_length = np.lexsort((tie_break, doc_tokens))
+        self.by_length = by_length[doc_tokens[by_length] > 0]
+        self.doc_rank = np.zeros(corpus.num_docs, dtype=np.int64)
+        self.doc_rank[self.by_length] = np.arange(len(self.by_length))
         self.epoch_permutation = EpochOrder(seed, self.num_chunks)
 
     # ---- indexing -------------------------------------------------------------------------------
@@ -80,70 +89,83 @@ class StructBertDataset(torch.utils.data.Dataset):
         epoch, chunk = self.epoch_permutation.locate(int(g))
         return self.build_sample(chunk, sample_rng(self.seed, epoch, chunk))
 
+    def sample_spans(self, g: int) -> tuple[tuple[int, int], tuple[int, int] | None, int]:
+        """Token spans of A and B (None for a single segment) and the SSO label of sample g, as __getitem__
+        builds them (for audits and `pretrain.samples`)."""
+        epoch, chunk = self.epoch_permutation.locate(int(g))
+        return self._segments(chunk, sample_rng(self.seed, epoch, chunk))
+
     # ---- sample construction --------------------------------------------------------------------
-    def _span(self, first_unit: int, end_unit: int) -> tuple[int, int]:
-        """Token range of units first..end-1 (units of one document are contiguous)."""
-        return int(self.unit_start[first_unit]), int(self.unit_end[end_unit - 1])
-
-    def _random_doc_span(self, doc: int, budget: int, rng: np.random.Generator, max_units: int | None = None) -> tuple[int, int]:
-        """B for SSO label 0: from a uniformly drawn other document, whole units from a random unit on while
-        they fit in budget (the first one truncated if even it does not), so B ends where a sentence ends
-        just as it does for labels 1 and 2."""
-        others = self.docs_with_units
-        j = int(rng.integers(len(others) - 1))
-        if others[j] >= doc:  # skip our own document: uniform over the others without resampling
-            j += 1
-        other = int(others[j])
-        u0, u1 = int(self.doc_unit_offsets[other]), int(self.doc_unit_offsets[other + 1])
-        start_unit = int(rng.integers(u0, u1))
-        start = int(self.unit_start[start_unit])
-        fit = int(np.searchsorted(self.unit_end[start_unit:u1], start + budget, side="right"))
-        if max_units is not None:
-            fit = min(fit, max_units)
-        end = int(self.unit_end[start_unit + fit - 1]) if fit else start + budget
-        return start, end
-
     def _segments(self, chunk: int, rng: np.random.Generator) -> tuple[tuple[int, int], tuple[int, int] | None, int]:
-        """Token spans of A and B (None for a single segment) and the SSO label."""
-        a, b = int(self.chunk_first[chunk]), int(self.chunk_end[chunk])
-        if not self.cfg.sso:
-            return self._span(a, b), None, IGNORE
-        if b - a < 2:
-            return self._single_unit_pair(a, rng)
-        split = int(rng.integers(a + 1, b))  # B starts at unit `split`
-        label = self._draw_label(rng)
-        first, second = self._span(a, split), self._span(split, b)
+        doc = int(self.chunk_doc[chunk])
+        pair = self._adjacent_pair(doc, rng) if self.cfg.sso else None
+        if pair is None:  # SSO off, or a document of one sentence: the chunk alone, masked LM and WSO only
+            return (int(self.unit_start[self.chunk_first[chunk]]), int(self.unit_end[self.chunk_end[chunk] - 1])), None, IGNORE
+        first, second = _cut_to_fit(*pair, self.max_tokens, rng)
+        label = int(rng.integers(3))
+        if label == SSO_RANDOM and len(self.by_length) < 2:
+            label = SSO_NEXT + int(rng.integers(2))  # a corpus of one document: next/previous only
         if label == SSO_NEXT:
             return first, second, label
         if label == SSO_PREVIOUS:
             return second, first, label
-        budget = self.max_tokens - (first[1] - first[0])
-        return first, self._random_doc_span(int(self.chunk_doc[chunk]), budget, rng), label
+        kept, replaced = (first, second) if rng.integers(2) == 0 else (second, first)
+        return kept, self._same_shape_span(replaced, doc, rng), label
 
-    def _draw_label(self, rng: np.random.Generator) -> int:
-        label = int(rng.integers(3))
-        if label == SSO_RANDOM and len(self.docs_with_units) < 2:  # nothing to draw from: next/previous only
-            label = SSO_NEXT + int(rng.integers(2))
-        return label
+    def _adjacent_pair(self, doc: int, rng: np.random.Generator):
+        """P and Q, adjacent in `doc`, grown the same way on either side of a sentence boundary k: P takes
+        sentences k-1, k-2, ... and Q sentences k, k+1, ... while they fit their shares of max_tokens (at least
+        one sentence each), the shares being x and max_tokens - x with x uniform. k is next to a token drawn
+        uniformly in the document, so it is as likely near its end as near its start. P and Q are mirror
+        images of one rule: which of A and B is longer, fuller or cut tells nothing about their order.
+        None for a document of one sentence."""
+        s0, s1 = int(self.doc_sents[doc]), int(self.doc_sents[doc + 1])
+        if s1 - s0 < 2:
+            return None
+        t = int(rng.integers(self.sent_offsets[s0], self.sent_offsets[s1]))
+        k = int(np.searchsorted(self.sent_offsets, t, side="right")) - 1 + int(rng.integers(2))
+        k = min(max(k, s0 + 1), s1 - 1)
+        share_p = int(rng.integers(1, self.max_tokens))
+        boundary, offsets = int(self.sent_offsets[k]), self.sent_offsets
+        p_first = min(s0 + int(np.searchsorted(offsets[s0:k], boundary - share_p)), k - 1)
+        q_end = max(k + int(np.searchsorted(offsets[k + 1 : s1 + 1], boundary + self.max_tokens - share_p, side="right")), k + 1)
+        return (int(offsets[p_first]), boundary), (boundary, int(offsets[q_end]))
 
-    def _single_unit_pair(self, unit: int, rng: np.random.Generator):
-        """A chunk of one long sentence: paired with the next sentence of its document (the previous one at the
-        document's end), or with a sentence of another document for label 0; then both are cut from the tail,
-        the longer first, to fit. Every label goes through the same cut, so where a segment ends tells nothing
-        about the label. A document of one sentence has no pair: masked LM and word structure only."""
-        doc = int(self.unit_doc[unit])
-        u0, u1 = int(self.doc_unit_offsets[doc]), int(self.doc_unit_offsets[doc + 1])
-        if u1 - u0 < 2:
-            return self._span(unit, unit + 1), None, IGNORE
-        first_unit = unit if unit + 1 < u1 else unit - 1
-        first, second = self._span(first_unit, first_unit + 1), self._span(first_unit + 1, first_unit + 2)
-        label = self._draw_label(rng)
-        if label == SSO_PREVIOUS:
-            first, second = second, first
-        elif label == SSO_RANDOM:
-            first = self._span(unit, unit + 1)
-            second = self._random_doc_span(doc, self.max_tokens, rng, max_units=1)
-        return _cut_to_fit(first, second, self.max_tokens) + (label,)
+    def _same_shape_span(self, like: tuple[int, int], doc: int, rng: np.random.Generator) -> tuple[int, int]:
+        """Label 0's stand-in for `like` (a span starting at a sentence start): a span of another document,
+        as long, that starts at a sentence start and ends at a sentence end exactly when `like` does. The
+        document is drawn among the LENGTH_NEIGHBOURS either side of `doc` in length order, as B's document is
+        A's own for labels 1 and 2; the span is looked for from a random sentence of it on. A document without
+        such a span is passed over, up to SAME_SHAPE_TRIES draws; then the length alone is kept (the span may
+        end mid-sentence), and without any room for it, the longest other document is cut short."""
+        length = like[1] - like[0]
+        ends_a_sentence = self._is_sentence_end(like[1])
+        rank = int(self.doc_rank[doc])
+        lo, hi = max(rank - LENGTH_NEIGHBOURS, 0), min(rank + LENGTH_NEIGHBOURS + 1, len(self.by_length))
+        fallback = None
+        for _ in range(SAME_SHAPE_TRIES):
+            other = int(self.by_length[rng.integers(lo, hi)])
+            if other == doc:
+                continue
+            s0, s1 = int(self.doc_sents[other]), int(self.doc_sents[other + 1])
+            s = int(rng.integers(s0, s1))
+            starts = self.sent_offsets[np.concatenate([np.arange(s, s1), np.arange(s0, s)])[:SAME_SHAPE_SCAN]]
+            fits = starts + length <= self.sent_offsets[s1]
+            shaped = fits & (self._is_sentence_end(starts + length) == ends_a_sentence)
+            if shaped.any():
+                start = int(starts[np.argmax(shaped)])
+                return start, start + length
+            if fallback is None and fits.any():
+                fallback = int(starts[np.argmax(fits)])
+        if fallback is not None:
+            return fallback, fallback + length
+        other = int(self.by_length[-1] if self.by_length[-1] != doc else self.by_length[-2])
+        start, end = (int(t) for t in self.sent_offsets[self.doc_sents[other : other + 2]])
+        return start, min(start + length, end)
+
+    def _is_sentence_end(self, t):
+        i = np.minimum(np.searchsorted(self.sent_offsets, t), len(self.sent_offsets) - 1)
+        return self.sent_offsets[i] == t
 
     def build_sample(self, chunk: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         span_a, span_b, sso_label = self._segments(chunk, rng)
@@ -179,6 +201,7 @@ class StructBertDataset(torch.utils.data.Dataset):
         return {
             "num_docs": self.corpus.num_docs,
             "num_sents": self.corpus.num_sents,
+            "single_sentence_docs": int((np.diff(self.doc_sents) == 1).sum()),
             "num_units": len(self.unit_start),
             "split_sentences": int(len(self.unit_start) - self.corpus.num_sents),
             "num_chunks": self.num_chunks,
