@@ -27,6 +27,11 @@ def summarize(run_dir: str) -> dict:
     if not train:
         raise UserError(f"run.dir={run_dir}: metrics.jsonl has no train rows")
     times = [r["step_time_s"] for r in train if r.get("step_time_s")]
+    run_json = os.path.join(run_dir, "run.json")
+    data = {}
+    if os.path.isfile(run_json):
+        with open(run_json, encoding="utf-8") as f:
+            data = json.load(f).get("train_data", {})
     return {
         "run": run_dir,
         "steps": train[-1]["step"],
@@ -34,6 +39,7 @@ def summarize(run_dir: str) -> dict:
         "last_train": train[-1],
         "last_valid": valid[-1] if valid else None,
         "s_per_step": sorted(times)[len(times) // 2] if times else None,  # median: robust to the first, slow steps
+        "length_histogram": data.get("length_histogram"),
     }
 
 
@@ -48,7 +54,22 @@ def render(s: dict) -> str:
     for name, row in (("train first", s["first_train"]), ("train last", s["last_train"]), ("valid last", s["last_valid"])):
         if row is not None:
             lines.append("  " + f"{name} @{row['step']}".ljust(14) + "".join(_fmt(row.get(c)).rjust(10) for c in cols))
+    if s.get("length_histogram"):
+        lines += render_lengths(s["length_histogram"])
     return "\n".join(lines)
+
+
+def render_lengths(h: dict) -> list[str]:
+    """Stage two's drawn and realised lengths, as run.json records them (data/palm.py, PalmDataset.stats)."""
+    lines = [f"  lengths of the first {h['samples']} samples (with [CLS]/[SEP]; parts snapped within {h['snap']:g}):"]
+    for side in ("encoder", "decoder"):
+        x = h[side]
+        bins = [f"{lo}-{hi - 1}" for lo, hi in zip(x["edges"][:-1], x["edges"][1:])]
+        lines.append("    " + side.ljust(10) + "".join(b.rjust(9) for b in bins) + "below".rjust(7) + "mean".rjust(8))
+        for kind, below in (("drawn", 0), ("realised", x["realised_below"])):
+            lines.append("    " + f"  {kind}".ljust(10) + "".join(str(c).rjust(9) for c in x[kind])
+                         + str(below).rjust(7) + f"{x['mean_' + kind]:.1f}".rjust(8))
+    return lines
 
 
 def main(argv: list[str]) -> None:

@@ -1,7 +1,8 @@
 """Stage two's (PALM / PLUG) samples: a contiguous span of one document, its first part the encoder's
 context and the rest the decoder's target (sampling.LengthGroupedStepSampler batches them by length).
 
-Encoder and decoder lengths are drawn uniformly per sample (PLUG), inside the bounds of the config.
+Encoder and decoder lengths are drawn uniformly per sample (PLUG), inside the bounds of the config, and the
+sample is cut to them (see PalmDataset); run.json records their histogram (stats()).
 As in stage one, every sample is a pure function of (seed, global sample index) (spans.py), so batches do not
 depend on DataLoader workers, the world size or where a run resumed. Masked LM on the encoder is on for
 indices < mlm_until, which makes the switch a function of the index, not of the step the trainer is in.
@@ -37,10 +38,14 @@ def check_range(name: str, value: Sequence[int]) -> tuple[int, int]:
 class PalmDataset(torch.utils.data.Dataset):
     """Index g (any int >= 0) -> sample of epoch g // num_anchors; len() is one epoch.
 
-    Anchors are spans.py chunks (whole sentences packed to about the mean span length) of every
-    document with >= 2 tokens. A sample starts at a random unit (sentence, or piece of a long sentence) of
-    its anchor's chunk, so an anchor gives a different context/target cut in each epoch, and runs on past
-    the chunk as far as its drawn lengths need, never past the document's end."""
+    Anchors are spans.py chunks (whole sentences packed to about the mean span length) of every document with
+    >= 2 tokens. A sample draws its encoder and decoder lengths first (PLUG: uniform in palm.src_len and
+    palm.tgt_len), then starts at a random unit (sentence, or piece of a long sentence) of its anchor's chunk and
+    runs on as far as the lengths need. Where the document is too short for them, the sample moves to a
+    document that is long enough (drawn in proportion to its tokens) rather than shrinking: the lengths
+    trained on are the drawn ones, up to snapping. Each part's end then moves to the nearest sentence end within
+    palm.snap of its length, either way. The target ends with [SEP] only where the document ends: a span cut
+    inside running text has no end to learn."""
 
     def __init__(self, corpus: IndexedCorpus, *, src_len: Sequence[int], tgt_len: Sequence[int], seed: int,
                  mlm_cfg: MaskingConfig, mlm_until: int, cls_id: int, sep_id: int, mask_id: int, pad_id: int,
@@ -49,8 +54,8 @@ class PalmDataset(torch.utils.data.Dataset):
         mlm_cfg.validate()
         if mlm_until < 0:
             raise UserError(f"mlm_until={mlm_until}: must be >= 0 (0 = no masked LM)")
-        if not 0 <= snap <= 1:
-            raise UserError(f"palm.snap={snap}: must be in [0, 1] (share of a part's length)")
+        if not 0 <= snap <= 0.5:
+            raise UserError(f"palm.snap={snap}: must be in [0, 0.5] (share of a part's length)")
         self.random_ids = check_sample_source(corpus, seed, random_ids)
         self.corpus, self.seed, self.mlm_cfg, self.mlm_until, self.snap = corpus, seed, mlm_cfg, mlm_until, snap
         self.cls_id, self.sep_id, self.mask_id, self.pad_id = cls_id, sep_id, mask_id, pad_id
@@ -67,6 +72,11 @@ class PalmDataset(torch.utils.data.Dataset):
         self.dropped_docs = int((doc_len < 2).sum())
         if self.num_anchors == 0:
             raise UserError(f"the corpus has no document of 2 or more tokens ({self.dropped_docs} shorter ones)")
+        # documents by length, and their tokens counted from the longest down: "a token of a document of at least
+        # n tokens" is one draw below tokens_from[searchsorted(by_length_len, n)]
+        self.by_length = np.argsort(doc_len, kind="stable")
+        self.by_length_len = doc_len[self.by_length]
+        self.tokens_before = np.concatenate([[0], np.cumsum(self.by_length_len)])
         self.epoch_permutation = EpochOrder(seed, self.num_anchors)
 
     # ---- indexing -------------------------------------------------------------------------------
@@ -77,46 +87,79 @@ class PalmDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_anchors
 
-    def _span(self, g: int) -> tuple[np.random.Generator, int, int, int]:
-        """The sample's rng and its token span: context [start, split), target [split, end)."""
+    def sample_spans(self, g: int) -> dict:
+        """What sample g is cut from: context [start, split), target [split, end), the drawn lengths and the
+        realised ones (with [CLS]/[SEP]), and whether the target reaches its document's end (ends with [SEP])."""
+        _, start, split, end, (ls, lt) = self._span(int(g))
+        anchor_doc = self.unit_doc[self.anchor_first[self.epoch_permutation.locate(int(g))[1]]]
+        return {"start": start, "split": split, "end": end, "drawn": (ls, lt), "realised": (split - start + 2, end - split + 1),
+                "ends_document": self._ends_document(end), "moved": bool(self.doc_of(start) != anchor_doc)}  # fmt: skip
+
+    def _span(self, g: int):
+        """The sample's rng, its token span (context [start, split), target [split, end)) and drawn lengths."""
         epoch, anchor = self.epoch_permutation.locate(g)
         rng = sample_rng(self.seed, epoch, anchor)
         # the lengths come first, so they do not depend on how later draws are made
         ls = int(rng.integers(self.src_len[0], self.src_len[1] + 1))
         lt = int(rng.integers(self.tgt_len[0], self.tgt_len[1] + 1))
+        ctx_len, tgt_len = ls - 2, lt - 1  # room left by [CLS] ctx [SEP] and [CLS] tgt
+        need = ctx_len + tgt_len
         unit = int(rng.integers(self.anchor_first[anchor], self.anchor_end[anchor]))
         doc = int(self.unit_doc[unit])
+        if self.doc_tokens[doc + 1] - self.doc_tokens[doc] < need:
+            unit = self._unit_with_room(need, rng, default=unit)
+            doc = int(self.unit_doc[unit])
         start, doc_start, doc_end = int(self.unit_start[unit]), int(self.doc_tokens[doc]), int(self.doc_tokens[doc + 1])
-        ctx_len, tgt_len = ls - 2, lt - 1  # room left by [CLS] ctx [SEP] and [CLS] tgt / tgt [SEP]
-        need = ctx_len + tgt_len
         if doc_end - start < need:
             if doc_end - doc_start >= need:  # start earlier, at the latest unit that leaves enough room
                 u0, u1 = int(self.doc_unit_offsets[doc]), int(self.doc_unit_offsets[doc + 1])
                 k = int(np.searchsorted(self.unit_start[u0:u1], doc_end - need, side="right")) - 1
                 start = int(self.unit_start[u0 + k])
-            else:  # the whole document, shared between the two parts as Ls : Lt
+            else:  # no document is long enough: the whole document, shared between the two parts as Ls : Lt
                 start, total = doc_start, doc_end - doc_start
                 share = int(round(total * ls / (ls + lt)))
                 ctx_len = min(max(share, 1, total - tgt_len), ctx_len, total - 1)
                 tgt_len = total - ctx_len
-        split = self._snap(start, start + ctx_len)
-        end = self._snap(split, min(split + tgt_len, doc_end))
-        return rng, start, split, end
+        # the context may snap forward only as far as leaves the target its room
+        split_hi = min(start + self.src_len[1] - 2, max(doc_end - tgt_len, start + ctx_len), doc_end - 1)
+        split = self._snap(start + ctx_len, lo=start, hi=split_hi, tol=ctx_len)
+        end = self._snap(split + tgt_len, lo=split, hi=min(split + self.tgt_len[1] - 1, doc_end), tol=tgt_len)
+        return rng, start, split, end, (ls, lt)
 
-    def _snap(self, lo: int, hi: int) -> int:
-        """hi moved back to the last sentence end in (lo, hi] within snap * (hi - lo) tokens, if there is one:
-        parts that end where a sentence ends are what the model will be asked to write."""
-        last = int(self.sent_offsets[np.searchsorted(self.sent_offsets, hi, side="right") - 1])
-        return last if last > lo and hi - last <= int(self.snap * (hi - lo)) else hi
+    def _unit_with_room(self, need: int, rng: np.random.Generator, default: int) -> int:
+        """The unit holding a token drawn uniformly among the tokens of documents of >= need tokens
+        (`default` if there is none)."""
+        first = int(np.searchsorted(self.by_length_len, need))
+        if first == len(self.by_length):
+            return default
+        t = int(rng.integers(self.tokens_before[first], self.tokens_before[-1]))
+        i = int(np.searchsorted(self.tokens_before, t, side="right")) - 1
+        token = int(self.doc_tokens[self.by_length[i]]) + t - int(self.tokens_before[i])
+        return int(np.searchsorted(self.unit_start, token, side="right")) - 1
+
+    def _snap(self, at: int, lo: int, hi: int, tol: int) -> int:
+        """`at` moved to the nearest sentence end within snap * tol tokens of it, in (lo, hi], if there is one
+        (the earlier of two as near): parts that end where a sentence ends are what the model will be asked to
+        write, and snapping both ways keeps realised lengths centred on the drawn ones."""
+        reach = int(self.snap * tol)
+        i = np.searchsorted(self.sent_offsets, max(at - reach, lo + 1))
+        ends = self.sent_offsets[i : np.searchsorted(self.sent_offsets, min(at + reach, hi), side="right")]
+        return int(ends[np.argmin(np.abs(ends - at))]) if len(ends) else min(at, hi)
+
+    def doc_of(self, token: int) -> int:
+        return int(np.searchsorted(self.doc_tokens, token, side="right")) - 1
+
+    def _ends_document(self, end: int) -> bool:
+        return bool(self.doc_tokens[np.searchsorted(self.doc_tokens, end)] == end)
 
     def lengths(self, g: int) -> tuple[int, int]:
         """(encoder length, decoder length) of sample g, without building it (for length grouping)."""
-        _, start, split, end = self._span(int(g))
+        _, start, split, end, _ = self._span(int(g))
         return split - start + 2, end - split + 1
 
     def __getitem__(self, g: int) -> dict[str, np.ndarray]:
         g = int(g)
-        rng, start, split, end = self._span(g)
+        rng, start, split, end, _ = self._span(g)
         tokens = self.corpus.tokens
         cls, sep = np.array([self.cls_id], np.int64), np.array([self.sep_id], np.int64)
         target = np.asarray(tokens[split:end], dtype=np.int64)
@@ -129,21 +172,39 @@ class PalmDataset(torch.utils.data.Dataset):
                                                     self.mask_id, self.random_ids)
         else:
             enc_input, mlm_labels = enc, np.full(len(enc), IGNORE, dtype=np.int64)
+        last_label = sep if self._ends_document(end) else np.array([IGNORE], np.int64)
         return {"enc_input_ids": enc_input, "mlm_labels": mlm_labels,
-                "dec_input_ids": np.concatenate([cls, target]), "dec_labels": np.concatenate([target, sep])}
+                "dec_input_ids": np.concatenate([cls, target]), "dec_labels": np.concatenate([target, last_label])}
 
     # ---- reporting / batching helpers -----------------------------------------------------------
-    def stats(self, probe: int = 1000) -> dict:
-        """Counts, and mean lengths over the first `probe` samples of epoch 0."""
-        sizes = np.array([self.lengths(g) for g in range(min(probe, self.num_anchors))])
+    def stats(self, probe: int = 2000) -> dict:
+        """Counts, and over the first `probe` samples: the drawn and realised lengths (histograms in 8 bins of each
+        side's range), the share of targets that reach their document's end, and of samples moved to a longer
+        document."""
+        spans = [self.sample_spans(g) for g in range(probe)]
+        drawn, realised = np.array([s["drawn"] for s in spans]), np.array([s["realised"] for s in spans])
         return {"num_docs": self.corpus.num_docs, "num_anchors": self.num_anchors, "dropped_docs": self.dropped_docs,
-                "chunk_tokens": self.chunk_tokens, "mean_enc_len": float(sizes[:, 0].mean()),
-                "mean_dec_len": float(sizes[:, 1].mean())}
+                "chunk_tokens": self.chunk_tokens, "mean_enc_len": float(realised[:, 0].mean()),
+                "mean_dec_len": float(realised[:, 1].mean()),
+                "length_histogram": {"samples": probe, "snap": self.snap,
+                                     "encoder": _histogram(drawn[:, 0], realised[:, 0], self.src_len),
+                                     "decoder": _histogram(drawn[:, 1], realised[:, 1], self.tgt_len)},
+                "target_ends_document": float(np.mean([s["ends_document"] for s in spans])),
+                "moved_to_longer_document": float(np.mean([s["moved"] for s in spans]))}  # fmt: skip
 
     @property
     def collate_fn(self):
         """Picklable collate for DataLoader (workers)."""
         return partial(collate_palm, pad_id=self.pad_id, enc_max_len=self.src_len[1], dec_max_len=self.tgt_len[1])
+
+
+def _histogram(drawn: np.ndarray, realised: np.ndarray, bounds: tuple[int, int]) -> dict:
+    """Counts of drawn and realised lengths in 8 bins of [lo, hi] (realised ones below lo counted apart)."""
+    lo, hi = bounds
+    edges = np.unique(np.linspace(lo, hi + 1, 9).round().astype(int))
+    return {"edges": edges.tolist(), "drawn": np.histogram(drawn, edges)[0].tolist(),
+            "realised": np.histogram(realised, edges)[0].tolist(), "realised_below": int((realised < lo).sum()),
+            "mean_drawn": float(drawn.mean()), "mean_realised": float(realised.mean())}
 
 
 def collate_palm(samples: list[dict[str, np.ndarray]], pad_id: int, enc_max_len: int | None = None,
