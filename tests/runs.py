@@ -1,4 +1,5 @@
 """Launching real training runs from tests: the tiny model, the launchers, reading metrics back."""
+import glob
 import json
 import os
 import socket
@@ -25,13 +26,18 @@ def launch(launcher: list[str], args: list[str], expect_rc: int = 0) -> subproce
     CPU shared-memory all-reduce names its buffers after the master address and port, so two jobs on one port
     would share them (and the rendezvous)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    port = None
     for i, program in enumerate(launcher):
         if program in ("deepspeed", "torch.distributed.run"):
-            launcher = launcher[: i + 1] + [f"--master_port={free_port()}"] + launcher[i + 1 :]
+            port = free_port()
+            launcher = launcher[: i + 1] + [f"--master_port={port}"] + launcher[i + 1 :]
             break
     proc = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != expect_rc:
         raise AssertionError(f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    if port is not None and proc.returncode == 0:  # DeepSpeed's CPU all-reduce segments: RAM, unless unlinked
+        left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+        assert not left, f"the run left its shared-memory segments behind: {left}"
     return proc
 
 

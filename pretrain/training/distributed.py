@@ -70,6 +70,24 @@ def init(info: DistInfo, timeout_s: float) -> None:
         rank=info.rank,
         world_size=info.world_size,
     )
+    _unlink_shm_segment(info)
+
+
+def shm_segment(rank: int) -> str:
+    """The /dev/shm file of DeepSpeed's CPU all-reduce workspace for `rank` (its ops/csrc/cpu/comm/shm.cpp)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_segment(info: DistInfo) -> None:
+    """DeepSpeed's CPU all-reduce maps one shared-memory segment per rank (66 MB) and never unlinks it, so every
+    run left its segments in /dev/shm, a RAM-backed tmpfs: a few hundred runs filled this machine's memory and
+    got processes killed. Once every rank has mapped every segment (DeepSpeed's init does so before it returns;
+    the barrier waits for all of them), the name can go: the mappings stay valid until the process exits."""
+    if info.world_size > 1:
+        dist.barrier()
+    if os.path.exists(shm_segment(info.rank)):
+        os.unlink(shm_segment(info.rank))
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
