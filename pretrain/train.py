@@ -76,6 +76,10 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     model = build_model(stage.make_model, run.ds_config, s.seed)
     if run.init is not None and resume_from is None:  # before initialize: the optimizer copies the weights it sees
         init_from.load_into(model, run.init, rank=info.rank)
+        if info.rank == 0:
+            report = run.init.report()
+            print(f"pretrain.train: init_from {run.init.tag_dir}: carried {_counts(report['carried'])}; "
+                  f"fresh {_counts(report['fresh']) or 'none'} (parameter tensors)", file=sys.stderr)
     engine = initialize(model, run.ds_config, s.weight_decay)
     if resume_from is None:
         step = 0
@@ -126,6 +130,10 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     distributed.barrier()
 
 
+def _counts(per_module: dict[str, int]) -> str:
+    return ", ".join(f"{module} {n}" for module, n in per_module.items())
+
+
 @torch.no_grad()
 def evaluate(engine, stage, loader, step: int) -> dict:
     engine.eval()
@@ -151,7 +159,8 @@ def _write_run_info(cfg: DictConfig, run: Setup, info, model, step: int, data_st
     run_info = {
         "world_size": info.world_size, "parameters": count_parameters(model), "partition_numel_per_rank": per_rank,
         "micro_batch": g.micro, "grad_accum": g.accum, "global_batch": g.global_batch, "resumed_from_step": step,
-        "initialized_from": None if run.init is None else run.init.tag_dir, "train_data": data_stats,
+        "initialized_from": None if run.init is None else run.init.tag_dir,
+        "init_tensors": None if run.init is None else run.init.report(), "train_data": data_stats,
         "deepspeed_config": run.ds_config,
     }  # fmt: skip
     with open(os.path.join(s.run_dir, "run.json"), "w") as f:

@@ -52,6 +52,7 @@ def main(run_dir: str, decoder_init: str, out_path: str) -> None:
             result = {
                 "encoder_max_diff": float((h2 - h1)[mask].abs().max()),
                 "mlm_max_diff": float((model.mlm_head(h2, word2) - reference.mlm_head(h1, word1))[mask].abs().max()),
+                "sentence_max_diff": float((model.sentence_head(h2) - reference.sentence_head(h1)).abs().max()),
                 "decoder_from_top_layer": all(
                     torch.equal(model.decoder.layers[i].self_attn.qkv.weight, reference.encoder.layers[one.layers - 2 + i].attn.qkv.weight)
                     and torch.equal(model.decoder.layers[i].ffn.down.weight, reference.encoder.layers[one.layers - 2 + i].ffn.down.weight)

@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from runs import DEEPSPEED, PYTHON, REPO, TINY, launch, rows
 
@@ -45,6 +46,8 @@ def test_stage_two_trains_from_stage_one_and_drops_mlm_for_the_last_tenth(palm_r
     assert 0.0 < train[0]["padding"] < 0.5
     info = json.load(open(os.path.join(palm_run, "run.json")))
     assert info["initialized_from"] == os.path.join(stage_one["two_ranks"], "checkpoints", "step6")
+    carried, fresh = info["init_tensors"]["carried"], info["init_tensors"]["fresh"]
+    assert set(carried) == {"encoder", "mlm_head", "sentence_head"} and set(fresh) == {"decoder"}
     assert info["world_size"] == 2 and all(p <= info["parameters"] // 2 + 64 for p in info["partition_numel_per_rank"])
 
 
@@ -64,7 +67,18 @@ def test_stage_two_encoder_equals_stage_one_encoder(stage_one, tmp_path, written
            [stage_one[written_by], decoder_init, str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert result["encoder_max_diff"] <= 1e-5 and result["mlm_max_diff"] <= 1e-5, result
+    assert result["sentence_max_diff"] <= 1e-5, result
     assert result["decoder_from_top_layer"] == (decoder_init == "encoder_top")
+
+
+def test_stage_two_checkpoint_keeps_the_stage_one_sentence_head(palm_run, stage_one):
+    """Issue 9, finding 5: carried into stage two, frozen there (no sentence objective), saved with the rest."""
+    from pretrain.training.checkpoint import consolidate, find
+
+    two, one = consolidate(find(palm_run, "run.dir")), consolidate(find(stage_one["two_ranks"], "run.dir"))
+    heads = [n for n in one if n.startswith("sentence_head.")]
+    assert len(heads) == 4 and all(torch.equal(two[n], one[n]) for n in heads)
+    assert not torch.equal(two["encoder.layers.0.attn.qkv.weight"], one["encoder.layers.0.attn.qkv.weight"])
 
 
 def test_stage_two_from_random_weights(prepared, tmp_path):

@@ -17,7 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.data.masking import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import (
-    Embeddings, Encoder, FeedForward, MLMHead, SelfAttention, attend, init_weights, masked_ce, padding_mask,
+    Embeddings, Encoder, FeedForward, MLMHead, SelfAttention, SentenceHead, attend, init_weights, masked_ce,
+    padding_mask,
 )  # fmt: skip
 
 
@@ -151,7 +152,11 @@ class Decoder(nn.Module):
 
 
 class Palm(nn.Module):
-    """Encoder (+ MLM head, for the masked-source phase) and decoder, all sharing one embedding module."""
+    """Encoder (+ MLM head, for the masked-source phase) and decoder, all sharing one embedding module.
+
+    The stage-one sentence head rides along frozen: stage two has no sentence objective, and PLUG's released
+    encoder keeps its 3-way head, so a stage-two checkpoint holds a complete stage-one encoder (for export and
+    fine-tuning) without training or decaying that head."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -160,6 +165,7 @@ class Palm(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.mlm_head = MLMHead(cfg)
+        self.sentence_head = SentenceHead(cfg).requires_grad_(False)
         self.decoder = Decoder(cfg)
         if cfg.copy:
             self.copy_gate = nn.Linear(2 * cfg.hidden, 1)

@@ -63,9 +63,11 @@ def saved_state(tag_dir: str) -> dict:
 
 
 def recorded_shapes(tag_dir: str, key: str) -> dict[str, tuple[int, ...]]:
-    """Every parameter's full (unpartitioned) shape, as DeepSpeed records it beside rank 0's partition."""
-    shapes = {}
-    for group in saved_state(tag_dir).get("param_shapes") or []:
+    """Every parameter's full (unpartitioned) shape, as DeepSpeed records it beside rank 0's partition (the
+    frozen ones apart)."""
+    state = saved_state(tag_dir)
+    shapes = {name: tuple(shape) for name, shape in (state.get("frozen_param_shapes") or {}).items()}
+    for group in state.get("param_shapes") or []:
         shapes.update({name: tuple(shape) for name, shape in group.items()})
     if not shapes:
         raise UserError(f"{key}={tag_dir}: the checkpoint records no parameter shapes (not a ZeRO-3 checkpoint?)")

@@ -17,9 +17,10 @@ def build_model(make: Callable[[], nn.Module], ds_config: dict, seed: int) -> nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and LayerNorm weights (every 1-d parameter)."""
+    """AdamW groups: no weight decay on biases and LayerNorm weights (every 1-d parameter). Frozen parameters
+    (stage two's carried sentence head) are in no group: the optimizer never touches them."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for p in filter(lambda p: p.requires_grad, model.parameters()):
         (no_decay if len(getattr(p, "ds_shape", p.shape)) <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -1,7 +1,7 @@
 """Stage two starts from stage one: a StructBERT ZeRO-3 checkpoint, written by any number of ranks, is
 consolidated on rank 0 and copied into the partitioned PALM model one parameter at a time.
 
-The encoder (and its MLM head) keep their names across the stages, so the mapping is the identity on them;
+The encoder and its heads (MLM, sentence) keep their names across the stages, so the mapping is the identity on them;
 the decoder is new, or (`model.decoder_init=encoder_top`) takes the self-attention and FFN of the top
 encoder layers. Everything that can be wrong with `init_from` is checked from the checkpoint's recorded
 parameter shapes, before any rank starts or writes, so a bad path costs one line, not a failed job.
@@ -26,17 +26,28 @@ class InitSource:
 
     tag_dir: str
     mapping: dict[str, str]  # our parameter -> the checkpoint's (missing: keeps its fresh init)
+    fresh: tuple[str, ...]  # our parameters that keep their fresh init
+
+    def report(self) -> dict[str, dict[str, int]]:
+        """Parameter tensors carried from the checkpoint and left fresh, counted per top-level module."""
+        def count(names):
+            out: dict[str, int] = {}
+            for name in names:
+                out[name.split(".")[0]] = out.get(name.split(".")[0], 0) + 1
+            return out
+        return {"carried": count(self.mapping), "fresh": count(self.fresh)}
 
 
 def init_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> InitSource:
     """The checkpoint `init_from` names (a run directory or a checkpoint), checked against our shapes."""
     tag_dir = checkpoint.find(init_from, "init_from")
-    return InitSource(tag_dir, check(init_from, tag_dir, target_shapes, cfg))
+    mapping = check(init_from, tag_dir, target_shapes, cfg)
+    return InitSource(tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping))
 
 
 def source_names(target_names: list[str], cfg: ModelConfig) -> dict[str, str]:
     """Stage-two parameter -> the stage-one parameter it starts from (missing = keeps its fresh init)."""
-    mapping = {n: n for n in target_names if n.startswith(("encoder.", "mlm_head."))}
+    mapping = {n: n for n in target_names if n.startswith(("encoder.", "mlm_head.", "sentence_head."))}
     if cfg.decoder_init == "encoder_top":
         first = cfg.layers - cfg.decoder_layers  # decoder layer i <- encoder layer first + i
         for name in target_names:
