@@ -135,6 +135,24 @@ def main(argv: list[str]) -> None:
             os.remove(tmp)
     print(f"pretrain.samples: {len(order)} {stage.name} samples (steps 1-{order[-1][0]}, global batch "
           f"{geometry.global_batch}) -> {args.out}")
+    print("\n".join(overview(stage.name, data, [g for _, g in order])))
+
+
+def overview(stage_name: str, data, indices: list[int]) -> list[str]:
+    """What to check in a new corpus at a glance: SSO label shares (stage one), drawn and realised lengths (two)."""
+    if stage_name == "palm":
+        from pretrain.data.palm import _histogram
+        from pretrain.summary import render_lengths
+
+        spans = [data.sample_spans(g) for g in indices]
+        drawn, realised = np.array([s["drawn"] for s in spans]), np.array([s["realised"] for s in spans])
+        h = {"samples": len(indices), "snap": data.snap, "encoder": _histogram(drawn[:, 0], realised[:, 0], data.src_len),
+             "decoder": _histogram(drawn[:, 1], realised[:, 1], data.tgt_len)}  # fmt: skip
+        ends = np.mean([s["ends_document"] for s in spans])
+        return render_lengths(h) + [f"  targets ending where their document ends ([SEP]): {ends:.1%}"]
+    labels = np.array([data.sample_spans(g)[2] for g in indices])
+    shares = ", ".join(f"{SSO_NAMES[k] or 'none (one-sentence document)'} {np.mean(labels == k):.1%}" for k in SSO_NAMES)
+    return [f"  SSO labels: {shares}"]
 
 
 if __name__ == "__main__":

@@ -156,6 +156,7 @@ def test_snap_moves_to_the_nearest_sentence_end_either_way():
     assert ds._snap(16, lo=0, hi=40, tol=10) == 16  # nearest ends 3 away: too far, kept
     assert ds._snap(21, lo=0, hi=40, tol=12) == 23  # forward within 3
     assert ds._snap(21, lo=0, hi=22, tol=12) == 21  # ... but not past hi
+    assert ds._snap(20, lo=0, hi=21, tol=40) == 20  # 13 is within 10 back, but the window is as wide back as forward
     assert ds._snap(9, lo=8, hi=40, tol=10) == 9  # never back onto lo: a part keeps a token
     assert ds._snap(10, lo=0, hi=40, tol=10) == ds._snap(10, lo=0, hi=40, tol=10)
     assert dataset(make_corpus([[8, 5, 10, 20]]), snap=0.0)._snap(12, lo=0, hi=40, tol=10) == 12

@@ -138,13 +138,16 @@ class PalmDataset(torch.utils.data.Dataset):
         return int(np.searchsorted(self.unit_start, token, side="right")) - 1
 
     def _snap(self, at: int, lo: int, hi: int, tol: int) -> int:
-        """`at` moved to the nearest sentence end within snap * tol tokens of it, in (lo, hi], if there is one
-        (the earlier of two as near): parts that end where a sentence ends are what the model will be asked to
-        write, and snapping both ways keeps realised lengths centred on the drawn ones."""
-        reach = int(self.snap * tol)
-        i = np.searchsorted(self.sent_offsets, max(at - reach, lo + 1))
-        ends = self.sent_offsets[i : np.searchsorted(self.sent_offsets, min(at + reach, hi), side="right")]
-        return int(ends[np.argmin(np.abs(ends - at))]) if len(ends) else min(at, hi)
+        """`at` moved to the nearest sentence end within snap * tol tokens of it (the earlier of two as near):
+        parts that end where a sentence ends are what the model will be asked to write. The window is as wide
+        back as forward, both within (lo, hi], so that snapping moves lengths as often up as down and the
+        realised lengths keep the drawn distribution, up to its bounds."""
+        reach = min(int(self.snap * tol), hi - at, at - lo - 1)
+        if reach <= 0:
+            return min(at, hi)
+        i = np.searchsorted(self.sent_offsets, at - reach)
+        ends = self.sent_offsets[i : np.searchsorted(self.sent_offsets, at + reach, side="right")]
+        return int(ends[np.argmin(np.abs(ends - at))]) if len(ends) else at
 
     def doc_of(self, token: int) -> int:
         return int(np.searchsorted(self.doc_tokens, token, side="right")) - 1
