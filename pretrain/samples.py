@@ -148,8 +148,12 @@ def overview(stage_name: str, data, indices: list[int]) -> list[str]:
         drawn, realised = np.array([s["drawn"] for s in spans]), np.array([s["realised"] for s in spans])
         h = {"samples": len(indices), "snap": data.snap, "encoder": _histogram(drawn[:, 0], realised[:, 0], data.src_len),
              "decoder": _histogram(drawn[:, 1], realised[:, 1], data.tgt_len)}  # fmt: skip
-        ends = np.mean([s["ends_document"] for s in spans])
-        return render_lengths(h) + [f"  targets ending where their document ends ([SEP]): {ends:.1%}"]
+        share = {key: np.mean([s[key] for s in spans]) for key in ("ends_document", "moved")}
+        sentence_end = {part: np.mean([data.is_sentence_end(s[part]) for s in spans]) for part in ("split", "end")}
+        return render_lengths(h) + [
+            f"  contexts ending on a sentence end: {sentence_end['split']:.1%}; targets: {sentence_end['end']:.1%}; "
+            f"targets ending where their document ends ([SEP]): {share['ends_document']:.1%}",
+            f"  samples moved to a document long enough for their lengths: {share['moved']:.1%}"]
     labels = np.array([data.sample_spans(g)[2] for g in indices])
     shares = ", ".join(f"{SSO_NAMES[k] or 'none (one-sentence document)'} {np.mean(labels == k):.1%}" for k in SSO_NAMES)
     return [f"  SSO labels: {shares}"]
