@@ -98,7 +98,8 @@ def test_mlm_off_still_backprops_and_projection_is_tied():
     keys = model.state_dict().keys()
     assert not any(k.startswith("decoder.embeddings") for k in keys)
     assert sum(k.endswith("word.weight") for k in keys) == 1
-    assert not hasattr(model, "sentence_head")
+    # the stage-one sentence head rides along frozen: no gradient, in no optimizer group
+    assert all(not p.requires_grad and p.grad is None for p in model.sentence_head.parameters())
 
 
 def test_decoder_parameter_names_match_the_encoder_layers():

@@ -28,8 +28,9 @@ def closed_form(cfg, stage: str) -> int:
     n = (v + cfg.max_positions + cfg.type_vocab) * h + (0 if cfg.pre_ln else ln)  # embeddings
     n += cfg.layers * (attn + ffn + 2 * ln) + (ln if cfg.pre_ln else 0)  # encoder layers, final LayerNorm
     n += h * h + h + ln + v  # MLM head: transform, LayerNorm, output bias (the projection is the tied embedding)
+    n += h * h + h + h * cfg.sso_classes + cfg.sso_classes  # pooler, sentence classifier (frozen in stage two)
     if stage == "structbert":
-        return n + h * h + h + h * cfg.sso_classes + cfg.sso_classes  # pooler, sentence classifier
+        return n
     n += cfg.decoder_layers * (2 * attn + ffn + 3 * ln) + (ln if cfg.pre_ln else 0)  # self + cross attention
     return n + (2 * h + 1 if cfg.copy else 0)
 

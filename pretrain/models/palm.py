@@ -165,10 +165,10 @@ class Palm(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.mlm_head = MLMHead(cfg)
-        self.sentence_head = SentenceHead(cfg).requires_grad_(False)
         self.decoder = Decoder(cfg)
         if cfg.copy:
             self.copy_gate = nn.Linear(2 * cfg.hidden, 1)
+        self.sentence_head = SentenceHead(cfg).requires_grad_(False)  # last: the other modules' init is unchanged
         init_weights(self, cfg.init_std)
 
     def encode(self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor) -> torch.Tensor:
