@@ -151,15 +151,22 @@ def spans(ds, g):
 
 def test_snap_moves_to_the_nearest_sentence_end_either_way():
     ds = dataset(make_corpus([[8, 5, 10, 20]]), snap=0.25)  # sentence ends at 8, 13, 23, 43
-    assert ds._snap(10, lo=0, hi=40, tol=10) == 8  # 2 back: within int(0.25 * 10) = 2
-    assert ds._snap(11, lo=0, hi=40, tol=10) == 13  # 2 forward, nearer than 8
-    assert ds._snap(16, lo=0, hi=40, tol=10) == 16  # nearest ends 3 away: too far, kept
-    assert ds._snap(21, lo=0, hi=40, tol=12) == 23  # forward within 3
-    assert ds._snap(21, lo=0, hi=22, tol=12) == 21  # ... but not past hi
-    assert ds._snap(20, lo=0, hi=21, tol=40) == 20  # 13 is within 10 back, but the window is as wide back as forward
-    assert ds._snap(9, lo=8, hi=40, tol=10) == 9  # never back onto lo: a part keeps a token
-    assert ds._snap(10, lo=0, hi=40, tol=10) == ds._snap(10, lo=0, hi=40, tol=10)
-    assert dataset(make_corpus([[8, 5, 10, 20]]), snap=0.0)._snap(12, lo=0, hi=40, tol=10) == 12
+    wide = np.array([1, 40])  # the drawn range's bounds, far away
+
+    def snap(at, tol, bounds=wide, cap=40):
+        return ds._snap(at, np.asarray(bounds), cap=cap, tol=tol)
+
+    assert snap(10, tol=10) == 8  # 2 back: within int(0.25 * 10) = 2
+    assert snap(11, tol=10) == 13  # 2 forward, nearer than 8
+    assert snap(16, tol=10) == 16  # nearest ends 3 away: too far, kept
+    assert snap(21, tol=12) == 23  # forward within 3
+    assert snap(21, tol=12, cap=22) == 21  # not past the cap, and no further back than it lets it go forward
+    assert snap(22, tol=40, cap=23) == 23  # up to the cap (a document's end) is allowed
+    assert snap(12, tol=10, bounds=[10, 40]) == 13  # 8 is 4 back: too far; 13 is within reach
+    assert snap(9, tol=10, bounds=[8, 40]) == 9  # 8 is the bound: the move back from it to 9 would not fit
+    assert snap(10, tol=40, bounds=[7, 40]) == 13  # 8 is nearer, but from 8 a move of 2 back would leave [7, 40]
+    assert snap(21, tol=40, bounds=[1, 22]) == 13  # 23 is past the bound; from 13 a move of 8 up stays within it
+    assert dataset(make_corpus([[8, 5, 10, 20]]), snap=0.0)._snap(12, wide, cap=40, tol=10) == 12
 
 
 def test_snap_never_empties_a_part():

@@ -122,8 +122,9 @@ class PalmDataset(torch.utils.data.Dataset):
                 tgt_len = total - ctx_len
         # the context may snap forward only as far as leaves the target its room
         split_hi = min(start + self.src_len[1] - 2, max(doc_end - tgt_len, start + ctx_len), doc_end - 1)
-        split = self._snap(start + ctx_len, lo=start, hi=split_hi, tol=ctx_len)
-        end = self._snap(split + tgt_len, lo=split, hi=min(split + self.tgt_len[1] - 1, doc_end), tol=tgt_len)
+        split = self._snap(start + ctx_len, start + np.array(self.src_len) - 2, cap=split_hi, tol=ctx_len)
+        end = self._snap(split + tgt_len, split + np.array(self.tgt_len) - 1, cap=min(split + self.tgt_len[1] - 1, doc_end),
+                         tol=tgt_len)  # fmt: skip
         return rng, start, split, end, (ls, lt)
 
     def _unit_with_room(self, need: int, rng: np.random.Generator, default: int) -> int:
@@ -137,17 +138,18 @@ class PalmDataset(torch.utils.data.Dataset):
         token = int(self.doc_tokens[self.by_length[i]]) + t - int(self.tokens_before[i])
         return int(np.searchsorted(self.unit_start, token, side="right")) - 1
 
-    def _snap(self, at: int, lo: int, hi: int, tol: int) -> int:
-        """`at` moved to the nearest sentence end within snap * tol tokens of it (the earlier of two as near):
-        parts that end where a sentence ends are what the model will be asked to write. The window is as wide
-        back as forward, both within (lo, hi], so that snapping moves lengths as often up as down and the
-        realised lengths keep the drawn distribution, up to its bounds."""
-        reach = min(int(self.snap * tol), hi - at, at - lo - 1)
-        if reach <= 0:
-            return min(at, hi)
+    def _snap(self, at: int, bounds: np.ndarray, cap: int, tol: int) -> int:
+        """`at` moved to the nearest sentence end within snap * tol tokens of it (the earlier of two as near) and
+        not past `cap`: parts that end where a sentence ends are what the model will be asked to write. Only to
+        an end from which the move back would be allowed too, given the drawn range's `bounds` [lo, hi]: lengths
+        then move as often up as down, also near the bounds, and the realised lengths keep the drawn
+        distribution. (Without it, lengths near a bound could move inwards but not out.)"""
+        reach = min(int(self.snap * tol), cap - at)  # as far back as the cap lets it go forward
         i = np.searchsorted(self.sent_offsets, at - reach)
         ends = self.sent_offsets[i : np.searchsorted(self.sent_offsets, at + reach, side="right")]
-        return int(ends[np.argmin(np.abs(ends - at))]) if len(ends) else at
+        lo, hi = int(bounds[0]), int(bounds[1])
+        ends = ends[(np.abs(ends - at) <= np.minimum(hi - ends, ends - lo)) | (at < lo) | (at > hi)]
+        return int(ends[np.argmin(np.abs(ends - at))]) if len(ends) else min(at, cap)
 
     def doc_of(self, token: int) -> int:
         return int(np.searchsorted(self.doc_tokens, token, side="right")) - 1
