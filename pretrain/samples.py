@@ -149,7 +149,7 @@ def overview(stage_name: str, data, indices: list[int]) -> list[str]:
         h = {"samples": len(indices), "snap": data.snap, "encoder": _histogram(drawn[:, 0], realised[:, 0], data.src_len),
              "decoder": _histogram(drawn[:, 1], realised[:, 1], data.tgt_len)}  # fmt: skip
         share = {key: np.mean([s[key] for s in spans]) for key in ("ends_document", "moved")}
-        sentence_end = {part: np.mean([data.is_sentence_end(s[part]) for s in spans]) for part in ("split", "end")}
+        sentence_end = {part: np.mean([data.corpus.is_sentence_boundary(s[part]) for s in spans]) for part in ("split", "end")}
         return render_lengths(h) + [
             f"  contexts ending on a sentence end: {sentence_end['split']:.1%}; targets: {sentence_end['end']:.1%}; "
             f"targets ending where their document ends ([SEP]): {share['ends_document']:.1%}",

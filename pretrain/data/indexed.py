@@ -50,6 +50,11 @@ class IndexedCorpus:
     def num_docs(self) -> int:
         return len(self.doc_offsets) - 1
 
+    def is_sentence_boundary(self, t):
+        """Whether token offset(s) t fall where a sentence starts or ends (offset num_tokens included)."""
+        offsets = self.sent_offsets
+        return offsets[np.minimum(np.searchsorted(offsets, t), len(offsets) - 1)] == t
+
     def sentence(self, s: int) -> np.ndarray:
         return self.tokens[self.sent_offsets[s] : self.sent_offsets[s + 1]]
 

@@ -154,9 +154,6 @@ class PalmDataset(torch.utils.data.Dataset):
     def doc_of(self, token: int) -> int:
         return int(np.searchsorted(self.doc_tokens, token, side="right")) - 1
 
-    def is_sentence_end(self, t: int) -> bool:
-        return bool(self.sent_offsets[min(np.searchsorted(self.sent_offsets, t), len(self.sent_offsets) - 1)] == t)
-
     def _ends_document(self, end: int) -> bool:
         return bool(self.doc_tokens[np.searchsorted(self.doc_tokens, end)] == end)
 

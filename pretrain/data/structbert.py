@@ -139,7 +139,7 @@ class StructBertDataset(torch.utils.data.Dataset):
         such a span is passed over, up to SAME_SHAPE_TRIES draws; then the length alone is kept (the span may
         end mid-sentence), and without any room for it, the longest other document is cut short."""
         length = like[1] - like[0]
-        ends_a_sentence = self._is_sentence_end(like[1])
+        ends_a_sentence = self.corpus.is_sentence_boundary(like[1])
         rank = int(self.doc_rank[doc])
         lo, hi = max(rank - LENGTH_NEIGHBOURS, 0), min(rank + LENGTH_NEIGHBOURS + 1, len(self.by_length))
         fallback = None
@@ -151,7 +151,7 @@ class StructBertDataset(torch.utils.data.Dataset):
             s = int(rng.integers(s0, s1))
             starts = self.sent_offsets[np.concatenate([np.arange(s, s1), np.arange(s0, s)])[:SAME_SHAPE_SCAN]]
             fits = starts + length <= self.sent_offsets[s1]
-            shaped = fits & (self._is_sentence_end(starts + length) == ends_a_sentence)
+            shaped = fits & (self.corpus.is_sentence_boundary(starts + length) == ends_a_sentence)
             if shaped.any():
                 start = int(starts[np.argmax(shaped)])
                 return start, start + length
@@ -162,10 +162,6 @@ class StructBertDataset(torch.utils.data.Dataset):
         other = int(self.by_length[-1] if self.by_length[-1] != doc else self.by_length[-2])
         start, end = (int(t) for t in self.sent_offsets[self.doc_sents[other : other + 2]])
         return start, min(start + length, end)
-
-    def _is_sentence_end(self, t):
-        i = np.minimum(np.searchsorted(self.sent_offsets, t), len(self.sent_offsets) - 1)
-        return self.sent_offsets[i] == t
 
     def build_sample(self, chunk: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         span_a, span_b, sso_label = self._segments(chunk, rng)
