@@ -17,5 +17,8 @@ setup(
         "tqdm",
         "wandb",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "hf": ["transformers>=5.24,<6", "safetensors>=0.4"],  # pretrain.export (tested with 5.24.0)
+        "test": ["pytest>=7", "transformers>=5.24,<6", "safetensors>=0.4"],
+    },
 )

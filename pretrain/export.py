@@ -1,0 +1,249 @@
+"""Export a run's checkpoint to a Hugging Face `transformers` directory (needs `pip install -e .[hf]`):
+
+    python -m pretrain.export run.dir=<run> out=<dir> [step=<N>] [overwrite=false] [check=true]
+
+The newest checkpoint (or `step=N`'s), written by any number of ranks, is consolidated once (DeepSpeed's
+zero_to_fp32) and its tensors are renamed, not copied, into transformers' layout:
+- stage one, pre-LN (PLUG): `model_type` megatron-bert; post-LN (`model.pre_ln=false`): bert. One
+  model.safetensors holds `bert.*`, `cls.predictions.*` (the MLM head; its decoder is the tied word embedding)
+  and `classifier.*` (the 3-way sentence head), so AutoModel, AutoModelForMaskedLM and
+  AutoModelForSequenceClassification (num_labels=3) load it with no missing or unexpected key.
+Also written: config.json, the tokenizer (save_pretrained, with split_special_tokens so that literal "[MASK]"
+text tokenizes as ours does), and a model card (README.md). The directory is built beside `out` and renamed
+into place at the end: an error leaves nothing half-written.
+
+check=true (the default) then loads the export with transformers' Auto classes, runs it and our model on one
+fixed padded batch in fp32, prints the largest differences (hidden states, MLM logits, sentence logits) and
+fails if one exceeds 1e-4.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from pretrain.cli import parse
+from pretrain.data.tokenizer import Tokenizer, read_vocab
+from pretrain.errors import UserError, exit_on_user_error
+from pretrain.models.config import ModelConfig
+from pretrain.training import checkpoint
+
+DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True}
+CHECK_TOLERANCE = 1e-4  # max |difference| between transformers' outputs and ours that `check` accepts
+SSO_LABELS = {0: "random", 1: "next", 2: "previous"}  # data/structbert.py's SSO_RANDOM, SSO_NEXT, SSO_PREVIOUS
+
+
+def encoder_names(cfg: ModelConfig, prefix: str = "bert.") -> dict[str, str]:
+    """Our encoder's parameter names -> transformers' (BERT or MegatronBERT), the fused QKV aside (split_qkv)."""
+    names = {
+        "encoder.embeddings.word.weight": "embeddings.word_embeddings.weight",
+        "encoder.embeddings.position.weight": "embeddings.position_embeddings.weight",
+        "encoder.embeddings.token_type.weight": "embeddings.token_type_embeddings.weight",
+    }
+    if cfg.pre_ln:  # MegatronBERT: LayerNorm before attention and FFN, one after the last layer
+        attn_norm, ffn_norm = "attention.ln", "ln"
+        names.update({f"encoder.final_norm.{p}": f"encoder.ln.{p}" for p in ("weight", "bias")})
+    else:  # BERT: after each residual, and on the embeddings
+        attn_norm, ffn_norm = "attention.output.LayerNorm", "output.LayerNorm"
+        names.update({f"encoder.embeddings.norm.{p}": f"embeddings.LayerNorm.{p}" for p in ("weight", "bias")})
+    for i in range(cfg.layers):
+        ours, theirs = f"encoder.layers.{i}.", f"encoder.layer.{i}."
+        for p in ("weight", "bias"):
+            names.update({
+                f"{ours}attn.out.{p}": f"{theirs}attention.output.dense.{p}",
+                f"{ours}attn_norm.{p}": f"{theirs}{attn_norm}.{p}",
+                f"{ours}ffn.up.{p}": f"{theirs}intermediate.dense.{p}",
+                f"{ours}ffn.down.{p}": f"{theirs}output.dense.{p}",
+                f"{ours}ffn_norm.{p}": f"{theirs}{ffn_norm}.{p}",
+            })  # fmt: skip
+    return {k: prefix + v for k, v in names.items()}
+
+
+def split_qkv(state: dict, cfg: ModelConfig, prefix: str = "bert.") -> dict[str, torch.Tensor]:
+    """Our fused [Q; K; V] projection as transformers' query, key and value (views: thirds along dim 0)."""
+    out = {}
+    for i in range(cfg.layers):
+        for p in ("weight", "bias"):
+            q, k, v = state[f"encoder.layers.{i}.attn.qkv.{p}"].chunk(3, dim=0)
+            base = f"{prefix}encoder.layer.{i}.attention.self."
+            out.update({f"{base}query.{p}": q, f"{base}key.{p}": k, f"{base}value.{p}": v})
+    return out
+
+
+def stage_one_tensors(state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The transformers state dict of a stage-one model (the same tensors, renamed)."""
+    heads = {
+        "mlm_head.dense.weight": "cls.predictions.transform.dense.weight",
+        "mlm_head.dense.bias": "cls.predictions.transform.dense.bias",
+        "mlm_head.norm.weight": "cls.predictions.transform.LayerNorm.weight",
+        "mlm_head.norm.bias": "cls.predictions.transform.LayerNorm.bias",
+        "mlm_head.bias": "cls.predictions.bias",
+        "sentence_head.pooler.weight": "bert.pooler.dense.weight",
+        "sentence_head.pooler.bias": "bert.pooler.dense.bias",
+        "sentence_head.classifier.weight": "classifier.weight",
+        "sentence_head.classifier.bias": "classifier.bias",
+    }
+    names = {**encoder_names(cfg), **heads}
+    tensors = {theirs: state[ours] for ours, theirs in names.items()}
+    tensors.update(split_qkv(state, cfg))
+    expected = set(names) | {f"encoder.layers.{i}.attn.qkv.{p}" for i in range(cfg.layers) for p in ("weight", "bias")}
+    left = sorted(set(state) - expected)
+    if left:  # a parameter we do not know how to place: refuse rather than drop it silently
+        raise UserError(f"the checkpoint has {left[0]} (and {len(left) - 1} more) that the export does not map")
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def stage_one_config(cfg: ModelConfig, pad_id: int):
+    from transformers import BertConfig, MegatronBertConfig
+
+    kind, arch = (MegatronBertConfig, "MegatronBertForMaskedLM") if cfg.pre_ln else (BertConfig, "BertForMaskedLM")
+    return kind(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        intermediate_size=cfg.ffn, hidden_act="gelu", hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attn_dropout, max_position_embeddings=cfg.max_positions,
+        type_vocab_size=cfg.type_vocab, initializer_range=cfg.init_std, layer_norm_eps=cfg.ln_eps, pad_token_id=pad_id,
+        tie_word_embeddings=True, architectures=[arch], num_labels=cfg.sso_classes,
+        id2label=dict(SSO_LABELS), label2id={v: k for k, v in SSO_LABELS.items()},
+    )  # fmt: skip
+
+
+def save_tokenizer(vocab_path: str, out: str) -> None:
+    """bert-base-chinese's pipeline over our vocab; literal "[MASK]" text is text, as in our tokenizer."""
+    from transformers import BertTokenizer  # the fast one in transformers 5
+
+    tokens = read_vocab(vocab_path)
+    vocab = {tok: i for i, tok in reversed(list(enumerate(tokens)))}  # first occurrence wins, as in ours
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True, tokenize_chinese_chars=True, strip_accents=None,
+                        split_special_tokens=True)  # fmt: skip
+    tok.save_pretrained(out)
+
+
+def model_card(run_dir: str, tag_dir: str, stage: str, cfg: ModelConfig, model_type: str) -> str:
+    """A short README.md: what the model is, the run's config, steps, data and final metrics."""
+    info, rows = {}, []
+    if os.path.isfile(os.path.join(run_dir, "run.json")):
+        with open(os.path.join(run_dir, "run.json")) as f:
+            info = json.load(f)
+    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    last = {split: next((r for r in reversed(rows) if r["split"] == split), None) for split in ("train", "valid")}
+    data = info.get("train_data", {})
+    lines = [
+        f"# {os.path.basename(os.path.normpath(run_dir))}: {'StructBERT (stage one)' if stage == 'structbert' else 'PALM (stage two)'}",
+        "", f"Exported by `python -m pretrain.export` from `{tag_dir}` (model_type `{model_type}`).", "",
+        "| setting | value |", "|---|---|",
+        *(f"| {k} | {v} |" for k, v in (
+            ("hidden x layers x heads", f"{cfg.hidden} x {cfg.layers} x {cfg.heads}"), ("ffn", cfg.ffn),
+            ("decoder layers", cfg.decoder_layers), ("vocab (padded)", cfg.vocab_size), ("positions", cfg.max_positions),
+            ("pre-LN", cfg.pre_ln), ("parameters", info.get("parameters")), ("global batch", info.get("global_batch")),
+            ("steps", (last["train"] or {}).get("step")), ("documents", data.get("num_docs")),
+        )),
+    ]  # fmt: skip
+    for split, row in last.items():
+        if row:
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith(("_loss", "_acc", "_ppl")) and v is not None)
+            lines += ["", f"Last {split} row (step {row['step']}): {metrics}."]
+    if stage == "structbert":
+        lines += ["", "Sentence head: `AutoModelForSequenceClassification`, labels 0 random, 1 next, 2 previous."]
+    return "\n".join(lines) + "\n"
+
+
+def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = False) -> str:
+    """Write the export of run_dir's newest (or step's) checkpoint to out; returns the checkpoint exported."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("the export needs transformers and safetensors: pip install -e '.[hf]'") from None
+    for name in ("model.json", "vocab.txt"):
+        if not os.path.isfile(os.path.join(run_dir, name)):
+            raise UserError(f"run.dir={run_dir}: no {name} (not a training run directory)")
+    if os.path.exists(out) and not overwrite and os.listdir(out):
+        raise UserError(f"out={out}: exists and is not empty (overwrite=true replaces it)")
+    with open(os.path.join(run_dir, "model.json")) as f:
+        saved = json.load(f)
+    stage = saved.pop("stage")
+    cfg = ModelConfig(**saved)
+    if stage != "structbert":
+        raise UserError(f"run.dir={run_dir}: a stage-two (palm) run; this export writes stage-one models so far")
+    where = os.path.join(run_dir, "checkpoints", f"step{step}") if step is not None else run_dir
+    tag_dir = checkpoint.find(where, "step" if step is not None else "run.dir")
+    state = checkpoint.consolidate(tag_dir)
+    tensors = stage_one_tensors(state, cfg)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        del tensors, state
+        hf_cfg = stage_one_config(cfg, pad_id=Tokenizer(os.path.join(run_dir, "vocab.txt")).pad_id)
+        hf_cfg.save_pretrained(tmp)
+        save_tokenizer(os.path.join(run_dir, "vocab.txt"), tmp)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(run_dir, tag_dir, stage, cfg, hf_cfg.model_type))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep other users out of the export
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return tag_dir
+
+
+def check(run_dir: str, out: str, tag_dir: str) -> dict[str, float]:
+    """Largest |transformers - ours| of each output on one fixed padded batch (fp32, dropout off)."""
+    import transformers
+
+    from pretrain.models.structbert import StructBert
+
+    transformers.logging.set_verbosity_error()  # its load report lists the other heads' keys as unexpected
+    transformers.logging.disable_progress_bar()
+
+    with open(os.path.join(run_dir, "model.json")) as f:
+        saved = json.load(f)
+    saved.pop("stage")
+    cfg = ModelConfig(**{**saved, "dropout": 0.0, "attn_dropout": 0.0})
+    with torch.device("meta"):
+        ours = StructBert(cfg)
+    ours.load_state_dict(checkpoint.consolidate(tag_dir), strict=True, assign=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, cfg.vocab_size, (3, min(24, cfg.max_positions)), generator=g)
+    types = torch.randint(0, 2, ids.shape, generator=g)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, ids.shape[1] * 2 // 3 :], mask[2, ids.shape[1] // 3 :] = False, False
+    diffs = {}
+    with torch.no_grad():
+        h = ours.eval().encoder(ids, types, mask)
+        want = {"hidden": h, "mlm_logits": ours.mlm_head(h, ours.encoder.embeddings.word.weight),
+                "sentence_logits": ours.sentence_head(h)}  # fmt: skip
+        for key, cls in (("hidden", "AutoModel"), ("mlm_logits", "AutoModelForMaskedLM"),
+                         ("sentence_logits", "AutoModelForSequenceClassification")):  # fmt: skip
+            model = getattr(transformers, cls).from_pretrained(out).eval()
+            got = model(input_ids=ids, token_type_ids=types, attention_mask=mask.long())
+            got = got.last_hidden_state if key == "hidden" else got.logits
+            diffs[key] = float((got - want[key])[mask if got.dim() == 3 else slice(None)].abs().max())
+    return diffs
+
+
+def main(argv: list[str]) -> None:
+    cfg, _ = parse(argv, DEFAULTS, command="pretrain.export", doc=__doc__, verbatim=("run.dir", "out"))
+    if cfg.run.dir is None or cfg.out is None:
+        raise UserError("run.dir and out are required (python -m pretrain.export run.dir=<run> out=<dir>)")
+    tag_dir = export(cfg.run.dir, cfg.out, None if cfg.step is None else int(cfg.step), bool(cfg.overwrite))
+    print(f"pretrain.export: {tag_dir} -> {cfg.out}")
+    if cfg.check:
+        diffs = check(cfg.run.dir, cfg.out, tag_dir)
+        print("pretrain.export: check, max |transformers - ours| in fp32: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))  # fmt: skip
+        if max(diffs.values()) > CHECK_TOLERANCE:
+            raise UserError(f"out={cfg.out}: transformers' outputs differ from ours by up to {max(diffs.values()):.2e}")
+
+
+if __name__ == "__main__":
+    with exit_on_user_error("pretrain.export"):
+        main(sys.argv[1:])
