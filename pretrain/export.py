@@ -30,71 +30,11 @@ from pretrain.cli import parse
 from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
+from pretrain.models.hf_layout import SSO_LABELS, to_hf
 from pretrain.training import checkpoint
 
 DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True}
 CHECK_TOLERANCE = 1e-4  # max |difference| between transformers' outputs and ours that `check` accepts
-SSO_LABELS = {0: "random", 1: "next", 2: "previous"}  # data/structbert.py's SSO_RANDOM, SSO_NEXT, SSO_PREVIOUS
-
-
-def encoder_names(cfg: ModelConfig, prefix: str = "bert.") -> dict[str, str]:
-    """Our encoder's parameter names -> transformers' (BERT or MegatronBERT), the fused QKV aside (split_qkv)."""
-    names = {
-        "encoder.embeddings.word.weight": "embeddings.word_embeddings.weight",
-        "encoder.embeddings.position.weight": "embeddings.position_embeddings.weight",
-        "encoder.embeddings.token_type.weight": "embeddings.token_type_embeddings.weight",
-    }
-    if cfg.pre_ln:  # MegatronBERT: LayerNorm before attention and FFN, one after the last layer
-        attn_norm, ffn_norm = "attention.ln", "ln"
-        names.update({f"encoder.final_norm.{p}": f"encoder.ln.{p}" for p in ("weight", "bias")})
-    else:  # BERT: after each residual, and on the embeddings
-        attn_norm, ffn_norm = "attention.output.LayerNorm", "output.LayerNorm"
-        names.update({f"encoder.embeddings.norm.{p}": f"embeddings.LayerNorm.{p}" for p in ("weight", "bias")})
-    for i in range(cfg.layers):
-        ours, theirs = f"encoder.layers.{i}.", f"encoder.layer.{i}."
-        for p in ("weight", "bias"):
-            names.update({
-                f"{ours}attn.out.{p}": f"{theirs}attention.output.dense.{p}",
-                f"{ours}attn_norm.{p}": f"{theirs}{attn_norm}.{p}",
-                f"{ours}ffn.up.{p}": f"{theirs}intermediate.dense.{p}",
-                f"{ours}ffn.down.{p}": f"{theirs}output.dense.{p}",
-                f"{ours}ffn_norm.{p}": f"{theirs}{ffn_norm}.{p}",
-            })  # fmt: skip
-    return {k: prefix + v for k, v in names.items()}
-
-
-def split_qkv(state: dict, cfg: ModelConfig, prefix: str = "bert.") -> dict[str, torch.Tensor]:
-    """Our fused [Q; K; V] projection as transformers' query, key and value (views: thirds along dim 0)."""
-    out = {}
-    for i in range(cfg.layers):
-        for p in ("weight", "bias"):
-            q, k, v = state[f"encoder.layers.{i}.attn.qkv.{p}"].chunk(3, dim=0)
-            base = f"{prefix}encoder.layer.{i}.attention.self."
-            out.update({f"{base}query.{p}": q, f"{base}key.{p}": k, f"{base}value.{p}": v})
-    return out
-
-
-def stage_one_tensors(state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The transformers state dict of a stage-one model (the same tensors, renamed)."""
-    heads = {
-        "mlm_head.dense.weight": "cls.predictions.transform.dense.weight",
-        "mlm_head.dense.bias": "cls.predictions.transform.dense.bias",
-        "mlm_head.norm.weight": "cls.predictions.transform.LayerNorm.weight",
-        "mlm_head.norm.bias": "cls.predictions.transform.LayerNorm.bias",
-        "mlm_head.bias": "cls.predictions.bias",
-        "sentence_head.pooler.weight": "bert.pooler.dense.weight",
-        "sentence_head.pooler.bias": "bert.pooler.dense.bias",
-        "sentence_head.classifier.weight": "classifier.weight",
-        "sentence_head.classifier.bias": "classifier.bias",
-    }
-    names = {**encoder_names(cfg), **heads}
-    tensors = {theirs: state[ours] for ours, theirs in names.items()}
-    tensors.update(split_qkv(state, cfg))
-    expected = set(names) | {f"encoder.layers.{i}.attn.qkv.{p}" for i in range(cfg.layers) for p in ("weight", "bias")}
-    left = sorted(set(state) - expected)
-    if left:  # a parameter we do not know how to place: refuse rather than drop it silently
-        raise UserError(f"the checkpoint has {left[0]} (and {len(left) - 1} more) that the export does not map")
-    return {k: v.contiguous() for k, v in tensors.items()}
 
 
 def stage_one_config(cfg: ModelConfig, pad_id: int):
@@ -173,7 +113,7 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
     where = os.path.join(run_dir, "checkpoints", f"step{step}") if step is not None else run_dir
     tag_dir = checkpoint.find(where, "step" if step is not None else "run.dir")
     state = checkpoint.consolidate(tag_dir)
-    tensors = stage_one_tensors(state, cfg)
+    tensors = to_hf(state, cfg)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)

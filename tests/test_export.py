@@ -88,3 +88,55 @@ def test_bad_input_is_one_line_and_leaves_nothing(exported, tmp_path):
     fails([f"run.dir={run}", f"out={out}"], "exists and is not empty")
     fails([f"run.dir={run}", f"out={tmp_path / 'y'}", "step=999"], "step999: no such directory")
     assert sorted(os.listdir(tmp_path)) == []  # nothing half-written beside out
+
+
+def test_round_trip_through_init_from_hf_is_exact(exported, tmp_path):
+    """Export, then init_from=hf:<export> into a ZeRO-3 model over 2 ranks: stage one's outputs are the
+    original's exactly; stage two's encoder too, with the decoder from the top encoder layers."""
+    run, out, pre_ln = exported
+    for stage, decoder_init in (("structbert", "random"), ("palm", "encoder_top"))[: 2 if pre_ln else 1]:
+        result = tmp_path / f"{stage}.json"
+        launch(["deepspeed", "--num_gpus", "2", os.path.join(REPO, "tests", "init_equality.py")],
+               [run, decoder_init, str(result), f"hf:{out}", stage])  # fmt: skip
+        diffs = json.loads(result.read_text())
+        assert diffs["encoder_max_diff"] == diffs["mlm_max_diff"] == diffs["sentence_max_diff"] == 0.0, diffs
+        assert diffs["decoder_from_top_layer"] == (stage == "palm")
+
+
+def test_training_continues_from_an_hf_directory(exported, prepared, tmp_path):
+    run, out, pre_ln = exported
+    if not pre_ln:
+        pytest.skip("one launch is enough: the mapping is tested both ways above")
+    new = tmp_path / "continued"
+    launch(DEEPSPEED, TINY + [f"data.dir={prepared}", f"run.dir={new}", "train.max_steps=2", f"init_from=hf:{out}"])
+    info = json.load(open(new / "run.json"))
+    assert info["initialized_from"] == f"hf:{out}"
+    # 3 embedding tables, 2 layers x 12 tensors, the final LayerNorm: everything, nothing fresh
+    assert info["init_tensors"]["carried"] == {"encoder": 29, "mlm_head": 5, "sentence_head": 4}
+    assert info["init_tensors"]["fresh"] == {}
+
+
+def test_bad_hf_directories_fail_with_one_line(exported, prepared, tmp_path):
+    run, out, pre_ln = exported
+    if not pre_ln:
+        pytest.skip("the checks do not depend on the layout")
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    changed = tmp_path / "other_vocab"
+    subprocess.run(["cp", "-r", out, str(changed)], check=True)
+    vocab = open(os.path.join(run, "vocab.txt"), encoding="utf-8").read().split("\n")
+    vocab[7] = "某"
+    (changed / "vocab.txt").write_text("\n".join(vocab), encoding="utf-8")
+    for override, message in [
+        (f"init_from=hf:{other}", "model_type 'gpt2'; a BERT (post-LN) or MegatronBERT (pre-LN) is needed"),
+        (f"init_from=hf:{tmp_path / 'none'}", "no such directory"),
+        ("model.hidden=32", "hidden_size=64, model.hidden=32"),
+        ("model.pre_ln=false", "a megatron-bert model is pre-LN; set model.pre_ln=true"),
+        (f"init_from=hf:{changed}", "first at id 7"),
+    ]:
+        args = TINY + [f"data.dir={prepared}", f"run.dir={tmp_path / 'run'}", f"init_from=hf:{out}", override]
+        proc = launch([sys.executable, "-m", "pretrain.train"], args, expect_rc=2)
+        lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("pretrain.train: error:")]
+        assert len(lines) == 1 and message in lines[0], proc.stderr
+        assert not (tmp_path / "run").exists()

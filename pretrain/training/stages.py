@@ -75,6 +75,11 @@ class _Stage:
         """Columns of a metrics row that say which phase of the stage step `step` was in."""
         return {}
 
+    def _meta_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's shape, from the model built on the meta device (no memory)."""
+        with torch.device("meta"):
+            return {n: tuple(p.shape) for n, p in self.make_model().named_parameters()}
+
 
 class StructBertStage(_Stage):
     """Stage one: whole-word MLM + word structure + sentence structure on a StructBERT encoder."""
@@ -88,10 +93,15 @@ class StructBertStage(_Stage):
         self.seq_len = int(cfg.data.seq_len)
         self.model_cfg = model_config(cfg.model, meta["vocab_size"], self.seq_len, self.activation_checkpointing)
 
-    def init_source(self) -> None:
-        if self.init_from is not None:
-            raise UserError(f"init_from={self.init_from}: stage one starts from random weights (init_from is for stage=palm)")
-        return None
+    def init_source(self) -> init_from.InitSource | None:
+        """None (random weights), or a transformers BERT/MegatronBERT directory (init_from=hf:<dir>) to continue
+        pre-training from."""
+        if self.init_from is None:
+            return None
+        if not str(self.init_from).startswith(init_from.HF):
+            raise UserError(f"init_from={self.init_from}: stage one starts from random weights or from hf:<a transformers"
+                            " BERT directory> (a stage-one checkpoint is for stage=palm)")  # fmt: skip
+        return init_from.init_source(str(self.init_from), self._meta_shapes(), self.model_cfg, self.tokenizer.vocab_path)
 
     def make_model(self):
         from pretrain.models.structbert import StructBert
@@ -151,9 +161,7 @@ class PalmStage(_Stage):
         device."""
         if self.init_from is None:
             return None
-        with torch.device("meta"):
-            shapes = {n: tuple(p.shape) for n, p in self.make_model().named_parameters()}
-        return init_from.init_source(str(self.init_from), shapes, self.model_cfg)
+        return init_from.init_source(str(self.init_from), self._meta_shapes(), self.model_cfg, self.tokenizer.vocab_path)
 
     def make_model(self):
         from pretrain.models.palm import Palm
