@@ -16,7 +16,7 @@ PALM_DEMO = stage=palm model=toy data.dir=$(DEMO_DATA)/prepared 'palm.src_len=[3
 
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[hf]"
 
 # The Slurm tests start a throwaway cluster (tests/slurm_cluster.py): Debian's slurm-wlm and munge, installed here
 # when missing and possible (root with apt-get); otherwise those tests skip, and the install still succeeds.
@@ -42,6 +42,9 @@ demo: install
 	$(PYTHON) -m pretrain.generate run.dir=$(DEMO_RUN)/palm prompts_file=$(DEMO_RUN)/prompts.txt \
 		max_new_tokens=40 strategy=sample top_p=0.9 temperature=0.8 seed=0 echo=true
 	$(PYTHON) -m pretrain.summary run.dir=$(DEMO_RUN)/structbert run.dir=$(DEMO_RUN)/palm
+	$(PYTHON) -m pretrain.export run.dir=$(DEMO_RUN)/structbert out=$(DEMO_RUN)/hf/structbert overwrite=true
+	$(PYTHON) -m pretrain.export run.dir=$(DEMO_RUN)/palm out=$(DEMO_RUN)/hf/palm overwrite=true
+	$(PYTHON) launch/hf_continue.py --run $(DEMO_RUN)/palm --export $(DEMO_RUN)/hf/palm --prompts $(DEMO_RUN)/prompts.txt
 
 # Stage two from the demo's stage one against stage two from random weights (run `make demo` first).
 compare: install

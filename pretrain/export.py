@@ -7,14 +7,19 @@ zero_to_fp32) and its tensors are renamed, not copied, into transformers' layout
 - stage one, pre-LN (PLUG): `model_type` megatron-bert; post-LN (`model.pre_ln=false`): bert. One
   model.safetensors holds `bert.*`, `cls.predictions.*` (the MLM head; its decoder is the tied word embedding)
   and `classifier.*` (the 3-way sentence head), so AutoModel, AutoModelForMaskedLM and
-  AutoModelForSequenceClassification (num_labels=3) load it with no missing or unexpected key.
+  AutoModelForSequenceClassification (num_labels=3) load it with no missing key.
+- stage two: our PALM's own modules and parameter names in a small PreTrainedModel + GenerationMixin class
+  (pretrain/hf_palm.py, written as modeling_plug_palm.py and named in config.json's auto_map), so that
+  AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True).generate(...) works; the weights are our
+  state dict as it is (the shared embeddings once), with generation_config.json ([CLS] starts, [SEP] ends).
+  model.copy=true is refused: the class has no copy mechanism (PLUG does not use it).
 Also written: config.json, the tokenizer (save_pretrained, with split_special_tokens so that literal "[MASK]"
 text tokenizes as ours does), and a model card (README.md). The directory is built beside `out` and renamed
 into place at the end: an error leaves nothing half-written.
 
 check=true (the default) then loads the export with transformers' Auto classes, runs it and our model on one
-fixed padded batch in fp32, prints the largest differences (hidden states, MLM logits, sentence logits) and
-fails if one exceeds 1e-4.
+fixed padded batch in fp32, prints the largest differences (hidden states, MLM and sentence logits; stage two:
+decoder logits, and whether greedy and beam generate() give our tokens) and fails above 1e-4 or on other tokens.
 """
 from __future__ import annotations
 
@@ -48,6 +53,23 @@ def stage_one_config(cfg: ModelConfig, pad_id: int):
         type_vocab_size=cfg.type_vocab, initializer_range=cfg.init_std, layer_norm_eps=cfg.ln_eps, pad_token_id=pad_id,
         tie_word_embeddings=True, architectures=[arch], num_labels=cfg.sso_classes,
         id2label=dict(SSO_LABELS), label2id={v: k for k, v in SSO_LABELS.items()},
+    )  # fmt: skip
+
+
+PALM_MODULE = "modeling_plug_palm"  # the file the export writes pretrain/hf_palm.py to
+
+
+def palm_config(cfg: ModelConfig, tok: Tokenizer):
+    from pretrain.hf_palm import PlugPalmConfig
+
+    return PlugPalmConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+        num_decoder_layers=cfg.decoder_layers, num_attention_heads=cfg.heads, intermediate_size=cfg.ffn,
+        max_position_embeddings=cfg.max_positions, type_vocab_size=cfg.type_vocab, layer_norm_eps=cfg.ln_eps,
+        pre_ln=cfg.pre_ln, sso_classes=cfg.sso_classes, pad_token_id=tok.pad_id, bos_token_id=tok.cls_id,
+        eos_token_id=tok.sep_id, decoder_start_token_id=tok.cls_id, architectures=["PlugPalmForConditionalGeneration"],
+        auto_map={"AutoConfig": f"{PALM_MODULE}.PlugPalmConfig",
+                  "AutoModelForSeq2SeqLM": f"{PALM_MODULE}.PlugPalmForConditionalGeneration"},
     )  # fmt: skip
 
 
@@ -108,20 +130,31 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
         saved = json.load(f)
     stage = saved.pop("stage")
     cfg = ModelConfig(**saved)
-    if stage != "structbert":
-        raise UserError(f"run.dir={run_dir}: a stage-two (palm) run; this export writes stage-one models so far")
+    if stage == "palm" and cfg.copy:
+        raise UserError(f"run.dir={run_dir}: model.copy=true; the exported PALM class has no copy mechanism "
+                        "(PLUG does not use it): export a run trained with model.copy=false")  # fmt: skip
     where = os.path.join(run_dir, "checkpoints", f"step{step}") if step is not None else run_dir
     tag_dir = checkpoint.find(where, "step" if step is not None else "run.dir")
     state = checkpoint.consolidate(tag_dir)
-    tensors = to_hf(state, cfg)
+    # stage two: our own names, which the exported class (pretrain/hf_palm.py) keeps; the embeddings once
+    tensors = to_hf(state, cfg) if stage == "structbert" else {k: v.contiguous() for k, v in state.items()}
+    tok = Tokenizer(os.path.join(run_dir, "vocab.txt"))
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         del tensors, state
-        hf_cfg = stage_one_config(cfg, pad_id=Tokenizer(os.path.join(run_dir, "vocab.txt")).pad_id)
+        hf_cfg = stage_one_config(cfg, tok.pad_id) if stage == "structbert" else palm_config(cfg, tok)
         hf_cfg.save_pretrained(tmp)
+        if stage == "palm":
+            from transformers import GenerationConfig
+
+            from pretrain import hf_palm
+
+            shutil.copyfile(hf_palm.__file__, os.path.join(tmp, f"{PALM_MODULE}.py"))
+            GenerationConfig(decoder_start_token_id=tok.cls_id, bos_token_id=tok.cls_id, eos_token_id=tok.sep_id,
+                             pad_token_id=tok.pad_id, max_new_tokens=64, use_cache=False).save_pretrained(tmp)  # fmt: skip
         save_tokenizer(os.path.join(run_dir, "vocab.txt"), tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(run_dir, tag_dir, stage, cfg, hf_cfg.model_type))
@@ -136,37 +169,64 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
 
 
 def check(run_dir: str, out: str, tag_dir: str) -> dict[str, float]:
-    """Largest |transformers - ours| of each output on one fixed padded batch (fp32, dropout off)."""
+    """Largest |transformers - ours| of each output on one fixed padded batch (fp32, dropout off); for stage two
+    also whether greedy and beam generate() give our tokens (0 when they do)."""
     import transformers
-
-    from pretrain.models.structbert import StructBert
 
     transformers.logging.set_verbosity_error()  # its load report lists the other heads' keys as unexpected
     transformers.logging.disable_progress_bar()
-
     with open(os.path.join(run_dir, "model.json")) as f:
         saved = json.load(f)
-    saved.pop("stage")
+    stage = saved.pop("stage")
     cfg = ModelConfig(**{**saved, "dropout": 0.0, "attn_dropout": 0.0})
+    if stage == "palm":
+        from pretrain.models.palm import Palm as Model
+    else:
+        from pretrain.models.structbert import StructBert as Model
     with torch.device("meta"):
-        ours = StructBert(cfg)
+        ours = Model(cfg)
     ours.load_state_dict(checkpoint.consolidate(tag_dir), strict=True, assign=True)
+    ours.eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, cfg.vocab_size, (3, min(24, cfg.max_positions)), generator=g)
-    types = torch.randint(0, 2, ids.shape, generator=g)
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, ids.shape[1] * 2 // 3 :], mask[2, ids.shape[1] // 3 :] = False, False
-    diffs = {}
     with torch.no_grad():
-        h = ours.eval().encoder(ids, types, mask)
+        if stage == "palm":
+            return _check_palm(ours, out, ids, mask, g)
+        types = torch.randint(0, 2, ids.shape, generator=g)
+        h = ours.encoder(ids, types, mask)
         want = {"hidden": h, "mlm_logits": ours.mlm_head(h, ours.encoder.embeddings.word.weight),
                 "sentence_logits": ours.sentence_head(h)}  # fmt: skip
+        diffs = {}
         for key, cls in (("hidden", "AutoModel"), ("mlm_logits", "AutoModelForMaskedLM"),
                          ("sentence_logits", "AutoModelForSequenceClassification")):  # fmt: skip
             model = getattr(transformers, cls).from_pretrained(out).eval()
             got = model(input_ids=ids, token_type_ids=types, attention_mask=mask.long())
             got = got.last_hidden_state if key == "hidden" else got.logits
             diffs[key] = float((got - want[key])[mask if got.dim() == 3 else slice(None)].abs().max())
+    return diffs
+
+
+def _check_palm(ours, out: str, ids: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> dict[str, float]:
+    from transformers import AutoModelForSeq2SeqLM
+
+    from pretrain.models.decoding import generate
+
+    theirs = AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True).eval()
+    dec = torch.randint(5, ours.cfg.vocab_size, (ids.shape[0], 9), generator=g)
+    h, _ = ours.decoder(dec, ours.encoder.embeddings, ours.encode(ids, mask), mask)
+    want = torch.nn.functional.linear(h, ours.encoder.embeddings.word.weight)
+    got = theirs(input_ids=ids, attention_mask=mask.long(), decoder_input_ids=dec).logits
+    diffs = {"decoder_logits": float((got - want).abs().max())}
+    cfg, src = theirs.config, ids[:1]
+    for strategy, beams in (("greedy", 1), ("beam", 4)):
+        mine = generate(ours, src, bos_id=cfg.decoder_start_token_id, eos_id=cfg.eos_token_id, max_new_tokens=16,
+                        strategy=strategy, num_beams=beams, length_penalty=1.0)  # fmt: skip
+        hf = theirs.generate(input_ids=src, attention_mask=torch.ones_like(src), max_new_tokens=16, do_sample=False,
+                             num_beams=beams, length_penalty=1.0)[0, 1:].tolist()  # fmt: skip
+        hf = hf[: hf.index(cfg.eos_token_id)] if cfg.eos_token_id in hf else hf
+        diffs[f"{strategy}_tokens_differ"] = float(hf != mine)
     return diffs
 
 
@@ -179,9 +239,11 @@ def main(argv: list[str]) -> None:
     if cfg.check:
         diffs = check(cfg.run.dir, cfg.out, tag_dir)
         print("pretrain.export: check, max |transformers - ours| in fp32: "
-              + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))  # fmt: skip
-        if max(diffs.values()) > CHECK_TOLERANCE:
-            raise UserError(f"out={cfg.out}: transformers' outputs differ from ours by up to {max(diffs.values()):.2e}")
+              + ", ".join(f"{k} {v:.2e}" if "tokens" not in k else f"{k} {bool(v)}" for k, v in diffs.items()))  # fmt: skip
+        worst = max(v for k, v in diffs.items() if "tokens" not in k)
+        if worst > CHECK_TOLERANCE or any(v for k, v in diffs.items() if "tokens" in k):
+            raise UserError(f"out={cfg.out}: transformers' model differs from ours (max |difference| {worst:.2e}, "
+                            f"tokens differ: {[k for k, v in diffs.items() if 'tokens' in k and v] or 'none'})")
 
 
 if __name__ == "__main__":

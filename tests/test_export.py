@@ -140,3 +140,58 @@ def test_bad_hf_directories_fail_with_one_line(exported, prepared, tmp_path):
         lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("pretrain.train: error:")]
         assert len(lines) == 1 and message in lines[0], proc.stderr
         assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def palm_exported(prepared, tmp_path_factory):
+    """A stage-two run (2 ranks, from random weights) and its export."""
+    root = tmp_path_factory.mktemp("palm_export")
+    run, out = root / "run", root / "hf"
+    launch(DEEPSPEED, TINY + [f"data.dir={prepared}", f"run.dir={run}", "stage=palm", "palm.src_len=[8,40]",
+                              "palm.tgt_len=[8,24]", "train.max_steps=4"])  # fmt: skip
+    proc = subprocess.run(EXPORT + [f"run.dir={run}", f"out={out}"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "greedy_tokens_differ False, beam_tokens_differ False" in proc.stdout
+    return str(run), str(out)
+
+
+def test_stage_two_generates_our_tokens_through_transformers(palm_exported):
+    from safetensors import safe_open
+
+    from pretrain.generate import load_model
+    from pretrain.models.decoding import generate
+
+    run, out = palm_exported
+    ours, tok, _ = load_model(run, None)
+    theirs, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True,
+                                                                       output_loading_info=True)  # fmt: skip
+    assert not any(info.values()), info  # no missing, unexpected or mismatched key
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert [k for k in f.keys() if k.endswith("word.weight")] == ["encoder.embeddings.word.weight"]  # once
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(5, ours.cfg.vocab_size, (2, 16), generator=g)
+    mask = torch.ones_like(src, dtype=torch.bool)
+    mask[1, 10:] = False
+    dec = torch.randint(5, ours.cfg.vocab_size, (2, 7), generator=g)
+    with torch.no_grad():
+        h, _ = ours.decoder(dec, ours.encoder.embeddings, ours.encode(src, mask), mask)
+        want = torch.nn.functional.linear(h, ours.encoder.embeddings.word.weight)
+        got = theirs.eval()(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+        assert (got - want).abs().max() < 1e-4
+        for prompt in ("小明住在北京，已经12年了。", "有一天，小红在公园遇到了张伟。"):
+            ids = torch.tensor([[tok.cls_id] + tok.encode(prompt) + [tok.sep_id]])
+            for strategy, beams in (("greedy", 1), ("beam", 4)):
+                mine = generate(ours, ids, bos_id=tok.cls_id, eos_id=tok.sep_id, max_new_tokens=12, strategy=strategy,
+                                num_beams=beams, length_penalty=1.0)  # fmt: skip
+                hf = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                     num_beams=beams, do_sample=False, length_penalty=1.0)[0, 1:].tolist()  # fmt: skip
+                assert (hf[: hf.index(tok.sep_id)] if tok.sep_id in hf else hf) == mine, (prompt, strategy)
+
+
+def test_a_copy_mechanism_run_is_refused(prepared, tmp_path):
+    run = tmp_path / "copy"
+    launch([sys.executable, "-m", "pretrain.train"], TINY + [f"data.dir={prepared}", f"run.dir={run}", "stage=palm",
+           "palm.src_len=[8,40]", "palm.tgt_len=[8,24]", "train.max_steps=1", "model.copy=true"])  # fmt: skip
+    proc = subprocess.run(EXPORT + [f"run.dir={run}", f"out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "model.copy=true" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["copy"]
