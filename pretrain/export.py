@@ -24,8 +24,10 @@ decoder logits, and whether greedy and beam generate() give our tokens) and fail
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 import sys
 import tempfile
 
@@ -35,7 +37,7 @@ from pretrain.cli import parse
 from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
-from pretrain.models.hf_layout import SSO_LABELS, to_hf
+from pretrain.models.hf_layout import SSO_LABELS, to_hf_plan
 from pretrain.training import checkpoint
 
 DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True}
@@ -54,6 +56,30 @@ def stage_one_config(cfg: ModelConfig, pad_id: int):
         tie_word_embeddings=True, architectures=[arch], num_labels=cfg.sso_classes,
         id2label=dict(SSO_LABELS), label2id={v: k for k, v in SSO_LABELS.items()},
     )  # fmt: skip
+
+
+def write_safetensors(path: str, plan: list[tuple[str, str, int | None]], state: dict) -> None:
+    """The safetensors file of `plan` (their name, our name, third of a fused QKV or None), fp32, written one
+    tensor at a time: the header (names, shapes, byte offsets) first, then each tensor's bytes as it is assembled,
+    so no second full copy of the model is ever held (safetensors' own save_file builds one)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for theirs, ours, third in plan:
+        shape = list(state[ours].shape)
+        if third is not None:
+            shape[0] //= 3
+        size = 4 * math.prod(shape)
+        header[theirs] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        last_name, last = None, None
+        for _, ours, third in plan:
+            if ours != last_name:  # the parts of one tensor are consecutive in the plan
+                last_name, last = ours, state[ours].contiguous().detach().float()
+            piece = last if third is None else last.chunk(3, dim=0)[third]
+            f.write(memoryview(piece.contiguous().numpy()).cast("B"))
 
 
 PALM_MODULE = "modeling_plug_palm"  # the file the export writes pretrain/hf_palm.py to
@@ -118,7 +144,8 @@ def model_card(run_dir: str, tag_dir: str, stage: str, cfg: ModelConfig, model_t
 def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = False) -> str:
     """Write the export of run_dir's newest (or step's) checkpoint to out; returns the checkpoint exported."""
     try:
-        from safetensors.torch import save_file
+        import safetensors  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError:
         raise UserError("the export needs transformers and safetensors: pip install -e '.[hf]'") from None
     for name in ("model.json", "vocab.txt"):
@@ -135,16 +162,17 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
                         "(PLUG does not use it): export a run trained with model.copy=false")  # fmt: skip
     where = os.path.join(run_dir, "checkpoints", f"step{step}") if step is not None else run_dir
     tag_dir = checkpoint.find(where, "step" if step is not None else "run.dir")
-    state = checkpoint.consolidate(tag_dir)
+    # lazily: the ranks' fp32 partitions stay as they are, and one full tensor at a time is assembled and written
+    state = checkpoint.consolidate(tag_dir, lazy=True)
     # stage two: our own names, which the exported class (pretrain/hf_palm.py) keeps; the embeddings once
-    tensors = to_hf(state, cfg) if stage == "structbert" else {k: v.contiguous() for k, v in state.items()}
+    plan = to_hf_plan(state, cfg) if stage == "structbert" else [(name, name, None) for name in state]
     tok = Tokenizer(os.path.join(run_dir, "vocab.txt"))
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        del tensors, state
+        write_safetensors(os.path.join(tmp, "model.safetensors"), plan, state)
+        del state
         hf_cfg = stage_one_config(cfg, tok.pad_id) if stage == "structbert" else palm_config(cfg, tok)
         hf_cfg.save_pretrained(tmp)
         if stage == "palm":

@@ -85,9 +85,14 @@ def test_bad_input_is_one_line_and_leaves_nothing(exported, tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
 
     fails([f"run.dir={tmp_path}", f"out={tmp_path / 'x'}"], "no model.json")
+    untrained = tmp_path / "untrained"  # a run directory whose run never saved a checkpoint
+    untrained.mkdir()
+    for name in ("model.json", "vocab.txt"):
+        (untrained / name).write_bytes(open(os.path.join(run, name), "rb").read())
+    fails([f"run.dir={untrained}", f"out={tmp_path / 'x'}"], "neither a run directory with checkpoints/latest")
     fails([f"run.dir={run}", f"out={out}"], "exists and is not empty")
     fails([f"run.dir={run}", f"out={tmp_path / 'y'}", "step=999"], "step999: no such directory")
-    assert sorted(os.listdir(tmp_path)) == []  # nothing half-written beside out
+    assert sorted(os.listdir(tmp_path)) == ["untrained"]  # nothing half-written beside out
 
 
 def test_round_trip_through_init_from_hf_is_exact(exported, tmp_path):
@@ -195,3 +200,22 @@ def test_a_copy_mechanism_run_is_refused(prepared, tmp_path):
     proc = subprocess.run(EXPORT + [f"run.dir={run}", f"out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "model.copy=true" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["copy"]
+
+
+def test_the_streaming_writer_writes_what_safetensors_reads(tmp_path):
+    """write_safetensors writes one tensor at a time (no second copy of the model); safetensors reads it back."""
+    from safetensors.torch import load_file
+
+    from pretrain.export import write_safetensors
+    from pretrain.models.hf_layout import to_hf_plan
+
+    cfg = ModelConfig(vocab_size=40, hidden=8, layers=2, heads=2, ffn=16, max_positions=12)
+    state = {k: torch.randn(v.shape) for k, v in StructBert(cfg).state_dict().items()}
+    plan = to_hf_plan(state, cfg)
+    write_safetensors(str(tmp_path / "m.safetensors"), plan, state)
+    back = load_file(str(tmp_path / "m.safetensors"))
+    assert set(back) == {theirs for theirs, _, _ in plan}
+    for theirs, ours, third in plan:
+        assert torch.equal(back[theirs], state[ours] if third is None else state[ours].chunk(3)[third])
+    with pytest.raises(Exception, match="does not know where to put"):
+        to_hf_plan({**state, "decoder.layers.0.ffn.up.weight": torch.zeros(1)}, cfg)

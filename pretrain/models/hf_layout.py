@@ -9,6 +9,8 @@ tied word embedding), the sentence head's pooler is `bert.pooler`, its 3-way cla
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from pretrain.errors import UserError
@@ -54,27 +56,21 @@ def encoder_names(cfg: ModelConfig, prefix: str = "bert.") -> dict[str, str]:
     return {k: prefix + v for k, v in names.items()}
 
 
-def split_qkv(state: dict, cfg: ModelConfig, prefix: str = "bert.") -> dict[str, torch.Tensor]:
-    """Our fused [Q; K; V] projection as transformers' query, key and value (views: thirds along dim 0)."""
-    out = {}
-    for i in range(cfg.layers):
-        for p in ("weight", "bias"):
-            q, k, v = state[f"encoder.layers.{i}.attn.qkv.{p}"].chunk(3, dim=0)
-            base = f"{prefix}encoder.layer.{i}.attention.self."
-            out.update({f"{base}query.{p}": q, f"{base}key.{p}": k, f"{base}value.{p}": v})
-    return out
-
-
-def to_hf(state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The transformers state dict of a stage-one model (the same tensors, renamed)."""
+def to_hf_plan(our_names, cfg: ModelConfig) -> list[tuple[str, str, int | None]]:
+    """Where each tensor of a stage-one state dict goes in transformers' layout: (their name, our name, which
+    third of our fused [Q; K; V] it is, or None for the whole tensor). The parts of one tensor are consecutive."""
     names = {**encoder_names(cfg), **HEADS}
-    tensors = {theirs: state[ours] for ours, theirs in names.items()}
-    tensors.update(split_qkv(state, cfg))
-    expected = set(names) | {f"encoder.layers.{i}.attn.qkv.{p}" for i in range(cfg.layers) for p in ("weight", "bias")}
-    left = sorted(set(state) - expected)
-    if left:  # a parameter we do not know how to place: refuse rather than drop it silently
-        raise UserError(f"the checkpoint has {left[0]} (and {len(left) - 1} more) that the export does not map")
-    return {k: v.contiguous() for k, v in tensors.items()}
+    plan = []
+    for ours in our_names:
+        if ours in names:
+            plan.append((names[ours], ours, None))
+            continue
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)", ours)
+        if m is None:  # a parameter we do not know how to place: refuse rather than drop it silently
+            raise UserError(f"the checkpoint has {ours}, which the export does not know where to put")
+        base = f"bert.encoder.layer.{m.group(1)}.attention.self."
+        plan += [(f"{base}{part}.{m.group(2)}", ours, i) for i, part in enumerate(("query", "key", "value"))]
+    return plan
 
 
 def from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -74,13 +74,16 @@ def recorded_shapes(tag_dir: str, key: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def consolidate(tag_dir: str) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a ZeRO checkpoint, whatever number of ranks wrote it (DeepSpeed's own tool)."""
+def consolidate(tag_dir: str, lazy: bool = False) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a ZeRO checkpoint, whatever number of ranks wrote it (DeepSpeed's own tool).
+    lazy=True: the values assemble their tensor from the ranks' partitions on .contiguous(), one at a time
+    (DeepSpeed's lazy mode), instead of all at once beside the partitions: half the peak memory."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its per-shard progress report
-        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
+        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir),
+                                                        lazy_mode=lazy)  # fmt: skip
 
 
 def rng_state() -> dict:
