@@ -44,7 +44,8 @@ demo: install
 	$(PYTHON) -m pretrain.summary run.dir=$(DEMO_RUN)/structbert run.dir=$(DEMO_RUN)/palm
 	$(PYTHON) -m pretrain.export run.dir=$(DEMO_RUN)/structbert out=$(DEMO_RUN)/hf/structbert overwrite=true
 	$(PYTHON) -m pretrain.export run.dir=$(DEMO_RUN)/palm out=$(DEMO_RUN)/hf/palm overwrite=true
-	$(PYTHON) launch/hf_continue.py --run $(DEMO_RUN)/palm --export $(DEMO_RUN)/hf/palm --prompts $(DEMO_RUN)/prompts.txt
+	$(PYTHON) launch/hf_continue.py --run $(DEMO_RUN)/palm --export $(DEMO_RUN)/hf/palm --prompts $(DEMO_RUN)/prompts.txt \
+		--no-repeat-ngram-size 3
 
 # Stage two from the demo's stage one against stage two from random weights (run `make demo` first).
 compare: install

@@ -2,6 +2,7 @@
 
     python -m pretrain.generate run.dir=<stage-two run.dir> prompt="<text>" max_new_tokens=64 strategy=greedy
     python -m pretrain.generate run.dir=<dir> prompts_file=<one prompt a line> strategy=beam num_beams=4
+    (also: top_k, top_p, temperature, length_penalty, min_new_tokens, no_repeat_ngram_size, seed, echo=true)
 
 The checkpoint (the newest, or `checkpoint=<dir>`) is consolidated from however many ranks wrote it; the
 model is built on the meta device and takes the consolidated tensors as they are, so no second copy is made.
@@ -23,7 +24,7 @@ from pretrain.training import checkpoint
 DEFAULTS = {
     "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,
     "strategy": "greedy", "top_k": 0, "top_p": 1.0, "temperature": 1.0, "num_beams": 4, "length_penalty": 1.0,
-    "seed": 0, "echo": False,
+    "seed": 0, "echo": False, "min_new_tokens": 0, "no_repeat_ngram_size": 0,
 }  # fmt: skip
 
 
@@ -75,7 +76,8 @@ def main(argv: list[str]) -> None:
 
     cfg = parse_args(argv)
     try:
-        check_args(str(cfg.strategy), int(cfg.top_k), float(cfg.top_p), float(cfg.temperature), int(cfg.num_beams))
+        check_args(str(cfg.strategy), int(cfg.top_k), float(cfg.top_p), float(cfg.temperature), int(cfg.num_beams),
+                   int(cfg.min_new_tokens), int(cfg.no_repeat_ngram_size))  # fmt: skip
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.prompts_file is not None:
@@ -96,7 +98,8 @@ def main(argv: list[str]) -> None:
                 model, encoder_input(tok, prompt, model.cfg.max_positions, where), bos_id=tok.cls_id, eos_id=tok.sep_id,
                 max_new_tokens=int(cfg.max_new_tokens), strategy=str(cfg.strategy), top_k=int(cfg.top_k),
                 top_p=float(cfg.top_p), temperature=float(cfg.temperature), num_beams=int(cfg.num_beams),
-                length_penalty=float(cfg.length_penalty), generator=generator,
+                length_penalty=float(cfg.length_penalty), generator=generator, min_new_tokens=int(cfg.min_new_tokens),
+                no_repeat_ngram_size=int(cfg.no_repeat_ngram_size),
             )  # fmt: skip
         except ValueError as e:
             raise UserError(str(e)) from None

@@ -185,12 +185,14 @@ def test_stage_two_generates_our_tokens_through_transformers(palm_exported):
         assert (got - want).abs().max() < 1e-4
         for prompt in ("小明住在北京，已经12年了。", "有一天，小红在公园遇到了张伟。"):
             ids = torch.tensor([[tok.cls_id] + tok.encode(prompt) + [tok.sep_id]])
-            for strategy, beams in (("greedy", 1), ("beam", 4)):
+            for strategy, beams, constraints in (("greedy", 1, {}), ("beam", 4, {}),
+                                                 ("greedy", 1, dict(no_repeat_ngram_size=2, min_new_tokens=6)),
+                                                 ("beam", 4, dict(no_repeat_ngram_size=3, min_new_tokens=6))):  # fmt: skip
                 mine = generate(ours, ids, bos_id=tok.cls_id, eos_id=tok.sep_id, max_new_tokens=12, strategy=strategy,
-                                num_beams=beams, length_penalty=1.0)  # fmt: skip
+                                num_beams=beams, length_penalty=1.0, **constraints)  # fmt: skip
                 hf = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                     num_beams=beams, do_sample=False, length_penalty=1.0)[0, 1:].tolist()  # fmt: skip
-                assert (hf[: hf.index(tok.sep_id)] if tok.sep_id in hf else hf) == mine, (prompt, strategy)
+                                     num_beams=beams, do_sample=False, length_penalty=1.0, **constraints)[0, 1:].tolist()  # fmt: skip
+                assert (hf[: hf.index(tok.sep_id)] if tok.sep_id in hf else hf) == mine, (prompt, strategy, constraints)
 
 
 def test_a_copy_mechanism_run_is_refused(prepared, tmp_path):

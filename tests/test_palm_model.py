@@ -260,3 +260,28 @@ def test_generate_rejects_bad_arguments(kw, match):
         generate(tiny(), torch.tensor([[7, 8, 9]]), **args)
     with pytest.raises(ValueError, match="enc_input_ids"):
         generate(tiny(), torch.tensor([[7, 8], [9, 10]]), bos_id=1, eos_id=2, max_new_tokens=5, strategy="greedy")
+
+
+def test_no_repeat_ngrams_and_min_new_tokens_constrain_every_strategy():
+    """A model that always prefers token 7, then 8, then eos: greedy and beam repeat 7 forever; with
+    no_repeat_ngram_size=n no n-gram of bos + output occurs twice; with min_new_tokens eos waits."""
+    model = tiny()
+    preference = torch.full((V,), -20.0)
+    preference[7], preference[8], preference[2] = 0.0, -1.0, -2.0
+
+    def fixed(dec, *args):
+        return preference.expand(dec.shape[0], -1).log_softmax(-1), None
+
+    model.next_token_logprobs = fixed
+    for strategy in ("greedy", "beam"):
+        assert gen(model, strategy=strategy) == [7] * 12
+        for n in (1, 2, 3):
+            out = [1] + gen(model, strategy=strategy, no_repeat_ngram_size=n)
+            ngrams = [tuple(out[i : i + n]) for i in range(len(out) - n + 1)]
+            assert len(ngrams) == len(set(ngrams)) and len(out) > 1, (strategy, n, out)
+    preference[2] = 5.0  # now eos first
+    assert gen(model, strategy="greedy") == []
+    assert gen(model, strategy="greedy", min_new_tokens=4) == [7, 7, 7, 7]
+    assert len(gen(model, strategy="beam", min_new_tokens=4)) == 4
+    with pytest.raises(ValueError, match="no_repeat_ngram_size=-1"):
+        gen(model, strategy="greedy", no_repeat_ngram_size=-1)

@@ -124,7 +124,8 @@ def test_resuming_a_stage_one_checkpoint_as_stage_two_is_refused(prepared, stage
     assert not run.exists()
 
 
-@pytest.mark.parametrize("strategy", ["strategy=greedy", "strategy=sample top_k=5 top_p=0.9 temperature=0.8", "strategy=beam num_beams=3"])
+@pytest.mark.parametrize("strategy", ["strategy=greedy", "strategy=sample top_k=5 top_p=0.9 temperature=0.8", "strategy=beam num_beams=3",
+                                      "strategy=beam num_beams=3 no_repeat_ngram_size=2 min_new_tokens=3"])
 def test_generate_prints_a_continuation(palm_run, strategy):
     proc = launch(GENERATE, [f"run.dir={palm_run}", "prompt=小明住在北京，已经十年了。", "max_new_tokens=12", *strategy.split()])
     # one line: the continuation (empty if [SEP] comes first, as it may from a model trained for 20 steps)
@@ -145,6 +146,8 @@ def test_generate_prompts_file_and_left_truncation(palm_run, tmp_path):
         (["strategy=nucleus"], "strategy"),
         (["prompt=x", "prompts_file=y"], "give exactly one of prompt=<text> or prompts_file=<file>"),
         (["colour=red"], "bad argument"),
+        (["no_repeat_ngram_size=-2"], "no_repeat_ngram_size=-2: must be >= 0"),
+        (["min_new_tokens=-1"], "min_new_tokens=-1: must be >= 0"),
     ],
 )
 def test_generate_bad_arguments(palm_run, args, message):

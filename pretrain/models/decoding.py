@@ -12,8 +12,13 @@ from pretrain.models.palm import DecoderCache, Palm
 STRATEGIES = ("greedy", "sample", "beam")
 
 
-def check_args(strategy: str, top_k: int, top_p: float, temperature: float, num_beams: int) -> None:
+def check_args(strategy: str, top_k: int, top_p: float, temperature: float, num_beams: int,
+               min_new_tokens: int = 0, no_repeat_ngram_size: int = 0) -> None:  # fmt: skip
     """The decoding settings alone, so that a command line can be checked before a model is loaded."""
+    if min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens={min_new_tokens}: must be >= 0")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size}: must be >= 0 (0 = off)")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: must be one of {', '.join(STRATEGIES)}")
     if top_k < 0:
@@ -47,14 +52,35 @@ def _filter(logprobs: torch.Tensor, temperature: float, top_k: int, top_p: float
     return logits
 
 
+def _constrain(logprobs: torch.Tensor, seqs: torch.Tensor, eos_id: int, min_new_tokens: int, no_repeat: int) -> torch.Tensor:
+    """The next-token scores of each row of seqs ([n, 1 + tokens so far], bos first) with eos barred before
+    min_new_tokens new tokens and, when no_repeat > 0, every token that would repeat an n-gram of the row (bos
+    included) barred: transformers' MinNewTokensLength and NoRepeatNGram processors, so an export decodes alike."""
+    if seqs.shape[1] - 1 < min_new_tokens:
+        logprobs = logprobs.clone()
+        logprobs[:, eos_id] = float("-inf")
+    if no_repeat > 0 and seqs.shape[1] >= no_repeat:
+        banned = []
+        for row in seqs.tolist():
+            prefix = tuple(row[len(row) - no_repeat + 1 :])
+            banned.append({row[i + no_repeat - 1] for i in range(len(row) - no_repeat + 1) if tuple(row[i : i + no_repeat - 1]) == prefix})
+        if any(banned):
+            logprobs = logprobs.clone()
+            for r, tokens in enumerate(banned):
+                logprobs[r, list(tokens)] = float("-inf")
+    return logprobs
+
+
 @torch.no_grad()
 def generate(
     model: Palm, enc_input_ids: torch.Tensor, *, bos_id: int, eos_id: int, max_new_tokens: int, strategy: str,
     top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0, num_beams: int = 4, length_penalty: float = 1.0,
-    generator: torch.Generator | None = None, use_cache: bool = True,
+    generator: torch.Generator | None = None, use_cache: bool = True, min_new_tokens: int = 0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[int]:  # fmt: skip
-    """The new tokens for the source enc_input_ids [1, S] (eos excluded), at most max_new_tokens of them."""
-    check_args(strategy, top_k, top_p, temperature, num_beams)
+    """The new tokens for the source enc_input_ids [1, S] (eos excluded), at most max_new_tokens of them; eos is
+    barred before min_new_tokens, and with no_repeat_ngram_size=n no n-gram occurs twice (bos counted)."""
+    check_args(strategy, top_k, top_p, temperature, num_beams, min_new_tokens, no_repeat_ngram_size)
     _check_input(max_new_tokens, model.cfg.max_positions, enc_input_ids)
     was_training = model.training
     model.eval()
@@ -62,13 +88,15 @@ def generate(
         mask = torch.ones_like(enc_input_ids, dtype=torch.bool)
         memory = model.encode(enc_input_ids, mask)
         cache = model.new_cache() if use_cache else None
+        constrain = lambda lp, seqs: _constrain(lp, seqs, eos_id, min_new_tokens, no_repeat_ngram_size)  # noqa: E731
         if strategy == "beam":
             return _beam(model, enc_input_ids, mask, memory, cache, bos_id, eos_id, max_new_tokens, num_beams,
-                         length_penalty)  # fmt: skip
+                         length_penalty, constrain)  # fmt: skip
         tokens = [bos_id]
         for _ in range(max_new_tokens):
             dec = torch.tensor([tokens], device=enc_input_ids.device)
             logprobs, cache = model.next_token_logprobs(dec, memory, mask, enc_input_ids, cache)
+            logprobs = constrain(logprobs, dec)
             if strategy == "greedy":
                 nxt = int(logprobs[0].argmax())
             else:
@@ -84,7 +112,7 @@ def generate(
 
 def _beam(
     model: Palm, enc_input_ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor, cache: DecoderCache | None,
-    bos_id: int, eos_id: int, max_new_tokens: int, num_beams: int, length_penalty: float,
+    bos_id: int, eos_id: int, max_new_tokens: int, num_beams: int, length_penalty: float, constrain,
 ) -> list[int]:  # fmt: skip
     """Beam search; a hypothesis' final score is its summed log-probability / len**length_penalty, len counting
     its new tokens (eos included). Starts from one beam, which the first step expands to num_beams."""
@@ -97,6 +125,7 @@ def _beam(
         logprobs, cache = model.next_token_logprobs(
             seqs, memory.expand(n, -1, -1), mask.expand(n, -1), enc_input_ids.expand(n, -1), cache
         )
+        logprobs = constrain(logprobs, seqs)
         vocab = logprobs.shape[-1]
         # 2 * num_beams candidates: however many of them end in eos, num_beams live ones remain.
         cand_scores, cand = (scores[:, None] + logprobs).view(-1).topk(min(2 * num_beams, n * vocab))
