@@ -7,7 +7,7 @@ import pytest
 
 from runs import REPO
 
-COMMANDS = ["pretrain.prepare", "pretrain.generate", "pretrain.plan", "pretrain.summary"]
+COMMANDS = ["pretrain.prepare", "pretrain.generate", "pretrain.plan", "pretrain.summary", "pretrain.export"]
 
 
 def run(command: str, *args: str) -> subprocess.CompletedProcess:

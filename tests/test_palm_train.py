@@ -171,3 +171,13 @@ def test_model_copy_flag_is_read_from_the_config():
     assert model_config(toy, 100, 64).copy is False
     toy["copy"] = True
     assert model_config(toy, 100, 64).copy is True
+
+
+def test_summary_prints_the_drawn_and_realised_lengths(palm_run):
+    """Issue 9, finding 3: run.json records stage two's length histogram and pretrain.summary prints it."""
+    h = json.load(open(os.path.join(palm_run, "run.json")))["train_data"]["length_histogram"]
+    for side in ("encoder", "decoder"):
+        assert sum(h[side]["drawn"]) == h["samples"] == sum(h[side]["realised"]) + h[side]["realised_below"]
+    proc = launch([sys.executable, "-m", "pretrain.summary"], [f"run.dir={palm_run}"])
+    assert f"lengths of the first {h['samples']} samples" in proc.stdout
+    assert proc.stdout.count("drawn") == 2 and proc.stdout.count("realised") == 2
