@@ -90,8 +90,12 @@ def main(prepared: str, seq_lens: list[int], n: int = 6000) -> None:
         ds = StructBertDataset(corpus, seq_len=seq_len, seed=1234, cfg=ObjectiveConfig(), cls_id=1, sep_id=2,
                                mask_id=3, pad_id=0, random_ids=np.arange(100, 200))
         x, y = layout_features(ds, n)
+        pair = y > 0
+        held_out = y[int(len(y) * 0.6) :]
         print(f"seq_len {seq_len}: layout classifier held-out accuracy {held_out_accuracy(x, y):.3f} "
-              f"on {n} samples (chance 0.333)", flush=True)
+              f"on {n} samples (chance 0.333); random against the rest {held_out_accuracy(x, (y > 0).astype(int)):.3f} "
+              f"(majority {max((held_out > 0).mean(), (held_out == 0).mean()):.3f}); next against previous "
+              f"{held_out_accuracy(x[pair], y[pair] - 1):.3f} (chance 0.5)", flush=True)
 
 
 if __name__ == "__main__":
