@@ -1,5 +1,6 @@
-"""Stage two starts from stage one: a StructBERT ZeRO-3 checkpoint, written by any number of ranks, is
-consolidated on rank 0 and copied into the partitioned PALM model one parameter at a time.
+"""Where a run's first weights come from: stage two from a stage-one ZeRO-3 checkpoint (written by any number of
+ranks, consolidated on rank 0), and either stage from a local transformers BERT or MegatronBERT directory
+(`init_from=hf:<dir>`, continued pre-training); copied into the partitioned model one parameter at a time.
 
 The encoder and its heads (MLM, sentence) keep their names across the stages, so the mapping is the identity on them;
 the decoder is new, or (`model.decoder_init=encoder_top`) takes the self-attention and FFN of the top
@@ -8,6 +9,8 @@ parameter shapes, before any rank starts or writes, so a bad path costs one line
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
 
@@ -23,7 +26,8 @@ _DECODER_FROM_ENCODER = {"self_attn.": "attn.", "self_attn_norm.": "attn_norm.",
 
 @dataclass(frozen=True)
 class InitSource:
-    """Where stage two's weights come from: a stage-one checkpoint, and which of its parameters each of ours takes."""
+    """Where a run's weights come from (a stage-one checkpoint or a transformers directory), and which of its
+    parameters each of ours takes."""
 
     tag_dir: str  # a DeepSpeed checkpoint directory, or "hf:<dir>" (a transformers BERT or MegatronBERT)
     mapping: dict[str, str]  # our parameter -> the checkpoint's (missing: keeps its fresh init)
@@ -129,9 +133,6 @@ _ROWS_MAY_GROW = ("encoder.embeddings.word.weight", "mlm_head.bias", "encoder.em
 def hf_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str | None) -> InitSource:
     """A local transformers BERT (post-LN) or MegatronBERT (pre-LN) directory, checked before any rank starts:
     its architecture and shapes against ours, and its vocab against the data's."""
-    import json
-    import os
-
     path, where = init_from[len(HF):], f"init_from={init_from}"
     if not os.path.isdir(path):
         raise UserError(f"{where}: no such directory")
@@ -176,8 +177,6 @@ def hf_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: Mo
 
 def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
     """The directory's tensors under our names, as meta tensors (shapes only; nothing is read)."""
-    import os
-
     from safetensors import safe_open
 
     from pretrain.models.hf_layout import from_hf
@@ -191,8 +190,6 @@ def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Te
 
 
 def hf_weights(source: InitSource) -> dict[str, torch.Tensor]:
-    import os
-
     from safetensors.torch import load_file
 
     from pretrain.models.hf_layout import from_hf
@@ -202,9 +199,6 @@ def hf_weights(source: InitSource) -> dict[str, torch.Tensor]:
 
 def _check_vocab(path: str, vocab_path: str, where: str) -> None:
     """The data's token ids must mean what the model learnt: the same vocab, token for token."""
-    import json
-    import os
-
     from pretrain.data.tokenizer import read_vocab
 
     if os.path.isfile(os.path.join(path, "vocab.txt")):
