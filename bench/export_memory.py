@@ -7,7 +7,6 @@ model's fp32 size is printed beside it.
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -148,15 +148,9 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
         import transformers  # noqa: F401
     except ImportError:
         raise UserError("the export needs transformers and safetensors: pip install -e '.[hf]'") from None
-    for name in ("model.json", "vocab.txt"):
-        if not os.path.isfile(os.path.join(run_dir, name)):
-            raise UserError(f"run.dir={run_dir}: no {name} (not a training run directory)")
+    stage, cfg = checkpoint.run_model_config(run_dir)
     if os.path.exists(out) and not overwrite and os.listdir(out):
         raise UserError(f"out={out}: exists and is not empty (overwrite=true replaces it)")
-    with open(os.path.join(run_dir, "model.json")) as f:
-        saved = json.load(f)
-    stage = saved.pop("stage")
-    cfg = ModelConfig(**saved)
     if stage == "palm" and cfg.copy:
         raise UserError(f"run.dir={run_dir}: model.copy=true; the exported PALM class has no copy mechanism "
                         "(PLUG does not use it): export a run trained with model.copy=false")  # fmt: skip
@@ -197,24 +191,14 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
 
 
 def check(run_dir: str, out: str, tag_dir: str) -> dict[str, float]:
-    """Largest |transformers - ours| of each output on one fixed padded batch (fp32, dropout off); for stage two
+    """Largest |transformers - ours| of each output on one fixed padded batch (fp32, eval mode); for stage two
     also whether greedy and beam generate() give our tokens (0 when they do)."""
     import transformers
 
     transformers.logging.set_verbosity_error()  # its load report lists the other heads' keys as unexpected
     transformers.logging.disable_progress_bar()
-    with open(os.path.join(run_dir, "model.json")) as f:
-        saved = json.load(f)
-    stage = saved.pop("stage")
-    cfg = ModelConfig(**{**saved, "dropout": 0.0, "attn_dropout": 0.0})
-    if stage == "palm":
-        from pretrain.models.palm import Palm as Model
-    else:
-        from pretrain.models.structbert import StructBert as Model
-    with torch.device("meta"):
-        ours = Model(cfg)
-    ours.load_state_dict(checkpoint.consolidate(tag_dir), strict=True, assign=True)
-    ours.eval()
+    stage, cfg = checkpoint.run_model_config(run_dir)
+    ours = checkpoint.load_run_model(run_dir, tag_dir)  # in eval mode: no dropout
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, cfg.vocab_size, (3, min(24, cfg.max_positions)), generator=g)
     mask = torch.ones_like(ids, dtype=torch.bool)

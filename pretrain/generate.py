@@ -9,7 +9,6 @@ model is built on the meta device and takes the consolidated tensors as they are
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -18,7 +17,6 @@ import torch
 from pretrain.cli import parse
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.models.config import ModelConfig
 from pretrain.training import checkpoint
 
 DEFAULTS = {
@@ -40,24 +38,10 @@ def parse_args(argv: list[str]):
 
 def load_model(run_dir: str, checkpoint_dir: str | None):
     """The stage-two model of `run_dir` with the weights of its newest (or the given) checkpoint, and its tokenizer."""
-    from pretrain.models.palm import Palm
-
-    for name in ("model.json", "vocab.txt"):
-        if not os.path.isfile(os.path.join(run_dir, name)):
-            raise UserError(f"run.dir={run_dir}: no {name} (not a training run directory)")
-    with open(os.path.join(run_dir, "model.json")) as f:
-        saved = json.load(f)
-    if saved.pop("stage") != "palm":
+    if checkpoint.run_model_config(run_dir)[0] != "palm":
         raise UserError(f"run.dir={run_dir}: a stage-one run; generation needs a stage-two (stage=palm) run")
     tag_dir = checkpoint.find(checkpoint_dir, "checkpoint") if checkpoint_dir else checkpoint.find(run_dir, "run.dir")
-    with torch.device("meta"):
-        model = Palm(ModelConfig(**saved))
-    state = checkpoint.consolidate(tag_dir)
-    missing = sorted(set(n for n, _ in model.named_parameters()) - set(state))
-    if missing:
-        raise UserError(f"{tag_dir}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more) of this model")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval(), Tokenizer(os.path.join(run_dir, "vocab.txt")), tag_dir
+    return checkpoint.load_run_model(run_dir, tag_dir), Tokenizer(os.path.join(run_dir, "vocab.txt")), tag_dir
 
 
 def encoder_input(tok: Tokenizer, prompt: str, max_positions: int, where: str) -> torch.Tensor:

@@ -7,14 +7,16 @@ writes it as soon as its own part is on disk, before the other ranks are done, s
 leave `latest` naming a checkpoint that lacks its part. Here it is replaced atomically only after every rank has
 returned from the save, so it always names a complete one.
 
-Readers: the trainer (resume), init_from (stage two from stage one), generate (and later export), through
-`find`, `saved_state`, `recorded_shapes` and `consolidate`, which work whatever number of ranks wrote it.
+Readers: the trainer (resume), init_from (stage two from stage one), generate and export, through
+`find`, `saved_state`, `recorded_shapes`, `consolidate` and `load_run_model`, which work whatever number of
+ranks wrote it.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
 import io
+import json
 import os
 import random
 import re
@@ -84,6 +86,36 @@ def consolidate(tag_dir: str, lazy: bool = False) -> dict[str, torch.Tensor]:
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its per-shard progress report
         return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir),
                                                         lazy_mode=lazy)  # fmt: skip
+
+
+def run_model_config(run_dir: str):
+    """(stage, ModelConfig) that a run directory records in model.json (vocab.txt must be there too: it is what
+    reading the run's checkpoints back needs besides the weights)."""
+    from pretrain.models.config import ModelConfig
+
+    for name in ("model.json", "vocab.txt"):
+        if not os.path.isfile(os.path.join(run_dir, name)):
+            raise UserError(f"run.dir={run_dir}: no {name} (not a training run directory)")
+    with open(os.path.join(run_dir, "model.json")) as f:
+        saved = json.load(f)
+    return saved.pop("stage"), ModelConfig(**saved)
+
+
+def load_run_model(run_dir: str, tag_dir: str):
+    """The run's model (stage one or two, in eval mode) with the weights of checkpoint tag_dir: built on the meta
+    device, so the consolidated tensors are taken as they are and no second copy is made."""
+    from pretrain.models.palm import Palm
+    from pretrain.models.structbert import StructBert
+
+    stage, cfg = run_model_config(run_dir)
+    with torch.device("meta"):
+        model = (Palm if stage == "palm" else StructBert)(cfg)
+    state = consolidate(tag_dir)
+    missing = sorted(set(n for n, _ in model.named_parameters()) - set(state))
+    if missing:
+        raise UserError(f"{tag_dir}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more) of this model")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 def rng_state() -> dict:
