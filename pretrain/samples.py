@@ -67,9 +67,7 @@ def _targets(labels: np.ndarray, tok) -> list[dict]:
 
 def _source(data, span: tuple[int, int], tok) -> dict:
     """Where a span of the corpus lies, and its text as the corpus has it (before masking or shuffling)."""
-    offsets = np.asarray(data.corpus.sent_offsets)[np.asarray(data.corpus.doc_offsets)]
-    doc = int(np.searchsorted(offsets, span[0], side="right")) - 1
-    return {"span": [int(span[0]), int(span[1])], "document": doc,
+    return {"span": [int(span[0]), int(span[1])], "document": data.corpus.document_of(span[0]),
             "text": tok.decode(int(i) for i in data.corpus.tokens[span[0] : span[1]])}  # fmt: skip
 
 
@@ -141,19 +139,13 @@ def main(argv: list[str]) -> None:
 def overview(stage_name: str, data, indices: list[int]) -> list[str]:
     """What to check in a new corpus at a glance: SSO label shares (stage one), drawn and realised lengths (two)."""
     if stage_name == "palm":
-        from pretrain.data.palm import _histogram
         from pretrain.summary import render_lengths
 
-        spans = [data.sample_spans(g) for g in indices]
-        drawn, realised = np.array([s["drawn"] for s in spans]), np.array([s["realised"] for s in spans])
-        h = {"samples": len(indices), "snap": data.snap, "encoder": _histogram(drawn[:, 0], realised[:, 0], data.src_len),
-             "decoder": _histogram(drawn[:, 1], realised[:, 1], data.tgt_len)}  # fmt: skip
-        share = {key: np.mean([s[key] for s in spans]) for key in ("ends_document", "moved")}
-        sentence_end = {part: np.mean([data.corpus.is_sentence_boundary(s[part]) for s in spans]) for part in ("split", "end")}
-        return render_lengths(h) + [
-            f"  contexts ending on a sentence end: {sentence_end['split']:.1%}; targets: {sentence_end['end']:.1%}; "
-            f"targets ending where their document ends ([SEP]): {share['ends_document']:.1%}",
-            f"  samples moved to a document long enough for their lengths: {share['moved']:.1%}"]
+        r = data.length_report(indices)
+        return render_lengths(r) + [
+            f"  contexts ending on a sentence end: {r['context_ends_sentence']:.1%}; targets: {r['target_ends_sentence']:.1%}; "
+            f"targets ending where their document ends ([SEP]): {r['target_ends_document']:.1%}",
+            f"  samples moved to a document long enough for their lengths: {r['moved_to_longer_document']:.1%}"]
     labels = np.array([data.sample_spans(g)[2] for g in indices])
     shares = ", ".join(f"{SSO_NAMES[k] or 'none (one-sentence document)'} {np.mean(labels == k):.1%}" for k in SSO_NAMES)
     return [f"  SSO labels: {shares}"]

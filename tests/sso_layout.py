@@ -32,16 +32,8 @@ def _one_hot(codes: np.ndarray) -> np.ndarray:
 def layout_features(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of the first n samples that have an SSO label (indices 0, 1, 2, ...)."""
     corpus = ds.corpus
-    sent_start = np.asarray(corpus.sent_offsets[:-1])
-    sent_end = np.asarray(corpus.sent_offsets[1:])
-    doc_tok = np.asarray(corpus.sent_offsets)[np.asarray(corpus.doc_offsets)]
-    doc_len = np.diff(doc_tok)
-
-    def doc_of(t):
-        return doc_len[np.searchsorted(doc_tok, t, side="right") - 1]
-
-    def is_in(sorted_values, t):
-        return sorted_values[min(np.searchsorted(sorted_values, t), len(sorted_values) - 1)] == t
+    doc_len = np.diff(corpus.doc_token_offsets)
+    boundary = corpus.is_sentence_boundary  # A and B are inside the corpus: their ends are never 0, starts never the last
 
     rows, labels, g = [], [], 0
     while len(rows) < n:
@@ -50,8 +42,8 @@ def layout_features(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
         if label == IGNORE:
             continue
         la, lb = a[1] - a[0], b[1] - b[0]
-        rows.append((la, lb, la + lb == ds.max_tokens, is_in(sent_end, a[1]), is_in(sent_end, b[1]),
-                     is_in(sent_start, b[0]), doc_of(a[0]), doc_of(b[0])))
+        rows.append((la, lb, la + lb == ds.max_tokens, boundary(a[1]), boundary(b[1]), boundary(b[0]),
+                     doc_len[corpus.document_of(a[0])], doc_len[corpus.document_of(b[0])]))
         labels.append(label)
     r = np.array(rows, dtype=np.float64)
     la_bin, lb_bin = _quantile_bins(r[:, 0], LENGTH_BINS), _quantile_bins(r[:, 1], LENGTH_BINS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -49,6 +50,15 @@ class IndexedCorpus:
     @property
     def num_docs(self) -> int:
         return len(self.doc_offsets) - 1
+
+    @cached_property
+    def doc_token_offsets(self) -> np.ndarray:
+        """[num_docs + 1] int64: the token offset of each document (last = num_tokens)."""
+        return np.asarray(self.sent_offsets, dtype=np.int64)[np.asarray(self.doc_offsets, dtype=np.int64)]
+
+    def document_of(self, t: int) -> int:
+        """The document holding token offset t."""
+        return int(np.searchsorted(self.doc_token_offsets, t, side="right")) - 1
 
     def is_sentence_boundary(self, t):
         """Whether token offset(s) t fall where a sentence starts or ends (offset num_tokens included)."""

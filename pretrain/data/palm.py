@@ -65,7 +65,7 @@ class PalmDataset(torch.utils.data.Dataset):
         (self.unit_start, self.unit_end, self.doc_unit_offsets, self.unit_doc,
          chunk_first, chunk_end) = chunks(corpus, self.chunk_tokens)
         self.sent_offsets = np.asarray(corpus.sent_offsets, dtype=np.int64)
-        self.doc_tokens = self.sent_offsets[np.asarray(corpus.doc_offsets, dtype=np.int64)]  # [num_docs + 1]
+        self.doc_tokens = corpus.doc_token_offsets  # [num_docs + 1]
         doc_len = np.diff(self.doc_tokens)
         keep = doc_len[self.unit_doc[chunk_first]] >= 2  # one token cannot be both context and target
         self.anchor_first, self.anchor_end = chunk_first[keep], chunk_end[keep]
@@ -93,7 +93,7 @@ class PalmDataset(torch.utils.data.Dataset):
         _, start, split, end, (ls, lt) = self._span(int(g))
         anchor_doc = self.unit_doc[self.anchor_first[self.epoch_permutation.locate(int(g))[1]]]
         return {"start": start, "split": split, "end": end, "drawn": (ls, lt), "realised": (split - start + 2, end - split + 1),
-                "ends_document": self._ends_document(end), "moved": bool(self.doc_of(start) != anchor_doc)}  # fmt: skip
+                "ends_document": self._ends_document(end), "moved": bool(self.corpus.document_of(start) != anchor_doc)}  # fmt: skip
 
     def _span(self, g: int):
         """The sample's rng, its token span (context [start, split), target [split, end)) and drawn lengths."""
@@ -151,9 +151,6 @@ class PalmDataset(torch.utils.data.Dataset):
         ends = ends[(np.abs(ends - at) <= np.minimum(hi - ends, ends - lo)) | (at < lo) | (at > hi)]
         return int(ends[np.argmin(np.abs(ends - at))]) if len(ends) else min(at, cap)
 
-    def doc_of(self, token: int) -> int:
-        return int(np.searchsorted(self.doc_tokens, token, side="right")) - 1
-
     def _ends_document(self, end: int) -> bool:
         return bool(self.doc_tokens[np.searchsorted(self.doc_tokens, end)] == end)
 
@@ -182,20 +179,29 @@ class PalmDataset(torch.utils.data.Dataset):
                 "dec_input_ids": np.concatenate([cls, target]), "dec_labels": np.concatenate([target, last_label])}
 
     # ---- reporting / batching helpers -----------------------------------------------------------
-    def stats(self, probe: int = 2000) -> dict:
-        """Counts, and over the first `probe` samples: the drawn and realised lengths (histograms in 8 bins of each
-        side's range), the share of targets that reach their document's end, and of samples moved to a longer
-        document."""
-        spans = [self.sample_spans(g) for g in range(probe)]
+    def length_report(self, indices) -> dict:
+        """Over samples `indices`: the drawn and realised lengths (histograms in 8 bins of each side's range, as
+        run.json records them and pretrain.summary prints them), and the shares of targets that reach their
+        document's end, of samples moved to a longer document, and of contexts and targets ending on a sentence end."""
+        spans = [self.sample_spans(g) for g in indices]
         drawn, realised = np.array([s["drawn"] for s in spans]), np.array([s["realised"] for s in spans])
+        share = lambda values: float(np.mean(values))  # noqa: E731
+        return {"samples": len(spans), "snap": self.snap,
+                "encoder": _histogram(drawn[:, 0], realised[:, 0], self.src_len),
+                "decoder": _histogram(drawn[:, 1], realised[:, 1], self.tgt_len),
+                "target_ends_document": share([s["ends_document"] for s in spans]),
+                "moved_to_longer_document": share([s["moved"] for s in spans]),
+                "context_ends_sentence": share([self.corpus.is_sentence_boundary(s["split"]) for s in spans]),
+                "target_ends_sentence": share([self.corpus.is_sentence_boundary(s["end"]) for s in spans])}  # fmt: skip
+
+    def stats(self, probe: int = 2000) -> dict:
+        """Counts, and the length report (length_report) of the first `probe` samples."""
+        report = self.length_report(range(probe))
         return {"num_docs": self.corpus.num_docs, "num_anchors": self.num_anchors, "dropped_docs": self.dropped_docs,
-                "chunk_tokens": self.chunk_tokens, "mean_enc_len": float(realised[:, 0].mean()),
-                "mean_dec_len": float(realised[:, 1].mean()),
-                "length_histogram": {"samples": probe, "snap": self.snap,
-                                     "encoder": _histogram(drawn[:, 0], realised[:, 0], self.src_len),
-                                     "decoder": _histogram(drawn[:, 1], realised[:, 1], self.tgt_len)},
-                "target_ends_document": float(np.mean([s["ends_document"] for s in spans])),
-                "moved_to_longer_document": float(np.mean([s["moved"] for s in spans]))}  # fmt: skip
+                "chunk_tokens": self.chunk_tokens, "mean_enc_len": report["encoder"]["mean_realised"],
+                "mean_dec_len": report["decoder"]["mean_realised"], "length_histogram": report,
+                "target_ends_document": report["target_ends_document"],
+                "moved_to_longer_document": report["moved_to_longer_document"]}  # fmt: skip
 
     @property
     def collate_fn(self):
