@@ -16,6 +16,7 @@ setup(
         "tokenizers>=0.15",
         "tqdm",
         "wandb",
+        "sacrebleu>=2.3,<3",  # BLEU-4 of the generation tasks (pretrain.finetune; tested with 2.6.0)
     ],
     extras_require={
         "hf": ["transformers>=5.24,<6", "safetensors>=0.4"],  # pretrain.export (tested with 5.24.0)

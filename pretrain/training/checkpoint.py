@@ -110,6 +110,11 @@ def load_run_model(run_dir: str, tag_dir: str):
     stage, cfg = run_model_config(run_dir)
     with torch.device("meta"):
         model = (Palm if stage == "palm" else StructBert)(cfg)
+    return load_weights(model, tag_dir)
+
+
+def load_weights(model: torch.nn.Module, tag_dir: str) -> torch.nn.Module:
+    """`model`, built on the meta device, with the consolidated weights of checkpoint tag_dir, in eval mode."""
     state = consolidate(tag_dir)
     missing = sorted(set(n for n, _ in model.named_parameters()) - set(state))
     if missing:
@@ -149,6 +154,7 @@ class Checkpoints:
     def __init__(self, run_dir: str, rank: int, world_size: int, keep_last: int):
         self.dir = os.path.join(run_dir, "checkpoints")
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+        self.protected: set[str] = set()  # tags never pruned (fine-tuning: the checkpoint the valid metric picked)
 
     def save(self, engine, step: int, stage: str, global_batch: int) -> None:
         tag = f"step{step}"
@@ -180,7 +186,7 @@ class Checkpoints:
     def _prune(self, keep: str) -> None:
         tags = sorted((int(m.group(1)), n) for n in os.listdir(self.dir) if (m := _STEP_DIR.match(n)))
         for _, name in tags[: -self.keep_last]:
-            if name != keep:
+            if name != keep and name not in self.protected:
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
     def resolve(self, resume: str, stage: str, global_batch: int) -> str | None:

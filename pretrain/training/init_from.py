@@ -58,6 +58,8 @@ def init_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
 def source_names(target_names: list[str], cfg: ModelConfig) -> dict[str, str]:
     """Stage-two parameter -> the stage-one parameter it starts from (missing = keeps its fresh init)."""
     mapping = {n: n for n in target_names if n.startswith(("encoder.", "mlm_head.", "sentence_head."))}
+    # a fine-tuned classifier's pooler is the sentence head's (BERT's practice: the pooler is pre-trained)
+    mapping.update({n: "sentence_head." + n for n in target_names if n.startswith("pooler.")})
     if cfg.decoder_init == "encoder_top":
         first = cfg.layers - cfg.decoder_layers  # decoder layer i <- encoder layer first + i
         for name in target_names:
@@ -93,6 +95,48 @@ def check(init_from: str, tag_dir: str, target_shapes: dict[str, tuple[int, ...]
                 f" ({_likely_cause(source, have[source], target_shapes[target], cfg)})"
             )
     return mapping
+
+
+def finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str,
+                    needs_stage_two: bool) -> InitSource:
+    """Fine-tuning (pretrain.finetune) from a stage-one or stage-two checkpoint, or a transformers directory: the
+    encoder (and for generation the whole PALM) is carried by name, the task's new layer is fresh."""
+    where = f"init_from={init_from}"
+    if init_from.startswith(HF):
+        if needs_stage_two:
+            raise UserError(f"{where}: a generation task starts from a stage-two (palm) checkpoint, not a transformers directory")
+        return hf_source(init_from, target_shapes, cfg, vocab_path)
+    tag_dir = checkpoint.find(init_from, "init_from")
+    have = checkpoint.recorded_shapes(tag_dir, "init_from")
+    stage_two = any(n.startswith("decoder.") for n in have)
+    if needs_stage_two and not stage_two:
+        raise UserError(f"{where}: a stage-one (structbert) checkpoint; a generation task needs a stage-two (palm) one")
+    their_layers = len({m.group(1) for n in have if (m := re.match(r"encoder\.layers\.(\d+)\.", n))})
+    if their_layers != cfg.layers:
+        raise UserError(f"{where}: the checkpoint has {their_layers} encoder layers, model.layers={cfg.layers}")
+    wanted = {n: n for n in target_shapes if n.startswith(("encoder.", "decoder.", "mlm_head.", "copy_gate."))}
+    wanted.update(source_names([n for n in target_shapes if n.startswith(("pooler.", "sentence_head."))], cfg))
+    mapping = {}
+    for target, source in wanted.items():
+        if source not in have:
+            if target.startswith(("encoder.", "decoder.")):
+                raise UserError(f"{where}: the checkpoint has no {source} (model.pre_ln, model.decoder_layers or the "
+                                "model differ)")  # fmt: skip
+            continue  # a head the checkpoint lacks keeps its fresh init
+        if have[source] != target_shapes[target]:
+            raise UserError(f"{where}: {source} is {list(have[source])} in the checkpoint, {list(target_shapes[target])}"
+                            f" in this model ({_likely_cause(source, have[source], target_shapes[target], cfg)})")  # fmt: skip
+        mapping[target] = source
+    return InitSource(tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping))
+
+
+def run_vocab(init_from: str) -> str | None:
+    """The vocab.txt of the run that `init_from` (a run directory, one of its checkpoints or hf:<dir>) names."""
+    path = init_from.removeprefix(HF)
+    for d in (path, os.path.dirname(os.path.dirname(os.path.abspath(path)))):
+        if os.path.isfile(os.path.join(d, "vocab.txt")):
+            return os.path.join(d, "vocab.txt")
+    return None
 
 
 def _likely_cause(name: str, theirs: tuple, ours: tuple, cfg: ModelConfig) -> str:

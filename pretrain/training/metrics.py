@@ -109,21 +109,24 @@ def fp16_columns(engine) -> dict:
 class MetricsLog:
     """Rank 0 appends rows to metrics.jsonl; a resumed run first drops rows past its checkpoint."""
 
-    def __init__(self, run_dir: str, rank: int, wandb_cfg: WandbSettings, config: dict, resumed_step: int):
+    def __init__(self, run_dir: str, rank: int, wandb_cfg: WandbSettings, config: dict, resumed_step: int,
+                 rewritten_splits: tuple[str, ...] = ()):  # fmt: skip
+        """rewritten_splits: rows that the run writes anew whatever its step (fine-tuning's test row)."""
         self.rank = rank
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb = None
         if rank != 0:
             return
-        self._truncate_after(resumed_step)
+        self._truncate_after(resumed_step, rewritten_splits)
         if wandb_cfg.mode != "disabled":
             self.wandb = _start_wandb(run_dir, wandb_cfg, config)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int, rewritten_splits: tuple[str, ...]) -> None:
         if not os.path.exists(self.path):
             return
         with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            rows = [(line, json.loads(line)) for line in f if line.strip()]
+        kept = [line for line, r in rows if r["step"] <= step and r["split"] not in rewritten_splits]
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)

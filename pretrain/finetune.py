@@ -1,0 +1,276 @@
+"""Fine-tuning and evaluation entry point, the same under `deepspeed`, `torchrun`, `srun` and plain `python`:
+
+    deepspeed --num_gpus 2 --module pretrain.finetune task=ner data.dir=<task dir> init_from=<run.dir> run.dir=R
+
+The recipe: read, encode and check the task and the config (`setup`, which writes nothing), join the ranks, build
+the ZeRO-3-partitioned task model with the pre-trained weights (or random ones: init_from=null), resume the newest
+checkpoint, train; at each eval step score valid and save a checkpoint; at the end score the test split once with
+the checkpoint the valid metric picked: run.dir/results.json, predictions.jsonl and a "test" row in metrics.jsonl.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from pretrain.data.tokenizer import Tokenizer, read_vocab
+from pretrain.errors import UserError, exit_on_user_error
+from pretrain.models.layers import count_parameters
+from pretrain.tasks.task import build_task
+from pretrain.training import checkpoint, distributed, init_from
+from pretrain.training.checkpoint import Checkpoints, seed_rng
+from pretrain.training.config import (
+    BatchGeometry,
+    RunSettings,
+    batch_geometry,
+    deepspeed_config,
+    run_settings,
+)
+from pretrain.training.engine import build_model, initialize, local_partition_numel
+from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row
+from pretrain.training.stopping import StopRequest
+
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
+
+
+@dataclass
+class Setup:
+    settings: RunSettings
+    geometry: BatchGeometry
+    task: object  # pretrain.tasks.task: ClassificationTask | TaggingTask | GenerationTask
+    vocab_path: str
+    init: init_from.InitSource | None
+    ds_config: dict
+
+
+def setup(cfg: DictConfig, world_size: int) -> Setup:
+    """Read every setting and every task file, and check them, before any rank writes a byte."""
+    settings = run_settings(cfg)
+    geometry = batch_geometry(cfg.train, world_size)
+    source = None if cfg.init_from is None else str(cfg.init_from)
+    vocab_path = None if cfg.vocab is None else str(cfg.vocab)
+    if vocab_path is None:
+        if source is None:
+            raise UserError("init_from=null (random init) needs vocab=<vocab.txt> (the pre-trained run's, for the same shapes)")
+        vocab_path = init_from.run_vocab(source)
+        if vocab_path is None:
+            raise UserError(f"init_from={source}: no vocab.txt beside it; give vocab=<vocab.txt>")
+    if not os.path.isfile(vocab_path):
+        raise UserError(f"vocab={vocab_path}: no such file")
+    tok = Tokenizer(vocab_path)
+    task = build_task(cfg, tok, tok.vocab_size)
+    init = None
+    if source is not None:
+        with torch.device("meta"):
+            shapes = {n: tuple(p.shape) for n, p in task.make_model().named_parameters()}
+        init = init_from.finetune_source(source, shapes, task.model_cfg, vocab_path, task.needs_stage_two)
+        theirs = init_from.run_vocab(source)  # the ids must mean what the model learnt (hf: checked above)
+        if theirs is not None and read_vocab(theirs) != read_vocab(vocab_path):
+            raise UserError(f"vocab={vocab_path} differs from {theirs}, the vocab init_from={source} was trained with")
+    return Setup(settings, geometry, task, vocab_path, init, deepspeed_config(cfg, geometry))
+
+
+def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
+    # 1. Check everything before any rank writes a byte.
+    started = time.perf_counter()
+    run = setup(cfg, info.world_size)
+    s, geometry, task = run.settings, run.geometry, run.task
+    if s.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError(f"deepspeed={s.hardware}: fp16 needs a GPU; on CPU use deepspeed=zero3_cpu (fp32 or bf16)")
+    kind = f"finetune:{task.kind}"
+    checkpoints = Checkpoints(s.run_dir, info.rank, info.world_size, s.keep_last)
+    resume_from = checkpoints.resolve(s.resume, kind, geometry.global_batch)
+
+    # 2. Join the ranks, build the partitioned model with the pre-trained weights, restore the newest checkpoint.
+    stop = StopRequest(os.path.join(s.run_dir, s.stop_file))
+    stop.clear_stale(info.rank)
+    distributed.init(info, s.timeout_s)
+    os.makedirs(s.run_dir, exist_ok=True)
+    checkpoints.discard_uncommitted()
+    if info.rank == 0:
+        task.warn_truncated()
+    model = build_model(task.make_model, run.ds_config, s.seed)
+    if run.init is not None and resume_from is None:
+        init_from.load_into(model, run.init, rank=info.rank)
+    engine = initialize(model, run.ds_config, s.weight_decay)
+    if resume_from is None:
+        step = 0
+        seed_rng(s.seed * 1000 + info.rank)
+    else:
+        step = checkpoints.load(engine, resume_from)
+    _write_run_info(cfg, run, info, model, step)
+    log = MetricsLog(s.run_dir, info.rank, s.wandb, OmegaConf.to_container(cfg, resolve=True), step, ("test",))
+    _protect_best(checkpoints, s.run_dir, task, info.rank)
+
+    # 3. Train; score valid and save at each eval step.
+    batches = iter(task.train_loader(geometry, info.rank, step, s.max_steps))
+    window = Window(task.objectives)
+    bar = tqdm(total=s.max_steps, initial=step, disable=info.rank != 0 or not s.progress, desc=f"finetune {task.name}")
+    engine.train()
+    while step < s.stop_at:
+        lr = engine.get_lr()[0]
+        for _ in range(geometry.accum):
+            host = next(batches)
+            loss, stats, _ = task.forward(engine, _to(host, engine.device), predict=False)
+            engine.backward(loss)
+            engine.step()
+            window.add(stats, *task.token_counts(host))
+        step += 1
+        window.mark_step()
+        bar.update(1)
+        stopping = step < s.stop_at and stop.requested()
+        if step % s.log_every == 0 or step == s.stop_at or stopping:
+            log.write(metrics_row(step, "train", window.reduce(), task.weights, {}, engine_columns(engine, lr)))
+        evaluating = step % s.eval_every == 0 or step == s.max_steps
+        if evaluating:
+            log.write(evaluate(engine, task, geometry, info, step))
+            _protect_best(checkpoints, s.run_dir, task, info.rank)
+        if evaluating or step % s.save_every == 0 or step == s.stop_at or stopping:
+            checkpoints.save(engine, step, kind, geometry.global_batch)
+        if stopping:
+            if info.rank == 0:
+                print(f"pretrain.finetune: stop requested: checkpoint of step {step} saved, exiting", file=sys.stderr)
+            break
+    bar.close()
+    train_s = time.perf_counter() - started
+
+    # 4. The test split, once, with the checkpoint the valid metric picked.
+    if step == s.max_steps:
+        test(task, s.run_dir, geometry, info, log, train_s, run, engine.device)
+    log.close()
+    distributed.barrier()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(engine, task, geometry: BatchGeometry, info, step: int) -> dict:
+    """The valid row: the loss (every task) and, for the understanding tasks, the metric of the predictions."""
+    engine.eval()
+    window, predictions = Window(task.objectives), []
+    predict = task.kind != "generation"  # generation is picked on its loss; decoding waits for the test
+    for host in task.eval_loader("valid", geometry.micro, geometry.world, info.rank):
+        _, stats, pred = task.forward(engine, _to(host, engine.device), predict=predict)
+        window.add(stats, *task.token_counts(host))
+        if pred is not None:
+            predictions += task.decode("valid", host, pred.cpu())
+    engine.train()
+    row = metrics_row(step, "valid", window.reduce(), task.weights, {})
+    if predict:
+        row.update(task.score("valid", _merged(distributed.gather_objects(predictions))))
+    return row
+
+
+def _merged(parts: list[list[tuple[int, object]]]) -> list:
+    """The ranks' (index, prediction) lists as one list in example order."""
+    return [p for _, p in sorted((pair for part in parts for pair in part), key=lambda pair: pair[0])]
+
+
+def best_valid(run_dir: str, select: tuple[str, bool]) -> dict | None:
+    """The valid row of metrics.jsonl with the best `select` column (the earliest of equals); None before the
+    first. A function of the rows, which a resumed run truncates to its step: so it resumes exactly too."""
+    column, higher = select
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        rows = [r for r in map(json.loads, f) if r["split"] == "valid" and r.get(column) is not None]
+    return max(rows, key=lambda r: (r[column] if higher else -r[column], -r["step"])) if rows else None
+
+
+def _protect_best(checkpoints: Checkpoints, run_dir: str, task, rank: int) -> None:
+    """Rank 0 prunes: it keeps the best checkpoint so far besides the last ones."""
+    best = best_valid(run_dir, task.select) if rank == 0 else None
+    checkpoints.protected = set() if best is None else {f"step{best['step']}"}
+
+
+def test(task, run_dir: str, geometry: BatchGeometry, info, log: MetricsLog, train_s: float, run: Setup,
+         device) -> None:  # fmt: skip
+    started = time.perf_counter()
+    best = distributed.broadcast_object(best_valid(run_dir, task.select) if info.rank == 0 else None)
+    if best is None:
+        raise UserError(f"run.dir={run_dir}: metrics.jsonl has no valid row to pick a checkpoint with")
+    tag_dir = os.path.join(run_dir, "checkpoints", f"step{best['step']}")
+    with torch.device("meta"):
+        model = task.make_model()
+    model = checkpoint.load_weights(model, tag_dir).to(device)  # each rank: a plain copy of the picked checkpoint
+    predictions = _merged(distributed.gather_objects(task.predict(model, "test", geometry.micro, geometry.world, info.rank)))
+    if info.rank != 0:
+        return
+    scores = task.score("test", predictions)
+    test_s = time.perf_counter() - started
+    _write_atomic(os.path.join(run_dir, "predictions.jsonl"),
+                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in task.records("test", predictions)))  # fmt: skip
+    results = {
+        "task": task.name, "type": task.kind, "initialized_from": None if run.init is None else run.init.tag_dir,
+        "selected_by": f"valid {task.select[0]} ({'higher' if task.select[1] else 'lower'} is better)",
+        "best_step": best["step"], "valid": {k: best.get(k) for k in _metric_keys(task, best)},
+        "test": scores, "test_examples": len(predictions), "truncated": task.truncation_report(),
+        "seconds": {"train_this_launch": round(train_s, 1), "test": round(test_s, 1)},
+    }  # fmt: skip
+    if task.kind == "generation":
+        results["decoding"] = task.decoding
+    _write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    log.write({"step": best["step"], "split": "test", **scores})
+    print(f"pretrain.finetune: {task.name} test ({len(predictions)} examples, checkpoint step {best['step']}): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), file=sys.stderr)  # fmt: skip
+
+
+def _metric_keys(task, row: dict) -> list[str]:
+    return [k for k in (task.select[0], *(f"{o}_loss" for o in task.objectives), "accuracy", "macro_f1", "precision",
+                        "recall", "f1", "lm_ppl") if k in row]  # fmt: skip
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_run_info(cfg: DictConfig, run: Setup, info, model, step: int) -> None:
+    """config.yaml, run.json (the task's labels too), and what reading the checkpoints back needs: model.json and
+    vocab.txt."""
+    per_rank = distributed.gather_objects(local_partition_numel(model))
+    if info.rank != 0:
+        return
+    s, g, task = run.settings, run.geometry, run.task
+    OmegaConf.save(cfg, os.path.join(s.run_dir, "config.yaml"), resolve=True)
+    run_info = {
+        "world_size": info.world_size, "parameters": count_parameters(model), "partition_numel_per_rank": per_rank,
+        "micro_batch": g.micro, "grad_accum": g.accum, "global_batch": g.global_batch, "resumed_from_step": step,
+        "initialized_from": None if run.init is None else run.init.tag_dir,
+        "init_tensors": None if run.init is None else run.init.report(),
+        "task": {"name": task.name, "type": task.kind, "examples": {k: len(v) for k, v in task.splits.items()},
+                 "truncated": task.truncation_report(), "labels": task.labels},
+        "deepspeed_config": run.ds_config,
+    }  # fmt: skip
+    _write_atomic(os.path.join(s.run_dir, "run.json"), json.dumps(run_info, indent=2, ensure_ascii=False))
+    stage = "palm" if task.kind == "generation" else task.kind  # a generation run is a PALM run: pretrain.generate reads it
+    _write_atomic(os.path.join(s.run_dir, "model.json"), json.dumps({"stage": stage, **dataclasses.asdict(task.model_cfg)}, indent=2))
+    if os.path.abspath(run.vocab_path) != os.path.abspath(os.path.join(s.run_dir, "vocab.txt")):
+        shutil.copyfile(run.vocab_path, os.path.join(s.run_dir, "vocab.txt"))
+
+
+@hydra.main(config_path="../conf", config_name="finetune", version_base=None)
+def main(cfg: DictConfig) -> None:
+    info = distributed.read_env()
+    with exit_on_user_error("pretrain.finetune", quiet=info.rank != 0):
+        finetune(cfg, info)
+
+
+if __name__ == "__main__":
+    sys.argv = distributed.strip_local_rank(sys.argv)
+    main()

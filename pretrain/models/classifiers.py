@@ -1,0 +1,64 @@
+"""The fine-tuning models of the understanding tasks: the stage-one encoder (same module, same names, so a
+stage-one or stage-two checkpoint initialises it by name) with a fresh classification layer. Generation
+fine-tunes PALM itself (models/palm.py).
+
+forward(batch, weights, predict=False) -> (loss, {objective: (loss sum, correct, count)}) as the pre-training
+models, plus the argmax predictions when predict=True (an evaluation step under ZeRO-3 must be a forward of the
+engine: its parameters are gathered by the hooks DeepSpeed puts on forward).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.data.masking import IGNORE
+from pretrain.models.config import ModelConfig
+from pretrain.models.layers import Encoder, init_weights, masked_ce
+
+
+class SequenceClassifier(nn.Module):
+    """Pooled [CLS] (dense + tanh, BERT's pooler: taken from the stage-one sentence head when there is one)
+    -> dropout -> linear over the labels."""
+
+    objective = "cls"
+
+    def __init__(self, cfg: ModelConfig, num_labels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden, num_labels)
+        init_weights(self, cfg.init_std)
+
+    def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float] | None = None, predict: bool = False):
+        h = self.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        logits = self.classifier(self.drop(torch.tanh(self.pooler(h[:, 0]))))
+        return _outputs(self.objective, logits, batch["labels"], predict)
+
+
+class TokenClassifier(nn.Module):
+    """Each token's final hidden state -> dropout -> linear over the tags."""
+
+    objective = "tag"
+
+    def __init__(self, cfg: ModelConfig, num_labels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden, num_labels)
+        init_weights(self, cfg.init_std)
+
+    def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float] | None = None, predict: bool = False):
+        h = self.encoder(batch["input_ids"], torch.zeros_like(batch["input_ids"]), batch["attention_mask"])
+        at = batch["labels"] != IGNORE
+        logits = self.classifier(self.drop(h))
+        out = _outputs(self.objective, logits[at], batch["labels"][at], False)
+        return (*out, logits.argmax(-1)) if predict else out
+
+
+def _outputs(objective: str, logits: torch.Tensor, labels: torch.Tensor, predict: bool):
+    mean, loss_sum, correct, n = masked_ce(logits, labels)
+    out = (mean, {objective: (loss_sum, correct, n)})
+    return (*out, logits.argmax(-1)) if predict else out
