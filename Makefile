@@ -12,7 +12,16 @@ DEMO_STAGE2_STEPS ?= 600
 PALM_DEMO = stage=palm model=toy data.dir=$(DEMO_DATA)/prepared 'palm.src_len=[32,96]' 'palm.tgt_len=[32,64]' \
 	train.max_steps=$(DEMO_STAGE2_STEPS) train.lr=1e-3 train.log_every=20 train.eval_every=200 train.save_every=300
 
-.PHONY: install install-test demo compare test clean-demo
+# Fine-tuning on the demo's own tasks (data/make_demo_tasks.py): NER and title generation, each also from random init.
+FT_RUN = $(DEMO_RUN)/finetune
+FT_STEPS ?= 400
+FINETUNE = $(DEEPSPEED) --module pretrain.finetune model=toy logger.progress=false logger.wandb.mode=disabled \
+	train.max_steps=$(FT_STEPS) train.lr=5e-4 train.eval_every=100 train.log_every=50
+RANDOM_INIT = init_from=null vocab=$(DEMO_RUN)/structbert/vocab.txt
+NER = task=ner data.dir=$(DEMO_DATA)/tasks/ner
+TITLE = task=generation data.dir=$(DEMO_DATA)/tasks/title
+
+.PHONY: install install-test demo finetune-demo compare test clean-demo
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -46,6 +55,18 @@ demo: install
 	$(PYTHON) -m pretrain.export run.dir=$(DEMO_RUN)/palm out=$(DEMO_RUN)/hf/palm overwrite=true
 	$(PYTHON) launch/hf_continue.py --run $(DEMO_RUN)/palm --export $(DEMO_RUN)/hf/palm --prompts $(DEMO_RUN)/prompts.txt \
 		--no-repeat-ngram-size 3
+
+# After `make demo`: NER from stage one (its last checkpoint and the one halfway) and titles from stage two, each
+# against random init of the same shapes; then the table of test figures.
+finetune-demo: install
+	$(PYTHON) data/fetch_demo.py --out $(DEMO_DATA)/raw
+	$(PYTHON) data/make_demo_tasks.py --prepared $(DEMO_DATA)/prepared --out $(DEMO_DATA)/tasks
+	$(FINETUNE) $(NER) init_from=$(DEMO_RUN)/structbert run.dir=$(FT_RUN)/ner/pretrained
+	$(FINETUNE) $(NER) init_from=$(DEMO_RUN)/structbert/checkpoints/step$$(($(DEMO_STEPS) / 2)) run.dir=$(FT_RUN)/ner/pretrained_half
+	$(FINETUNE) $(NER) $(RANDOM_INIT) run.dir=$(FT_RUN)/ner/random
+	$(FINETUNE) $(TITLE) init_from=$(DEMO_RUN)/palm run.dir=$(FT_RUN)/title/pretrained
+	$(FINETUNE) $(TITLE) $(RANDOM_INIT) run.dir=$(FT_RUN)/title/random
+	$(PYTHON) launch/finetune_table.py --root $(FT_RUN)
 
 # Stage two from the demo's stage one against stage two from random weights (run `make demo` first).
 compare: install

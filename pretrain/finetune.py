@@ -73,7 +73,7 @@ def setup(cfg: DictConfig, world_size: int) -> Setup:
     if source is not None:
         with torch.device("meta"):
             shapes = {n: tuple(p.shape) for n, p in task.make_model().named_parameters()}
-        init = init_from.finetune_source(source, shapes, task.model_cfg, vocab_path, task.needs_stage_two)
+        init = init_from.finetune_source(source, shapes, task.model_cfg, vocab_path, task.needs_stage_two, task.fresh)
         theirs = init_from.run_vocab(source)  # the ids must mean what the model learnt (hf: checked above)
         if theirs is not None and read_vocab(theirs) != read_vocab(vocab_path):
             raise UserError(f"vocab={vocab_path} differs from {theirs}, the vocab init_from={source} was trained with")

@@ -9,7 +9,8 @@ from pretrain.cli import parse
 from pretrain.errors import UserError, exit_on_user_error
 
 # Columns shown when present, in this order.
-COLUMNS = ("loss", "mlm_acc", "wso_acc", "sso_acc", "lm_loss", "lm_acc", "lm_ppl")
+COLUMNS = ("loss", "mlm_acc", "wso_acc", "sso_acc", "lm_loss", "lm_acc", "lm_ppl",
+           "cls_acc", "tag_acc", "accuracy", "macro_f1", "f1")  # fine-tuning's (pretrain.finetune)
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -27,11 +28,13 @@ def summarize(run_dir: str) -> dict:
     if not train:
         raise UserError(f"run.dir={run_dir}: metrics.jsonl has no train rows")
     times = [r["step_time_s"] for r in train if r.get("step_time_s")]
-    run_json = os.path.join(run_dir, "run.json")
-    data = {}
-    if os.path.isfile(run_json):
-        with open(run_json, encoding="utf-8") as f:
+    data, results = {}, None
+    if os.path.isfile(os.path.join(run_dir, "run.json")):
+        with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
             data = json.load(f).get("train_data", {})
+    if os.path.isfile(os.path.join(run_dir, "results.json")):
+        with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
+            results = json.load(f)
     return {
         "run": run_dir,
         "steps": train[-1]["step"],
@@ -40,6 +43,7 @@ def summarize(run_dir: str) -> dict:
         "last_valid": valid[-1] if valid else None,
         "s_per_step": sorted(times)[len(times) // 2] if times else None,  # median: robust to the first, slow steps
         "length_histogram": data.get("length_histogram"),
+        "results": results,  # a fine-tuning run's test figures
     }
 
 
@@ -56,6 +60,10 @@ def render(s: dict) -> str:
             lines.append("  " + f"{name} @{row['step']}".ljust(14) + "".join(_fmt(row.get(c)).rjust(10) for c in cols))
     if s.get("length_histogram"):
         lines += render_lengths(s["length_histogram"])
+    if s.get("results"):
+        r = s["results"]
+        lines.append(f"  test ({r['test_examples']} examples, the checkpoint of step {r['best_step']}, picked by "
+                     f"{r['selected_by']}): " + ", ".join(f"{k} {v:.2f}" for k, v in r["test"].items()))  # fmt: skip
     return "\n".join(lines)
 
 

@@ -7,12 +7,15 @@ import random
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from pretrain.errors import UserError
 from pretrain.finetune import setup
+from pretrain.summary import render, summarize
 from pretrain.tasks import metrics
 from runs import DEEPSPEED_FINETUNE, FINETUNE_TINY, PYTHON, REPO, launch, rows
 from synthetic import CITIES, NAMES, synthetic_documents
+from test_config_keys import leaf_keys, reads  # noqa: F401 (reads: a fixture)
 
 STEPS = ["train.max_steps=20", "train.log_every=1", "train.eval_every=10", "train.save_every=5", "train.keep_last=1"]
 SIZES = {"train": 160, "valid": 21, "test": 19}  # valid and test not multiples of 2 ranks x 4: padding slots
@@ -40,8 +43,8 @@ def _write(root, name: str, rows_of) -> str:
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> dict[str, str]:
-    """Tiny task directories in the synthetic corpus's language: NER over names and cities, sentence pairs (are
-    they from one story?), and generation (a sentence -> the first name in it)."""
+    """Tiny task directories in the synthetic corpus's language: NER over names and cities, sentence pairs (do
+    they share a name?), single sentences (naming a city?) and generation (a sentence -> the first name in it)."""
     root = tmp_path_factory.mktemp("tasks")
     sentences = [s for doc in synthetic_documents(400, seed=7) for p in doc for s in p]
     rng = random.Random(0)
@@ -61,7 +64,11 @@ def tasks(tmp_path_factory) -> dict[str, str]:
         picked = [s for s in sentences if any(x in s for x in NAMES)]
         return [{"src": s, "tgt": min((s.find(x), x) for x in NAMES if x in s)[1]} for s in rng.sample(picked, n)]
 
-    return {"ner": _write(root, "ner", ner), "pair": _write(root, "pair", pairs), "gen": _write(root, "gen", generation)}
+    def single(split, n):
+        return [{"sentence": s, "label": "city" if any(c in s for c in CITIES) else "none"} for s in rng.sample(sentences, n)]
+
+    return {"ner": _write(root, "ner", ner), "pair": _write(root, "pair", pairs), "gen": _write(root, "gen", generation),
+            "cls": _write(root, "cls", single)}  # fmt: skip
 
 
 def _args(task: str, data_dir: str, run_dir, *extra: str) -> list[str]:
@@ -108,6 +115,9 @@ def test_ner_from_stage_one(ner_run, tasks, stage_one):
     assert info["task"]["labels"] == ["O", "B-LOC", "B-PER", "I-LOC", "I-PER"]
     train = rows(ner_run, "train")
     assert sum(r["loss"] for r in train[-5:]) < sum(r["loss"] for r in train[:5])
+    shown = render(summarize(ner_run))  # pretrain.summary prints the test figures
+    assert f"test ({SIZES['test']} examples, the checkpoint of step {results['best_step']}" in shown
+    assert f"f1 {results['test']['f1']:.2f}" in shown
 
 
 def test_finetune_resume_is_exact(ner_run, tasks, stage_one, tmp_path):
@@ -148,6 +158,43 @@ def test_generation_from_stage_two(tasks, palm_run, tmp_path):
     assert proc.stderr.count(f"test.jsonl: {results['truncated']['test']} of {SIZES['test']} examples longer than "
                              "task.src_max_len, truncated") == 1  # fmt: skip
     assert _read(run, "run.json")["init_tensors"]["fresh"] == {}  # the whole PALM is carried
+
+
+def test_plain_python_single_rank(tasks, prepared, tmp_path):
+    run = tmp_path / "one_rank"
+    launch(PYTHON[:2] + ["pretrain.finetune"], FINETUNE_TINY + [
+        "task=pair_classification", f"data.dir={tasks['pair']}", f"run.dir={run}", f"vocab={prepared}/vocab.txt",
+        "train.max_steps=4", "train.eval_every=2", "train.log_every=1"])  # fmt: skip
+    results = _read(str(run), "results.json")
+    assert results["best_step"] in (2, 4) and results["test_examples"] == SIZES["test"]
+    assert _read(str(run), "run.json")["world_size"] == 1
+
+
+TASK_DATA = {"classification": "cls", "pair_classification": "pair", "ner": "ner", "generation": "gen"}
+
+
+@pytest.mark.parametrize("task", sorted(TASK_DATA))
+def test_every_key_is_read(tasks, prepared, tmp_path, task, reads):
+    """conf/finetune.yaml with each conf/task/ option: the setup reads every key (and writes nothing)."""
+    assert set(TASK_DATA) == {n[: -len(".yaml")] for n in os.listdir(os.path.join(REPO, "conf", "task"))}
+    cfg = _compose([f"task={task}", f"data.dir={tasks[TASK_DATA[task]]}", f"run.dir={tmp_path / 'run'}",
+                    f"vocab={prepared}/vocab.txt"])  # fmt: skip
+    keys = leaf_keys(OmegaConf.to_container(cfg))
+    reads.clear()
+    setup(cfg, world_size=2)
+    assert not keys - reads, f"keys of task={task} that pretrain.finetune never reads: {sorted(keys - reads)}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("pretrained_pooler", [True, False])
+def test_classifier_takes_the_encoder_and_the_sentence_heads_pooler(tasks, stage_one, tmp_path, pretrained_pooler):
+    cfg = _compose(_args("classification", tasks["cls"], tmp_path / "run", f"init_from={stage_one['two_ranks']}",
+                         f"task.pretrained_pooler={pretrained_pooler}"))  # fmt: skip
+    init = setup(cfg, world_size=2).init
+    pooler = {"pooler.weight": "sentence_head.pooler.weight", "pooler.bias": "sentence_head.pooler.bias"}
+    assert {k: v for k, v in init.mapping.items() if k.startswith("pooler.")} == (pooler if pretrained_pooler else {})
+    assert all(init.mapping[n] == n for n in init.mapping if n.startswith("encoder."))
+    assert set(init.fresh) == {"classifier.weight", "classifier.bias"} | (set() if pretrained_pooler else set(pooler))
 
 
 def _compose(overrides: list[str]):

@@ -84,6 +84,11 @@ class _Task:
                                       seq_len_key=self._length_key)  # fmt: skip
         self.num_workers = int(cfg.data.num_workers)
         self.weights = {name: 1.0 for name in self.objectives}
+        self.fresh = self._fresh(t)
+
+    def _fresh(self, t: DictConfig) -> tuple[str, ...]:
+        """Prefixes of parameters that keep their fresh init even where the checkpoint has them."""
+        return ()
 
     def _labels(self, train: list[dict], t: DictConfig) -> list[str] | None:
         return None
@@ -169,6 +174,9 @@ class ClassificationTask(_Task):
     def _longest(self, t) -> int:
         return int(t.max_len)
 
+    def _fresh(self, t):
+        return () if bool(t.pretrained_pooler) else ("pooler.",)
+
     @property
     def collate(self):
         return partial(collate_encoder, pad_id=self.tok.pad_id, max_len=self.max_len)
@@ -196,6 +204,9 @@ class TaggingTask(ClassificationTask):
     def _encode(self, split, raw, t):
         self.max_len = int(t.max_len)
         return data.encode_tagging(self.paths[split], raw, self.fields, self.tok, self.labels, self.max_len)
+
+    def _fresh(self, t):
+        return ()
 
     def make_model(self):
         from pretrain.models.classifiers import TokenClassifier

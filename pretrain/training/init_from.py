@@ -98,9 +98,17 @@ def check(init_from: str, tag_dir: str, target_shapes: dict[str, tuple[int, ...]
 
 
 def finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str,
-                    needs_stage_two: bool) -> InitSource:
+                    needs_stage_two: bool, fresh: tuple[str, ...] = ()) -> InitSource:
     """Fine-tuning (pretrain.finetune) from a stage-one or stage-two checkpoint, or a transformers directory: the
-    encoder (and for generation the whole PALM) is carried by name, the task's new layer is fresh."""
+    encoder (and for generation the whole PALM) is carried by name, the task's new layer is fresh, and so is every
+    parameter whose name starts with one of `fresh`."""
+    source = _finetune_source(init_from, target_shapes, cfg, vocab_path, needs_stage_two)
+    mapping = {n: s for n, s in source.mapping.items() if not n.startswith(fresh)}
+    return InitSource(source.tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping), source.cfg)
+
+
+def _finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str,
+                     needs_stage_two: bool) -> InitSource:  # fmt: skip
     where = f"init_from={init_from}"
     if init_from.startswith(HF):
         if needs_stage_two:
