@@ -13,15 +13,19 @@ PALM_DEMO = stage=palm model=toy data.dir=$(DEMO_DATA)/prepared 'palm.src_len=[3
 	train.max_steps=$(DEMO_STAGE2_STEPS) train.lr=1e-3 train.log_every=20 train.eval_every=200 train.save_every=300
 
 # Fine-tuning on the demo's own tasks (data/make_demo_tasks.py): NER and title generation, each also from random init.
-FT_RUN = $(DEMO_RUN)/finetune
+FT_RUN ?= $(DEMO_RUN)/finetune
 FT_STEPS ?= 400
+FT_SEED ?= 1234   # the fine-tuning seed (the head's init, the data order, dropout): another seed, another FT_RUN
 FINETUNE = $(DEEPSPEED) --module pretrain.finetune model=toy logger.progress=false logger.wandb.mode=disabled \
-	train.max_steps=$(FT_STEPS) train.lr=5e-4 train.eval_every=100 train.log_every=50
+	seed=$(FT_SEED) train.max_steps=$(FT_STEPS) train.lr=5e-4 train.eval_every=100 train.log_every=50
 RANDOM_INIT = init_from=null vocab=$(DEMO_RUN)/structbert/vocab.txt
 NER = task=ner data.dir=$(DEMO_DATA)/tasks/ner
 TITLE = task=generation data.dir=$(DEMO_DATA)/tasks/title
 
-.PHONY: install install-test demo finetune-demo compare test clean-demo
+STUDY_RUN ?= $(DEMO_RUN)/finetune_study
+MENTIONS = task=classification data.dir=$(DEMO_DATA)/tasks/mentions
+
+.PHONY: install install-test demo finetune-demo finetune-study compare test clean-demo
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -67,6 +71,20 @@ finetune-demo: install
 	$(FINETUNE) $(TITLE) init_from=$(DEMO_RUN)/palm run.dir=$(FT_RUN)/title/pretrained
 	$(FINETUNE) $(TITLE) $(RANDOM_INIT) run.dir=$(FT_RUN)/title/random
 	$(PYTHON) launch/finetune_table.py --root $(FT_RUN)
+
+# After `make demo`: does longer pre-training, or the pre-trained pooler, help a classifier on the pooled [CLS]?
+# Sentence classification (which kinds of name a sentence holds) from stage one at half and all of its steps, with
+# its sentence head's pooler or a fresh one, against random init.
+finetune-study: install
+	$(PYTHON) data/fetch_demo.py --out $(DEMO_DATA)/raw
+	$(PYTHON) data/make_demo_tasks.py --prepared $(DEMO_DATA)/prepared --out $(DEMO_DATA)/tasks
+	$(FINETUNE) $(MENTIONS) init_from=$(DEMO_RUN)/structbert run.dir=$(STUDY_RUN)/mentions/pretrained
+	$(FINETUNE) $(MENTIONS) init_from=$(DEMO_RUN)/structbert task.pretrained_pooler=false run.dir=$(STUDY_RUN)/mentions/pretrained_fresh_pooler
+	$(FINETUNE) $(MENTIONS) init_from=$(DEMO_RUN)/structbert/checkpoints/step$$(($(DEMO_STEPS) / 2)) run.dir=$(STUDY_RUN)/mentions/pretrained_half
+	$(FINETUNE) $(MENTIONS) init_from=$(DEMO_RUN)/structbert/checkpoints/step$$(($(DEMO_STEPS) / 2)) task.pretrained_pooler=false \
+		run.dir=$(STUDY_RUN)/mentions/pretrained_half_fresh_pooler
+	$(FINETUNE) $(MENTIONS) $(RANDOM_INIT) run.dir=$(STUDY_RUN)/mentions/random
+	$(PYTHON) launch/finetune_table.py --root $(STUDY_RUN)
 
 # Stage two from the demo's stage one against stage two from random weights (run `make demo` first).
 compare: install

@@ -7,6 +7,9 @@
   consecutive /nr words make one person), place (/ns) and organisation (/nt) names; one example per sentence,
   sentences longer than 62 characters cut between words, as `{"tokens": [characters], "tags": [...]}`.
 - title/: the article's title from its opening sentences, `{"src": body, "tgt": title}`.
+- mentions/: sentence classification, which kinds of name a sentence holds: `{"sentence", "label"}` with label
+  none, PER, LOC, ORG or mixed (more than one kind): a task on the pooled [CLS] (the NER sentences, labelled from
+  their tags), for studying what the classifier takes from pre-training (the pooler).
 
 Both split by document the same way: test = the documents the prepared corpus holds out as valid (pre-training
 never saw them), valid = a seeded 5% of the rest, train = the others. The documents are read back exactly as
@@ -127,13 +130,16 @@ def main() -> None:
     valid = set(random.Random(meta["seed"]).sample(rest, round(FINETUNE_VALID * len(rest))))
     split_of = ["test" if i in test else "valid" if i in valid else "train" for i in range(len(raw))]
 
-    rows = {task: {s: [] for s in ("train", "valid", "test")} for task in ("ner", "title")}
+    rows = {task: {s: [] for s in ("train", "valid", "test")} for task in ("ner", "title", "mentions")}
     for i, lines in enumerate(tagged):
         for line in lines:
             for sentence in sentences(line):
                 tokens, tags = bio(sentence)
                 if tokens:
                     rows["ner"][split_of[i]].append({"tokens": tokens, "tags": tags})
+                    kinds = sorted({t[2:] for t in tags if t != "O"})
+                    label = "none" if not kinds else kinds[0] if len(kinds) == 1 else "mixed"
+                    rows["mentions"][split_of[i]].append({"sentence": "".join(tokens), "label": label})
         example = title_example([p.strip() for p in raw[i]])
         if example is not None:
             rows["title"][split_of[i]].append(example)

@@ -27,16 +27,21 @@ def main() -> None:
         with open(path, encoding="utf-8") as f:
             results.setdefault(task, {})[init] = json.load(f)
     inits = sorted({i for r in results.values() for i in r}, key=lambda i: (i == "random", i))
-    print("task".ljust(8) + "metric".ljust(10) + "".join(i.rjust(14) for i in inits) + "   test examples, seconds (train+test)")
+    width = [max(10, len(i) + 2) for i in inits]
+    print("task".ljust(10) + "metric".ljust(16) + "".join(i.rjust(w) for i, w in zip(inits, width))
+          + "   test examples; seconds (train+test) per run")  # fmt: skip
     for task, by_init in results.items():
-        kind = next(iter(by_init.values()))["type"]
-        metric_names = [HEADLINE[kind]] + [m for m in next(iter(by_init.values()))["test"] if m != HEADLINE[kind]]
-        for m in metric_names:
-            cells = [f"{by_init[i]['test'][m]:.2f}" if i in by_init else "-" for i in inits]
-            secs = [f"{sum(by_init[i]['seconds'].values()):.0f}" for i in inits if i in by_init]
-            note = f"   {next(iter(by_init.values()))['test_examples']}, {'/'.join(secs)}" if m == metric_names[0] else ""
-            print(task.ljust(8) + m.ljust(10) + "".join(c.rjust(14) for c in cells) + note)
-
+        first = next(iter(by_init.values()))
+        headline = HEADLINE[first["type"]]
+        # test figures, then (generation: its test set is small) the valid perplexity that picked the checkpoint
+        lines = [(f"test {m}", ("test", m)) for m in [headline] + [m for m in first["test"] if m != headline]]
+        if "lm_ppl" in first["valid"]:
+            lines.append(("valid lm_ppl", ("valid", "lm_ppl")))
+        for n, (label, (part, m)) in enumerate(lines):
+            cells = [f"{by_init[i][part][m]:.2f}" if i in by_init else "-" for i in inits]
+            secs = "/".join(f"{sum(by_init[i]['seconds'].values()):.0f}" for i in inits if i in by_init)
+            note = f"   {first['test_examples']}; {secs}" if n == 0 else ""
+            print(task.ljust(10) + label.ljust(16) + "".join(c.rjust(w) for c, w in zip(cells, width)) + note)
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.layers import count_parameters
+from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
 from pretrain.training import checkpoint, distributed, init_from
 from pretrain.training.checkpoint import Checkpoints, seed_rng
@@ -221,7 +222,8 @@ def test(task, run_dir: str, geometry: BatchGeometry, info, log: MetricsLog, tra
         "seconds": {"train_this_launch": round(train_s, 1), "test": round(test_s, 1)},
     }  # fmt: skip
     if task.kind == "generation":
-        results["decoding"] = task.decoding
+        results.update(decoding=task.decoding, bleu_signature=metrics.bleu_signature(),
+                       references="the targets as the tokenizer normalises them (lower case, no [UNK])")
     _write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     log.write({"step": best["step"], "split": "test", **scores})
     print(f"pretrain.finetune: {task.name} test ({len(predictions)} examples, checkpoint step {best['step']}): "

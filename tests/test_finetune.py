@@ -153,6 +153,7 @@ def test_generation_from_stage_two(tasks, palm_run, tmp_path):
     assert results["test"] == metrics.generation_scores([p["reference"] for p in predictions],
                                                         [p["prediction"] for p in predictions])  # fmt: skip
     assert set(results["test"]) == {"bleu4", "rouge_l"} and results["decoding"]["no_repeat_ngram_size"] == 3
+    assert results["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:")
     # sources past task.src_max_len are cut and counted, once, by rank 0
     assert results["truncated"]["test"] > 0
     assert proc.stderr.count(f"test.jsonl: {results['truncated']['test']} of {SIZES['test']} examples longer than "

@@ -5,10 +5,11 @@
 - token classification: entity-level precision, recall and F1 over BIO tags, as conlleval counts them: an
   entity is a maximal (type, start, end) run; it is correct only when the type and both ends match; an I-X
   that does not continue an X entity starts one.
-- generation: corpus BLEU-4 from sacrebleu with tokenize="zh" (each CJK character is a token; runs of other
-  characters are split as by sacrebleu's 13a tokenizer: words and punctuation), exponential smoothing off, one
-  reference per example: the setting WMT reports Chinese BLEU with; and ROUGE-L as the mean over examples of
-  the F1 (beta 1) of the longest common subsequence of characters, whitespace removed.
+- generation: corpus BLEU-4 from sacrebleu's defaults but for tokenize="zh" (each CJK character is a token;
+  runs of other characters are split as by sacrebleu's 13a tokenizer: words and punctuation): one reference per
+  example, case kept, exponential smoothing; the signature `nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:..`
+  (BLEU_SIGNATURE, written into results.json) is the setting WMT reports Chinese BLEU with. ROUGE-L: the mean over
+  examples of the F1 (beta 1) of the longest common subsequence of characters, whitespace removed.
 """
 from __future__ import annotations
 
@@ -88,4 +89,13 @@ def generation_scores(gold: list[str], pred: list[str]) -> dict[str, float]:
         raise ValueError(f"{len(gold)} references and {len(pred)} predictions: need the same, non-zero number")
     bleu = sacrebleu.corpus_bleu(pred, [gold], tokenize=BLEU_TOKENIZE)
     return {"bleu4": float(bleu.score), "rouge_l": _pct(sum(map(rouge_l, gold, pred)) / len(gold))}
+
+
+def bleu_signature() -> str:
+    """sacrebleu's own description of the BLEU computed here (its version included), for results.json."""
+    import sacrebleu
+
+    scorer = sacrebleu.BLEU(tokenize=BLEU_TOKENIZE)
+    scorer.corpus_score(["x"], [["x"]])  # the signature needs the number of references
+    return str(scorer.get_signature())
 
