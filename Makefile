@@ -25,7 +25,9 @@ TITLE = task=generation data.dir=$(DEMO_DATA)/tasks/title
 STUDY_RUN ?= $(DEMO_RUN)/finetune_study
 MENTIONS = task=classification data.dir=$(DEMO_DATA)/tasks/mentions
 
-.PHONY: install install-test demo finetune-demo finetune-study compare test clean-demo
+LONGER_RUN = $(DEMO_RUN)/structbert_x2
+
+.PHONY: install install-test demo finetune-demo finetune-study finetune-longer compare test clean-demo
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -84,6 +86,18 @@ finetune-study: install
 	$(FINETUNE) $(MENTIONS) init_from=$(DEMO_RUN)/structbert/checkpoints/step$$(($(DEMO_STEPS) / 2)) task.pretrained_pooler=false \
 		run.dir=$(STUDY_RUN)/mentions/pretrained_half_fresh_pooler
 	$(FINETUNE) $(MENTIONS) $(RANDOM_INIT) run.dir=$(STUDY_RUN)/mentions/random
+	$(PYTHON) launch/finetune_table.py --root $(STUDY_RUN)
+
+# After `make finetune-demo` and `make finetune-study`: stage one trained twice as long (its schedule spanning
+# 2 x DEMO_STEPS), then the same NER and mentions fine-tunes from it: does longer pre-training hurt transfer?
+finetune-longer: install
+	$(DEEPSPEED) --module pretrain.train stage=structbert model=toy logger.progress=false \
+		data.dir=$(DEMO_DATA)/prepared run.dir=$(LONGER_RUN) train.max_steps=$$(($(DEMO_STEPS) * 2)) \
+		data.seq_len=64 train.lr=1e-3 train.log_every=20 train.eval_every=400 train.save_every=1200
+	$(FINETUNE) $(NER) init_from=$(LONGER_RUN) run.dir=$(FT_RUN)/ner/pretrained_x2
+	$(FINETUNE) $(MENTIONS) init_from=$(LONGER_RUN) run.dir=$(STUDY_RUN)/mentions/pretrained_x2
+	$(FINETUNE) $(MENTIONS) init_from=$(LONGER_RUN) task.pretrained_pooler=false run.dir=$(STUDY_RUN)/mentions/pretrained_x2_fresh_pooler
+	$(PYTHON) launch/finetune_table.py --root $(FT_RUN)
 	$(PYTHON) launch/finetune_table.py --root $(STUDY_RUN)
 
 # Stage two from the demo's stage one against stage two from random weights (run `make demo` first).

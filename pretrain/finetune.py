@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -65,7 +66,8 @@ def setup(cfg: DictConfig, world_size: int) -> Setup:
             raise UserError("init_from=null (random init) needs vocab=<vocab.txt> (the pre-trained run's, for the same shapes)")
         vocab_path = init_from.run_vocab(source)
         if vocab_path is None:
-            raise UserError(f"init_from={source}: no vocab.txt beside it; give vocab=<vocab.txt>")
+            raise UserError(f"init_from={source}: no vocab.txt beside it (an export holds tokenizer.json only); give "
+                            "vocab=<the vocab.txt it was trained with>: it is checked against the checkpoint's")  # fmt: skip
     if not os.path.isfile(vocab_path):
         raise UserError(f"vocab={vocab_path}: no such file")
     tok = Tokenizer(vocab_path)
@@ -93,6 +95,7 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     resume_from = checkpoints.resolve(s.resume, kind, geometry.global_batch)
 
     # 2. Join the ranks, build the partitioned model with the pre-trained weights, restore the newest checkpoint.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     stop = StopRequest(os.path.join(s.run_dir, s.stop_file))
     stop.clear_stale(info.rank)
     distributed.init(info, s.timeout_s)
@@ -103,6 +106,8 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     model = build_model(task.make_model, run.ds_config, s.seed)
     if run.init is not None and resume_from is None:
         init_from.load_into(model, run.init, rank=info.rank)
+        if info.rank == 0:
+            print(f"pretrain.finetune: {run.init.describe()}", file=sys.stderr)
     engine = initialize(model, run.ds_config, s.weight_decay)
     if resume_from is None:
         step = 0

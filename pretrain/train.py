@@ -77,9 +77,7 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     if run.init is not None and resume_from is None:  # before initialize: the optimizer copies the weights it sees
         init_from.load_into(model, run.init, rank=info.rank)
         if info.rank == 0:
-            report = run.init.report()
-            print(f"pretrain.train: init_from {run.init.tag_dir}: carried {_counts(report['carried'])}; "
-                  f"fresh {_counts(report['fresh']) or 'none'} (parameter tensors)", file=sys.stderr)
+            print(f"pretrain.train: {run.init.describe()}", file=sys.stderr)
     engine = initialize(model, run.ds_config, s.weight_decay)
     if resume_from is None:
         step = 0
@@ -128,10 +126,6 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     bar.close()
     log.close()
     distributed.barrier()
-
-
-def _counts(per_module: dict[str, int]) -> str:
-    return ", ".join(f"{module} {n}" for module, n in per_module.items())
 
 
 @torch.no_grad()

@@ -198,6 +198,24 @@ def test_classifier_takes_the_encoder_and_the_sentence_heads_pooler(tasks, stage
     assert set(init.fresh) == {"classifier.weight", "classifier.bias"} | (set() if pretrained_pooler else set(pooler))
 
 
+def test_init_from_a_transformers_export(tasks, stage_one, tmp_path):
+    """init_from=hf:<dir>: our export of stage one gives the classifier its encoder and pooler."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "pretrain.export", f"run.dir={stage_one['two_ranks']}", f"out={out}"], cwd=REPO,
+                   check=True, capture_output=True)  # fmt: skip
+    with pytest.raises(UserError, match="no vocab.txt beside it"):
+        setup(_compose(_args("classification", tasks["cls"], tmp_path / "run", f"init_from=hf:{out}")), 2)
+    vocab = f"vocab={stage_one['two_ranks']}/vocab.txt"  # checked against the export's tokenizer.json
+    init = setup(_compose(_args("classification", tasks["cls"], tmp_path / "run", f"init_from=hf:{out}", vocab)), 2).init
+    assert init.mapping["pooler.weight"] == "sentence_head.pooler.weight"
+    assert sum(n.startswith("encoder.") for n in init.mapping) == 29 and set(init.fresh) == {"classifier.weight", "classifier.bias"}
+    with pytest.raises(UserError, match="a generation task starts from a stage-two"):
+        setup(_compose(_args("generation", tasks["gen"], tmp_path / "run", f"init_from=hf:{out}", vocab)), 2)
+
+
 def _compose(overrides: list[str]):
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
         return compose("finetune", overrides=overrides)
@@ -220,6 +238,16 @@ def test_bad_settings_fail_before_anything_is_written(tasks, stage_one, palm_run
     with pytest.raises(UserError, match=message):
         setup(cfg, world_size=2)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_vocab_other_than_the_checkpoints_is_refused(tasks, stage_one, tmp_path):
+    lines = open(os.path.join(stage_one["two_ranks"], "vocab.txt"), encoding="utf-8").read().splitlines()
+    lines[-1], lines[-2] = lines[-2], lines[-1]  # two ids swapped: the same tokens, other meanings
+    (tmp_path / "vocab.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = _compose(_args("ner", tasks["ner"], tmp_path / "run", f"init_from={stage_one['two_ranks']}",
+                         f"vocab={tmp_path / 'vocab.txt'}"))  # fmt: skip
+    with pytest.raises(UserError, match=r"vocab=.* differs from .*vocab.txt, the vocab init_from=.* was trained with"):
+        setup(cfg, world_size=2)
 
 
 def test_empty_file_exits_2_with_one_line(tasks, stage_one, tmp_path):

@@ -43,6 +43,12 @@ class InitSource:
             return out
         return {"carried": count(self.mapping), "fresh": count(self.fresh)}
 
+    def describe(self) -> str:
+        """The report as the one line rank 0 prints."""
+        r = self.report()
+        line = lambda per_module: ", ".join(f"{module} {n}" for module, n in per_module.items())  # noqa: E731
+        return f"init_from {self.tag_dir}: carried {line(r['carried'])}; fresh {line(r['fresh']) or 'none'} (parameter tensors)"
+
 
 def init_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
                 vocab_path: str | None = None) -> InitSource:
