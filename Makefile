@@ -24,6 +24,7 @@ TITLE = task=generation data.dir=$(DEMO_DATA)/tasks/title
 
 STUDY_RUN ?= $(DEMO_RUN)/finetune_study
 MENTIONS = task=classification data.dir=$(DEMO_DATA)/tasks/mentions
+SENTIMENT = task=classification data.dir=$(DEMO_DATA)/tasks/sentiment task.max_len=64
 
 LONGER_RUN = $(DEMO_RUN)/structbert_x2
 
@@ -76,7 +77,7 @@ finetune-demo: install
 
 # After `make demo`: does longer pre-training, or the pre-trained pooler, help a classifier on the pooled [CLS]?
 # Sentence classification (which kinds of name a sentence holds) from stage one at half and all of its steps, with
-# its sentence head's pooler or a fresh one, against random init.
+# its sentence head's pooler or a fresh one, against random init; and review sentiment (text pre-training never saw).
 finetune-study: install
 	$(PYTHON) data/fetch_demo.py --out $(DEMO_DATA)/raw
 	$(PYTHON) data/make_demo_tasks.py --prepared $(DEMO_DATA)/prepared --out $(DEMO_DATA)/tasks
@@ -86,6 +87,9 @@ finetune-study: install
 	$(FINETUNE) $(MENTIONS) init_from=$(DEMO_RUN)/structbert/checkpoints/step$$(($(DEMO_STEPS) / 2)) task.pretrained_pooler=false \
 		run.dir=$(STUDY_RUN)/mentions/pretrained_half_fresh_pooler
 	$(FINETUNE) $(MENTIONS) $(RANDOM_INIT) run.dir=$(STUDY_RUN)/mentions/random
+	$(FINETUNE) $(SENTIMENT) init_from=$(DEMO_RUN)/structbert run.dir=$(STUDY_RUN)/sentiment/pretrained
+	$(FINETUNE) $(SENTIMENT) init_from=$(DEMO_RUN)/structbert/checkpoints/step$$(($(DEMO_STEPS) / 2)) run.dir=$(STUDY_RUN)/sentiment/pretrained_half
+	$(FINETUNE) $(SENTIMENT) $(RANDOM_INIT) run.dir=$(STUDY_RUN)/sentiment/random
 	$(PYTHON) launch/finetune_table.py --root $(STUDY_RUN)
 
 # After `make finetune-demo` and `make finetune-study`: stage one trained twice as long (its schedule spanning
@@ -97,6 +101,7 @@ finetune-longer: install
 	$(FINETUNE) $(NER) init_from=$(LONGER_RUN) run.dir=$(FT_RUN)/ner/pretrained_x2
 	$(FINETUNE) $(MENTIONS) init_from=$(LONGER_RUN) run.dir=$(STUDY_RUN)/mentions/pretrained_x2
 	$(FINETUNE) $(MENTIONS) init_from=$(LONGER_RUN) task.pretrained_pooler=false run.dir=$(STUDY_RUN)/mentions/pretrained_x2_fresh_pooler
+	$(FINETUNE) $(SENTIMENT) init_from=$(LONGER_RUN) run.dir=$(STUDY_RUN)/sentiment/pretrained_x2
 	$(PYTHON) launch/finetune_table.py --root $(FT_RUN)
 	$(PYTHON) launch/finetune_table.py --root $(STUDY_RUN)
 

