@@ -9,11 +9,9 @@ the checkpoint the valid metric picked: run.dir/results.json, predictions.jsonl 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -26,11 +24,10 @@ from tqdm import tqdm
 
 from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.models.layers import count_parameters
 from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
 from pretrain.training import checkpoint, distributed, init_from
-from pretrain.training.checkpoint import Checkpoints, seed_rng
+from pretrain.training.checkpoint import Checkpoints, seed_rng, write_atomic, write_run_files
 from pretrain.training.config import (
     BatchGeometry,
     RunSettings,
@@ -38,7 +35,7 @@ from pretrain.training.config import (
     deepspeed_config,
     run_settings,
 )
-from pretrain.training.engine import build_model, initialize, local_partition_numel
+from pretrain.training.engine import build_model, initialize
 from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row
 from pretrain.training.stopping import StopRequest
 
@@ -114,7 +111,11 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
         seed_rng(s.seed * 1000 + info.rank)
     else:
         step = checkpoints.load(engine, resume_from)
-    _write_run_info(cfg, run, info, model, step)
+    stage = "palm" if task.kind == "generation" else task.kind  # a generation run is a PALM run: pretrain.generate reads it
+    task_info = {"name": task.name, "type": task.kind, "examples": {k: len(v) for k, v in task.splits.items()},
+                 "truncated": task.truncation_report(), "labels": task.labels}  # fmt: skip
+    write_run_files(cfg, info, model, geometry, step, run.init, run.ds_config, stage, task.model_cfg, run.vocab_path,
+                    task=task_info)
     log = MetricsLog(s.run_dir, info.rank, s.wandb, OmegaConf.to_container(cfg, resolve=True), step, ("test",))
     _protect_best(checkpoints, s.run_dir, task, info.rank)
 
@@ -217,7 +218,7 @@ def test(task, run_dir: str, geometry: BatchGeometry, info, log: MetricsLog, tra
         return
     scores = task.score("test", predictions)
     test_s = time.perf_counter() - started
-    _write_atomic(os.path.join(run_dir, "predictions.jsonl"),
+    write_atomic(os.path.join(run_dir, "predictions.jsonl"),
                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in task.records("test", predictions)))  # fmt: skip
     results = {
         "task": task.name, "type": task.kind, "initialized_from": None if run.init is None else run.init.tag_dir,
@@ -229,7 +230,7 @@ def test(task, run_dir: str, geometry: BatchGeometry, info, log: MetricsLog, tra
     if task.kind == "generation":
         results.update(decoding=task.decoding, bleu_signature=metrics.bleu_signature(),
                        references="the targets as the tokenizer normalises them (lower case, no [UNK])")
-    _write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     log.write({"step": best["step"], "split": "test", **scores})
     print(f"pretrain.finetune: {task.name} test ({len(predictions)} examples, checkpoint step {best['step']}): "
           + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), file=sys.stderr)  # fmt: skip
@@ -238,37 +239,6 @@ def test(task, run_dir: str, geometry: BatchGeometry, info, log: MetricsLog, tra
 def _metric_keys(task, row: dict) -> list[str]:
     return [k for k in (task.select[0], *(f"{o}_loss" for o in task.objectives), "accuracy", "macro_f1", "precision",
                         "recall", "f1", "lm_ppl") if k in row]  # fmt: skip
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_run_info(cfg: DictConfig, run: Setup, info, model, step: int) -> None:
-    """config.yaml, run.json (the task's labels too), and what reading the checkpoints back needs: model.json and
-    vocab.txt."""
-    per_rank = distributed.gather_objects(local_partition_numel(model))
-    if info.rank != 0:
-        return
-    s, g, task = run.settings, run.geometry, run.task
-    OmegaConf.save(cfg, os.path.join(s.run_dir, "config.yaml"), resolve=True)
-    run_info = {
-        "world_size": info.world_size, "parameters": count_parameters(model), "partition_numel_per_rank": per_rank,
-        "micro_batch": g.micro, "grad_accum": g.accum, "global_batch": g.global_batch, "resumed_from_step": step,
-        "initialized_from": None if run.init is None else run.init.tag_dir,
-        "init_tensors": None if run.init is None else run.init.report(),
-        "task": {"name": task.name, "type": task.kind, "examples": {k: len(v) for k, v in task.splits.items()},
-                 "truncated": task.truncation_report(), "labels": task.labels},
-        "deepspeed_config": run.ds_config,
-    }  # fmt: skip
-    _write_atomic(os.path.join(s.run_dir, "run.json"), json.dumps(run_info, indent=2, ensure_ascii=False))
-    stage = "palm" if task.kind == "generation" else task.kind  # a generation run is a PALM run: pretrain.generate reads it
-    _write_atomic(os.path.join(s.run_dir, "model.json"), json.dumps({"stage": stage, **dataclasses.asdict(task.model_cfg)}, indent=2))
-    if os.path.abspath(run.vocab_path) != os.path.abspath(os.path.join(s.run_dir, "vocab.txt")):
-        shutil.copyfile(run.vocab_path, os.path.join(s.run_dir, "vocab.txt"))
 
 
 @hydra.main(config_path="../conf", config_name="finetune", version_base=None)

@@ -8,11 +8,8 @@ log, evaluate and save at step boundaries until the last step or a stop request.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
-import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -23,13 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.models.layers import count_parameters
 from pretrain.training import distributed, init_from
-from pretrain.training.checkpoint import Checkpoints, seed_rng
+from pretrain.training.checkpoint import Checkpoints, seed_rng, write_run_files
 from pretrain.training.config import (
     BatchGeometry, RunSettings, batch_geometry, deepspeed_config, load_data_meta, run_settings,
 )  # fmt: skip
-from pretrain.training.engine import build_model, initialize, local_partition_numel
+from pretrain.training.engine import build_model, initialize
 from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row
 from pretrain.training.stages import PalmStage, StructBertStage, build_stage
 from pretrain.training.stopping import StopRequest
@@ -87,7 +83,8 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # Every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
     loader = stage.train_loader(geometry, info.rank, start_step=step)
     data_stats = loader.dataset.stats() if info.rank == 0 else {}
-    _write_run_info(cfg, run, info, model, step, data_stats)
+    write_run_files(cfg, info, model, geometry, step, run.init, run.ds_config, stage.name, stage.model_cfg,
+                    os.path.join(s.data_dir, "vocab.txt"), train_data=data_stats)
     log = MetricsLog(s.run_dir, info.rank, s.wandb, OmegaConf.to_container(cfg, resolve=True), step)
 
     # 3. Train.
@@ -137,31 +134,6 @@ def evaluate(engine, stage, loader, step: int) -> dict:
         window.add(stats, *stage.token_counts(host_batch))
     engine.train()
     return metrics_row(step, "valid", window.reduce(), stage.weights, stage.phase_columns(step))
-
-
-def _write_run_info(cfg: DictConfig, run: Setup, info, model, step: int, data_stats: dict) -> None:
-    """config.yaml (resolved), run.json (world size, parameter counts, each rank's partition size), and what
-    reading the checkpoints back needs without the data: model.json (the model's shapes) and vocab.txt."""
-    import torch.distributed as dist
-
-    per_rank = [None] * info.world_size
-    dist.all_gather_object(per_rank, local_partition_numel(model))
-    if info.rank != 0:
-        return
-    s, g = run.settings, run.geometry
-    OmegaConf.save(cfg, os.path.join(s.run_dir, "config.yaml"), resolve=True)
-    run_info = {
-        "world_size": info.world_size, "parameters": count_parameters(model), "partition_numel_per_rank": per_rank,
-        "micro_batch": g.micro, "grad_accum": g.accum, "global_batch": g.global_batch, "resumed_from_step": step,
-        "initialized_from": None if run.init is None else run.init.tag_dir,
-        "init_tensors": None if run.init is None else run.init.report(), "train_data": data_stats,
-        "deepspeed_config": run.ds_config,
-    }  # fmt: skip
-    with open(os.path.join(s.run_dir, "run.json"), "w") as f:
-        json.dump(run_info, f, indent=2)
-    with open(os.path.join(s.run_dir, "model.json"), "w") as f:
-        json.dump({"stage": run.stage.name, **dataclasses.asdict(run.stage.model_cfg)}, f, indent=2)
-    shutil.copyfile(os.path.join(s.data_dir, "vocab.txt"), os.path.join(s.run_dir, "vocab.txt"))
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
