@@ -88,19 +88,25 @@ def check(init_from: str, tag_dir: str, target_shapes: dict[str, tuple[int, ...]
         raise UserError(f"{where}: no encoder parameters; not a stage-one (structbert) checkpoint")
     if cfg.decoder_init == "encoder_top" and cfg.decoder_layers > cfg.layers:
         raise UserError(f"model.decoder_init=encoder_top: model.decoder_layers={cfg.decoder_layers} > model.layers={cfg.layers}")
-    their_layers = len({m.group(1) for n in have if (m := re.match(r"encoder\.layers\.(\d+)\.", n))})
-    if their_layers != cfg.layers:
-        raise UserError(f"{where}: the checkpoint has {their_layers} encoder layers, model.layers={cfg.layers}")
+    _check_layers(have, cfg, where)
     mapping = source_names(list(target_shapes), cfg)
     for target, source in mapping.items():
         if source not in have:
             raise UserError(f"{where}: the checkpoint has no {source} (model.pre_ln or the model differ)")
-        if have[source] != target_shapes[target]:
-            raise UserError(
-                f"{where}: {source} is {list(have[source])} in the checkpoint, {list(target_shapes[target])} in this model"
-                f" ({_likely_cause(source, have[source], target_shapes[target], cfg)})"
-            )
+        _check_shape(where, source, have[source], target_shapes[target], cfg)
     return mapping
+
+
+def _check_layers(have: dict[str, tuple[int, ...]], cfg: ModelConfig, where: str) -> None:
+    their_layers = len({m.group(1) for n in have if (m := re.match(r"encoder\.layers\.(\d+)\.", n))})
+    if their_layers != cfg.layers:
+        raise UserError(f"{where}: the checkpoint has {their_layers} encoder layers, model.layers={cfg.layers}")
+
+
+def _check_shape(where: str, source: str, theirs: tuple[int, ...], ours: tuple[int, ...], cfg: ModelConfig) -> None:
+    if theirs != ours:
+        raise UserError(f"{where}: {source} is {list(theirs)} in the checkpoint, {list(ours)} in this model"
+                        f" ({_likely_cause(source, theirs, ours, cfg)})")  # fmt: skip
 
 
 def finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str,
@@ -125,9 +131,7 @@ def _finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], 
     stage_two = any(n.startswith("decoder.") for n in have)
     if needs_stage_two and not stage_two:
         raise UserError(f"{where}: a stage-one (structbert) checkpoint; a generation task needs a stage-two (palm) one")
-    their_layers = len({m.group(1) for n in have if (m := re.match(r"encoder\.layers\.(\d+)\.", n))})
-    if their_layers != cfg.layers:
-        raise UserError(f"{where}: the checkpoint has {their_layers} encoder layers, model.layers={cfg.layers}")
+    _check_layers(have, cfg, where)
     wanted = {n: n for n in target_shapes if n.startswith(("encoder.", "decoder.", "mlm_head.", "copy_gate."))}
     wanted.update(source_names([n for n in target_shapes if n.startswith(("pooler.", "sentence_head."))], cfg))
     mapping = {}
@@ -137,9 +141,7 @@ def _finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], 
                 raise UserError(f"{where}: the checkpoint has no {source} (model.pre_ln, model.decoder_layers or the "
                                 "model differ)")  # fmt: skip
             continue  # a head the checkpoint lacks keeps its fresh init
-        if have[source] != target_shapes[target]:
-            raise UserError(f"{where}: {source} is {list(have[source])} in the checkpoint, {list(target_shapes[target])}"
-                            f" in this model ({_likely_cause(source, have[source], target_shapes[target], cfg)})")  # fmt: skip
+        _check_shape(where, source, have[source], target_shapes[target], cfg)
         mapping[target] = source
     return InitSource(tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping))
 
