@@ -16,20 +16,29 @@ from pretrain.models.config import ModelConfig
 from pretrain.models.layers import Encoder, init_weights, masked_ce
 
 
-class SequenceClassifier(nn.Module):
+class _EncoderClassifier(nn.Module):
+    """The encoder, optionally BERT's pooler, dropout and a linear layer over the labels (built in this order: the
+    order BERT's init draws its random weights in)."""
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, pooler: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        if pooler:
+            self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden, num_labels)
+        init_weights(self, cfg.init_std)
+
+
+class SequenceClassifier(_EncoderClassifier):
     """Pooled [CLS] (dense + tanh, BERT's pooler: taken from the stage-one sentence head when there is one)
     -> dropout -> linear over the labels."""
 
     objective = "cls"
 
     def __init__(self, cfg: ModelConfig, num_labels: int):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(cfg.hidden, num_labels)
-        init_weights(self, cfg.init_std)
+        super().__init__(cfg, num_labels, pooler=True)
 
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float] | None = None, predict: bool = False):
         h = self.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
@@ -37,18 +46,13 @@ class SequenceClassifier(nn.Module):
         return _outputs(self.objective, logits, batch["labels"], predict)
 
 
-class TokenClassifier(nn.Module):
+class TokenClassifier(_EncoderClassifier):
     """Each token's final hidden state -> dropout -> linear over the tags."""
 
     objective = "tag"
 
     def __init__(self, cfg: ModelConfig, num_labels: int):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(cfg.hidden, num_labels)
-        init_weights(self, cfg.init_std)
+        super().__init__(cfg, num_labels, pooler=False)
 
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float] | None = None, predict: bool = False):
         h = self.encoder(batch["input_ids"], torch.zeros_like(batch["input_ids"]), batch["attention_mask"])
