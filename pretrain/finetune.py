@@ -68,7 +68,7 @@ def setup(cfg: DictConfig, world_size: int) -> Setup:
     if not os.path.isfile(vocab_path):
         raise UserError(f"vocab={vocab_path}: no such file")
     tok = Tokenizer(vocab_path)
-    task = build_task(cfg, tok, tok.vocab_size)
+    task = build_task(cfg, tok)
     init = None
     if source is not None:
         with torch.device("meta"):

@@ -69,7 +69,7 @@ class _Task:
     select: tuple[str, bool]  # the valid column that picks the checkpoint, and whether higher is better
     needs_stage_two = False
 
-    def __init__(self, cfg: DictConfig, tok: Tokenizer, vocab_size: int):
+    def __init__(self, cfg: DictConfig, tok: Tokenizer):
         t = cfg.task
         self.name, self.tok, self.seed = str(t.name), tok, int(cfg.seed)
         self.fields = {role: (None if name is None else str(name)) for role, name in t.fields.items()}
@@ -80,7 +80,7 @@ class _Task:
         raw = {s: data.read_jsonl(self.paths[s], self.fields) for s in SPLITS}
         self.labels = self._labels(raw["train"], t)
         self.splits = {s: self._encode(s, raw[s], t) for s in SPLITS}
-        self.model_cfg = model_config(cfg.model, vocab_size, self._longest(t), bool(cfg.deepspeed.activation_checkpointing),
+        self.model_cfg = model_config(cfg.model, tok.vocab_size, self._longest(t), bool(cfg.deepspeed.activation_checkpointing),
                                       seq_len_key=self._length_key)  # fmt: skip
         self.num_workers = int(cfg.data.num_workers)
         self.weights = {name: 1.0 for name in self.objectives}
@@ -300,11 +300,11 @@ class GenerationTask(_Task):
 TASK_TYPES = {task.kind: task for task in (ClassificationTask, TaggingTask, GenerationTask)}
 
 
-def build_task(cfg: DictConfig, tok: Tokenizer, vocab_size: int):
+def build_task(cfg: DictConfig, tok: Tokenizer):
     kind = str(cfg.task.type)
     if kind not in TASK_TYPES:
         raise UserError(f"task.type={kind}: unknown (known: {', '.join(TASK_TYPES)})")
-    task = TASK_TYPES[kind](cfg, tok, vocab_size)
+    task = TASK_TYPES[kind](cfg, tok)
     if kind == "generation":
         task.set_decoding(cfg.task.decoding)
     return task
