@@ -21,7 +21,6 @@ import os
 import sys
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from pretrain.cli import parse
 from pretrain.data.masking import IGNORE
@@ -108,18 +107,15 @@ def main(argv: list[str]) -> None:
     if n < 1:
         raise UserError(f"n={n}: must be >= 1")
     cfg = compose_config([a for a in argv if a.split("=", 1)[0] not in OWN_KEYS])
-    if OmegaConf.is_missing(cfg.data, "dir"):
+    if cfg.data.dir is None:  # one corpus at a time (a blend's sources each have their own data.dir)
         raise UserError("data.dir is required (python -m pretrain.samples stage=... data.dir=<prepared dir> n=... out=...)")
 
-    from pretrain.training.config import batch_geometry, load_data_meta
+    from pretrain.training.config import batch_geometry
     from pretrain.training.stages import build_stage
 
-    stage = build_stage(cfg, load_data_meta(str(cfg.data.dir)))
+    stage = build_stage(cfg)
     geometry = batch_geometry(cfg.train, world)
-    if stage.name == "palm":
-        data, row = stage.dataset("train", mlm_until=stage.mlm_steps * geometry.global_batch), palm_row
-    else:
-        data, row = stage.dataset("train"), structbert_row
+    data, row = stage.train_dataset(geometry), (palm_row if stage.name == "palm" else structbert_row)
     order = step_order(stage, data, geometry.global_batch, n)
     tmp = f"{args.out}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -19,11 +19,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from pretrain.data.sources import describe
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.training import distributed, init_from
 from pretrain.training.checkpoint import Checkpoints, seed_rng, write_run_files
 from pretrain.training.config import (
-    BatchGeometry, RunSettings, batch_geometry, deepspeed_config, load_data_meta, run_settings,
+    BatchGeometry, RunSettings, batch_geometry, deepspeed_config, run_settings,
 )  # fmt: skip
 from pretrain.training.engine import build_model, initialize
 from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row
@@ -49,7 +50,7 @@ def setup(cfg: DictConfig, world_size: int) -> Setup:
     """Read every setting of the config (the test of conf/ checks that each key is read here) and check it."""
     settings = run_settings(cfg)
     geometry = batch_geometry(cfg.train, world_size)
-    stage = build_stage(cfg, load_data_meta(settings.data_dir))
+    stage = build_stage(cfg)
     return Setup(settings, geometry, stage, stage.init_source(), deepspeed_config(cfg, geometry))
 
 
@@ -69,6 +70,9 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     distributed.init(info, s.timeout_s)
     os.makedirs(s.run_dir, exist_ok=True)
     checkpoints.discard_uncommitted()
+    if info.local_rank == 0:  # the data's derived arrays, once per node; the other ranks memory-map them
+        stage.index(geometry)
+    distributed.barrier()
     model = build_model(stage.make_model, run.ds_config, s.seed)
     if run.init is not None and resume_from is None:  # before initialize: the optimizer copies the weights it sees
         init_from.load_into(model, run.init, rank=info.rank)
@@ -84,7 +88,7 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     loader = stage.train_loader(geometry, info.rank, start_step=step)
     data_stats = loader.dataset.stats() if info.rank == 0 else {}
     write_run_files(cfg, info, model, geometry, step, run.init, run.ds_config, stage.name, stage.model_cfg,
-                    os.path.join(s.data_dir, "vocab.txt"), train_data=data_stats)
+                    stage.tokenizer.vocab_path, data_sources=describe(stage.sources), train_data=data_stats)
     log = MetricsLog(s.run_dir, info.rank, s.wandb, OmegaConf.to_container(cfg, resolve=True), step)
 
     # 3. Train.
@@ -111,9 +115,8 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if step % s.eval_every == 0 or step == s.max_steps:
-            valid = stage.valid_loader(geometry, info.rank, step)
-            if valid is not None:
-                log.write(evaluate(engine, stage, valid, step))
+            for row in evaluate(engine, stage, stage.valid_loaders(geometry, info.rank, step), step):
+                log.write(row)
         if step % s.save_every == 0 or step == s.stop_at or stopping:
             checkpoints.save(engine, step, stage.name, geometry.global_batch)
         if stopping:
@@ -126,14 +129,19 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine, stage, loader, step: int) -> dict:
+def evaluate(engine, stage, loaders: dict, step: int) -> list[dict]:
+    """One row per loader (split name -> loader); with several (one per data source), a "valid" row over them all."""
     engine.eval()
-    window = Window(stage.objectives)
-    for host_batch in loader:
-        _, stats = engine({k: v.to(engine.device) for k, v in host_batch.items()}, stage.weights)
-        window.add(stats, *stage.token_counts(host_batch))
+    windows = {split: Window(stage.objectives) for split in loaders}
+    if len(loaders) > 1:
+        windows["valid"] = Window(stage.objectives)
+    for split, loader in loaders.items():
+        for host_batch in loader:
+            _, stats = engine({k: v.to(engine.device) for k, v in host_batch.items()}, stage.weights)
+            for window in [windows[split]] + ([windows["valid"]] if len(loaders) > 1 else []):
+                window.add(stats, *stage.token_counts(host_batch))
     engine.train()
-    return metrics_row(step, "valid", window.reduce(), stage.weights, stage.phase_columns(step))
+    return [metrics_row(step, split, w.reduce(), stage.weights, stage.phase_columns(step)) for split, w in windows.items()]
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

@@ -9,7 +9,6 @@ import pytest
 
 from pretrain.data.masking import IGNORE
 from pretrain.samples import compose_config
-from pretrain.training.config import load_data_meta
 from pretrain.training.stages import build_stage
 from runs import REPO
 
@@ -34,8 +33,8 @@ def test_structbert_samples_are_the_trainers(prepared, tmp_path):
     rows = read(out)
     # global batch 4 x 2 ranks: indices 0..7 are step 1, 8.. step 2
     assert [(r["index"], r["step"]) for r in rows] == [(g, 1 + g // 8) for g in range(10)]
-    stage = build_stage(compose_config(args), load_data_meta(prepared))
-    data = stage.dataset("train")
+    stage = build_stage(compose_config(args))
+    data = stage.dataset(stage.corpora[0]["train"], stage.seed)
     for r in rows:
         s = data[r["index"]]
         assert r["input_ids"] == s["input_ids"].tolist() and r["token_type_ids"] == s["token_type_ids"].tolist()
@@ -56,8 +55,8 @@ def test_palm_samples_follow_the_grouped_step_order_and_the_mlm_switch(prepared,
     assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
     assert sorted(r["index"] for r in rows[:8]) == list(range(8))  # a pool of 2 steps, reordered by length
     assert [r["mlm_active"] for r in rows] == [True] * 8 + [False] * 8  # 0.5 x 4 steps x 4 samples
-    stage = build_stage(compose_config(args), load_data_meta(prepared))
-    data = stage.dataset("train", mlm_until=8)
+    stage = build_stage(compose_config(args))
+    data = stage.dataset(stage.corpora[0]["train"], stage.seed, mlm_until=8)
     for r in rows:
         s = data[r["index"]]
         assert r["enc_input_ids"] == s["enc_input_ids"].tolist() and r["dec_input_ids"] == s["dec_input_ids"].tolist()

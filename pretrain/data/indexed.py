@@ -38,6 +38,7 @@ class IndexedCorpus:
     word_start: np.ndarray  # [num_tokens] uint8
     sent_offsets: np.ndarray  # [num_sents + 1] int64
     doc_offsets: np.ndarray  # [num_docs + 1] int64
+    prefix: str | None = None  # `<dir>/<split>` when opened from disk: where its index cache lives (index_cache.py)
 
     @property
     def num_tokens(self) -> int:
@@ -98,7 +99,7 @@ class IndexedCorpus:
         off += 8 * (n_doc + 1)
         word_start = np.memmap(idx_path, dtype=np.uint8, mode="r", offset=off, shape=(n_tok,)) if n_tok else np.zeros(0, np.uint8)
         tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tok,)) if n_tok else np.zeros(0, dtype)
-        return cls(tokens, word_start, np.asarray(sent_offsets), np.asarray(doc_offsets))
+        return cls(tokens, word_start, np.asarray(sent_offsets), np.asarray(doc_offsets), prefix)
 
 
 class IndexedWriter:

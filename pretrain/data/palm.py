@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pretrain.data import index_cache
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.masking import IGNORE, MaskingConfig, whole_word_mask
 from pretrain.data.sampling import pad_side
@@ -65,19 +66,26 @@ class PalmDataset(torch.utils.data.Dataset):
         (self.unit_start, self.unit_end, self.doc_unit_offsets, self.unit_doc,
          chunk_first, chunk_end) = chunks(corpus, self.chunk_tokens)
         self.sent_offsets = np.asarray(corpus.sent_offsets, dtype=np.int64)
-        self.doc_tokens = corpus.doc_token_offsets  # [num_docs + 1]
-        doc_len = np.diff(self.doc_tokens)
-        keep = doc_len[self.unit_doc[chunk_first]] >= 2  # one token cannot be both context and target
-        self.anchor_first, self.anchor_end = chunk_first[keep], chunk_end[keep]
-        self.dropped_docs = int((doc_len < 2).sum())
+
+        def build():
+            doc_tokens = corpus.doc_token_offsets  # [num_docs + 1]
+            doc_len = np.diff(doc_tokens)
+            keep = doc_len[self.unit_doc[chunk_first]] >= 2  # one token cannot be both context and target
+            # documents by length, and their tokens counted from the longest down: "a token of a document of at
+            # least n tokens" is one draw below tokens_from[searchsorted(by_length_len, n)]
+            by_length = np.argsort(doc_len, kind="stable")
+            return dict(doc_tokens=doc_tokens, anchor_first=chunk_first[keep], anchor_end=chunk_end[keep],
+                        dropped_docs=np.array([(doc_len < 2).sum()]), by_length=by_length,
+                        by_length_len=doc_len[by_length], tokens_before=np.concatenate([[0], np.cumsum(doc_len[by_length])]))  # fmt: skip
+
+        derived = index_cache.arrays(corpus, f"palm{self.chunk_tokens}", build)
+        self.doc_tokens, self.anchor_first, self.anchor_end = derived["doc_tokens"], derived["anchor_first"], derived["anchor_end"]
+        self.dropped_docs = int(derived["dropped_docs"][0])
         if self.num_anchors == 0:
             raise UserError(f"the corpus has no document of 2 or more tokens ({self.dropped_docs} shorter ones)")
-        # documents by length, and their tokens counted from the longest down: "a token of a document of at least
-        # n tokens" is one draw below tokens_from[searchsorted(by_length_len, n)]
-        self.by_length = np.argsort(doc_len, kind="stable")
-        self.by_length_len = doc_len[self.by_length]
-        self.tokens_before = np.concatenate([[0], np.cumsum(self.by_length_len)])
-        self.epoch_permutation = EpochOrder(seed, self.num_anchors)
+        self.by_length, self.by_length_len = derived["by_length"], derived["by_length_len"]
+        self.tokens_before = derived["tokens_before"]
+        self.epoch_permutation = EpochOrder(seed, self.num_anchors, corpus)
 
     # ---- indexing -------------------------------------------------------------------------------
     @property

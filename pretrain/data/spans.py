@@ -7,8 +7,11 @@ each sample draws from its own generator, seeded from (seed, epoch, item): so a 
 """
 from __future__ import annotations
 
+import array
+
 import numpy as np
 
+from pretrain.data import index_cache
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.errors import UserError
 
@@ -16,6 +19,7 @@ from pretrain.errors import UserError
 PERM_STREAM = 1  # the epoch's permutation
 SAMPLE_STREAM = 2  # a sample's own draws
 POOL_STREAM = 3  # the length-grouped sampler's order of pool-steps
+PACK_BLOCK = 1 << 20  # units per pass of pack_chunks: its jump table is built a block at a time, not corpus-sized
 
 
 def sample_rng(seed: int, epoch: int, item: int) -> np.random.Generator:
@@ -41,41 +45,63 @@ def units(corpus: IndexedCorpus, max_tokens: int) -> tuple[np.ndarray, np.ndarra
 def pack_chunks(unit_start, unit_end, unit_doc, doc_unit_offsets, max_tokens) -> tuple[np.ndarray, np.ndarray]:
     """Greedy per-document packing: a chunk takes whole units while their total stays <= max_tokens.
     Returns chunk first unit and end unit (exclusive)."""
-    # units are contiguous in the token stream, so "fits" is a search over unit ends
-    fit_end = np.searchsorted(unit_end, unit_start + max_tokens, side="right")
-    next_unit = np.minimum(fit_end, doc_unit_offsets[unit_doc + 1]).tolist()
-    first = []
-    u, n = 0, len(unit_start)
-    while u < n:  # a loop over chunks, not units
-        first.append(u)
-        u = next_unit[u]
-    first = np.asarray(first, dtype=np.int64)
+    n = len(unit_start)
+    first = array.array("q")  # 8 bytes a chunk, not a Python int's 36
+    block = PACK_BLOCK
+    u = 0
+    while u < n:
+        lo, hi = u, min(u + block, n)
+        # units are contiguous in the token stream, so "fits" is a search over unit ends
+        fit_end = np.searchsorted(unit_end, np.asarray(unit_start[u:hi]) + max_tokens, side="right")
+        next_unit = np.minimum(fit_end, doc_unit_offsets[np.asarray(unit_doc[u:hi]) + 1]).tolist()
+        while u < hi:  # a loop over chunks, not units
+            first.append(u)
+            u = next_unit[u - lo]
+    first = np.array(first, dtype=np.int64)
     end = np.append(first[1:], n).astype(np.int64)
     return first, end
 
 
 def chunks(corpus: IndexedCorpus, max_tokens: int):
     """Units of at most max_tokens and their greedy per-document packing into chunks: (unit_start, unit_end,
-    doc_unit_offsets, unit_doc, chunk_first, chunk_end), unit_doc being each unit's document."""
-    unit_start, unit_end, doc_unit_offsets = units(corpus, max_tokens)
-    unit_doc = np.repeat(np.arange(corpus.num_docs), np.diff(doc_unit_offsets))
-    chunk_first, chunk_end = pack_chunks(unit_start, unit_end, unit_doc, doc_unit_offsets, max_tokens)
-    return unit_start, unit_end, doc_unit_offsets, unit_doc, chunk_first, chunk_end
+    doc_unit_offsets, unit_doc, chunk_first, chunk_end), unit_doc being each unit's document. Cached per
+    (corpus, max_tokens) (index_cache.py)."""
+    def build():
+        unit_start, unit_end, doc_unit_offsets = units(corpus, max_tokens)
+        unit_doc = np.repeat(np.arange(corpus.num_docs), np.diff(doc_unit_offsets))
+        chunk_first, chunk_end = pack_chunks(unit_start, unit_end, unit_doc, doc_unit_offsets, max_tokens)
+        return dict(unit_start=unit_start, unit_end=unit_end, doc_unit_offsets=doc_unit_offsets, unit_doc=unit_doc,
+                    chunk_first=chunk_first, chunk_end=chunk_end)  # fmt: skip
+
+    a = index_cache.arrays(corpus, f"chunks{max_tokens}", build)
+    return a["unit_start"], a["unit_end"], a["doc_unit_offsets"], a["unit_doc"], a["chunk_first"], a["chunk_end"]
 
 
 class EpochOrder:
     """The order in which epoch `e` visits n items: a permutation drawn from (seed, e) alone, cached for the
-    current epoch (consecutive sample indices are almost always in one epoch)."""
+    current epoch (consecutive sample indices are almost always in one epoch). With `corpus`, an epoch's
+    permutation is read from the corpus's index cache where it is stored (`store` puts it there)."""
 
-    def __init__(self, seed: int, n: int):
-        self.seed, self.n = seed, n
+    def __init__(self, seed: int, n: int, corpus: IndexedCorpus | None = None):
+        self.seed, self.n, self.corpus = seed, n, corpus
         self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        build = lambda: {"order": np.random.default_rng([PERM_STREAM, self.seed, epoch]).permutation(self.n)}  # noqa: E731
+        if self.corpus is None:
+            return build()["order"]
+        return index_cache.arrays(self.corpus, f"order-n{self.n}-seed{self.seed}-epoch{epoch}", build)["order"]
 
     def __call__(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._perm = np.random.default_rng([PERM_STREAM, self.seed, epoch]).permutation(self.n)
+            self._perm = self._permutation(epoch)
             self._epoch = epoch
         return self._perm
+
+    def store(self, epochs: int) -> None:
+        """Put the permutations of the first `epochs` epochs in the index cache (inside index_cache.writing())."""
+        for epoch in range(epochs):
+            self._permutation(epoch)
 
     def locate(self, g: int) -> tuple[int, int]:
         """(epoch, item) of global sample index g: epoch g // n visits its items in this order."""

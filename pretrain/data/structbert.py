@@ -18,6 +18,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from pretrain.data import index_cache
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.masking import IGNORE, ObjectiveConfig, shuffle_trigrams, whole_word_mask
 from pretrain.data.sampling import pad_side
@@ -65,17 +66,22 @@ class StructBertDataset(torch.utils.data.Dataset):
 
         (self.unit_start, self.unit_end, _, self.unit_doc,
          self.chunk_first, self.chunk_end) = chunks(corpus, self.max_tokens)
-        self.chunk_doc = self.unit_doc[self.chunk_first]
         self.sent_offsets = np.asarray(corpus.sent_offsets, dtype=np.int64)
         self.doc_sents = np.asarray(corpus.doc_offsets, dtype=np.int64)  # first sentence of each document
-        doc_tokens = np.diff(self.sent_offsets[self.doc_sents])
-        # documents in order of length, ties in an order drawn from the seed (not the corpus's)
-        tie_break = np.random.default_rng([LENGTH_ORDER_STREAM, seed]).permutation(corpus.num_docs)
-        by_length = np.lexsort((tie_break, doc_tokens))
-        self.by_length = by_length[doc_tokens[by_length] > 0]
-        self.doc_rank = np.zeros(corpus.num_docs, dtype=np.int64)
-        self.doc_rank[self.by_length] = np.arange(len(self.by_length))
-        self.epoch_permutation = EpochOrder(seed, self.num_chunks)
+
+        def build():
+            doc_tokens = np.diff(self.sent_offsets[self.doc_sents])
+            # documents in order of length, ties in an order drawn from the seed (not the corpus's)
+            tie_break = np.random.default_rng([LENGTH_ORDER_STREAM, seed]).permutation(corpus.num_docs)
+            by_length = np.lexsort((tie_break, doc_tokens))
+            by_length = by_length[doc_tokens[by_length] > 0]
+            doc_rank = np.zeros(corpus.num_docs, dtype=np.int64)
+            doc_rank[by_length] = np.arange(len(by_length))
+            return dict(chunk_doc=self.unit_doc[self.chunk_first], by_length=by_length, doc_rank=doc_rank)
+
+        derived = index_cache.arrays(corpus, f"structbert{self.max_tokens}-seed{seed}", build)
+        self.chunk_doc, self.by_length, self.doc_rank = derived["chunk_doc"], derived["by_length"], derived["doc_rank"]
+        self.epoch_permutation = EpochOrder(seed, self.num_chunks, corpus)
 
     # ---- indexing -------------------------------------------------------------------------------
     @property

@@ -5,13 +5,11 @@ Everything here runs before any rank writes a file, so bad settings fail with on
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.data.tokenizer import vocab_sha256
 from pretrain.errors import UserError
 from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
 from pretrain.training.optim import OPTIMIZERS, fused_lamb_status
@@ -52,7 +50,6 @@ class RunSettings:
     """The trainer's own settings (the stage reads its data and model settings itself), read and checked once."""
 
     run_dir: str
-    data_dir: str
     seed: int
     max_steps: int
     stop_at: int  # train.exit_at_step, else max_steps
@@ -71,9 +68,8 @@ class RunSettings:
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
-    for group in ("run", "data"):
-        if OmegaConf.is_missing(cfg[group], "dir"):
-            raise UserError(f"{group}.dir is required (add {group}.dir=<dir>)")
+    if OmegaConf.is_missing(cfg.run, "dir"):
+        raise UserError("run.dir is required (add run.dir=<dir>)")
     t = cfg.train
     if t.max_steps is None or int(t.max_steps) < 1:
         raise UserError(f"train.max_steps={t.max_steps}: must be >= 1")
@@ -93,36 +89,13 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         raise UserError(f"train.resume={t.resume}: not auto, never, or an existing checkpoint directory")
     ds = cfg.deepspeed  # its precision is checked by deepspeed_config
     return RunSettings(
-        run_dir=str(cfg.run.dir), data_dir=str(cfg.data.dir), seed=int(cfg.seed), max_steps=int(t.max_steps),
+        run_dir=str(cfg.run.dir), seed=int(cfg.seed), max_steps=int(t.max_steps),
         stop_at=int(t.exit_at_step) if t.exit_at_step is not None else int(t.max_steps),
         log_every=int(t.log_every), eval_every=int(t.eval_every), save_every=int(t.save_every),
         keep_last=int(t.keep_last), resume=str(t.resume), stop_file=str(t.stop_file),
         weight_decay=float(t.weight_decay), timeout_s=float(cfg.dist.timeout_s), progress=bool(cfg.logger.progress),
         wandb=WandbSettings(str(w.mode), str(w.project), w.name), hardware=str(ds.name), precision=str(ds.precision),
     )  # fmt: skip
-
-
-def load_data_meta(data_dir: str) -> dict:
-    """The prepared corpus's meta.json, checked against the vocab.txt beside it."""
-    if not os.path.isdir(data_dir):
-        raise UserError(f"data.dir={data_dir}: no such directory (prepare it with python -m pretrain.prepare)")
-    meta_path, vocab_path = os.path.join(data_dir, "meta.json"), os.path.join(data_dir, "vocab.txt")
-    for p in (meta_path, vocab_path):
-        if not os.path.isfile(p):
-            raise UserError(f"data.dir={data_dir}: {os.path.basename(p)} missing (not a prepared corpus)")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        expected_hash, vocab_size = meta["vocab_sha256"], int(meta["vocab_size"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path}: unreadable ({e})") from None
-    actual_hash = vocab_sha256(vocab_path)
-    if actual_hash != expected_hash:
-        raise UserError(
-            f"{vocab_path}: sha256 {actual_hash[:12]} does not match meta.json vocab_sha256 {expected_hash[:12]}"
-            " (the corpus was prepared with another vocab)"
-        )
-    return meta
 
 
 def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_checkpointing: bool = False,

@@ -80,7 +80,7 @@ def metrics_row(step: int, split: str, reduced: dict, weights: dict[str, float],
     for k in weights:
         row[f"{k}_loss"], row[f"{k}_acc"] = reduced[f"{k}_loss"], reduced[f"{k}_acc"]
     row.update(phase)
-    if split == "valid" and "lm" in weights and reduced["lm_loss"] is not None:
+    if split.startswith("valid") and "lm" in weights and reduced["lm_loss"] is not None:
         row["lm_ppl"] = math.exp(min(reduced["lm_loss"], 50.0))
     row.update(tokens_per_s=reduced["tokens_per_s"], padding=reduced["padding"])
     if reduced["step_time_s"] is not None:

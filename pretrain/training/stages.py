@@ -1,7 +1,7 @@
 """A stage binds a model to its data and objectives. It reads its settings when built (so that a config is
 checked, and every key read, before any rank starts), and the trainer only sees this interface:
 `name`, `objectives`, `weights`, `model_cfg`, `init_source()`, `make_model()`, `train_loader()`,
-`valid_loader()`, `token_counts()`, `phase_columns()`."""
+`valid_loaders()`, `index()`, `token_counts()`, `phase_columns()`."""
 from __future__ import annotations
 
 import math
@@ -12,15 +12,19 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from pretrain.data import index_cache
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.masking import MaskingConfig, ObjectiveConfig
 from pretrain.data.palm import PalmDataset, check_range
+from pretrain.data.sources import BlendedDataset, read_sources
 from pretrain.data.sampling import LengthGroupedStepSampler, StepSampler, eval_batches
 from pretrain.data.structbert import StructBertDataset
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 from pretrain.training import init_from
 from pretrain.training.config import BatchGeometry, model_config
+
+MAX_STORED_EPOCHS = 4  # a corpus run over more often is small: its later epochs' orders are computed, not stored
 
 
 class _Stage:
@@ -30,9 +34,11 @@ class _Stage:
     objectives: tuple[str, ...] = ()
     objective_config: type[MaskingConfig] = MaskingConfig
 
-    def __init__(self, cfg: DictConfig, meta: dict):
-        data_dir = cfg.data.dir
-        self.tokenizer = Tokenizer(os.path.join(data_dir, "vocab.txt"))
+    def __init__(self, cfg: DictConfig):
+        self.seed, self.max_steps = int(cfg.seed), int(cfg.train.max_steps)
+        self.sources = read_sources(cfg.data, self.seed)
+        self.vocab_size = int(self.sources[0].meta["vocab_size"])
+        self.tokenizer = Tokenizer(os.path.join(self.sources[0].dir, "vocab.txt"))
         given = {key: cfg.stage.objectives[key] for key in cfg.stage.objectives}
         known = set(self.objective_config.__dataclass_fields__)
         unknown = set(given) - known
@@ -44,13 +50,43 @@ class _Stage:
         if unused:
             raise UserError(f"stage.loss_weights: {sorted(unused)} are not objectives of stage={self.name}"
                             f" ({', '.join(self.objectives)})")  # fmt: skip
-        self.corpora = {split: IndexedCorpus.open(os.path.join(data_dir, split)) for split in ("train", "valid")}
-        if self.corpora["train"].num_docs == 0:
-            raise UserError(f"data.dir={data_dir}: the train split has no documents")
-        self.seed, self.max_steps = int(cfg.seed), int(cfg.train.max_steps)
+        # per source: {"train": IndexedCorpus, "valid": IndexedCorpus}
+        self.corpora = [{split: IndexedCorpus.open(os.path.join(src.dir, split)) for split in ("train", "valid")}
+                        for src in self.sources]  # fmt: skip
+        for src, corpora in zip(self.sources, self.corpora):
+            if corpora["train"].num_docs == 0:
+                raise UserError(f"data.dir={src.dir}: the train split has no documents")
         self.num_workers, self.eval_samples = int(cfg.data.num_workers), int(cfg.train.eval_samples)
         self.activation_checkpointing = bool(cfg.deepspeed.activation_checkpointing)
         self.init_from = cfg.init_from
+
+    def _blend(self, split: str, make) -> torch.utils.data.Dataset:
+        """`make(corpus, seed)`'s dataset of `split`: one source's, or the sources' blended."""
+        datasets = [make(corpora[split], src.seed) for src, corpora in zip(self.sources, self.corpora)]
+        return datasets[0] if len(datasets) == 1 else BlendedDataset(datasets, self.sources)
+
+    def valid_loaders(self, geometry: BatchGeometry, rank: int, step: int) -> dict[str, DataLoader]:
+        """The valid split's loaders: {"valid": ...} for one source; with several, one per source
+        ("valid/<name>"), each of up to train.eval_samples samples, the "valid" row then summing them all."""
+        loaders = {}
+        for src, corpora in zip(self.sources, self.corpora):
+            if corpora["valid"].num_docs:
+                loader = self._valid(self.valid_dataset(corpora["valid"], src.seed, step), geometry, rank)
+                if loader is not None:
+                    loaders["valid" if len(self.sources) == 1 else f"valid/{src.name}"] = loader
+        return loaders
+
+    def index(self, geometry: BatchGeometry) -> None:
+        """Compute and store the derived arrays of every dataset this run builds, and the permutations of the epochs
+        it will reach (index_cache.py): for the local rank 0, before the other ranks build theirs."""
+        with index_cache.writing():
+            data = self.train_dataset(geometry)
+            for dataset in getattr(data, "datasets", [data]):
+                reached = -(-self.max_steps * geometry.global_batch // len(dataset))
+                dataset.epoch_permutation.store(min(reached, MAX_STORED_EPOCHS))
+            for src, corpora in zip(self.sources, self.corpora):
+                if corpora["valid"].num_docs:
+                    self.valid_dataset(corpora["valid"], src.seed, 0).epoch_permutation.store(1)
 
     def _token_ids(self) -> dict:
         t = self.tokenizer
@@ -65,7 +101,7 @@ class _Stage:
 
     def _valid(self, data, geometry: BatchGeometry, rank: int) -> DataLoader | None:
         """A fixed validation set, the same number of batches on every rank (ZeRO-3 needs all ranks in step)."""
-        if data is None or len(data) == 0:
+        if len(data) == 0:
             return None
         per_round = geometry.micro * geometry.world
         n = min(self.eval_samples, len(data)) // per_round * per_round or per_round
@@ -88,10 +124,10 @@ class StructBertStage(_Stage):
     objectives = ("mlm", "wso", "sso")
     objective_config = ObjectiveConfig
 
-    def __init__(self, cfg: DictConfig, meta: dict):
-        super().__init__(cfg, meta)
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
         self.seq_len = int(cfg.data.seq_len)
-        self.model_cfg = model_config(cfg.model, meta["vocab_size"], self.seq_len, self.activation_checkpointing)
+        self.model_cfg = model_config(cfg.model, self.vocab_size, self.seq_len, self.activation_checkpointing)
 
     def init_source(self) -> init_from.InitSource | None:
         """None (random weights), or a transformers BERT/MegatronBERT directory (init_from=hf:<dir>) to continue
@@ -108,17 +144,19 @@ class StructBertStage(_Stage):
 
         return StructBert(self.model_cfg)
 
-    def dataset(self, split: str) -> StructBertDataset:
-        return StructBertDataset(self.corpora[split], seq_len=self.seq_len, seed=self.seed, cfg=self.objective_cfg,
-                                 **self._token_ids())  # fmt: skip
+    def dataset(self, corpus: IndexedCorpus, seed: int) -> StructBertDataset:
+        return StructBertDataset(corpus, seq_len=self.seq_len, seed=seed, cfg=self.objective_cfg, **self._token_ids())
+
+    def train_dataset(self, geometry: BatchGeometry):
+        return self._blend("train", self.dataset)
+
+    def valid_dataset(self, corpus: IndexedCorpus, seed: int, step: int) -> StructBertDataset:
+        return self.dataset(corpus, seed)
 
     def train_loader(self, geometry: BatchGeometry, rank: int, start_step: int) -> DataLoader:
         sampler = StepSampler(micro_batch=geometry.micro, grad_accum=geometry.accum, world_size=geometry.world,
                               rank=rank, start_step=start_step, max_steps=self.max_steps)  # fmt: skip
-        return self._loader(self.dataset("train"), sampler, self.num_workers)
-
-    def valid_loader(self, geometry: BatchGeometry, rank: int, step: int) -> DataLoader | None:
-        return self._valid(self.dataset("valid") if self.corpora["valid"].num_docs else None, geometry, rank)
+        return self._loader(self.train_dataset(geometry), sampler, self.num_workers)
 
     def token_counts(self, batch: dict) -> tuple[int, int]:
         return int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
@@ -131,13 +169,13 @@ class PalmStage(_Stage):
     name = "palm"
     objectives = ("lm", "mlm")
 
-    def __init__(self, cfg: DictConfig, meta: dict):
-        super().__init__(cfg, meta)
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
         p = cfg.palm
         # checked here, not only in the dataset, so that a bad range fails before any rank starts
         self.src_len, self.tgt_len = check_range("src_len", p.src_len), check_range("tgt_len", p.tgt_len)
         longest, key = max((self.src_len[1], "palm.src_len"), (self.tgt_len[1], "palm.tgt_len"))
-        self.model_cfg = model_config(cfg.model, meta["vocab_size"], longest, self.activation_checkpointing,
+        self.model_cfg = model_config(cfg.model, self.vocab_size, longest, self.activation_checkpointing,
                                       seq_len_key=f"{key}[1]")  # fmt: skip
         if self.model_cfg.decoder_layers < 1:
             raise UserError(f"model.decoder_layers={self.model_cfg.decoder_layers}: stage=palm needs >= 1")
@@ -168,25 +206,26 @@ class PalmStage(_Stage):
 
         return Palm(self.model_cfg)
 
-    def dataset(self, split: str, mlm_until: int):
-        return PalmDataset(self.corpora[split], src_len=self.src_len, tgt_len=self.tgt_len, seed=self.seed,
-                           mlm_cfg=self.objective_cfg, mlm_until=mlm_until, snap=self.snap,
-                           **self._token_ids())  # fmt: skip
+    def dataset(self, corpus: IndexedCorpus, seed: int, mlm_until: int) -> PalmDataset:
+        return PalmDataset(corpus, src_len=self.src_len, tgt_len=self.tgt_len, seed=seed, mlm_cfg=self.objective_cfg,
+                           mlm_until=mlm_until, snap=self.snap, **self._token_ids())  # fmt: skip
+
+    def train_dataset(self, geometry: BatchGeometry):
+        mlm_until = self.mlm_steps * geometry.global_batch
+        return self._blend("train", lambda corpus, seed: self.dataset(corpus, seed, mlm_until))
+
+    def valid_dataset(self, corpus: IndexedCorpus, seed: int, step: int) -> PalmDataset:
+        """Validation follows the phase of the step: masked encoder input while MLM is on, clean after."""
+        return self.dataset(corpus, seed, mlm_until=sys.maxsize if self.mlm_active(step) else 0)
 
     def train_loader(self, geometry: BatchGeometry, rank: int, start_step: int) -> DataLoader:
-        data = self.dataset("train", mlm_until=self.mlm_steps * geometry.global_batch)
+        data = self.train_dataset(geometry)
         sampler = LengthGroupedStepSampler(
             data.lengths, micro_batch=geometry.micro, grad_accum=geometry.accum, world_size=geometry.world,
             rank=rank, start_step=start_step, max_steps=self.max_steps, group_steps=self.group_steps,
             seed=self.seed, boundary_step=self.mlm_steps,
         )  # fmt: skip
         return self._loader(data, sampler, self.num_workers)
-
-    def valid_loader(self, geometry: BatchGeometry, rank: int, step: int) -> DataLoader | None:
-        """Validation follows the phase of the step: masked encoder input while MLM is on, clean after."""
-        if not self.corpora["valid"].num_docs:
-            return None
-        return self._valid(self.dataset("valid", mlm_until=sys.maxsize if self.mlm_active(step) else 0), geometry, rank)
 
     def token_counts(self, batch: dict) -> tuple[int, int]:
         enc, dec = batch["enc_attention_mask"], batch["dec_attention_mask"]
@@ -196,8 +235,8 @@ class PalmStage(_Stage):
 STAGES = {stage.name: stage for stage in (StructBertStage, PalmStage)}
 
 
-def build_stage(cfg: DictConfig, meta: dict):
+def build_stage(cfg: DictConfig):
     name = cfg.stage.name
     if name not in STAGES:
         raise UserError(f"stage={name}: unknown (known: {', '.join(STAGES)})")
-    return STAGES[name](cfg, meta)
+    return STAGES[name](cfg)

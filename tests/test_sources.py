@@ -1,0 +1,188 @@
+"""Several prepared corpora blended (data.dirs, data.weights), and the derived arrays each corpus caches for the ranks
+(index_cache.py): proportions, the consumption order of each source, exact resume across sources, per-source
+validation, the bad inputs, and a cache that gives back exactly what it was given."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pretrain.data import index_cache, spans
+from pretrain.data.indexed import IndexedCorpus
+from pretrain.data.sources import PERIOD, blend_pattern, read_sources
+from pretrain.errors import UserError
+from pretrain.prepare import PrepareConfig, prepare
+from runs import DEEPSPEED, PALM, REPO, TINY, launch, rows
+from synthetic import write_synthetic_corpus
+
+
+@pytest.fixture(scope="module")
+def second(prepared, tmp_path_factory) -> str:
+    """Another corpus (other documents), prepared with the first one's vocab: a second source."""
+    root = tmp_path_factory.mktemp("second")
+    write_synthetic_corpus(root / "other.txt", num_docs=120, seed=5)
+    out = str(root / "other")
+    prepare(PrepareConfig(input=str(root / "other.txt"), out=out, vocab=os.path.join(prepared, "vocab.txt"),
+                          valid_fraction=0.05))  # fmt: skip
+    return out
+
+
+def data_cfg(**kw):
+    return OmegaConf.create({"dir": None, "dirs": None, "weights": None, **kw})
+
+
+@pytest.mark.parametrize("weights", [[1, 3], [0.2, 0.3, 0.5], [1, 1000], [5]])
+def test_blend_gives_every_window_its_share_and_each_source_its_samples_in_order(weights):
+    source, running, counts = blend_pattern(np.array(weights) / sum(weights))
+    share = np.array(weights) / sum(weights)
+    assert counts.sum() == PERIOD and (np.abs(counts - share * PERIOD) < 1).all()
+    # any window of the pattern holds each source's share to within 2 samples (the greedy keeps its error below 1)
+    for start, size in ((0, 100), (1000, 1000), (3000, 1096), (17, 4000)):
+        got = np.bincount(source[start : start + size], minlength=len(weights))
+        assert (np.abs(got - share * size) <= 2).all(), (start, size, got)
+    # each source's running count is 0, 1, 2, ...: its own sample stream, consumed in order, nothing skipped
+    for k in range(len(weights)):
+        assert running[source == k].tolist() == list(range(counts[k]))
+
+
+def test_blended_indices_over_periods(prepared, second):
+    from pretrain.data.sources import BlendedDataset
+
+    sources = read_sources(data_cfg(dirs=[prepared, second], weights=[1, 3]), seed=7)
+    blend = BlendedDataset([None, None], sources)
+    located = [blend.locate(g) for g in range(3 * PERIOD + 50)]
+    for k in (0, 1):
+        mine = [j for src, j in located if src == k]
+        assert mine == list(range(len(mine)))  # over periods too
+    share = np.mean([src for src, _ in located])
+    assert abs(share - 0.75) < 0.01
+    assert sources[0].seed == 7 and sources[1].seed != 7  # masking draws differ between sources
+
+
+def test_weights_default_to_train_tokens_and_names_are_unique(prepared, second):
+    sources = read_sources(data_cfg(dirs=[prepared, second, prepared]), seed=1)
+    tokens = [json.load(open(os.path.join(d, "meta.json")))["splits"]["train"]["tokens"] for d in (prepared, second, prepared)]
+    assert [s.weight for s in sources] == pytest.approx([t / sum(tokens) for t in tokens])
+    assert [s.name for s in sources] == ["prepared.0", "other", "prepared.2"]
+
+
+@pytest.fixture(scope="module")
+def other_vocab(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("other_vocab")
+    write_synthetic_corpus(root / "c.txt", num_docs=40, seed=9)
+    prepare(PrepareConfig(input=str(root / "c.txt"), out=str(root / "p"), vocab_size=300))
+    return str(root / "p")
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(dirs=["{p}", "{s}"], weights=[1, 0]), "data.weights[1]=0: must be a number > 0"),
+    (dict(dirs=["{p}", "{s}"], weights=[1, -2]), "data.weights[1]=-2: must be a number > 0"),
+    (dict(dirs=["{p}", "{s}"], weights=[1]), "data.weights: 1 weights for 2 data.dirs"),
+    (dict(dirs=["{p}", "{s}/../missing-shard"]), "data.dirs[1]={s}/../missing-shard: no such directory"),
+    (dict(dirs=["{p}", "{v}"]), "data.dirs[1]={v}: prepared with another vocab than data.dirs[0]={p}"),
+    (dict(dir="{p}", dirs=["{s}"]), "data.dir or data.dirs is required, not both"),
+    (dict(), "data.dir or data.dirs is required"),
+    (dict(dir="{p}", weights=[1]), "data.weights: goes with data.dirs"),
+    (dict(dirs=[]), "data.dirs=[]: name at least one"),
+])  # fmt: skip
+def test_bad_sources(prepared, second, other_vocab, kw, message):
+    fill = lambda v: v.format(p=prepared, s=second, v=other_vocab) if isinstance(v, str) else v  # noqa: E731
+    kw = {k: [fill(x) for x in v] if isinstance(v, list) else fill(v) for k, v in kw.items()}
+    with pytest.raises(UserError) as e:
+        read_sources(data_cfg(**kw), seed=1)
+    assert fill(message) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_sources_exit_2_with_one_line_before_writing(prepared, other_vocab, tmp_path):
+    for bad in ([f"data.dirs=[{prepared},{other_vocab}]"], [f"data.dirs=[{prepared},{prepared}]", "data.weights=[1,0]"]):
+        run = tmp_path / "run"
+        proc = subprocess.run([sys.executable, "-m", "pretrain.train", *TINY, *bad, f"run.dir={run}"], cwd=REPO,
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "data." in proc.stderr
+        assert not run.exists()
+
+
+BLEND = ["train.max_steps=8", "train.log_every=1", "train.eval_every=4", "train.save_every=4"]
+
+
+def test_blended_training_resumes_exactly_and_validates_per_source(prepared, second, tmp_path):
+    args = TINY + BLEND + [f"data.dirs=[{prepared},{second}]", "data.weights=[1,3]"]
+    launch(DEEPSPEED, args + [f"run.dir={tmp_path / 'straight'}"])
+    launch(DEEPSPEED, args + [f"run.dir={tmp_path / 'resumed'}", "train.exit_at_step=4"])
+    launch(DEEPSPEED, args + [f"run.dir={tmp_path / 'resumed'}"])
+    for split in ("train", "valid", "valid/prepared", "valid/other"):
+        straight, resumed = rows(tmp_path / "straight", split), rows(tmp_path / "resumed", split)
+        assert straight and [r["loss"] for r in straight] == [r["loss"] for r in resumed], split
+    # the "valid" row sums both sources' batches: its token-weighted loss lies between theirs
+    at = {s: rows(tmp_path / "straight", s)[-1]["loss"] for s in ("valid", "valid/prepared", "valid/other")}
+    assert min(at["valid/prepared"], at["valid/other"]) <= at["valid"] <= max(at["valid/prepared"], at["valid/other"])
+    with open(tmp_path / "straight" / "run.json") as f:
+        info = json.load(f)
+    recorded = {s["name"]: s for s in info["data_sources"]}
+    assert recorded["other"]["weight"] == pytest.approx(0.75)
+    assert recorded["other"]["splits"] == json.load(open(os.path.join(second, "meta.json")))["splits"]
+    assert set(info["train_data"]["sources"]) == {"prepared", "other"}
+
+
+def test_stage_two_trains_on_blended_sources(prepared, second, tmp_path):
+    run = tmp_path / "palm"
+    launch(DEEPSPEED, PALM + [f"data.dirs=[{prepared},{second}]", f"run.dir={run}", "train.max_steps=4",
+                              "train.log_every=1", "train.eval_every=4"])  # fmt: skip
+    assert len(rows(run, "train")) == 4 and rows(run, "valid/other") and rows(run, "valid/prepared")
+
+
+# ---- the index cache ----------------------------------------------------------------------------------------------
+
+def test_pack_chunks_by_blocks_equals_one_pass(prepared, monkeypatch):
+    corpus = IndexedCorpus.open(os.path.join(prepared, "train"))
+    whole = spans.chunks(corpus, 20)
+    monkeypatch.setattr(spans, "PACK_BLOCK", 7)
+    blocked = spans.chunks(corpus, 20)
+    for a, b in zip(whole, blocked):
+        assert np.array_equal(a, b)
+
+
+def _copy_corpus(prepared, tmp_path) -> str:
+    out = tmp_path / "copy"
+    out.mkdir()
+    for name in os.listdir(prepared):
+        if os.path.isfile(os.path.join(prepared, name)):
+            (out / name).write_bytes(open(os.path.join(prepared, name), "rb").read())
+    return str(out)
+
+
+@pytest.mark.parametrize("stage", ["structbert", "palm"])
+def test_cached_arrays_give_the_same_samples(prepared, tmp_path, stage):
+    from pretrain.samples import compose_config
+    from pretrain.training.config import batch_geometry
+    from pretrain.training.stages import build_stage
+
+    data_dir = _copy_corpus(prepared, tmp_path)
+    extra = ["palm.src_len=[8,40]", "palm.tgt_len=[8,24]"] if stage == "palm" else []
+    cfg = compose_config([f"stage={stage}", f"data.dir={data_dir}", "data.seq_len=48", "train.max_steps=50", *extra])
+    st = build_stage(cfg)
+    plain_corpus = IndexedCorpus(*(getattr(st.corpora[0]["train"], f) for f in ("tokens", "word_start", "sent_offsets", "doc_offsets")))
+    geometry = batch_geometry(cfg.train, 2)
+    plain = st.dataset(plain_corpus, st.seed, *([st.mlm_steps * geometry.global_batch] if stage == "palm" else []))
+    st.index(geometry)
+    assert os.path.isdir(os.path.join(data_dir, "index", "train"))
+    cached = st.train_dataset(geometry)
+    assert isinstance(cached.unit_start, np.memmap) and isinstance(cached.epoch_permutation(0), np.memmap)
+    for g in list(range(0, 3 * len(plain), 7)):
+        a, b = plain[g], cached[g]
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), g
+
+
+def test_a_stale_cache_entry_is_not_read(prepared, tmp_path):
+    data_dir = _copy_corpus(prepared, tmp_path)
+    corpus = IndexedCorpus.open(os.path.join(data_dir, "train"))
+    with index_cache.writing():
+        index_cache.arrays(corpus, "probe", lambda: {"x": np.arange(3)})
+    stamp = os.path.join(data_dir, "index", "train", "probe", "corpus.json")
+    with open(stamp, "w") as f:
+        json.dump({"tokens": 1, "sentences": 1, "documents": 1}, f)  # as if the corpus had been re-prepared
+    assert index_cache.arrays(corpus, "probe", lambda: {"x": np.arange(5)})["x"].tolist() == list(range(5))
