@@ -1,10 +1,11 @@
 import json
 import os
 import re
+from collections import Counter
 
 import pytest
 
-from pretrain.data.corpus import iter_input_files, read_documents, split_sentences
+from pretrain.data.corpus import iter_input_files, iter_paragraphs, read_documents, sentence_spans, split_sentences
 from pretrain.errors import UserError
 
 
@@ -21,6 +22,14 @@ from pretrain.errors import UserError
 ])
 def test_split_sentences(paragraph, sentences):
     assert split_sentences(paragraph) == sentences
+
+
+def test_sentence_spans_locate_the_sentences():
+    paragraph = "  “好。” 他说……然后？！\u3000走吧；  再见!（完）end "
+    spans = sentence_spans(paragraph)
+    assert [paragraph[b:e] for b, e in spans] == split_sentences(paragraph) == ["“好。”", "他说……", "然后？！", "走吧；", "再见!",
+                                                                               "（完）end"]
+    assert all(not paragraph[e:b].strip() for (_, e), (b, _) in zip(spans, spans[1:]))
 
 
 def test_split_sentences_loses_nothing_but_whitespace():
@@ -40,6 +49,18 @@ def test_txt_blank_lines_separate_documents(tmp_path):
     docs, stats = read_documents([path])
     assert docs == [["第一段。", "第二段。"], ["第三段。"], ["第四段"]]
     assert stats["skipped_lines"] == {}
+
+
+def test_iter_paragraphs_marks_document_starts_lazily(tmp_path):
+    txt = write(tmp_path / "a.txt", "一\n二\n\n\n三\n".encode() + b"\xff\n" + "四\n".encode())
+    jsonl = write(tmp_path / "b.jsonl", json.dumps({"text": "五\n六"}, ensure_ascii=False).encode() + b"\n{\n"
+                  + json.dumps({"text": "七"}, ensure_ascii=False).encode())
+    skipped = Counter()
+    paragraphs = iter_paragraphs([txt, jsonl, txt], on_error="skip", skipped=skipped)
+    assert next(paragraphs) == (True, "一") and not skipped  # nothing read ahead
+    assert list(paragraphs) == [(False, "二"), (True, "三"), (False, "四"), (True, "五"), (False, "六"), (True, "七"),
+                                (True, "一"), (False, "二"), (True, "三"), (False, "四")]  # a bad line ends nothing
+    assert skipped == {"invalid_utf8": 2, "invalid_json": 1}
 
 
 def test_jsonl_documents(tmp_path):

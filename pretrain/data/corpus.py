@@ -25,7 +25,19 @@ _SENTENCE = re.compile(r"[^。！？；!?…]*(?:(?:[。！？；!?…]+[”’�
 
 def split_sentences(paragraph: str) -> list[str]:
     """Sentences of `paragraph`, each keeping its final punctuation; whitespace-stripped, empties dropped."""
-    return [s for s in (m.strip() for m in _SENTENCE.findall(paragraph)) if s]
+    return [paragraph[begin:end] for begin, end in sentence_spans(paragraph)]
+
+
+def sentence_spans(paragraph: str) -> list[tuple[int, int]]:
+    """(begin, end) of each of split_sentences(paragraph) in `paragraph`."""
+    spans = []
+    for m in _SENTENCE.finditer(paragraph):
+        text = m.group()
+        stripped = text.lstrip()
+        if stripped:
+            begin = m.start() + len(text) - len(stripped)
+            spans.append((begin, begin + len(stripped.rstrip())))
+    return spans
 
 
 def iter_input_files(spec: str) -> list[str]:
@@ -60,15 +72,27 @@ def _lines(f: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None
 
 def read_documents(paths: list[str], on_error: str = "raise", max_line_bytes: int = 1_000_000
                    ) -> tuple[list[list[str]], dict]:
-    """Documents (lists of non-blank paragraphs) from .txt / .jsonl files, and reading statistics.
+    """Documents (lists of non-blank paragraphs) from .txt / .jsonl files, and reading statistics: all in memory,
+    for small inputs and tools; prepare streams `iter_paragraphs` instead."""
+    skipped: Counter[str] = Counter()
+    documents: list[list[str]] = []
+    for starts_document, paragraph in iter_paragraphs(paths, on_error, max_line_bytes, skipped):
+        if starts_document:
+            documents.append([])
+        documents[-1].append(paragraph)
+    return documents, {"files": len(paths), "skipped_lines": dict(sorted(skipped.items()))}
+
+
+def iter_paragraphs(paths: list[str], on_error: str = "raise", max_line_bytes: int = 1_000_000,
+                    skipped: Counter | None = None) -> Iterator[tuple[bool, str]]:
+    """(starts a document, paragraph) for every non-blank paragraph of .txt / .jsonl files, read lazily: memory
+    holds one line, however large the input or its documents. A document has at least one paragraph.
 
     A bad line (invalid UTF-8, longer than max_line_bytes, bad JSON) is a UserError naming where it is, or,
-    with on_error="skip", is left out and counted by reason in stats["skipped_lines"].
+    with on_error="skip", is left out and counted by reason in `skipped`.
     """
     if on_error not in ("raise", "skip"):
         raise UserError(f"on_error={on_error}: expected raise or skip")
-    documents: list[list[str]] = []
-    skipped: Counter[str] = Counter()
     for path in paths:
         try:
             f = open(path, "rb")
@@ -76,26 +100,22 @@ def read_documents(paths: list[str], on_error: str = "raise", max_line_bytes: in
             raise UserError(f"{path}: cannot read ({e.strerror})") from None
         with f:
             jsonl = path.endswith(".jsonl")
-            paragraphs: list[str] = []  # the .txt document being read
+            in_document = False  # a .txt document is open: its next paragraph continues it
             for lineno, (offset, raw, length) in enumerate(_lines(f, max_line_bytes), start=1):
                 try:
                     text = _decode(path, lineno, offset, raw, length, max_line_bytes)
-                    if jsonl:
-                        doc = _jsonl_document(path, lineno, text)
-                        if doc:
-                            documents.append(doc)
-                    elif text.strip():
-                        paragraphs.append(text.strip())
-                    elif paragraphs:
-                        documents.append(paragraphs)
-                        paragraphs = []
+                    paragraphs = _jsonl_document(path, lineno, text) if jsonl else [text.strip()] if text.strip() else []
                 except _BadLine as bad:
                     if on_error == "raise":
                         raise UserError(str(bad)) from None
-                    skipped[bad.reason] += 1
-            if paragraphs:
-                documents.append(paragraphs)
-    return documents, {"files": len(paths), "skipped_lines": dict(sorted(skipped.items()))}
+                    if skipped is not None:
+                        skipped[bad.reason] += 1
+                    continue
+                if not paragraphs:
+                    in_document = False  # a blank .txt line ends the document
+                for i, paragraph in enumerate(paragraphs):
+                    yield i == 0 and not in_document, paragraph
+                    in_document = not jsonl  # a .jsonl line is a whole document
 
 
 class _BadLine(Exception):
