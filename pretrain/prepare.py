@@ -2,13 +2,23 @@
 
     python -m pretrain.prepare input=<file|dir|glob> out=<dir> [vocab=<vocab.txt>] [vocab_size=8000]
         [workers=1] [valid_fraction=0.01] [seed=1234] [on_error=raise|skip] [max_line_bytes=1000000]
-        [overwrite=false]
+        [shard=0 num_shards=1] [overwrite=false]
 
 The output is a function of the input and these settings only (never of `workers`), and it appears at
 `out` all at once: it is written to a temporary directory beside it and renamed at the end.
+
+The input is streamed, twice: a first pass counts the documents (the valid split is drawn from that count) and,
+without vocab=, the words the vocab is built from; the second encodes. Memory does not grow with the input: the
+main process holds a few chunks of text per worker in flight, a worker one chunk and jieba's dictionary.
+
+On many machines: build one vocab (python -m pretrain.vocab), then prepare each shard with vocab=<it> shard=<i>
+num_shards=<N> (launch/slurm/prepare.sbatch runs them as a job array). The input files are dealt to the shards
+by size: largest first, each to the shard with the fewest bytes so far. A shard is a complete prepared corpus
+of its files, split into train and valid by the same rule as the whole would be.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import multiprocessing
 import os
@@ -16,22 +26,26 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
 from omegaconf import MISSING, OmegaConf
 
 from pretrain.cli import parse
-from pretrain.data.corpus import iter_input_files, read_documents, split_sentences
+from pretrain.data.corpus import iter_input_files, iter_paragraphs, split_sentences
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.tokenizer import (
-    SPECIAL_TOKENS, Tokenizer, build_vocab, encode_sentences, jieba_segmenter, jieba_version, vocab_sha256,
+    SPECIAL_TOKENS, Tokenizer, count_words, encode_paragraphs, jieba_segmenter, jieba_version, vocab_sha256,
+    write_vocab,
 )  # fmt: skip
 from pretrain.errors import UserError, exit_on_user_error
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
-_CHUNK_DOCS = 64  # documents per task sent to a worker
+_CHUNK_CHARS = 1 << 16  # characters per task sent to a worker (a paragraph is never cut; a document may be)
+_IN_FLIGHT = 3  # tasks per worker submitted and not yet written: enough to keep every worker busy
 
 
 @dataclass
@@ -45,6 +59,8 @@ class PrepareConfig:
     seed: int = 1234
     on_error: str = "raise"
     max_line_bytes: int = 1_000_000
+    shard: int = 0  # prepare only this shard's part of the input files ...
+    num_shards: int = 1  # ... dealt to num_shards shards (see the module's docstring)
     overwrite: bool = False
 
 
@@ -56,16 +72,18 @@ def load_config(args: list[str], doc: str | None = None) -> PrepareConfig:
 
 
 def _check(cfg: PrepareConfig) -> None:
-    if cfg.on_error not in ("raise", "skip"):
-        raise UserError(f"on_error={cfg.on_error}: expected raise or skip")
-    if cfg.workers < 1:
-        raise UserError(f"workers={cfg.workers}: must be >= 1")
+    check_input_settings(cfg)
     if not 0 <= cfg.valid_fraction < 1:
         raise UserError(f"valid_fraction={cfg.valid_fraction}: must be in [0, 1)")
+    if cfg.num_shards < 1:
+        raise UserError(f"num_shards={cfg.num_shards}: must be >= 1")
+    if not 0 <= cfg.shard < cfg.num_shards:
+        raise UserError(f"shard={cfg.shard}: must be in [0, {cfg.num_shards}) for num_shards={cfg.num_shards}")
+    if cfg.num_shards > 1 and cfg.vocab is None:
+        raise UserError(f"num_shards={cfg.num_shards} needs vocab=: the shards must share one vocab "
+                        f"(build it once: python -m pretrain.vocab input={cfg.input} out=<vocab.txt>)")
     if cfg.vocab is None and cfg.vocab_size <= len(SPECIAL_TOKENS):
         raise UserError(f"vocab_size={cfg.vocab_size}: must exceed the {len(SPECIAL_TOKENS)} special tokens")
-    if cfg.max_line_bytes < 1:
-        raise UserError(f"max_line_bytes={cfg.max_line_bytes}: must be >= 1")
     out = os.path.normpath(cfg.out)
     if os.path.exists(out):
         if not os.path.isdir(out):
@@ -76,15 +94,35 @@ def _check(cfg: PrepareConfig) -> None:
         Tokenizer(cfg.vocab)  # a bad vocab fails before the corpus is read
 
 
+def check_input_settings(cfg) -> None:
+    """The settings prepare and pretrain.vocab share: on_error, workers, max_line_bytes."""
+    if cfg.on_error not in ("raise", "skip"):
+        raise UserError(f"on_error={cfg.on_error}: expected raise or skip")
+    if cfg.workers < 1:
+        raise UserError(f"workers={cfg.workers}: must be >= 1")
+    if cfg.max_line_bytes < 1:
+        raise UserError(f"max_line_bytes={cfg.max_line_bytes}: must be >= 1")
+
+
 def prepare(cfg: PrepareConfig) -> dict:
-    """Prepare the corpus `cfg.input` into the directory `cfg.out`; returns what it writes to meta.json."""
+    """Prepare the corpus `cfg.input` (or its shard) into the directory `cfg.out`; returns what it writes to
+    meta.json."""
     _check(cfg)
-    inputs = iter_input_files(cfg.input)
-    paragraphs, stats = read_documents(inputs, cfg.on_error, cfg.max_line_bytes)
-    # Paragraph boundaries are sentence boundaries: a document is the concatenation of its paragraphs' sentences.
-    documents = [[s for p in doc for s in split_sentences(p)] for doc in paragraphs]
-    documents = [doc for doc in documents if doc]
-    if not documents:
+    files = iter_input_files(cfg.input)
+    inputs = shard_files(files, cfg.shard, cfg.num_shards)
+    if not inputs:
+        raise UserError(f"shard={cfg.shard}: no input files for this shard (input={cfg.input} has {len(files)} "
+                        f"files; num_shards={cfg.num_shards} must not exceed that)")
+    skipped: Counter[str] = Counter()
+
+    def paragraphs(skipped=None):  # the input is read once per pass
+        return iter_paragraphs(inputs, cfg.on_error, cfg.max_line_bytes, skipped)
+
+    if cfg.vocab is None:
+        num_docs, words = count_documents_and_words(paragraphs(skipped), cfg.workers)
+    else:
+        num_docs, words = sum(starts for starts, _ in paragraphs(skipped)), None
+    if not num_docs:
         raise UserError(f"input={cfg.input}: no text found (empty input)")
 
     out = os.path.normpath(cfg.out)
@@ -95,24 +133,13 @@ def prepare(cfg: PrepareConfig) -> dict:
         if cfg.vocab is not None:
             shutil.copyfile(cfg.vocab, vocab_path)
         else:
-            build_vocab((s for doc in documents for s in doc), cfg.vocab_size, vocab_path)
+            write_vocab(words, cfg.vocab_size, vocab_path)
+            del words  # not needed through the second pass
         tok = Tokenizer(vocab_path)
-
-        valid = _valid_documents(len(documents), cfg.valid_fraction, cfg.seed)
-        writers = {split: IndexedWriter(os.path.join(tmp, split), tok.vocab_size) for split in SPLITS}
-        counts = {split: dict(documents=0, sentences=0, tokens=0, single_sentence_documents=0) for split in SPLITS}
-        for index, doc in enumerate(_encode_documents(documents, vocab_path, cfg.workers)):
-            if not doc:  # nothing in it survived tokenization
-                continue
-            split = "valid" if index in valid else "train"
-            writers[split].add_document(doc)
-            c = counts[split]
-            c["documents"] += 1
-            c["sentences"] += len(doc)
-            c["tokens"] += sum(len(ids) for ids, _ in doc)
-            c["single_sentence_documents"] += len(doc) == 1
-        for writer in writers.values():
-            writer.close()
+        valid = _valid_documents(num_docs, cfg.valid_fraction, cfg.seed)
+        counts, seen = _write_splits(paragraphs(), tok, valid, tmp, cfg.workers)
+        if seen != num_docs:
+            raise UserError(f"input={cfg.input}: changed while being prepared ({num_docs} documents, then {seen})")
 
         meta = {
             "format_version": FORMAT_VERSION,
@@ -122,11 +149,13 @@ def prepare(cfg: PrepareConfig) -> dict:
             "segmenter": f"jieba {jieba_version()}",
             "lowercase": True,
             "inputs": inputs,
-            "skipped_lines": stats["skipped_lines"],
+            "skipped_lines": dict(sorted(skipped.items())),
             "valid_fraction": cfg.valid_fraction,
             "seed": cfg.seed,
             "splits": counts,
         }
+        if cfg.num_shards > 1:
+            meta.update(shard=cfg.shard, num_shards=cfg.num_shards)
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, sort_keys=True, indent=2, ensure_ascii=False)
             f.write("\n")
@@ -137,12 +166,95 @@ def prepare(cfg: PrepareConfig) -> dict:
     return meta
 
 
-def _valid_documents(num_docs: int, valid_fraction: float, seed: int) -> set[int]:
-    """A seeded random choice of round(valid_fraction * num_docs) documents, at least one, never all."""
+def shard_files(files: list[str], shard: int, num_shards: int) -> list[str]:
+    """The files (sorted, as iter_input_files gives them) of shard `shard` of `num_shards`: largest first, each
+    file goes to the shard with the fewest bytes so far (then the fewest files, then the lowest number)."""
+    if num_shards == 1:
+        return files
+    sizes = {}
+    for path in files:
+        try:
+            sizes[path] = os.path.getsize(path)
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    shards = [(0, 0, i) for i in range(num_shards)]  # a heap of (bytes, files, shard)
+    owner = {}
+    for path in sorted(files, key=lambda p: (-sizes[p], p)):
+        size, count, i = heapq.heappop(shards)
+        owner[path] = i
+        heapq.heappush(shards, (size + sizes[path], count + 1, i))
+    return [path for path in files if owner[path] == shard]
+
+
+def _valid_documents(num_docs: int, valid_fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random choice of round(valid_fraction * num_docs) documents, at least one,
+    never all."""
     if valid_fraction <= 0 or num_docs < 2:
-        return set()
+        return np.zeros(0, dtype=np.int64)
     n = min(max(1, round(valid_fraction * num_docs)), num_docs - 1)
-    return set(random.Random(seed).sample(range(num_docs), n))
+    return np.sort(np.array(random.Random(seed).sample(range(num_docs), n), dtype=np.int64))
+
+
+def count_documents_and_words(paragraphs: Iterable[tuple[bool, str]], workers: int) -> tuple[int, Counter[str]]:
+    """The number of documents in `paragraphs` (from iter_paragraphs) and the counts of their words."""
+    num_docs, words = 0, Counter()
+    with _Workers(workers) as pool:
+        for starts, counted in pool.map(_count_words, _chunks(paragraphs)):
+            num_docs += sum(starts)
+            words.update(counted)
+    return num_docs, words
+
+
+def _count_words(paragraphs: list[str]) -> Counter[str]:
+    return count_words(s for p in paragraphs for s in split_sentences(p))
+
+
+def _write_splits(paragraphs: Iterable[tuple[bool, str]], tok: Tokenizer, valid: np.ndarray, out: str,
+                  workers: int) -> tuple[dict, int]:
+    """Encode `paragraphs` into out/{train,valid}.{bin,idx}; documents whose index is in `valid` (sorted) go to
+    valid. Returns the counts per split and the number of documents seen."""
+    writers = {split: IndexedWriter(os.path.join(out, split), tok.vocab_size) for split in SPLITS}
+    single = dict.fromkeys(SPLITS, 0)
+    index, split, next_valid = -1, "train", 0
+    with _Workers(workers, _init_worker, (tok.vocab_path,)) as pool:
+        for starts, enc in pool.map(_encode_chunk, _chunks(paragraphs)):
+            sentence_end = np.concatenate([[0], np.cumsum(enc.paragraph_sentences)])
+            token_end = np.concatenate([[0], np.cumsum(enc.sentence_tokens)])
+            # Runs of paragraphs of one document: a chunk may begin or end inside a document.
+            cuts = [i for i, s in enumerate(starts) if s]
+            cuts = ([] if cuts[:1] == [0] else [0]) + cuts + [len(starts)]
+            for p0, p1 in zip(cuts, cuts[1:]):
+                if starts[p0]:
+                    single[split] += writers[split].end_document() == 1
+                    index += 1
+                    is_valid = next_valid < len(valid) and valid[next_valid] == index
+                    next_valid += is_valid
+                    split = "valid" if is_valid else "train"
+                s0, s1 = sentence_end[p0], sentence_end[p1]
+                if s1 > s0:
+                    t0, t1 = token_end[s0], token_end[s1]
+                    writers[split].add_sentences(enc.ids[t0:t1], enc.word_start[t0:t1], enc.sentence_tokens[s0:s1])
+    single[split] += writers[split].end_document() == 1
+    counts = {}
+    for split, writer in writers.items():
+        writer.close()
+        counts[split] = dict(documents=writer.num_docs, sentences=writer.num_sents, tokens=writer.num_tokens,
+                             single_sentence_documents=single[split])
+    return counts, index + 1
+
+
+def _chunks(paragraphs: Iterable[tuple[bool, str]]) -> Iterator[tuple[list[bool], list[str]]]:
+    """(starts a document, paragraph) pairs grouped into tasks of about _CHUNK_CHARS characters."""
+    starts, texts, size = [], [], 0
+    for starts_document, text in paragraphs:
+        starts.append(starts_document)
+        texts.append(text)
+        size += len(text)
+        if size >= _CHUNK_CHARS:
+            yield starts, texts
+            starts, texts, size = [], [], 0
+    if texts:
+        yield starts, texts
 
 
 _worker_tok: Tokenizer | None = None
@@ -154,23 +266,50 @@ def _init_worker(vocab_path: str) -> None:
     jieba_segmenter()
 
 
-def _encode_chunk(documents: list[list[str]]):
-    return [encode_sentences(_worker_tok, doc, jieba_segmenter()) for doc in documents]
+def _encode_chunk(paragraphs: list[str]):
+    enc = encode_paragraphs(_worker_tok, paragraphs, jieba_segmenter())
+    return enc._replace(ids=enc.ids.astype(token_dtype(_worker_tok.vocab_size)))  # uint16: half the bytes to send
 
 
-def _encode_documents(documents: list[list[str]], vocab_path: str, workers: int) -> Iterator[list]:
-    """Encoded documents in input order; ordered imap keeps the output independent of `workers`."""
-    chunks = (documents[i : i + _CHUNK_DOCS] for i in range(0, len(documents), _CHUNK_DOCS))
-    if workers == 1:
-        _init_worker(vocab_path)
-        for chunk in chunks:
-            yield from _encode_chunk(chunk)
-        return
-    # The workers are the parallelism; tokenizers' own thread pool would oversubscribe and warns after fork.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(vocab_path,)) as pool:
-        for encoded in pool.imap(_encode_chunk, chunks):
-            yield from encoded
+class _Workers:
+    """`workers` processes, or this one for 1, mapping a function over tasks; the results come in task order, so
+    the output does not depend on `workers`, and at most _IN_FLIGHT tasks per worker are submitted and not yet
+    taken, so memory does not depend on the input (Pool.imap would read all of it ahead)."""
+
+    def __init__(self, workers: int, initializer: Callable | None = None, initargs: tuple = ()):
+        self.workers, self.initializer, self.initargs = workers, initializer, initargs
+        self.pool = None
+
+    def __enter__(self) -> "_Workers":
+        if self.workers == 1:
+            if self.initializer is not None:
+                self.initializer(*self.initargs)
+        else:
+            # The workers are the parallelism; tokenizers' own thread pool would oversubscribe and warns after fork.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            self.pool = multiprocessing.Pool(self.workers, self.initializer, self.initargs)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def map(self, fn: Callable[[Any], Any], tasks: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+        """(tag, fn(arg)) for each (tag, arg) of `tasks`, in order; the tags stay in this process."""
+        if self.pool is None:
+            for tag, arg in tasks:
+                yield tag, fn(arg)
+            return
+        pending: deque = deque()
+        for tag, arg in tasks:
+            pending.append((tag, self.pool.apply_async(fn, (arg,))))
+            if len(pending) >= _IN_FLIGHT * self.workers:
+                tag, result = pending.popleft()
+                yield tag, result.get()
+        while pending:
+            tag, result = pending.popleft()
+            yield tag, result.get()
 
 
 def _install(tmp: str, out: str, overwrite: bool) -> None:

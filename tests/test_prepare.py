@@ -1,16 +1,25 @@
+import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
 
+import pretrain.prepare
+from pretrain.data.corpus import iter_input_files, read_documents, split_sentences
 from pretrain.data.indexed import IndexedCorpus
-from pretrain.data.tokenizer import SPECIAL_TOKENS, Tokenizer, build_vocab, encode_sentences, jieba_segmenter
+from pretrain.data.tokenizer import (
+    CONTINUATION, SPECIAL_TOKENS, Tokenizer, _normalizer, build_vocab, count_words, encode_paragraphs, jieba_segmenter,
+)  # fmt: skip
 from pretrain.errors import UserError
-from pretrain.prepare import PrepareConfig, _valid_documents, load_config, prepare
+from pretrain.prepare import PrepareConfig, _valid_documents, load_config, prepare, shard_files
+from pretrain.vocab import VocabConfig, build
 from synthetic import write_synthetic_corpus
+from tokenizers import pre_tokenizers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,10 +37,10 @@ def cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
-def assert_one_line_error(result, *fragments):
+def assert_one_line_error(result, *fragments, prog="pretrain.prepare"):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pretrain.prepare: error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
 
@@ -57,6 +66,82 @@ def test_vocab_missing_special_tokens(tmp_path):
         Tokenizer(path)
 
 
+def old_build_vocab(sentences, vocab_size: int, out_path: str, min_word_count: int = 2) -> None:
+    """build_vocab as it was before prepare streamed (it counted the chunks of the whole corpus at once): the vocab
+    must not change."""
+    import itertools
+
+    normalizer, pre_tokenizer = _normalizer(), pre_tokenizers.BertPreTokenizer()
+    chunks = Counter()
+    sentences = iter(sentences)
+    while batch := list(itertools.islice(sentences, 1000)):
+        chunks.update(normalizer.normalize_str("\n".join(batch)).split())
+    words = Counter()
+    for chunk, n in chunks.items():
+        for word, _ in pre_tokenizer.pre_tokenize_str(chunk):
+            words[word] += n
+    chars = Counter()
+    for word, n in words.items():
+        if len(word) > 100:
+            continue
+        chars[word[0]] += n
+        for ch in word[1:]:
+            chars["##" + ch] += n
+    budget = vocab_size - len(SPECIAL_TOKENS)
+    by_count = lambda counts: sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))  # noqa: E731
+    alphabet = [t for t, _ in by_count(chars)][:budget]
+    whole_words = Counter({w: n for w, n in words.items() if 1 < len(w) <= 100 and n >= min_word_count})
+    vocab = SPECIAL_TOKENS + alphabet + [w for w, _ in by_count(whole_words)][: budget - len(alphabet)]
+    with open(out_path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("".join(t + "\n" for t in vocab))
+
+
+def old_encode_sentences(tok, sentences, segmenter):
+    """Word starts as they were computed before encode_paragraphs (one sentence at a time, with sets)."""
+    out = []
+    for sentence, enc in zip(sentences, tok.encode_batch(sentences)):
+        if not enc.ids:
+            continue
+        word_offsets, pos = set(), 0
+        for word in segmenter(sentence):
+            word_offsets.add(pos)
+            pos += len(word)
+        starts = [start in word_offsets and not piece.startswith(CONTINUATION)
+                  for (start, _), piece in zip(enc.offsets, enc.tokens)]
+        out.append((enc.ids, starts))
+    return out
+
+
+def write_mixed_corpus(root) -> str:
+    """A .txt, a .jsonl and a nested .txt with what prepare must handle alike whatever the chunking: Latin words,
+    digits, accents, quotes, spaces between sentences, CRLF and a BOM, a document that tokenizes to nothing,
+    and bad lines (skipped with on_error=skip, max_line_bytes=2000)."""
+    rng = random.Random(11)
+    pieces = ["我爱北京天安门", "你好", "Hello WORLD", "123", "café", "“测试。”", "他说：", "……", "再见！", "  ", "，", "ok? ",
+              "《书》", "第2版", "ÉCOLE", "中华人民共和国", "研究生命起源", "结婚的和尚未结婚的"]
+
+    def paragraph():
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25))).strip() or "空"
+
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    with open(root / "a.txt", "w", encoding="utf-8", newline="") as f:
+        for _ in range(60):
+            f.write("\r\n".join(paragraph() for _ in range(rng.randint(1, 5))) + "\r\n\r\n")
+    with open(root / "b.jsonl", "w", encoding="utf-8") as f:
+        for i in range(40):
+            text = "\n".join(paragraph() for _ in range(rng.randint(1, 4)))
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            if i == 20:
+                f.write("{bad json\n" + json.dumps({"text": "\x01\x02"}) + "\n\n")
+    with open(root / "sub" / "c.txt", "wb") as f:
+        f.write("\ufeff第一段。第二句！\n\n".encode() + b"bad \xff line\n" + "好。\n\n\x01\n\n".encode()
+                + b"x" * 3000 + b"\n" + "长文。".encode() * 400 + b"\n" + "尾。".encode())
+    return str(root)
+
+
+MIXED = dict(vocab_size=300, valid_fraction=0.1, seed=7, on_error="skip", max_line_bytes=2000)
+
+
 def test_build_vocab_is_deterministic(tmp_path, zh_corpus):
     sentences = open(zh_corpus, encoding="utf-8").read().split()
     build_vocab(sentences, 300, str(tmp_path / "a.txt"))
@@ -73,11 +158,20 @@ def test_build_vocab_is_deterministic(tmp_path, zh_corpus):
 
 
 def test_valid_split_sizes():
-    assert _valid_documents(1000, 0.01, 1) == _valid_documents(1000, 0.01, 1)
+    assert _valid_documents(1000, 0.01, 1).tolist() == _valid_documents(1000, 0.01, 1).tolist()
     assert len(_valid_documents(1000, 0.01, 1)) == 10
     assert len(_valid_documents(10, 0.01, 1)) == 1  # at least one
     assert len(_valid_documents(2, 0.9, 1)) == 1  # train keeps one
-    assert _valid_documents(1, 0.5, 1) == set() and _valid_documents(100, 0.0, 1) == set()
+    assert _valid_documents(1, 0.5, 1).size == 0 and _valid_documents(100, 0.0, 1).size == 0
+
+
+def test_valid_split_rule_is_unchanged():
+    """The demo's figures depend on which documents are held out: the rule is random.Random(seed).sample."""
+    for num_docs, fraction, seed in [(3182, 0.01, 1234), (1000, 0.05, 7), (10**7, 0.001, 3)]:
+        n = min(max(1, round(fraction * num_docs)), num_docs - 1)
+        expected = sorted(random.Random(seed).sample(range(num_docs), n))
+        valid = _valid_documents(num_docs, fraction, seed)
+        assert valid.dtype == np.int64 and valid.tolist() == expected
 
 
 def test_round_trip(tmp_path):
@@ -127,23 +221,75 @@ def assert_word_starts(tok, sentence, words, ids, starts):
 
 def test_word_starts_on_mixed_text(tmp_path):
     tok = Tokenizer(write_vocab(tmp_path / "vocab.txt", BERT_LAYOUT))
-    sentence = "我爱北京天安门123"
-    [(ids, starts)] = encode_sentences(tok, [sentence, "  "], jieba_segmenter())
-    words = jieba_segmenter()(sentence)
+    paragraph = "我爱北京天安门123"
+    enc = encode_paragraphs(tok, [paragraph, "  ", "\x01"], jieba_segmenter())
+    words = jieba_segmenter()(paragraph)
     assert words == ["我", "爱", "北京", "天安门", "123"]
-    assert [tok.id_to_token(i) for i in ids] == list("我爱北京天安门") + ["1", "##2", "##3"]
-    assert starts.tolist() == [1, 1, 1, 0, 1, 0, 0, 1, 0, 0]
-    assert ids.dtype == np.int32 and starts.dtype == np.uint8
+    assert [tok.id_to_token(i) for i in enc.ids] == list("我爱北京天安门") + ["1", "##2", "##3"]
+    assert enc.word_start.tolist() == [1, 1, 1, 0, 1, 0, 0, 1, 0, 0]
+    assert enc.sentence_tokens.tolist() == [10] and enc.paragraph_sentences.tolist() == [1, 0, 0]
+    assert enc.ids.dtype == np.int32 and enc.word_start.dtype == np.uint8
 
 
-def test_workers_give_byte_identical_output(tmp_path, zh_corpus):
-    for workers in (1, 2):
-        prepare(PrepareConfig(input=zh_corpus, out=str(tmp_path / f"w{workers}"), workers=workers, vocab_size=500,
-                              valid_fraction=0.05))
-    names = sorted(os.listdir(tmp_path / "w1"))
-    assert names == sorted(os.listdir(tmp_path / "w2")) and "meta.json" in names
-    for name in names:
-        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+def test_encode_paragraphs_matches_one_sentence_at_a_time(tmp_path):
+    """One jieba cut per paragraph, flat arrays: the same ids and word starts as cutting each sentence alone."""
+    root = write_mixed_corpus(tmp_path / "mixed")
+    documents, _ = read_documents(iter_input_files(root), on_error="skip", max_line_bytes=10_000)
+    paragraphs = [p for doc in documents for p in doc] + ["天安门。  “你好！”他说…… 研究生命起源。", "结婚的和尚未结婚的"]
+    build_vocab((s for p in paragraphs for s in split_sentences(p)), 300, str(tmp_path / "vocab.txt"))
+    tok, segment = Tokenizer(str(tmp_path / "vocab.txt")), jieba_segmenter()
+    expected = old_encode_sentences(tok, [s for p in paragraphs for s in split_sentences(p)], segment)
+    enc = encode_paragraphs(tok, paragraphs, segment)
+    bounds = np.cumsum(enc.sentence_tokens)[:-1]
+    got = [(i.tolist(), s.tolist()) for i, s in zip(np.split(enc.ids, bounds), np.split(enc.word_start, bounds))]
+    assert got == [(ids, [int(s) for s in starts]) for ids, starts in expected]
+    assert len(got) > 500 and enc.paragraph_sentences.sum() == len(got)
+    assert tok.unk_id in enc.ids  # the 3000-character word
+
+
+def test_vocab_is_the_old_builders(tmp_path, zh_corpus):
+    root = write_mixed_corpus(tmp_path / "mixed")
+    documents, _ = read_documents(iter_input_files(root) + [zh_corpus], on_error="skip", max_line_bytes=10_000)
+    sentences = [s for doc in documents for p in doc for s in split_sentences(p)]
+    for size in (40, 300, 5000):
+        old_build_vocab(sentences, size, str(tmp_path / "old.txt"))
+        build_vocab(sentences, size, str(tmp_path / "new.txt"))
+        assert (tmp_path / "old.txt").read_bytes() == (tmp_path / "new.txt").read_bytes(), size
+    # Counts add up, in any order and cut anywhere: what lets workers count apart.
+    parts = [count_words(sentences[i : i + 37]) for i in range(0, len(sentences), 37)]
+    assert sum(reversed(parts), Counter()) == count_words(sentences) == count_words(sentences, batch=5)
+
+
+# sha256[:16] of each file prepared by the code before streaming (commit 75a8aba), meta.json without "inputs".
+OLD_OUTPUT = {
+    "zh": {"train.bin": "798f3142661da9f7", "train.idx": "b98ee743e0ea196e", "valid.bin": "648f1e959898a583",
+           "valid.idx": "966b142323bdd0b8", "vocab.txt": "2061c20e6c6725a2", "meta.json": "bb292fd15f81030d"},
+    "mixed": {"train.bin": "c6e4bdae682149b2", "train.idx": "38d903b97d4fc466", "valid.bin": "1a3621f9a3a14d74",
+              "valid.idx": "d953f1ccdeb5b44c", "vocab.txt": "e6e3f76f6d03ea41", "meta.json": "6fffb309688295d1"},
+}  # fmt: skip
+
+
+def digests(out) -> dict:
+    found = {name: hashlib.sha256((out / name).read_bytes()).hexdigest()[:16] for name in os.listdir(out)}
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["inputs"]
+    found["meta.json"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return found
+
+
+@pytest.mark.parametrize("workers, chunk_chars", [(1, None), (2, None), (1, 50), (2, 50)])
+def test_output_is_the_old_code_s(tmp_path, zh_corpus, monkeypatch, workers, chunk_chars):
+    """Byte-identical to what the code before streaming wrote, with 1 or 2 workers, and with chunks so small that
+    documents are cut between tasks."""
+    if chunk_chars:
+        monkeypatch.setattr(pretrain.prepare, "_CHUNK_CHARS", chunk_chars)
+        monkeypatch.setattr(pretrain.prepare, "_IN_FLIGHT", 1)
+    mixed = write_mixed_corpus(tmp_path / "mixed")
+    prepare(PrepareConfig(input=zh_corpus, out=str(tmp_path / "zh"), workers=workers, vocab_size=500,
+                          valid_fraction=0.05))
+    prepare(PrepareConfig(input=mixed, out=str(tmp_path / "out"), workers=workers, **MIXED))
+    assert digests(tmp_path / "zh") == OLD_OUTPUT["zh"]
+    assert digests(tmp_path / "out") == OLD_OUTPUT["mixed"]
 
 
 def test_given_vocab_is_copied(tmp_path, zh_corpus):
@@ -253,3 +399,135 @@ def test_config_takes_paths_verbatim():
 
 def test_cli_unknown_key_is_one_line(tmp_path):
     assert_one_line_error(cli("input=a", "out=b", "bogus=1"), "bogus")
+
+
+# ---- shards: one vocab, a subset of the files each, together the whole corpus --------------------------------
+def documents_of(prepared) -> Counter:
+    """The multiset of documents of both splits, each as (token ids, word starts, sentence lengths)."""
+    docs = Counter()
+    for split in ("train", "valid"):
+        c = IndexedCorpus.open(os.path.join(prepared, split))
+        for d in range(c.num_docs):
+            s0, s1 = c.doc_offsets[d], c.doc_offsets[d + 1]
+            t0, t1 = c.sent_offsets[s0], c.sent_offsets[s1]
+            lengths = np.diff(c.sent_offsets[s0 : s1 + 1])
+            docs[c.tokens[t0:t1].tobytes(), c.word_start[t0:t1].tobytes(), lengths.tobytes()] += 1
+    return docs
+
+
+def assert_shards_make_the_whole(shard_dirs, whole_dir):
+    metas = [json.loads((shard / "meta.json").read_text()) for shard in shard_dirs]
+    whole = json.loads((whole_dir / "meta.json").read_text())
+    assert sorted(p for m in metas for p in m["inputs"]) == sorted(whole["inputs"])
+    assert [(m["shard"], m["num_shards"]) for m in metas] == [(i, len(metas)) for i in range(len(metas))]
+    assert {m["vocab_sha256"] for m in metas} == {whole["vocab_sha256"]}
+    for key in ("documents", "sentences", "tokens", "single_sentence_documents"):
+        assert sum(m["splits"][s][key] for m in metas for s in ("train", "valid")) == \
+            sum(whole["splits"][s][key] for s in ("train", "valid")), key
+    assert all(m["splits"]["valid"]["documents"] >= 1 for m in metas)  # each its own split
+    assert sum((documents_of(shard) for shard in shard_dirs), Counter()) == documents_of(whole_dir)
+
+
+def write_parts(root, sizes=(150, 20, 60, 90, 5)):
+    root.mkdir()
+    for i, n in enumerate(sizes):
+        write_synthetic_corpus(root / f"part{i}.txt", num_docs=n, seed=i)
+    return str(root)
+
+
+def test_shard_files_are_dealt_by_size(tmp_path):
+    files = iter_input_files(write_parts(tmp_path / "in"))  # part0 > part3 > part2 > part1 > part4 in bytes
+    shards = [shard_files(files, i, 3) for i in range(3)]
+    names = [[os.path.basename(p) for p in shard] for shard in shards]
+    assert names == [["part0.txt"], ["part3.txt"], ["part1.txt", "part2.txt", "part4.txt"]]
+    assert shard_files(files, 0, 1) == files and [shard_files(files, i, 3) for i in range(3)] == shards
+    assert [len(shard_files(files, i, 5)) for i in range(5)] == [1] * 5
+    assert shard_files(files, 5, 6) == []
+
+
+def test_shards_together_are_the_whole(tmp_path):
+    inputs = write_parts(tmp_path / "in")
+    vocab = tmp_path / "vocab.txt"
+    build(VocabConfig(input=inputs, out=str(vocab), vocab_size=400))
+    prepare(PrepareConfig(input=inputs, out=str(tmp_path / "whole"), vocab_size=400, valid_fraction=0.05))
+    assert (tmp_path / "whole" / "vocab.txt").read_bytes() == vocab.read_bytes()  # pretrain.vocab builds prepare's
+    shards = [tmp_path / f"shard-{i}" for i in range(3)]
+    for i, shard in enumerate(shards):
+        prepare(PrepareConfig(input=inputs, out=str(shard), vocab=str(vocab), shard=i, num_shards=3,
+                              valid_fraction=0.05))
+    assert_shards_make_the_whole(shards, tmp_path / "whole")
+    # A shard is its files prepared on their own: the same split rule over its own documents.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("part1.txt", "part2.txt", "part4.txt"):
+        (alone / name).write_bytes((tmp_path / "in" / name).read_bytes())
+    prepare(PrepareConfig(input=str(alone), out=str(tmp_path / "alone_out"), vocab=str(vocab), valid_fraction=0.05))
+    for name in ("train.bin", "train.idx", "valid.bin", "valid.idx", "vocab.txt"):
+        assert (tmp_path / "alone_out" / name).read_bytes() == (shards[2] / name).read_bytes(), name
+
+
+def vocab_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pretrain.vocab", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_vocab_cli(tmp_path, zh_corpus):
+    prepare(PrepareConfig(input=zh_corpus, out=str(tmp_path / "prepared"), vocab_size=300))
+    result = vocab_cli(f"input={zh_corpus}", f"out={tmp_path / 'vocab.txt'}", "vocab_size=300", "workers=2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {tmp_path / 'vocab.txt'} in ")
+    assert "from 200 documents in 1 files" in result.stdout
+    assert (tmp_path / "vocab.txt").read_bytes() == (tmp_path / "prepared" / "vocab.txt").read_bytes()
+    before = sorted(os.listdir(tmp_path))
+    result = vocab_cli(f"input={zh_corpus}", f"out={tmp_path / 'vocab.txt'}")
+    assert_one_line_error(result, "out=", "exists (pass overwrite=true", prog="pretrain.vocab")
+    assert_one_line_error(vocab_cli(f"input={zh_corpus}", f"out={tmp_path}"), "is a directory", prog="pretrain.vocab")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    assert_one_line_error(vocab_cli(f"input={tmp_path / 'empty.txt'}", f"out={tmp_path / 'v2.txt'}"), "no text found",
+                          prog="pretrain.vocab")
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["empty.txt"])
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["shard=3", "num_shards=3", "vocab={vocab}"], ["shard=3: must be in [0, 3) for num_shards=3"]),
+    (["shard=-1", "num_shards=2", "vocab={vocab}"], ["shard=-1: must be in [0, 2)"]),
+    (["num_shards=0"], ["num_shards=0: must be >= 1"]),
+    (["shard=1", "num_shards=2"], ["num_shards=2 needs vocab=", "python -m pretrain.vocab input="]),
+    (["shard=2", "num_shards=3", "vocab={vocab}"], ["shard=2: no input files for this shard", "has 2 files"]),
+])
+def test_cli_bad_shards(tmp_path, args, fragments):
+    inputs = write_parts(tmp_path / "in", sizes=(3, 4))
+    vocab = write_vocab(tmp_path / "vocab.txt", BERT_LAYOUT)
+    before = sorted(os.listdir(tmp_path))
+    result = cli(f"input={inputs}", f"out={tmp_path / 'out'}", *(a.format(vocab=vocab) for a in args))
+    assert_one_line_error(result, *fragments)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+# ---- memory: bounded whatever the corpus size ---------------------------------------------------------------------
+PEAK_RSS = """
+import re, resource, sys
+from pretrain.prepare import PrepareConfig, prepare
+prepare(PrepareConfig(input=sys.argv[1], out=sys.argv[2], workers=2, vocab_size=400))
+# Not ru_maxrss for this process: Linux carries it over from before exec, i.e. from pytest.
+main_kb = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]
+print(main_kb, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def test_memory_does_not_grow_with_the_corpus(tmp_path):
+    """Peak RSS of the main process and of the largest worker, for a corpus and one four times its size: holding
+    the corpus (as prepare did before streaming, ~5 bytes per input byte) would add ~25 MB to the main process."""
+    peaks = []
+    for num_docs in (6000, 24000):  # 1.6 and 6.5 MB
+        corpus = tmp_path / f"corpus{num_docs}.txt"
+        write_synthetic_corpus(corpus, num_docs=num_docs, seed=num_docs)
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(corpus), str(tmp_path / f"out{num_docs}")],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        peaks.append([int(kb) / 1024 for kb in result.stdout.split()])  # MB
+    (main_small, workers_small), (main_big, workers_big) = peaks
+    print(f"peak RSS, 1.6 MB corpus: main {main_small:.0f} MB, worker {workers_small:.0f} MB; "
+          f"6.5 MB corpus: main {main_big:.0f} MB, worker {workers_big:.0f} MB")
+    assert main_big - main_small < 8 and workers_big - workers_small < 8, peaks
+    assert main_big < 500 and workers_big < 500, peaks

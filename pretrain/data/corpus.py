@@ -104,7 +104,10 @@ def iter_paragraphs(paths: list[str], on_error: str = "raise", max_line_bytes: i
             for lineno, (offset, raw, length) in enumerate(_lines(f, max_line_bytes), start=1):
                 try:
                     text = _decode(path, lineno, offset, raw, length, max_line_bytes)
-                    paragraphs = _jsonl_document(path, lineno, text) if jsonl else [text.strip()] if text.strip() else []
+                    if jsonl:
+                        paragraphs = _jsonl_document(path, lineno, text)
+                    else:
+                        paragraphs = [text.strip()] if text.strip() else []
                 except _BadLine as bad:
                     if on_error == "raise":
                         raise UserError(str(bad)) from None

@@ -10,6 +10,7 @@ Both files are memory-mapped on read, so a corpus of any size costs only what is
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -103,34 +104,62 @@ class IndexedCorpus:
 
 
 class IndexedWriter:
-    """Streams documents to `<prefix>.bin` / `<prefix>.idx`; call `close()` to write the index."""
+    """Streams documents to `<prefix>.bin` / `<prefix>.idx`; call `close()` to write the index.
+
+    Memory does not grow with the corpus: token ids go straight to the .bin, and the index's three arrays go to
+    temporary files beside it until close() assembles the .idx from them (its header needs the final counts).
+    """
 
     def __init__(self, prefix: str, vocab_size: int):
         self.prefix = prefix
         self.dtype = token_dtype(vocab_size)
-        self._bin = open(prefix + ".bin", "wb")
-        self._sent_offsets = [0]
-        self._doc_offsets = [0]
-        self._word_start: list[np.ndarray] = []
+        self.num_tokens = self.num_sents = self.num_docs = 0
+        self._doc_sents = 0  # sentences of the document being written
+        self._bin = open(prefix + ".bin", "wb", buffering=_BUFFER)
+        self._parts = {name: open(f"{prefix}.idx.{name}.tmp", "wb", buffering=_BUFFER) for name in _PARTS}
+
+    def add_sentences(self, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
+        """Sentences appended to the current document: ids and word starts back to back, each sentence's length
+        in tokens (all > 0)."""
+        lengths = np.asarray(lengths, dtype="<i8")
+        assert len(ids) == len(starts) == lengths.sum() and (lengths > 0).all()
+        self._bin.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self._parts["word_start"].write(np.asarray(starts, dtype=np.uint8).tobytes())
+        self._parts["sent_ends"].write((self.num_tokens + np.cumsum(lengths)).astype("<i8").tobytes())
+        self.num_tokens += len(ids)
+        self.num_sents += len(lengths)
+        self._doc_sents += len(lengths)
+
+    def end_document(self) -> int:
+        """End the current document; returns its number of sentences (a document with none is not recorded)."""
+        n, self._doc_sents = self._doc_sents, 0
+        if n:
+            self._parts["doc_ends"].write(np.array([self.num_sents], dtype="<i8").tobytes())
+            self.num_docs += 1
+        return n
 
     def add_document(self, sentences: list[tuple[np.ndarray, np.ndarray]]) -> None:
         """One document: a list of (token ids, word-start flags) per sentence, each non-empty."""
         for ids, starts in sentences:
-            assert len(ids) == len(starts) and len(ids) > 0
-            self._bin.write(np.asarray(ids, dtype=self.dtype).tobytes())
-            self._word_start.append(np.asarray(starts, dtype=np.uint8))
-            self._sent_offsets.append(self._sent_offsets[-1] + len(ids))
-        self._doc_offsets.append(len(self._sent_offsets) - 1)
+            self.add_sentences(ids, starts, [len(ids)])
+        self.end_document()
 
     def close(self) -> None:
         self._bin.close()
-        n_tok, n_sent, n_doc = self._sent_offsets[-1], len(self._sent_offsets) - 1, len(self._doc_offsets) - 1
+        for part in self._parts.values():
+            part.close()
+        zero = np.zeros(1, dtype="<i8").tobytes()
         with open(self.prefix + ".idx", "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, _CODES[self.dtype], n_tok, n_sent, n_doc))
-            f.write(np.asarray(self._sent_offsets, dtype="<i8").tobytes())
-            f.write(np.asarray(self._doc_offsets, dtype="<i8").tobytes())
-            for ws in self._word_start:
-                f.write(ws.tobytes())
+            f.write(_HEADER.pack(MAGIC, VERSION, _CODES[self.dtype], self.num_tokens, self.num_sents, self.num_docs))
+            for name, prefix in (("sent_ends", zero), ("doc_ends", zero), ("word_start", b"")):
+                f.write(prefix)
+                with open(self._parts[name].name, "rb") as part:
+                    shutil.copyfileobj(part, f, _BUFFER)
+                os.remove(part.name)
+
+
+_BUFFER = 1 << 20
+_PARTS = ("sent_ends", "doc_ends", "word_start")  # sent_offsets and doc_offsets without their leading 0
 
 
 def corpus_from_documents(documents: list[list[tuple[list[int], list[int]]]]) -> IndexedCorpus:

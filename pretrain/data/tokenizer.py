@@ -9,13 +9,15 @@ import hashlib
 import itertools
 import logging
 import re
+import weakref
 from collections import Counter
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
+from pretrain.data.corpus import sentence_spans
 from pretrain.errors import UserError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -114,25 +116,40 @@ def _is_cjk(ch: str) -> bool:
 
 
 def build_vocab(sentences: Iterable[str], vocab_size: int, out_path: str, min_word_count: int = 2) -> None:
+    """Write a WordPiece vocab.txt of at most `vocab_size` tokens built from `sentences` (see write_vocab)."""
+    write_vocab(count_words(sentences), vocab_size, out_path, min_word_count)
+
+
+def count_words(sentences: Iterable[str], batch: int = 10_000) -> Counter[str]:
+    """How often each pre-tokenized word occurs in `sentences`: what a vocab is built from. The counts of a
+    corpus are the sum of its parts' counts, so parts may be counted apart (in parallel) and added up.
+
+    Memory holds one batch of sentences besides the counts, which grow with the distinct words only.
+    """
+    # The pre-tokenizer never looks across whitespace, so pre-tokenizing each distinct whitespace-separated
+    # chunk of a batch once gives the same word counts as pre-tokenizing every sentence, and is faster.
+    normalizer, pre_tokenizer = _normalizer(), pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    sentences = iter(sentences)
+    while group := list(itertools.islice(sentences, batch)):
+        chunks: Counter[str] = Counter()
+        for i in range(0, len(group), 1000):  # normalize_str slows down on longer strings
+            chunks.update(normalizer.normalize_str("\n".join(group[i : i + 1000])).split())
+        for chunk, n in chunks.items():
+            for word, _ in pre_tokenizer.pre_tokenize_str(chunk):
+                words[word] += n
+    return words
+
+
+def write_vocab(words: Counter[str], vocab_size: int, out_path: str, min_word_count: int = 2) -> None:
     """Write a WordPiece vocab.txt of at most `vocab_size` tokens: specials, then characters, then whole words.
 
     tokenizers' WordPiece trainer gives a different vocab from run to run (hash-map ties), so this is a
-    count-based builder with every tie broken by the token string: byte-identical output for the same input.
+    count-based builder with every tie broken by the token string: byte-identical output for the same counts.
     Characters come first (word-initial `c` and continuation `##c`, most frequent first), so nothing is
     [UNK] unless the alphabet alone exceeds the budget; the rest of the budget goes to the most frequent
     multi-character words (Latin words, numbers), which then tokenize as one piece.
     """
-    # The pre-tokenizer never looks across whitespace, so pre-tokenizing each distinct whitespace-separated
-    # chunk once gives the same word counts as pre-tokenizing every sentence, many times faster.
-    normalizer, pre_tokenizer = _normalizer(), pre_tokenizers.BertPreTokenizer()
-    chunks: Counter[str] = Counter()
-    sentences = iter(sentences)
-    while batch := list(itertools.islice(sentences, 1000)):
-        chunks.update(normalizer.normalize_str("\n".join(batch)).split())
-    words: Counter[str] = Counter()
-    for chunk, n in chunks.items():
-        for word, _ in pre_tokenizer.pre_tokenize_str(chunk):
-            words[word] += n
     chars: Counter[str] = Counter()
     for word, n in words.items():
         if len(word) > MAX_WORD_CHARS:
@@ -170,22 +187,65 @@ def jieba_version() -> str:
     return jieba.__version__
 
 
-def encode_sentences(tok: Tokenizer, sentences: list[str], segmenter: Callable[[str], list[str]]
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(token ids int32, word_start uint8) per sentence; sentences that tokenize to nothing are dropped.
+class Encoded(NamedTuple):
+    """Paragraphs encoded, flat: sentence s is ids[t:t + sentence_tokens[s]] where t = sentence_tokens[:s].sum()."""
+
+    ids: np.ndarray  # [num_tokens] int32
+    word_start: np.ndarray  # [num_tokens] uint8
+    sentence_tokens: np.ndarray  # [num_sentences] int64, each > 0
+    paragraph_sentences: np.ndarray  # [num_paragraphs] int64: how many of the sentences each paragraph has
+
+
+def encode_paragraphs(tok: Tokenizer, paragraphs: list[str], segmenter: Callable[[str], list[str]]) -> Encoded:
+    """Token ids and word starts of the sentences (split_sentences) of `paragraphs`; a sentence that tokenizes
+    to nothing is dropped.
 
     word_start[i] = 1 iff token i begins where a segmenter word begins and is not a '##' piece, so
     whole-word masking and word-structure objectives can treat the tokens of one word as a unit.
     """
-    out = []
-    for sentence, enc in zip(sentences, tok.encode_batch(sentences)):
-        if not enc.ids:
-            continue
-        word_offsets, pos = set(), 0
-        for word in segmenter(sentence):
-            word_offsets.add(pos)
-            pos += len(word)
-        starts = [start in word_offsets and not piece.startswith(CONTINUATION)
-                  for (start, _), piece in zip(enc.offsets, enc.tokens)]
-        out.append((np.array(enc.ids, dtype=np.int32), np.array(starts, dtype=np.uint8)))
-    return out
+    encode = tok._tok.encode
+    id_lists, offset_lists, sentence_begins, sentence_tokens, paragraph_sentences, word_lengths = [], [], [], [], [], []
+    base = 0  # where the paragraph starts in the paragraphs' concatenation
+    for paragraph in paragraphs:
+        kept = 0
+        for begin, end in sentence_spans(paragraph):
+            enc = encode(paragraph[begin:end], add_special_tokens=False)
+            if enc.ids:
+                id_lists.append(enc.ids)
+                offset_lists.append(enc.offsets)
+                sentence_begins.append(base + begin)
+                sentence_tokens.append(len(enc.ids))
+                kept += 1
+        paragraph_sentences.append(kept)
+        # One cut per paragraph gives the words of its sentences: jieba cuts every run of [一-鿕a-zA-Z0-9+#&._%-]
+        # on its own (the HMM included), and a sentence ends with 。！？；!?… or a closing quote or bracket, none of
+        # which is in such a run, so no run spans two sentences.
+        word_lengths.extend(map(len, segmenter(paragraph)))
+        base += len(paragraph)
+
+    word_begins = np.cumsum(word_lengths, dtype=np.int64)
+    if (word_begins[-1] if len(word_begins) else 0) != base:
+        raise RuntimeError("the segmenter's words do not add up to the text")  # the positions below would be wrong
+    word_begins -= np.asarray(word_lengths, dtype=np.int64)
+    at_word_begin = np.zeros(base + 1, dtype=bool)
+    at_word_begin[word_begins] = True
+
+    num_tokens = sum(sentence_tokens)
+    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=num_tokens)
+    pairs = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(offset_lists)), dtype=np.int64,
+                        count=2 * num_tokens)
+    sentence_tokens = np.asarray(sentence_tokens, dtype=np.int64)
+    token_begins = pairs[0::2] + np.repeat(np.asarray(sentence_begins, dtype=np.int64), sentence_tokens)
+    word_start = at_word_begin[token_begins] & ~_continuation(tok)[ids]
+    return Encoded(ids, word_start.astype(np.uint8), sentence_tokens, np.asarray(paragraph_sentences, dtype=np.int64))
+
+
+_CONTINUATIONS: "weakref.WeakKeyDictionary[Tokenizer, np.ndarray]" = weakref.WeakKeyDictionary()
+
+
+def _continuation(tok: Tokenizer) -> np.ndarray:
+    """[vocab_size] bool: whether each token is a '##' piece."""
+    if tok not in _CONTINUATIONS:
+        pieces = (tok.id_to_token(i).startswith(CONTINUATION) for i in range(tok.vocab_size))
+        _CONTINUATIONS[tok] = np.fromiter(pieces, dtype=bool, count=tok.vocab_size)
+    return _CONTINUATIONS[tok]
