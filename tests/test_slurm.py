@@ -4,13 +4,15 @@ crash mid-checkpoint. Every run is 2 ranks, one per node, CPU fp32, so resumed r
 one bitwise. Skips when Slurm/munge are missing or the daemons cannot start (`make install-test` installs them)."""
 import json
 import os
+import re
 import signal
+import subprocess
 import time
 
 import pytest
 
 from runs import TINY, rows
-from slurm_cluster import ClusterUnavailable, SlurmCluster, missing_programs
+from slurm_cluster import FINISHED, ClusterUnavailable, SlurmCluster, missing_programs
 
 pytestmark = pytest.mark.skipif(
     bool(missing_programs()), reason=f"Slurm/munge not installed (missing {', '.join(missing_programs())}; `make install-test` installs them as root)"
@@ -215,3 +217,53 @@ def test_crash_mid_checkpoint_keeps_the_previous_one(cluster, prepared, referenc
     assert run_info(run)["resumed_from_step"] == 5
     assert latest(run) == "step40"
     assert losses(run) == losses(reference)
+
+
+# ---- e. prepare.sbatch: a job array of shards that together are the whole corpus --------------------------------
+def array_states(cluster: SlurmCluster, job: int) -> dict[str, str]:
+    """{array task id: JobState} of a job array (one `scontrol -o show job` line per task once they are split)."""
+    proc = subprocess.run(["scontrol", "-o", "show", "job", str(job)], env=cluster.env, capture_output=True, text=True,
+                          timeout=30)
+    rows = [dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line)) for line in proc.stdout.splitlines()]
+    return {row.get("ArrayTaskId"): row.get("JobState") for row in rows}
+
+
+def wait_for_array(cluster: SlurmCluster, job: int, tasks: list[str], timeout: float = JOB_TIMEOUT) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = array_states(cluster, job)
+        if sorted(states) == sorted(tasks) and set(states.values()) <= FINISHED:
+            assert set(states.values()) == {"COMPLETED"}, states
+            return
+        time.sleep(1)
+    cluster.cancel(job)
+    raise AssertionError(f"job array {job}: {array_states(cluster, job)} after {timeout} s")
+
+
+def test_prepare_array_shards_are_the_whole_corpus(cluster, tmp_path):
+    from pretrain.prepare import PrepareConfig, prepare
+    from pretrain.vocab import VocabConfig, build
+    from test_prepare import assert_shards_make_the_whole, write_parts
+
+    raw = write_parts(tmp_path / "raw", sizes=(120, 30, 60, 90, 10))
+    vocab = str(tmp_path / "vocab.txt")
+    build(VocabConfig(input=raw, out=vocab, vocab_size=400))
+    out = tmp_path / "prepared"
+    logs = f"--output={cluster.root}/prepare-%A_%a.out"
+    env = {"INPUT": raw, "OUT": str(out), "VOCAB": vocab}
+    job = cluster.submit("launch/slurm/prepare.sbatch", ["valid_fraction=0.05"], env=env,
+                         sbatch_args=["--array=0-2", "--cpus-per-task=1", "--time=10", logs])
+    wait_for_array(cluster, job, ["0", "1", "2"])
+    for i in range(3):
+        with open(os.path.join(cluster.root, f"prepare-{job}_{i}.out")) as f:
+            log = f.read()
+        assert f"shard {i} of 3, 1 workers, -> {out}/shard-{i}" in log and f"prepared {out}/shard-{i} in " in log, log
+    prepare(PrepareConfig(input=raw, out=str(tmp_path / "whole"), vocab=vocab, valid_fraction=0.05))
+    assert_shards_make_the_whole([out / f"shard-{i}" for i in range(3)], tmp_path / "whole")
+
+    # Resubmitted, a task skips its finished shard; NUM_SHARDS keeps the count when not all tasks are submitted.
+    again = cluster.submit("launch/slurm/prepare.sbatch", [], env=dict(env, NUM_SHARDS="3"),
+                           sbatch_args=["--array=1", "--cpus-per-task=1", "--time=10", logs])
+    wait_for_array(cluster, again, ["1"])
+    with open(os.path.join(cluster.root, f"prepare-{again}_1.out")) as f:
+        assert f"{out}/shard-1 is already prepared; skipping it" in f.read()
