@@ -41,6 +41,8 @@ def summarize(run_dir: str) -> dict:
         "first_train": train[0],
         "last_train": train[-1],
         "last_valid": valid[-1] if valid else None,
+        # a blend's per-source validation (data.dirs): the last row of each "valid/<source>"
+        "last_valid_sources": {r["split"]: r for r in rows if r["split"].startswith("valid/")},
         "s_per_step": sorted(times)[len(times) // 2] if times else None,  # median: robust to the first, slow steps
         "length_histogram": data.get("length_histogram"),
         "results": results,  # a fine-tuning run's test figures
@@ -54,10 +56,13 @@ def _fmt(v) -> str:
 def render(s: dict) -> str:
     lines = [f"{s['run']}: {s['steps']} steps, median {_fmt(s['s_per_step'])} s/step"]
     cols = [c for c in COLUMNS if c in s["last_train"] or (s["last_valid"] and c in s["last_valid"])]
-    lines.append("  " + "split".ljust(14) + "".join(c.rjust(10) for c in cols))
-    for name, row in (("train first", s["first_train"]), ("train last", s["last_train"]), ("valid last", s["last_valid"])):
+    width = max([14] + [len(split) + 11 for split in s.get("last_valid_sources", {})])
+    lines.append("  " + "split".ljust(width) + "".join(c.rjust(10) for c in cols))
+    shown = [("train first", s["first_train"]), ("train last", s["last_train"]), ("valid last", s["last_valid"])]
+    shown += [(f"{split} last", row) for split, row in s.get("last_valid_sources", {}).items()]
+    for name, row in shown:
         if row is not None:
-            lines.append("  " + f"{name} @{row['step']}".ljust(14) + "".join(_fmt(row.get(c)).rjust(10) for c in cols))
+            lines.append("  " + f"{name} @{row['step']}".ljust(width) + "".join(_fmt(row.get(c)).rjust(10) for c in cols))
     if s.get("length_histogram"):
         lines += render_lengths(s["length_histogram"])
     if s.get("results"):

@@ -15,6 +15,7 @@ from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.sources import PERIOD, blend_pattern, read_sources
 from pretrain.errors import UserError
 from pretrain.prepare import PrepareConfig, prepare
+from pretrain.summary import render, summarize
 from runs import DEEPSPEED, PALM, REPO, TINY, launch, rows
 from synthetic import write_synthetic_corpus
 
@@ -126,6 +127,8 @@ def test_blended_training_resumes_exactly_and_validates_per_source(prepared, sec
     assert recorded["other"]["weight"] == pytest.approx(0.75)
     assert recorded["other"]["splits"] == json.load(open(os.path.join(second, "meta.json")))["splits"]
     assert set(info["train_data"]["sources"]) == {"prepared", "other"}
+    shown = render(summarize(str(tmp_path / "straight")))
+    assert "valid/prepared last @8" in shown and "valid/other last @8" in shown
 
 
 def test_stage_two_trains_on_blended_sources(prepared, second, tmp_path):

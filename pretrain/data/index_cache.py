@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from typing import Callable
 
 import numpy as np
@@ -54,7 +55,10 @@ def arrays(corpus, name: str, build: Callable[[], dict[str, np.ndarray]]) -> dic
                 return {n: np.load(os.path.join(entry, n + ".npy"), mmap_mode="r") for n in names}
     out = build()
     if entry is not None and _writing:
-        _store(entry, out, _stamp(corpus))
+        try:
+            _store(entry, out, _stamp(corpus))
+        except OSError as e:  # a read-only data directory: every rank computes the arrays, as without the cache
+            print(f"pretrain: cannot cache {entry} ({e.strerror}); each rank computes it", file=sys.stderr)
     return out
 
 
