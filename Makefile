@@ -115,3 +115,10 @@ test: install-test
 
 clean-demo:
 	rm -rf $(DEMO_RUN)
+
+# Throughput and peak memory of pretrain.prepare, 1 worker against 2, on a generated corpus of BENCH_GB gigabytes
+# (deleted afterwards); see bench/prepare_scale.py.
+BENCH_GB ?= 2
+.PHONY: bench-prepare
+bench-prepare:
+	$(PYTHON) bench/prepare_scale.py --gb $(BENCH_GB)
