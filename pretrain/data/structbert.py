@@ -197,9 +197,16 @@ class StructBertDataset(torch.utils.data.Dataset):
         }
 
     # ---- reporting / batching helpers -----------------------------------------------------------
-    def stats(self) -> dict:
-        units_per_chunk = self.chunk_end - self.chunk_first
-        chunk_tokens = self.unit_end[self.chunk_end - 1] - self.unit_start[self.chunk_first]
+    def stats(self, block: int = 1 << 20) -> dict:
+        """Counts of the corpus, its units and chunks; summed a block of chunks at a time, so that reporting them
+        (rank 0, at start-up) costs no corpus-sized temporaries."""
+        single_unit = units = tokens = 0
+        for lo in range(0, self.num_chunks, block):
+            first, end = np.asarray(self.chunk_first[lo : lo + block]), np.asarray(self.chunk_end[lo : lo + block])
+            per_chunk = end - first
+            single_unit += int((per_chunk == 1).sum())
+            units += int(per_chunk.sum())
+            tokens += int((np.asarray(self.unit_end[end - 1]) - np.asarray(self.unit_start[first])).sum())
         return {
             "num_docs": self.corpus.num_docs,
             "num_sents": self.corpus.num_sents,
@@ -207,9 +214,9 @@ class StructBertDataset(torch.utils.data.Dataset):
             "num_units": len(self.unit_start),
             "split_sentences": int(len(self.unit_start) - self.corpus.num_sents),
             "num_chunks": self.num_chunks,
-            "single_unit_chunks": int((units_per_chunk == 1).sum()),
-            "mean_units_per_chunk": float(units_per_chunk.mean()),
-            "mean_chunk_tokens": float(chunk_tokens.mean()),
+            "single_unit_chunks": single_unit,
+            "mean_units_per_chunk": units / self.num_chunks,
+            "mean_chunk_tokens": tokens / self.num_chunks,
             "max_tokens": self.max_tokens,
         }
 
