@@ -61,7 +61,7 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     if s.precision == "fp16" and not torch.cuda.is_available():
         raise UserError(f"deepspeed={s.hardware}: fp16 needs a GPU; on CPU use deepspeed=zero3_cpu (fp32 or bf16)")
     checkpoints = Checkpoints(s.run_dir, info.rank, info.world_size, s.keep_last)
-    resume_from = checkpoints.resolve(s.resume, stage.name, geometry.global_batch)
+    resume_from = checkpoints.resolve(s.resume, stage.name, geometry.global_batch, s.elastic)
 
     # 2. Join the ranks, build the partitioned model, restore the newest checkpoint.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -70,6 +70,9 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     distributed.init(info, s.timeout_s)
     os.makedirs(s.run_dir, exist_ok=True)
     checkpoints.discard_uncommitted()
+    if checkpoints.resharded_from:  # another world size: DeepSpeed re-splits a universal copy on load
+        resume_from = checkpoints.to_universal(resume_from)
+        run.ds_config["checkpoint"] = {"load_universal": True}
     if info.local_rank == 0:  # the data's derived arrays, once per node; the other ranks memory-map them
         stage.index(geometry)
     distributed.barrier()
@@ -83,7 +86,10 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
         step = 0
         seed_rng(s.seed * 1000 + info.rank)  # dropout differs across ranks, reproducibly
     else:
-        step = checkpoints.load(engine, resume_from)
+        step = checkpoints.load(engine, resume_from, s.seed)
+        if checkpoints.resharded_from and info.rank == 0:
+            print(f"pretrain.train: resumed step {step} of {resume_from}: re-sharded from {checkpoints.resharded_from}"
+                  f" to {info.world_size} ranks", file=sys.stderr)
     # Every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
     loader = stage.train_loader(geometry, info.rank, start_step=step)
     data_stats = loader.dataset.stats() if info.rank == 0 else {}

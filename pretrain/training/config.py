@@ -58,6 +58,7 @@ class RunSettings:
     save_every: int
     keep_last: int
     resume: str
+    elastic: bool  # train.elastic: a checkpoint of another world size may be re-sharded onto this one
     stop_file: str
     weight_decay: float
     timeout_s: float
@@ -87,12 +88,15 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         raise UserError(f"logger.wandb.mode={w.mode}: must be offline, online or disabled")
     if str(t.resume) not in ("auto", "never") and not os.path.isdir(str(t.resume)):
         raise UserError(f"train.resume={t.resume}: not auto, never, or an existing checkpoint directory")
+    elastic = t.get("elastic", False)  # pretrain.finetune's config has no such key: it resumes on the same ranks
+    if not isinstance(elastic, bool):
+        raise UserError(f"train.elastic={elastic}: must be true or false")
     ds = cfg.deepspeed  # its precision is checked by deepspeed_config
     return RunSettings(
         run_dir=str(cfg.run.dir), seed=int(cfg.seed), max_steps=int(t.max_steps),
         stop_at=int(t.exit_at_step) if t.exit_at_step is not None else int(t.max_steps),
         log_every=int(t.log_every), eval_every=int(t.eval_every), save_every=int(t.save_every),
-        keep_last=int(t.keep_last), resume=str(t.resume), stop_file=str(t.stop_file),
+        keep_last=int(t.keep_last), resume=str(t.resume), elastic=elastic, stop_file=str(t.stop_file),
         weight_decay=float(t.weight_decay), timeout_s=float(cfg.dist.timeout_s), progress=bool(cfg.logger.progress),
         wandb=WandbSettings(str(w.mode), str(w.project), w.name), hardware=str(ds.name), precision=str(ds.precision),
     )  # fmt: skip
