@@ -1,6 +1,7 @@
 """Where a run's first weights come from: stage two from a stage-one ZeRO-3 checkpoint (written by any number of
-ranks, consolidated on rank 0), and either stage from a local transformers BERT or MegatronBERT directory
-(`init_from=hf:<dir>`, continued pre-training); copied into the partitioned model one parameter at a time.
+ranks; each rank reads its own partition of each parameter from it), and either stage from a local transformers
+BERT or MegatronBERT directory (`init_from=hf:<dir>`, continued pre-training; copied into the partitioned model one
+parameter at a time).
 
 The encoder and its heads (MLM, sentence) keep their names across the stages, so the mapping is the identity on them;
 the decoder is new, or (`model.decoder_init=encoder_top`) takes the self-attention and FFN of the top
@@ -166,19 +167,47 @@ def _likely_cause(name: str, theirs: tuple, ours: tuple, cfg: ModelConfig) -> st
 
 
 def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
-    """Copy the mapped stage-one weights into the ZeRO-3-partitioned model: only rank 0 holds the
-    consolidated checkpoint; one parameter at a time is gathered, set on rank 0 and re-partitioned."""
+    """Copy the mapped weights into the ZeRO-3-partitioned model.
+
+    From a DeepSpeed checkpoint, each rank copies only its own partition of each parameter, read from the
+    checkpoint's partition files where they hold it (checkpoint.PartitionReader): no rank holds the model, or
+    even one whole parameter, whatever the two world sizes (at PLUG's 27B, a full fp32 copy would be 108 GB in
+    one process). From a transformers directory, rank 0 reads it and each parameter is gathered, set on rank 0
+    and re-partitioned."""
+    if source.tag_dir.startswith(HF):
+        _load_gathered(model, hf_weights(source) if rank == 0 else None, source.mapping, rank)
+        return
+    import torch.distributed as dist
+
+    reader = checkpoint.PartitionReader(source.tag_dir)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # no collective: any order, every rank on its own
+            if name not in source.mapping:
+                continue
+            numel = getattr(param, "ds_numel", param.numel())
+            if reader.numel(source.mapping[name]) != numel:  # init_source checked the shapes; this is a bug
+                raise RuntimeError(f"{name}: {numel} elements, the checkpoint's {source.mapping[name]} {reader.numel(source.mapping[name])}")
+            if hasattr(param, "ds_tensor"):  # this rank's partition: [r * size, (r + 1) * size), the last padded
+                part = param.ds_tensor.view(-1)
+                group = getattr(param, "ds_process_group", None)
+                start = min(numel, (dist.get_rank(group) if dist.is_initialized() else 0) * part.numel())
+            else:
+                part, start = param.data.view(-1), 0
+            end = min(numel, start + part.numel())
+            part[: end - start].copy_(reader.read(source.mapping[name], start, end))
+
+
+def _load_gathered(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None, mapping: dict[str, str],
+                   rank: int) -> None:  # fmt: skip
+    """Rank 0 holds `weights`; one parameter at a time is gathered, set there and re-partitioned."""
     import deepspeed
 
-    weights = None
-    if rank == 0:
-        weights = hf_weights(source) if source.tag_dir.startswith(HF) else checkpoint.consolidate(source.tag_dir)
     for name, param in model.named_parameters():  # the same order on every rank: gathering is collective
-        if name not in source.mapping:
+        if name not in mapping:
             continue
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:
-                w = weights[source.mapping[name]].to(param.dtype)
+                w = weights[mapping[name]].to(param.dtype)
                 if w.shape == param.shape:
                     param.data.copy_(w)
                 else:  # hf: an embedding table with other rows (vocab padding, token types, positions)
