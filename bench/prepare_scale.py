@@ -221,9 +221,10 @@ def main() -> None:
             rates[workers] = mb / r["seconds"]
             peaks = ", ".join(f"{w['hwm_mb']:.0f}" for w in r["workers"]) or "none (in-process)"
             worker_cpu = sum(w["cpu_s"] for w in r["workers"])
+            cores = (r["main"]["cpu_s"] + worker_cpu) / r["seconds"]  # below `workers`: other load took cores
             print(f"workers={workers}: {r['seconds']:.0f} s, {rates[workers]:.2f} MB/s (load {r['load']:.1f} at start); "
                   f"peak RSS main {r['main']['hwm_mb']:.0f} MB, workers {peaks} MB; "
-                  f"CPU main {r['main']['cpu_s']:.0f} s, workers {worker_cpu:.0f} s")
+                  f"CPU main {r['main']['cpu_s']:.0f} s, workers {worker_cpu:.0f} s ({cores:.2f} cores busy)")
             if not args.keep:
                 shutil.rmtree(out)
         if 1 in rates:

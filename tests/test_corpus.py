@@ -27,8 +27,8 @@ def test_split_sentences(paragraph, sentences):
 def test_sentence_spans_locate_the_sentences():
     paragraph = "  “好。” 他说……然后？！\u3000走吧；  再见!（完）end "
     spans = sentence_spans(paragraph)
-    assert [paragraph[b:e] for b, e in spans] == split_sentences(paragraph) == ["“好。”", "他说……", "然后？！", "走吧；", "再见!",
-                                                                               "（完）end"]
+    expected = ["“好。”", "他说……", "然后？！", "走吧；", "再见!", "（完）end"]
+    assert [paragraph[b:e] for b, e in spans] == split_sentences(paragraph) == expected
     assert all(not paragraph[e:b].strip() for (_, e), (b, _) in zip(spans, spans[1:]))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import pretrain.prepare
-from pretrain.data.corpus import iter_input_files, read_documents, split_sentences
+from pretrain.data.corpus import iter_input_files, iter_paragraphs, read_documents, split_sentences
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.tokenizer import (
     CONTINUATION, SPECIAL_TOKENS, Tokenizer, _normalizer, build_vocab, count_words, encode_paragraphs, jieba_segmenter,
@@ -117,8 +117,8 @@ def write_mixed_corpus(root) -> str:
     digits, accents, quotes, spaces between sentences, CRLF and a BOM, a document that tokenizes to nothing,
     and bad lines (skipped with on_error=skip, max_line_bytes=2000)."""
     rng = random.Random(11)
-    pieces = ["我爱北京天安门", "你好", "Hello WORLD", "123", "café", "“测试。”", "他说：", "……", "再见！", "  ", "，", "ok? ",
-              "《书》", "第2版", "ÉCOLE", "中华人民共和国", "研究生命起源", "结婚的和尚未结婚的"]
+    pieces = ["我爱北京天安门", "你好", "Hello WORLD", "123", "café", "“测试。”", "他说：", "……", "再见！", "  ", "，",
+              "ok? ", "《书》", "第2版", "ÉCOLE", "中华人民共和国", "研究生命起源", "结婚的和尚未结婚的"]
 
     def paragraph():
         return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25))).strip() or "空"
@@ -290,6 +290,21 @@ def test_output_is_the_old_code_s(tmp_path, zh_corpus, monkeypatch, workers, chu
     prepare(PrepareConfig(input=mixed, out=str(tmp_path / "out"), workers=workers, **MIXED))
     assert digests(tmp_path / "zh") == OLD_OUTPUT["zh"]
     assert digests(tmp_path / "out") == OLD_OUTPUT["mixed"]
+
+
+def test_input_that_changes_between_the_passes_is_an_error(tmp_path, zh_corpus, monkeypatch):
+    reads = []
+
+    def growing(*args, **kwargs):  # a document more on the second read, as if appended meanwhile
+        reads.append(1)
+        yield from iter_paragraphs(*args, **kwargs)
+        if len(reads) > 1:
+            yield True, "多了一篇。"
+
+    monkeypatch.setattr(pretrain.prepare, "iter_paragraphs", growing)
+    with pytest.raises(UserError, match=r"changed while being prepared \(200 documents, then 201\)"):
+        prepare(PrepareConfig(input=zh_corpus, out=str(tmp_path / "out"), vocab_size=300))
+    assert sorted(os.listdir(tmp_path)) == ["zh_corpus.txt"]
 
 
 def test_given_vocab_is_copied(tmp_path, zh_corpus):

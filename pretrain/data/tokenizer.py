@@ -223,12 +223,12 @@ def encode_paragraphs(tok: Tokenizer, paragraphs: list[str], segmenter: Callable
         word_lengths.extend(map(len, segmenter(paragraph)))
         base += len(paragraph)
 
-    word_begins = np.cumsum(word_lengths, dtype=np.int64)
-    if (word_begins[-1] if len(word_begins) else 0) != base:
+    word_lengths = np.asarray(word_lengths, dtype=np.int64)
+    word_ends = np.cumsum(word_lengths)
+    if (word_ends[-1] if len(word_ends) else 0) != base:
         raise RuntimeError("the segmenter's words do not add up to the text")  # the positions below would be wrong
-    word_begins -= np.asarray(word_lengths, dtype=np.int64)
     at_word_begin = np.zeros(base + 1, dtype=bool)
-    at_word_begin[word_begins] = True
+    at_word_begin[word_ends - word_lengths] = True
 
     num_tokens = sum(sentence_tokens)
     ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=num_tokens)
