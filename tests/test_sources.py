@@ -70,6 +70,15 @@ def test_weights_default_to_train_tokens_and_names_are_unique(prepared, second):
     assert [s.name for s in sources] == ["prepared.0", "other", "prepared.2"]
 
 
+def test_a_glob_in_dirs_names_the_shards_in_natural_order(prepared, tmp_path):
+    for i in (10, 2, 1):
+        os.symlink(prepared, tmp_path / f"shard-{i}")
+    sources = read_sources(data_cfg(dirs=[str(tmp_path / "shard-*")]), seed=1)
+    assert [s.name for s in sources] == ["shard-1", "shard-2", "shard-10"]
+    with pytest.raises(UserError, match=r"data.dirs\[0\]=.*/none-\*: matches no directory"):
+        read_sources(data_cfg(dirs=[str(tmp_path / "none-*")]), seed=1)
+
+
 @pytest.fixture(scope="module")
 def other_vocab(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("other_vocab")

@@ -10,8 +10,10 @@ for one corpus.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +69,7 @@ def read_sources(data, seed: int) -> list[DataSource]:
         if data.get("weights") is not None:
             raise UserError("data.weights: goes with data.dirs (one weight per directory), not data.dir")
         return [DataSource(os.path.basename(os.path.normpath(str(single))), str(single), 1.0, load_data_meta(str(single)), seed)]
-    dirs = [str(d) for d in many]
+    dirs = _expand([str(d) for d in many])
     if not dirs:
         raise UserError("data.dirs=[]: name at least one prepared directory")
     metas = [load_data_meta(d, f"data.dirs[{i}]") for i, d in enumerate(dirs)]
@@ -80,6 +82,21 @@ def read_sources(data, seed: int) -> list[DataSource]:
     names = _unique_names(dirs)
     seeds = [seed] + [int(np.random.SeedSequence([SOURCE_STREAM, seed, k]).generate_state(1)[0]) for k in range(1, len(dirs))]
     return [DataSource(n, d, w, m, s) for n, d, w, m, s in zip(names, dirs, weights, metas, seeds)]
+
+
+def _expand(entries: list[str]) -> list[str]:
+    """data.dirs with each glob (`prepared/shard-*`, the shards of a job array) replaced by its directories, in
+    natural order (shard-2 before shard-10)."""
+    out = []
+    for i, entry in enumerate(entries):
+        if not glob.has_magic(entry):
+            out.append(entry)
+            continue
+        matches = [m for m in glob.glob(entry) if os.path.isdir(m)]
+        if not matches:
+            raise UserError(f"data.dirs[{i}]={entry}: matches no directory")
+        out += sorted(matches, key=lambda m: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", m)])
+    return out
 
 
 def _weights(given, metas: list[dict], dirs: list[str]) -> list[float]:
