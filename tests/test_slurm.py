@@ -1,6 +1,7 @@
-"""The Slurm job scripts under a real Slurm: a throwaway cluster of two nodes on this machine (tests/slurm_cluster.py),
+"""The Slurm job scripts under a real Slurm: a throwaway cluster of two nodes on this machine (tests/slurm_cluster.py);
+launch/slurm/prepare.sbatch as a job array over the shards of a corpus, and
 launch/slurm/train.sbatch in both launch modes and both stages, preemption with requeue, a killed rank, and a
-crash mid-checkpoint. Every run is 2 ranks, one per node, CPU fp32, so resumed runs must match an uninterrupted
+crash mid-checkpoint. Every training run is 2 ranks, one per node, CPU fp32, so resumed runs must match an uninterrupted
 one bitwise. Skips when Slurm/munge are missing or the daemons cannot start (`make install-test` installs them)."""
 import json
 import os
