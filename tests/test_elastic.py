@@ -7,7 +7,7 @@ on this configuration, uninterrupted runs on 1 and 2 ranks differed by at most 5
 a final weight, and the resumed runs (2->1, 1->2, 2->3) by at most 5.7e-7 and 1.4e-7 from either; a resume whose
 Adam state was reset to a fresh optimizer's (the counterfactual below) was 2.3e-2 to 1.2e-1 away in loss from the
 first step it updated on, and 5.9e-3 in weights. The tolerances sit in between, with a margin of 100 or more each way. With dropout on (the default), the saved generators cannot
-follow the samples to their new ranks (see checkpoint.elastic_seed) and two uninterrupted runs on 1 and 2 ranks
+follow the samples to their new ranks (see elastic.elastic_seed) and two uninterrupted runs on 1 and 2 ranks
 already differ by up to about 5e-2 per step: the README gives those figures.
 """
 import glob
@@ -118,7 +118,7 @@ def test_resume_on_another_number_of_ranks_follows_the_uninterrupted_run(prepare
 def test_the_optimizer_state_is_carried(prepared, straight, stopped, tmp_path):
     """The same resume from a universal copy whose Adam moments and step count are reset to a fresh optimizer's
     goes elsewhere; the copy being there already, it is used as it is (no second conversion)."""
-    from pretrain.training.checkpoint import convert_universal
+    from pretrain.training.elastic import convert_universal
 
     run = tmp_path / "run"
     shutil.copytree(stopped[2], run)
@@ -142,7 +142,7 @@ def test_the_optimizer_state_is_carried(prepared, straight, stopped, tmp_path):
 
 
 def test_new_ranks_seed_their_generators_from_seed_step_and_rank():
-    from pretrain.training.checkpoint import elastic_seed
+    from pretrain.training.elastic import elastic_seed
 
     seeds = {elastic_seed(1234, step, rank) for step in (3, 4) for rank in range(4)}
     assert len(seeds) == 8 and elastic_seed(1234, 3, 1) == elastic_seed(1234, 3, 1)
