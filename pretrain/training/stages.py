@@ -60,9 +60,10 @@ class _Stage:
         self.activation_checkpointing = bool(cfg.deepspeed.activation_checkpointing)
         self.init_from = cfg.init_from
 
-    def _blend(self, split: str, make) -> torch.utils.data.Dataset:
-        """`make(corpus, seed)`'s dataset of `split`: one source's, or the sources' blended."""
-        datasets = [make(corpora[split], src.seed) for src, corpora in zip(self.sources, self.corpora)]
+    def _train_blend(self, make) -> torch.utils.data.Dataset:
+        """`make(corpus, seed)`'s dataset of the train split: one source's, or the sources' blended (validation is
+        per source)."""
+        datasets = [make(corpora["train"], src.seed) for src, corpora in zip(self.sources, self.corpora)]
         return datasets[0] if len(datasets) == 1 else BlendedDataset(datasets, self.sources)
 
     def valid_loaders(self, geometry: BatchGeometry, rank: int, step: int) -> dict[str, DataLoader]:
@@ -148,7 +149,7 @@ class StructBertStage(_Stage):
         return StructBertDataset(corpus, seq_len=self.seq_len, seed=seed, cfg=self.objective_cfg, **self._token_ids())
 
     def train_dataset(self, geometry: BatchGeometry):
-        return self._blend("train", self.dataset)
+        return self._train_blend(self.dataset)
 
     def valid_dataset(self, corpus: IndexedCorpus, seed: int, step: int) -> StructBertDataset:
         return self.dataset(corpus, seed)
@@ -212,7 +213,7 @@ class PalmStage(_Stage):
 
     def train_dataset(self, geometry: BatchGeometry):
         mlm_until = self.mlm_steps * geometry.global_batch
-        return self._blend("train", lambda corpus, seed: self.dataset(corpus, seed, mlm_until))
+        return self._train_blend(lambda corpus, seed: self.dataset(corpus, seed, mlm_until))
 
     def valid_dataset(self, corpus: IndexedCorpus, seed: int, step: int) -> PalmDataset:
         """Validation follows the phase of the step: masked encoder input while MLM is on, clean after."""
