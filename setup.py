@@ -17,6 +17,7 @@ setup(
         "tqdm",
         "wandb",
         "sacrebleu>=2.3,<3",  # BLEU-4 of the generation tasks (pretrain.finetune; tested with 2.6.0)
+        "matplotlib>=3.7",  # pretrain.summary's loss and accuracy curves (pretrain.plots; tested with 3.11.2)
     ],
     extras_require={
         "hf": ["transformers>=5.24,<6", "safetensors>=0.4"],  # pretrain.export (tested with 5.24.0)

@@ -1,10 +1,14 @@
-"""Summarise a run directory: `python -m pretrain.summary run.dir=<dir>` (several run.dir= for a table)."""
+"""Summarise a run directory: `python -m pretrain.summary run.dir=<dir>` (several run.dir= for a table).
+
+Also draws each run's loss and accuracy curves, one PNG per objective, to <run.dir>/curves/ (pretrain.plots)
+and prints their paths."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 
+from pretrain import plots
 from pretrain.cli import parse
 from pretrain.errors import UserError, exit_on_user_error
 
@@ -92,6 +96,18 @@ def main(argv: list[str]) -> None:
         raise UserError("run.dir is required (python -m pretrain.summary run.dir=<dir> [run.dir=<dir> ...])")
     for d in dirs:
         print(render(summarize(d)))
+        for path in curves(d):
+            print(f"  curves: {path}")
+
+
+def curves(run_dir: str) -> list[str]:
+    """The run's loss and accuracy PNGs (pretrain.plots), written; their paths."""
+    try:
+        return plots.write_curves(run_dir, read_metrics(run_dir))
+    except ImportError as e:
+        raise UserError(f"drawing the curves needs matplotlib ({e}): pip install 'matplotlib>=3.7'") from e
+    except OSError as e:
+        raise UserError(f"run.dir={run_dir}: could not write the curves: {e}") from e
 
 
 if __name__ == "__main__":
