@@ -1,7 +1,7 @@
 """A stage binds a model to its data and objectives. It reads its settings when built (so that a config is
 checked, and every key read, before any rank starts), and the trainer only sees this interface:
 `name`, `objectives`, `weights`, `model_cfg`, `init_source()`, `make_model()`, `train_loader()`,
-`valid_loaders()`, `index()`, `token_counts()`, `phase_columns()`."""
+`valid_loaders()`, `index()`, `token_counts()`, `train_flops()`, `phase_columns()`."""
 from __future__ import annotations
 
 import math
@@ -21,7 +21,7 @@ from pretrain.data.sampling import LengthGroupedStepSampler, StepSampler, eval_b
 from pretrain.data.structbert import StructBertDataset
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
-from pretrain.training import init_from
+from pretrain.training import flops, init_from
 from pretrain.training.config import BatchGeometry, model_config
 
 MAX_STORED_EPOCHS = 4  # a corpus run over more often is small: its later epochs' orders are computed, not stored
@@ -162,6 +162,10 @@ class StructBertStage(_Stage):
     def token_counts(self, batch: dict) -> tuple[int, int]:
         return int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
 
+    def train_flops(self, batch: dict) -> int:
+        """The model FLOPs of training on a host batch (training/flops.py)."""
+        return flops.structbert_train_flops(self.model_cfg, batch)
+
 
 class PalmStage(_Stage):
     """Stage two: decoder LM on the continuation of the encoder's context, plus encoder whole-word MLM during
@@ -231,6 +235,10 @@ class PalmStage(_Stage):
     def token_counts(self, batch: dict) -> tuple[int, int]:
         enc, dec = batch["enc_attention_mask"], batch["dec_attention_mask"]
         return int(enc.sum() + dec.sum()), enc.numel() + dec.numel()
+
+    def train_flops(self, batch: dict) -> int:
+        """The model FLOPs of training on a host batch (training/flops.py)."""
+        return flops.palm_train_flops(self.model_cfg, batch)
 
 
 STAGES = {stage.name: stage for stage in (StructBertStage, PalmStage)}

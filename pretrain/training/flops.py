@@ -1,0 +1,119 @@
+"""Model FLOPs of a training micro-batch, counted on the host from the batch's shapes (no device sync), and the
+devices' peak throughput, for the `tflops` and `mfu` columns of the train rows.
+
+The convention is the usual one for model FLOPs utilisation (Megatron-LM's, PaLM's MFU): only the matrix
+multiplications count, 2 FLOPs per multiply-add; embedding lookups, layer norms, softmax, GELU, dropout, biases and
+the loss are not counted. Padding is counted: the formula takes the padded shapes, which is what is computed.
+With h = model.hidden, f = model.ffn, V = the (padded) vocabulary, per forward of a micro-batch of B samples:
+
+- encoder layer, over S encoder token slots per sample: 2·B·S·(4h² + 2·h·f) for the QKV and output projections and
+  the FFN, plus 2·2·B·S²·h for the attention (QKᵀ and PV).
+- decoder layer (stage two), over T decoder token slots: self-attention projections 2·B·T·4h², cross-attention
+  query and output projections 2·B·T·2h², cross-attention key/value projections 2·B·S·2h² (on the encoder's
+  tokens), FFN 2·B·T·2·h·f, self-attention scores 2·2·B·T²·h counted in full (the causal half is computed too:
+  SDPA on CPU, and the math reference, mask a full T×T product; a causal GPU kernel skips about half of it, so
+  the figure there is a little high), cross-attention 2·2·B·T·S·h.
+- heads: the models project the vocabulary only at predicted positions. The MLM head (dense h² + vocabulary h·V)
+  at each position with a label (stage one: an MLM or a word-structure label; stage two: an MLM label on the
+  encoder), stage two's LM projection h·V at each decoder position with a label, stage one's sentence head
+  (pooler h² + classifier h·sso_classes) once per sample, each ×2. Stage two's frozen sentence head is not run.
+  With model.copy (PALM's pointer-generator, not PLUG's): the context 2·B·T·S·h and the gate 2·2h per label.
+
+Training is forward × 3 (the backward is twice the forward). With activation checkpointing every encoder and
+decoder layer is run forward once more in the backward: ×4 for the layers, the heads staying ×3. The recompute is
+work the device does, so it is counted (PaLM would call the ratio to the peak hardware FLOPs utilisation, HFU,
+keeping MFU for the ×3 figure). One exception, not modelled: torch's non-reentrant checkpoint stops recomputing
+once it has every tensor the backward needs, and with pre-LN and dropout 0 nothing needs the FFN's output, so its
+down projection (2·B·S·h·f a layer) is not recomputed; with dropout > 0 (every conf/model option) or post-LN it is.
+
+tests/test_flops.py checks all of this against torch's FlopCounterMode on the real models.
+"""
+from __future__ import annotations
+
+from pretrain.data.masking import IGNORE
+from pretrain.models.config import ModelConfig
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (no sparsity), matched in this order on a substring of
+# torch.cuda.get_device_name(). MFU is against this peak whatever the run's precision (the usual convention), so an
+# fp32 run's MFU is low by construction. The PCIe cards run slower clocks than the SXM ones the short names mean.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),  # the H100's chip with more and faster memory
+    ("A100", 312.0),
+    ("V100-PCIE", 112.0),
+    ("V100", 125.0),
+)
+
+
+def encoder_layer_flops(cfg: ModelConfig, b: int, s: int) -> int:
+    """One encoder layer's forward over B samples of S token slots."""
+    h, f = cfg.hidden, cfg.ffn
+    return 2 * b * s * (4 * h * h + 2 * h * f) + 2 * 2 * b * s * s * h
+
+
+def decoder_layer_flops(cfg: ModelConfig, b: int, t: int, s: int) -> int:
+    """One decoder layer's forward over B samples of T decoder and S encoder token slots."""
+    h, f = cfg.hidden, cfg.ffn
+    projections = 2 * b * t * (4 * h * h + 2 * h * h + 2 * h * f) + 2 * b * s * 2 * h * h
+    return projections + 2 * 2 * b * t * t * h + 2 * 2 * b * t * s * h
+
+
+def _predicted(labels) -> int:
+    return int((labels != IGNORE).sum())
+
+
+def structbert_forward_flops(cfg: ModelConfig, batch: dict) -> tuple[int, int]:
+    """(layers, heads): stage one's forward FLOPs of a micro-batch, split as activation checkpointing needs."""
+    b, s = batch["input_ids"].shape
+    h = cfg.hidden
+    layers = cfg.layers * encoder_layer_flops(cfg, b, s)
+    predicted = int(((batch["mlm_labels"] != IGNORE) | (batch["wso_labels"] != IGNORE)).sum())
+    heads = 2 * predicted * (h * h + h * cfg.vocab_size) + 2 * b * (h * h + h * cfg.sso_classes)
+    return layers, heads
+
+
+def palm_forward_flops(cfg: ModelConfig, batch: dict) -> tuple[int, int]:
+    """(layers, heads): stage two's forward FLOPs of a micro-batch."""
+    b, s = batch["enc_input_ids"].shape
+    t = batch["dec_input_ids"].shape[1]
+    h, v = cfg.hidden, cfg.vocab_size
+    layers = cfg.layers * encoder_layer_flops(cfg, b, s) + cfg.decoder_layers * decoder_layer_flops(cfg, b, t, s)
+    lm = _predicted(batch["dec_labels"])
+    heads = 2 * _predicted(batch["mlm_labels"]) * (h * h + h * v) + 2 * lm * h * v
+    if cfg.copy:
+        heads += 2 * b * t * s * h + 2 * lm * 2 * h
+    return layers, heads
+
+
+def train_flops(cfg: ModelConfig, forward: tuple[int, int]) -> int:
+    """Forward, backward (twice the forward) and, with activation checkpointing, the layers' recompute."""
+    layers, heads = forward
+    return (4 if cfg.activation_checkpointing else 3) * layers + 3 * heads
+
+
+def structbert_train_flops(cfg: ModelConfig, batch: dict) -> int:
+    return train_flops(cfg, structbert_forward_flops(cfg, batch))
+
+
+def palm_train_flops(cfg: ModelConfig, batch: dict) -> int:
+    return train_flops(cfg, palm_forward_flops(cfg, batch))
+
+
+def lookup_peak(device_name: str) -> float | None:
+    """The table's peak for a device name, None when it has none."""
+    for key, peak in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def peak_tflops(override: float | None) -> float | None:
+    """train.peak_tflops if given, else this GPU's peak from the table; None on CPU or an unknown GPU (no MFU)."""
+    if override is not None:
+        return override
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return lookup_peak(torch.cuda.get_device_name())
