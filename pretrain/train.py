@@ -27,7 +27,8 @@ from pretrain.training.config import (
     BatchGeometry, RunSettings, batch_geometry, deepspeed_config, run_settings,
 )  # fmt: skip
 from pretrain.training.engine import build_model, initialize
-from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row
+from pretrain.training.flops import peak_tflops
+from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row, throughput_columns
 from pretrain.training.stages import PalmStage, StructBertStage, build_stage
 from pretrain.training.stopping import StopRequest
 
@@ -100,6 +101,7 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # 3. Train.
     batches = iter(loader)
     window = Window(stage.objectives)
+    peak = peak_tflops(s.peak_tflops)  # None: no mfu column value (CPU, or a GPU the table lacks)
     bar = tqdm(total=s.max_steps, initial=step, disable=info.rank != 0 or not s.progress, desc="train")
     engine.train()
     while step < s.stop_at:
@@ -107,17 +109,19 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
         for _ in range(geometry.accum):
             host_batch = next(batches)
             counts = stage.token_counts(host_batch)  # counted on the host: no device sync
+            flops = stage.train_flops(host_batch)  # from the host batch's shapes and labels, likewise
             loss, stats = engine({k: v.to(engine.device) for k, v in host_batch.items()}, stage.weights)
             engine.backward(loss)
             engine.step()  # DeepSpeed updates only at the accumulation boundary
-            window.add(stats, *counts)
+            window.add(stats, *counts, flops=flops)
         step += 1
         window.mark_step()
         bar.update(1)
         stopping = step < s.stop_at and stop.requested()  # collective: every rank agrees on the step
-        if step % s.log_every == 0 or step == s.stop_at or stopping:
-            row = metrics_row(step, "train", window.reduce(), stage.weights, stage.phase_columns(step),
-                              engine_columns(engine, lr))  # fmt: skip
+        if step % s.log_every == 0 or step == s.stop_at or stopping:  # every rank: the columns are collectives
+            reduced = window.reduce()
+            row = metrics_row(step, "train", reduced, stage.weights, stage.phase_columns(step),
+                              {**engine_columns(engine, lr), **throughput_columns(reduced, peak)})  # fmt: skip
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if step % s.eval_every == 0 or step == s.max_steps:

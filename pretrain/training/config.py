@@ -5,6 +5,7 @@ Everything here runs before any rank writes a file, so bad settings fail with on
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class RunSettings:
     wandb: WandbSettings
     hardware: str  # the deepspeed group's option
     precision: str
+    peak_tflops: float | None  # train.peak_tflops: the device's peak for the mfu column; None = training/flops.py's table
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
@@ -91,6 +93,16 @@ def run_settings(cfg: DictConfig) -> RunSettings:
     elastic = t.get("elastic", False)  # pretrain.finetune's config has no such key: it resumes on the same ranks
     if not isinstance(elastic, bool):
         raise UserError(f"train.elastic={elastic}: must be true or false")
+    peak = t.get("peak_tflops")  # pretrain.finetune's config has no such key: its rows have no throughput columns
+    if peak is not None:
+        try:
+            if isinstance(peak, bool):
+                raise TypeError
+            peak = float(peak)
+        except (TypeError, ValueError):
+            raise UserError(f"train.peak_tflops={peak}: must be a number > 0 (TFLOP/s) or null") from None
+        if not peak > 0 or math.isinf(peak):
+            raise UserError(f"train.peak_tflops={t.peak_tflops}: must be a number > 0 (TFLOP/s) or null")
     ds = cfg.deepspeed  # its precision is checked by deepspeed_config
     return RunSettings(
         run_dir=str(cfg.run.dir), seed=int(cfg.seed), max_steps=int(t.max_steps),
@@ -99,6 +111,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         keep_last=int(t.keep_last), resume=str(t.resume), elastic=elastic, stop_file=str(t.stop_file),
         weight_decay=float(t.weight_decay), timeout_s=float(cfg.dist.timeout_s), progress=bool(cfg.logger.progress),
         wandb=WandbSettings(str(w.mode), str(w.project), w.name), hardware=str(ds.name), precision=str(ds.precision),
+        peak_tflops=peak,
     )  # fmt: skip
 
 

@@ -99,6 +99,11 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def world_size() -> int:
+    """The process group's size; 1 before it is joined (or in a lone process)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 import uuid
 
 from pretrain.training.config import WandbSettings
-from pretrain.training.distributed import all_reduce_sum
+from pretrain.training.distributed import all_reduce_sum, gather_objects, world_size
 
 
 class Window:
-    """Sums (loss, correct, count) per objective, the real tokens and the padded batch sizes, until `reduce()`.
+    """Sums (loss, correct, count) per objective, the real tokens, the padded batch sizes and the model FLOPs
+    (training/flops.py, counted on the host), until `reduce()`.
 
     The models hand their statistics over as tensors (on the GPU, a float() per micro-batch would wait for the
     device each time); they are read once, when the window is reduced at a log step, and summed in the order
@@ -27,14 +29,17 @@ class Window:
         self.pending: list[dict[str, tuple]] = []
         self.tokens = 0.0
         self.padded = 0.0
+        self.flops = 0.0
         self.steps = 0
         self.started = time.perf_counter()
 
-    def add(self, stats: dict[str, tuple], tokens: int, padded: int) -> None:
-        """stats: objective -> (summed loss, correct count, count), tensors or numbers."""
+    def add(self, stats: dict[str, tuple], tokens: int, padded: int, flops: float = 0.0) -> None:
+        """stats: objective -> (summed loss, correct count, count), tensors or numbers; flops: the micro-batch's
+        model FLOPs (train windows; evaluation leaves them 0)."""
         self.pending.append(stats)
         self.tokens += tokens
         self.padded += padded
+        self.flops += flops
 
     def sums(self) -> dict[str, list[float]]:
         """Per objective [loss sum, correct, count] over the window so far (reads the pending tensors)."""
@@ -51,9 +56,11 @@ class Window:
 
     def reduce(self) -> dict:
         """Means over every rank: `<name>_loss`, `<name>_acc` (None where nothing was predicted), tokens_per_s,
-        and `padding`, the share of the batches' token slots that held padding (compute spent on nothing)."""
+        `padding`, the share of the batches' token slots that held padding (compute spent on nothing), and
+        `tflops`, the model TFLOP/s per rank (the ranks' FLOPs summed, over the ranks and this rank's seconds;
+        None when no FLOPs were added)."""
         sums = self.sums()
-        flat = [v for name in self.objectives for v in sums[name]] + [self.tokens, self.padded]
+        flat = [v for name in self.objectives for v in sums[name]] + [self.tokens, self.padded, self.flops]
         flat = all_reduce_sum(flat)
         out = {}
         for i, name in enumerate(self.objectives):
@@ -62,11 +69,12 @@ class Window:
             out[f"{name}_acc"] = correct / n if n else None
             out[f"{name}_count"] = int(n)
         elapsed = time.perf_counter() - self.started
-        tokens, padded = flat[-2:]
+        tokens, padded, flops = flat[-3:]
         out["tokens"] = int(tokens)
         out["tokens_per_s"] = tokens / elapsed if elapsed > 0 else None
         out["padding"] = 1.0 - tokens / padded if padded else None
         out["step_time_s"] = elapsed / self.steps if self.steps else None
+        out["tflops"] = flops / world_size() / elapsed / 1e12 if flops and elapsed > 0 else None
         self.reset()
         return out
 
@@ -75,7 +83,7 @@ def metrics_row(step: int, split: str, reduced: dict, weights: dict[str, float],
                 engine_columns: dict | None = None) -> dict:
     """One row of metrics.jsonl: the weighted loss and each objective's loss and accuracy (over `weights`, the
     stage's objectives), the stage's phase columns, on valid rows a language model's perplexity, throughput and,
-    on train rows, the engine's columns (engine_columns)."""
+    on train rows, the engine's columns (engine_columns, throughput_columns)."""
     row = {"step": step, "split": split, "loss": sum(w * (reduced[f"{k}_loss"] or 0.0) for k, w in weights.items())}
     for k in weights:
         row[f"{k}_loss"], row[f"{k}_acc"] = reduced[f"{k}_loss"], reduced[f"{k}_acc"]
@@ -92,6 +100,28 @@ def engine_columns(engine, lr: float) -> dict:
     """A train row's optimizer columns: the rate the step applied, the gradient norm, and fp16_columns."""
     norm = engine.get_global_grad_norm()
     return {"lr": lr, "grad_norm": None if norm is None else float(norm), **fp16_columns(engine)}
+
+
+def throughput_columns(reduced: dict, peak_tflops: float | None) -> dict:
+    """A train row's throughput columns: `tflops` (Window.reduce), `mfu` = tflops / peak_tflops (None without a
+    peak: on CPU, or a GPU missing from training/flops.py's table, unless train.peak_tflops gives it), and the
+    ranks' peak memory (peak_memory_gb): `peak_mem_gb`, the largest (the rank that would run out first), and
+    `peak_mem_gb_per_rank` in rank order. Collective: every rank calls it at the same log step."""
+    tflops = reduced["tflops"]
+    per_rank = [float(m) for m in gather_objects(peak_memory_gb())]
+    return {"tflops": tflops, "mfu": tflops / peak_tflops if tflops is not None and peak_tflops else None,
+            "peak_mem_gb": max(per_rank), "peak_mem_gb_per_rank": per_rank}  # fmt: skip
+
+
+def peak_memory_gb() -> float:
+    """This process's peak memory since it started, in GiB (2**30 bytes): on a GPU the most the caching allocator
+    had allocated (torch.cuda.max_memory_allocated: tensors, not the allocator's reserve nor the CUDA context); on
+    CPU the peak resident set size (ru_maxrss, kB on Linux), which includes the Python process itself."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
 
 
 def fp16_columns(engine) -> dict:
