@@ -13,7 +13,7 @@ from torch import nn
 
 from pretrain.data.masking import IGNORE
 from pretrain.models.config import ModelConfig
-from pretrain.models.layers import Encoder, init_weights, masked_ce
+from pretrain.models.layers import Dropout, Encoder, init_weights, masked_ce
 
 
 class _EncoderClassifier(nn.Module):
@@ -26,7 +26,7 @@ class _EncoderClassifier(nn.Module):
         self.encoder = Encoder(cfg)
         if pooler:
             self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.hidden, num_labels)
         init_weights(self, cfg.init_std)
 

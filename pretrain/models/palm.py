@@ -17,8 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.data.masking import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import (
-    Embeddings, Encoder, FeedForward, MLMHead, SelfAttention, SentenceHead, attend, init_weights, masked_ce,
-    padding_mask,
+    Dropout, Embeddings, Encoder, FeedForward, MLMHead, Packing, SelfAttention, SentenceHead, attend, init_weights,
+    masked_ce, padding_mask,
 )  # fmt: skip
 
 
@@ -56,9 +56,12 @@ class DecoderCache:
 class CausalSelfAttention(SelfAttention):
     """model.SelfAttention's parameters (so encoder layers can initialise it), causal, with a key/value cache."""
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        b, t, h = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, packing: Packing | None = None) -> torch.Tensor:
+        """x: [B, T, H], or [N, H] real rows with their packing (training only: no cache)."""
+        qkv = self.qkv(x) if packing is None else packing.unpack(self.qkv(x))
+        b, t, h3 = qkv.shape
+        h = h3 // 3
+        q, k, v = qkv.view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
         past = 0
         if cache is not None:
             if cache.k is not None:
@@ -69,7 +72,8 @@ class CausalSelfAttention(SelfAttention):
         if t > 1 and past > 0:  # several new queries after a cache: query i sits at position past + i
             mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
         y, _ = attend(q, k, v, mask, t > 1 and past == 0, self.attn_dropout, self.training, self.impl)
-        return self.out(y.transpose(1, 2).reshape(b, t, h))
+        y = y.transpose(1, 2).reshape(b, t, h)
+        return self.out(y if packing is None else packing.pack(y))
 
 
 class CrossAttention(nn.Module):
@@ -81,22 +85,27 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(cfg.hidden, cfg.hidden)
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor, cache: LayerCache | None, need_probs: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """mask: [B, 1, 1, S] bool, True = real source token. Returns the output and, if need_probs, the
-        attention probabilities averaged over heads [B, T, S] (before dropout: the copy distribution)."""
-        b, t, h = x.shape
-        d = h // self.heads
+        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor, cache: LayerCache | None, need_probs: bool,
+        packing: Packing | None = None, memory_packing: Packing | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """mask: [B, 1, 1, S] bool, True = real source token. x: [B, T, H] or, with packing, [N, H]; memory:
+        [B, S, H] or, with memory_packing, its real rows. Returns the output (x's layout) and, if need_probs,
+        the attention probabilities averaged over heads [B, T, S] (before dropout: the copy distribution)."""
         if cache is not None and cache.cross_k is not None:
             k, v = cache.cross_k, cache.cross_v
         else:
-            k, v = self.kv(memory).view(b, memory.shape[1], 2, self.heads, d).permute(2, 0, 3, 1, 4)
+            kv = self.kv(memory) if memory_packing is None else memory_packing.unpack(self.kv(memory))
+            b, s, h2 = kv.shape
+            k, v = kv.view(b, s, 2, self.heads, h2 // (2 * self.heads)).permute(2, 0, 3, 1, 4)
             if cache is not None:
                 cache.cross_k, cache.cross_v = k, v
-        q = self.q(x).view(b, t, self.heads, d).transpose(1, 2)
+        q = self.q(x) if packing is None else packing.unpack(self.q(x))
+        b, t, h = q.shape
+        q = q.view(b, t, self.heads, h // self.heads).transpose(1, 2)
         # the copy distribution needs the probabilities, which SDPA does not return: attend computes them by hand
         y, a = attend(q, k, v, mask, False, self.attn_dropout, self.training, self.impl, need_probs)
-        return self.out(y.transpose(1, 2).reshape(b, t, h)), None if a is None else a.mean(1)
+        y = y.transpose(1, 2).reshape(b, t, h)
+        return self.out(y if packing is None else packing.pack(y)), None if a is None else a.mean(1)
 
 
 class DecoderLayer(nn.Module):
@@ -109,18 +118,19 @@ class DecoderLayer(nn.Module):
         self.cross_attn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
         self.ffn = FeedForward(cfg)
         self.ffn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor, cache: LayerCache | None, need_probs: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor, cache: LayerCache | None, need_probs: bool,
+        packing: Packing | None = None, memory_packing: Packing | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         if self.pre_ln:
-            x = x + self.drop(self.self_attn(self.self_attn_norm(x), cache))
-            y, probs = self.cross_attn(self.cross_attn_norm(x), memory, mask, cache, need_probs)
+            x = x + self.drop(self.self_attn(self.self_attn_norm(x), cache, packing))
+            y, probs = self.cross_attn(self.cross_attn_norm(x), memory, mask, cache, need_probs, packing, memory_packing)
             x = x + self.drop(y)
             return x + self.drop(self.ffn(self.ffn_norm(x))), probs
-        x = self.self_attn_norm(x + self.drop(self.self_attn(x, cache)))
-        y, probs = self.cross_attn(x, memory, mask, cache, need_probs)
+        x = self.self_attn_norm(x + self.drop(self.self_attn(x, cache, packing)))
+        y, probs = self.cross_attn(x, memory, mask, cache, need_probs, packing, memory_packing)
         x = self.cross_attn_norm(x + self.drop(y))
         return self.ffn_norm(x + self.drop(self.ffn(x))), probs
 
@@ -134,21 +144,32 @@ class Decoder(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, embeddings: Embeddings, memory: torch.Tensor, enc_attention_mask: torch.Tensor,
-        cache: DecoderCache | None = None, copy_probs: bool = False,
+        cache: DecoderCache | None = None, copy_probs: bool = False, attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """input_ids: the tokens not yet in the cache. Returns the final hidden states and, if copy_probs,
-        the last layer's head-averaged cross-attention probabilities [B, T, S]."""
+        """input_ids: the tokens not yet in the cache. Returns the final hidden states [B, T, H] and, if
+        copy_probs, the last layer's head-averaged cross-attention probabilities [B, T, S].
+
+        attention_mask (training, no cache): the decoder's real tokens [B, T]. The position-wise work then runs
+        on the real decoder and encoder rows only (layers.Packing), and padding positions come out as zeros."""
         x = embeddings(input_ids, torch.zeros_like(input_ids), 0 if cache is None else cache.length)
         mask = padding_mask(enc_attention_mask)
+        packing = Packing.of(attention_mask) if cache is None else None
+        memory_packing = Packing.of(enc_attention_mask) if cache is None and attention_mask is not None else None
+        if packing is not None:
+            x = packing.pack(x)
+        if memory_packing is not None:
+            memory = memory_packing.pack(memory)
         probs = None
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             need = copy_probs and i == len(self.layers) - 1
             if self.checkpointing and self.training:
-                x, probs = checkpoint(layer, x, memory, mask, layer_cache, need, use_reentrant=False)
+                x, probs = checkpoint(layer, x, memory, mask, layer_cache, need, packing, memory_packing,
+                                      use_reentrant=False)  # fmt: skip
             else:
-                x, probs = layer(x, memory, mask, layer_cache, need)
-        return self.final_norm(x), probs
+                x, probs = layer(x, memory, mask, layer_cache, need, packing, memory_packing)
+        x = self.final_norm(x)
+        return (x if packing is None else packing.unpack(x)), probs
 
 
 class Palm(nn.Module):
@@ -182,7 +203,8 @@ class Palm(nn.Module):
         mlm_labels, lm_labels = batch["mlm_labels"], batch["dec_labels"]
         mlm_at, lm_at = mlm_labels != IGNORE, lm_labels != IGNORE
         mlm = masked_ce(self.mlm_head(memory[mlm_at], word), mlm_labels[mlm_at])
-        h, probs = self.decoder(batch["dec_input_ids"], self.encoder.embeddings, memory, enc_mask, None, self.cfg.copy)
+        h, probs = self.decoder(batch["dec_input_ids"], self.encoder.embeddings, memory, enc_mask, None, self.cfg.copy,
+                                batch["dec_attention_mask"])  # fmt: skip
         lm = masked_ce(self._vocab_scores(h, probs, memory, enc_ids, lm_at), lm_labels[lm_at])
         loss = weights["lm"] * lm[0] + weights["mlm"] * mlm[0]
         stats = {}

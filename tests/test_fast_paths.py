@@ -1,0 +1,167 @@
+"""The speed levers of bench/speed.py, each held to its plain path: the CPU lane dropout (its rate, scaling,
+independence, gradient and seeding) and unpadded (packed) execution of the encoder and decoder (outputs and
+gradients equal to the padded computation)."""
+import pytest
+import torch
+
+from pretrain.models import layers
+from pretrain.models.config import ModelConfig
+from pretrain.models.layers import Packing, attend, dropout
+from pretrain.models.palm import Palm
+from pretrain.models.structbert import StructBert
+from tests.test_model import batch as stage_one_batch
+from tests.test_palm_model import batch as stage_two_batch
+
+P = 0.1
+
+
+def test_lane_dropout_rate_scale_and_independence():
+    torch.manual_seed(0)
+    x = torch.rand(1 << 20) + 0.5  # no zeros of its own
+    y = dropout(x, P, True)
+    dropped = y == 0
+    # 1M Bernoulli(0.1) draws: standard error 3e-4; 5 of them
+    assert abs(float(dropped.float().mean()) - P) < 1.5e-3
+    torch.testing.assert_close(y[~dropped], x[~dropped] / (1 - P), rtol=1e-6, atol=0)
+    # both 32-bit lanes of one 64-bit draw are used, independently: neighbours drop together p^2 of the time
+    both = (dropped[0::2] & dropped[1::2]).float().mean()
+    assert abs(float(both) - P * P) < 1.5e-3
+    # an odd number of elements (half a draw left over) and any shape
+    z = dropout(torch.ones(3, 5, 7), 0.5, True)
+    assert z.shape == (3, 5, 7) and set(z.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_lane_dropout_gradient_uses_the_forward_mask():
+    x = (torch.rand(4096) + 0.5).requires_grad_()
+    g = torch.randn(4096)
+    torch.manual_seed(1)
+    y = dropout(x, P, True)
+    y.backward(g)
+    dropped = y.detach() == 0
+    torch.testing.assert_close(x.grad, torch.where(dropped, 0.0, g / (1 - P)))
+    x.grad = None
+    torch.manual_seed(1)  # the same mask, without the rescaling
+    y = dropout(x, P, True, rescale=False)
+    y.backward(g)
+    assert torch.equal(y.detach(), torch.where(dropped, 0.0, x.detach()))
+    assert torch.equal(x.grad, torch.where(dropped, 0.0, g))
+
+
+def test_lane_dropout_follows_torch_seed_and_is_off_in_eval():
+    x = torch.ones(1000)
+    torch.manual_seed(7)
+    a = dropout(x, P, True)
+    torch.manual_seed(7)
+    b = dropout(x, P, True)
+    c = dropout(x, P, True)  # the generator moved on: another mask
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    assert dropout(x, P, False) is x and dropout(x, 0.0, True) is x
+    with pytest.raises(ValueError, match="must be in"):
+        dropout(x, 1.0, True)
+
+
+def test_attention_dropout_rescales_after_the_product():
+    """attend's CPU path applies the mask to the probabilities and 1 / (1 - p) to probs @ v: the same as
+    dropping and rescaling the probabilities (the plain formula), mask for mask."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    torch.manual_seed(3)
+    y, _ = attend(q, k, v, mask, False, P, True, "sdpa")
+    probs = ((q * 0.5) @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")).softmax(-1)
+    torch.manual_seed(3)
+    want = dropout(probs, P, True) @ v
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    # without dropout: SDPA itself, equal to the plain formula
+    torch.testing.assert_close(attend(q, k, v, mask, False, P, False, "sdpa")[0], probs @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_packing_round_trip_and_no_padding():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    x = torch.arange(8.0).view(2, 4, 1)
+    p = Packing(mask)
+    assert p.pack(x).flatten().tolist() == [0.0, 1.0, 2.0, 4.0]
+    assert p.unpack(p.pack(x)).flatten().tolist() == [0.0, 1.0, 2.0, 0.0, 4.0, 0.0, 0.0, 0.0]
+    assert Packing.of(torch.ones(2, 4, dtype=torch.bool)) is None and Packing.of(None) is None
+
+
+@pytest.fixture
+def padded_reference(monkeypatch):
+    """Within the block, every layer computes the padded positions too (what transformers does)."""
+
+    def use():
+        monkeypatch.setattr(layers.Packing, "of", staticmethod(lambda mask: None))
+
+    return use
+
+
+def grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def loss_and_grads(make, b, weights):
+    model = make().train()
+    loss, _ = model(b, weights)
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+def assert_same(a, b):
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("pre_ln,checkpointing", [(True, False), (False, False), (True, True)])
+def test_packed_stage_one_equals_padded(pre_ln, checkpointing, padded_reference):
+    cfg = ModelConfig(vocab_size=50, hidden=32, layers=2, heads=4, ffn=64, max_positions=64, pre_ln=pre_ln,
+                      dropout=0.0, attn_dropout=0.0, activation_checkpointing=checkpointing)  # fmt: skip
+
+    def make():
+        torch.manual_seed(0)
+        return StructBert(cfg)
+
+    b = stage_one_batch(b=2, t=12)
+    b["attention_mask"][1, 8:] = False  # padding in the second row (no labels there)
+    b["input_ids"][1, 8:] = 0
+    weights = {"mlm": 1.0, "wso": 1.0, "sso": 1.0}
+    model = make().eval()
+    assert Packing.of(b["attention_mask"]) is not None
+    h = model.encoder(b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    assert h[1, 8:].abs().max() == 0  # packed: padding positions are zeros
+    packed = loss_and_grads(make, b, weights)
+    padded_reference()
+    h_ref = model.encoder(b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    torch.testing.assert_close(h[b["attention_mask"]], h_ref[b["attention_mask"]], rtol=1e-5, atol=1e-6)
+    assert_same(packed, loss_and_grads(make, b, weights))
+
+
+@pytest.mark.parametrize("copy,pre_ln,checkpointing", [(False, True, False), (True, True, False), (False, False, True)])
+def test_packed_stage_two_equals_padded(copy, pre_ln, checkpointing, padded_reference):
+    cfg = ModelConfig(vocab_size=50, hidden=32, layers=2, heads=4, ffn=64, max_positions=64, decoder_layers=2,
+                      pre_ln=pre_ln, copy=copy, dropout=0.0, attn_dropout=0.0,
+                      activation_checkpointing=checkpointing)  # fmt: skip
+
+    def make():
+        torch.manual_seed(0)
+        return Palm(cfg)
+
+    b = stage_two_batch()  # padded on both sides
+    weights = {"lm": 1.0, "mlm": 0.5}
+    packed = loss_and_grads(make, b, weights)
+    padded_reference()
+    assert_same(packed, loss_and_grads(make, b, weights))
+
+
+def test_packed_training_with_dropout_keeps_the_rate():
+    """Dropout on packed rows draws only for real tokens: the layer output's dropped share is still p."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 64, 32) + 0.5
+    mask = torch.ones(4, 64, dtype=torch.bool)
+    mask[:, 40:] = False
+    p = Packing(mask)
+    y = p.unpack(dropout(p.pack(x), 0.5, True))
+    assert y[~mask].abs().max() == 0
+    assert abs(float((y[mask] == 0).float().mean()) - 0.5) < 0.05
