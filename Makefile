@@ -28,7 +28,7 @@ SENTIMENT = task=classification data.dir=$(DEMO_DATA)/tasks/sentiment task.max_l
 
 LONGER_RUN = $(DEMO_RUN)/structbert_x2
 
-.PHONY: install install-test demo finetune-demo finetune-study finetune-longer compare test clean-demo
+.PHONY: install install-test demo finetune-demo finetune-study finetune-longer compare test clean-demo bench-speed
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -115,6 +115,11 @@ test: install-test
 
 clean-demo:
 	rm -rf $(DEMO_RUN)
+
+# After `make demo` (its prepared corpus): tokens/s against transformers' BERT and BART side by side, the data
+# loader against a step, ZeRO-3's overhead; see bench/speed.py (about 12 minutes here).
+bench-speed: install
+	$(PYTHON) bench/speed.py --data $(DEMO_DATA)/prepared
 
 # Throughput and peak memory of pretrain.prepare, 1 worker against 2, on a generated corpus of BENCH_GB gigabytes
 # (deleted afterwards); see bench/prepare_scale.py.
