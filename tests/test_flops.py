@@ -38,7 +38,7 @@ def stage_one_batch(b=2, s=6, mlm_at=((0, 1), (1, 2)), wso_at=((0, 4), (1, 2))) 
 def stage_two_batch(b=2, s=6, t=4, mlm_at=((0, 1), (1, 3)), lm_at=((0, 0), (0, 1), (0, 2), (1, 0), (1, 3))) -> dict:
     g = torch.Generator().manual_seed(0)
     enc_mask, dec_mask = torch.ones(b, s, dtype=torch.bool), torch.ones(b, t, dtype=torch.bool)
-    enc_mask[1, -2:] = False  # padding: computed all the same, so counted
+    enc_mask[1, -2:] = False  # padding: the projections and FFN skip it (Packing), attention does not
     return {
         "enc_input_ids": torch.randint(5, 32, (b, s), generator=g), "enc_attention_mask": enc_mask,
         "mlm_labels": labels((b, s), mlm_at), "dec_input_ids": torch.randint(5, 32, (b, t), generator=g),
@@ -62,24 +62,26 @@ def test_stage_one_by_hand():
 
 
 def test_stage_two_by_hand():
-    """The same encoder over 6 encoder slots (two of them padding) and 2 decoder layers over 4 decoder slots;
-    2 MLM positions on the encoder, 5 decoder labels."""
-    B, S, T, h, f, V = 2, 6, 4, 8, 16, 32
+    """The same encoder over 6 encoder slots (two of them padding: N = 10 real rows of 12) and 2 decoder layers
+    over 4 decoder slots (M = 8, no padding); 2 MLM positions on the encoder, 5 decoder labels."""
+    B, S, T, h, f, V, N, M = 2, 6, 4, 8, 16, 32, 10, 8
+    encoder_layer = 2 * N * (4 * h * h + 2 * h * f) + 2 * 2 * B * S * S * h  # attention over the padded square
+    assert encoder_layer == 10240 + 2304 == 12544
     decoder_layer = (
-        2 * B * T * 4 * h * h  # self-attention QKV + out: 4096
-        + 2 * B * T * 2 * h * h  # cross-attention q + out: 2048
-        + 2 * B * S * 2 * h * h  # cross-attention k, v over the encoder's tokens: 3072
-        + 2 * B * T * 2 * h * f  # FFN: 4096
+        2 * M * 4 * h * h  # self-attention QKV + out: 4096
+        + 2 * M * 2 * h * h  # cross-attention q + out: 2048
+        + 2 * N * 2 * h * h  # cross-attention k, v over the encoder's real tokens: 2560
+        + 2 * M * 2 * h * f  # FFN: 4096
         + 2 * 2 * B * T * T * h  # self-attention scores and PV, the full square: 1024
         + 2 * 2 * B * T * S * h  # cross-attention: 1536
     )  # fmt: skip
-    assert decoder_layer == 4096 + 2048 + 3072 + 4096 + 1024 + 1536 == 15872
-    layers = 2 * 14592 + 2 * 15872
+    assert decoder_layer == 4096 + 2048 + 2560 + 4096 + 1024 + 1536 == 15360
+    layers = 2 * 12544 + 2 * 15360
     heads = 2 * 2 * (h * h + h * V) + 2 * 5 * h * V
     assert heads == 1280 + 2560
     cfg = config(decoder_layers=2)
     assert flops.palm_forward_flops(cfg, stage_two_batch()) == (layers, heads)
-    assert flops.palm_train_flops(cfg, stage_two_batch()) == 3 * 60928 + 3 * 3840 == 194304
+    assert flops.palm_train_flops(cfg, stage_two_batch()) == 3 * 55808 + 3 * 3840 == 178944
     # After the MLM phase (no MLM labels) only the LM projection is left of the heads.
     no_mlm = stage_two_batch(mlm_at=())
     assert flops.palm_forward_flops(cfg, no_mlm) == (layers, 2560)
@@ -105,6 +107,8 @@ def test_stage_one_matches_the_flop_counter(checkpointing, pre_ln):
     torch.manual_seed(0)
     batch = stage_one_batch(b=3, s=16, mlm_at=[(0, 1), (1, 5), (2, 9)], wso_at=[(0, 3), (2, 4)])
     assert counted(StructBert(cfg), batch, STAGE_ONE_WEIGHTS) == flops.structbert_train_flops(cfg, batch)
+    batch["attention_mask"][1, 11:] = False  # padding: the model packs the real rows, the formula follows
+    assert counted(StructBert(cfg), batch, STAGE_ONE_WEIGHTS) == flops.structbert_train_flops(cfg, batch)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -113,6 +117,8 @@ def test_stage_two_matches_the_flop_counter(checkpointing, pre_ln, copy):
     cfg = config(attention="math", activation_checkpointing=checkpointing, pre_ln=pre_ln, copy=copy, decoder_layers=2)
     torch.manual_seed(0)
     batch = stage_two_batch(b=3, s=10, t=7, lm_at=[(0, 0), (1, 3), (2, 6), (2, 1)])
+    assert counted(Palm(cfg), batch, STAGE_TWO_WEIGHTS) == flops.palm_train_flops(cfg, batch)
+    batch["dec_attention_mask"][0, 5:] = False  # decoder padding too (no labels there)
     assert counted(Palm(cfg), batch, STAGE_TWO_WEIGHTS) == flops.palm_train_flops(cfg, batch)
 
 
@@ -125,7 +131,8 @@ def test_checkpointing_early_stop_with_pre_ln_and_no_dropout():
     assert counted(StructBert(cfg), batch, STAGE_ONE_WEIGHTS) == flops.structbert_train_flops(cfg, batch) - 2 * (2 * B * S * h * f)
     cfg = config(attention="math", activation_checkpointing=True, dropout=0.0, attn_dropout=0.0, decoder_layers=2)
     batch = stage_two_batch(b=B, s=S, t=T)
-    skipped = 2 * (2 * B * S * h * f) + 2 * (2 * B * T * h * f)
+    n = int(batch["enc_attention_mask"].sum())  # the encoder's FFN runs on its real rows only
+    skipped = 2 * (2 * n * h * f) + 2 * (2 * B * T * h * f)
     assert counted(Palm(cfg), batch, STAGE_TWO_WEIGHTS) == flops.palm_train_flops(cfg, batch) - skipped
 
 

@@ -3,14 +3,16 @@ devices' peak throughput, for the `tflops` and `mfu` columns of the train rows.
 
 The convention is the usual one for model FLOPs utilisation (Megatron-LM's, PaLM's MFU): only the matrix
 multiplications count, 2 FLOPs per multiply-add; embedding lookups, layer norms, softmax, GELU, dropout, biases and
-the loss are not counted. Padding is counted: the formula takes the padded shapes, which is what is computed.
-With h = model.hidden, f = model.ffn, V = the (padded) vocabulary, per forward of a micro-batch of B samples:
+the loss are not counted. What is computed is counted: the position-wise work (projections, FFN) runs on the real
+tokens only where a batch has padding (models/layers.Packing), attention over the padded square.
+With h = model.hidden, f = model.ffn, V = the (padded) vocabulary, per forward of a micro-batch of B samples
+padded to S encoder and T decoder slots, of which N and M hold real tokens:
 
-- encoder layer, over S encoder token slots per sample: 2·B·S·(4h² + 2·h·f) for the QKV and output projections and
-  the FFN, plus 2·2·B·S²·h for the attention (QKᵀ and PV).
-- decoder layer (stage two), over T decoder token slots: self-attention projections 2·B·T·4h², cross-attention
-  query and output projections 2·B·T·2h², cross-attention key/value projections 2·B·S·2h² (on the encoder's
-  tokens), FFN 2·B·T·2·h·f, self-attention scores 2·2·B·T²·h counted in full (the causal half is computed too:
+- encoder layer: 2·N·(4h² + 2·h·f) for the QKV and output projections and the FFN, plus 2·2·B·S²·h for the
+  attention (QKᵀ and PV).
+- decoder layer (stage two): self-attention projections 2·M·4h², cross-attention query and output projections
+  2·M·2h², cross-attention key/value projections 2·N·2h² (on the encoder's tokens), FFN 2·M·2·h·f,
+  self-attention scores 2·2·B·T²·h counted in full (the causal half is computed too:
   SDPA on CPU, and the math reference, mask a full T×T product; a causal GPU kernel skips about half of it, so
   the figure there is a little high), cross-attention 2·2·B·T·S·h.
 - heads: the models project the vocabulary only at predicted positions. The MLM head (dense h² + vocabulary h·V)
@@ -46,16 +48,17 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def encoder_layer_flops(cfg: ModelConfig, b: int, s: int) -> int:
-    """One encoder layer's forward over B samples of S token slots."""
-    h, f = cfg.hidden, cfg.ffn
-    return 2 * b * s * (4 * h * h + 2 * h * f) + 2 * 2 * b * s * s * h
+def encoder_layer_flops(cfg: ModelConfig, b: int, s: int, n: int | None = None) -> int:
+    """One encoder layer's forward over B samples of S token slots, n of them real (None: all)."""
+    h, f, n = cfg.hidden, cfg.ffn, b * s if n is None else n
+    return 2 * n * (4 * h * h + 2 * h * f) + 2 * 2 * b * s * s * h
 
 
-def decoder_layer_flops(cfg: ModelConfig, b: int, t: int, s: int) -> int:
-    """One decoder layer's forward over B samples of T decoder and S encoder token slots."""
+def decoder_layer_flops(cfg: ModelConfig, b: int, t: int, s: int, m: int | None = None, n: int | None = None) -> int:
+    """One decoder layer's forward over B samples of T decoder and S encoder token slots, m and n of them real."""
     h, f = cfg.hidden, cfg.ffn
-    projections = 2 * b * t * (4 * h * h + 2 * h * h + 2 * h * f) + 2 * b * s * 2 * h * h
+    m, n = b * t if m is None else m, b * s if n is None else n
+    projections = 2 * m * (4 * h * h + 2 * h * h + 2 * h * f) + 2 * n * 2 * h * h
     return projections + 2 * 2 * b * t * t * h + 2 * 2 * b * t * s * h
 
 
@@ -67,7 +70,7 @@ def structbert_forward_flops(cfg: ModelConfig, batch: dict) -> tuple[int, int]:
     """(layers, heads): stage one's forward FLOPs of a micro-batch, split as activation checkpointing needs."""
     b, s = batch["input_ids"].shape
     h = cfg.hidden
-    layers = cfg.layers * encoder_layer_flops(cfg, b, s)
+    layers = cfg.layers * encoder_layer_flops(cfg, b, s, int(batch["attention_mask"].sum()))
     predicted = int(((batch["mlm_labels"] != IGNORE) | (batch["wso_labels"] != IGNORE)).sum())
     heads = 2 * predicted * (h * h + h * cfg.vocab_size) + 2 * b * (h * h + h * cfg.sso_classes)
     return layers, heads
@@ -78,7 +81,8 @@ def palm_forward_flops(cfg: ModelConfig, batch: dict) -> tuple[int, int]:
     b, s = batch["enc_input_ids"].shape
     t = batch["dec_input_ids"].shape[1]
     h, v = cfg.hidden, cfg.vocab_size
-    layers = cfg.layers * encoder_layer_flops(cfg, b, s) + cfg.decoder_layers * decoder_layer_flops(cfg, b, t, s)
+    n, m = int(batch["enc_attention_mask"].sum()), int(batch["dec_attention_mask"].sum())
+    layers = cfg.layers * encoder_layer_flops(cfg, b, s, n) + cfg.decoder_layers * decoder_layer_flops(cfg, b, t, s, m, n)
     lm = _predicted(batch["dec_labels"])
     heads = 2 * _predicted(batch["mlm_labels"]) * (h * h + h * v) + 2 * lm * h * v
     if cfg.copy:
