@@ -17,6 +17,8 @@ Comparisons (fp32, hidden 256, 4 layers, 4 heads, FFN 1024; dropout 0.1 and atte
   loader   samples/s of each stage's train DataLoader with 1 worker, against the samples/s its step consumes.
   zero3    a real 2-rank `deepspeed` ZeRO-3 run against a 1-rank run of half the global batch (the same
            per-rank work, one thread per rank): the engine's partitioning, gathering and gloo overhead.
+  compile  (only when asked: --only compile) our stage-one step under torch.compile against the same model
+           eager, the compilation's seconds reported apart.
 """
 from __future__ import annotations
 
@@ -191,6 +193,25 @@ def stage2(data: str, rounds: int, prof: bool) -> list[dict]:
     return out
 
 
+def compiled(data: str, rounds: int, prof: bool) -> list[dict]:
+    from pretrain.models.structbert import StructBert
+
+    st, cfg = stage("structbert", data)
+    inputs = batches(st, cfg, 3)
+    torch.manual_seed(0)
+    eager = StructBert(model_config(st.model_cfg.vocab_size))
+    fast = torch.compile(eager)
+    start = time.perf_counter()
+    fast(inputs[0], st.weights)[0].backward()
+    compile_s = time.perf_counter() - start
+    a = train_steps(fast, lambda m, b: m(b, st.weights)[0], inputs)
+    b = train_steps(eager, lambda m, b: m(b, st.weights)[0], inputs)
+    tokens = sum(int(x["attention_mask"].sum()) for x in inputs)
+    r = row("stage one train step under torch.compile", "the same model eager", ab_rounds(a, b, rounds), tokens,
+            MICRO * len(inputs))  # fmt: skip
+    return [{**r, "compile_s": round(compile_s, 1)}]
+
+
 # --- encoder inference ------------------------------------------------------------------------------------------
 
 
@@ -313,7 +334,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved rounds", flush=True)
     rows = []
     consumed = {}
-    for name, fn in (("stage1", stage1), ("stage2", stage2), ("encoder", encoder)):
+    for name, fn in (("stage1", stage1), ("stage2", stage2), ("encoder", encoder), ("compile", compiled)):
         if name in only:
             for r in fn(args.data, args.rounds, args.profile):
                 rows.append(r)
