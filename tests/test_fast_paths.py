@@ -165,3 +165,25 @@ def test_packed_training_with_dropout_keeps_the_rate():
     y = p.unpack(dropout(p.pack(x), 0.5, True))
     assert y[~mask].abs().max() == 0
     assert abs(float((y[mask] == 0).float().mean()) - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("model_cls", [StructBert, Palm])
+def test_checkpointed_recompute_draws_the_same_dropout_masks(model_cls):
+    """Activation checkpointing reruns each layer's forward in the backward. torch's checkpoint restores the RNG
+    state for it, so the lane dropout's seed draw, and with it every mask, repeats: loss and gradients equal the
+    run without checkpointing, dropout on."""
+    results = []
+    for checkpointing in (False, True):
+        cfg = ModelConfig(vocab_size=50, hidden=32, layers=2, heads=4, ffn=64, max_positions=64, decoder_layers=2,
+                          activation_checkpointing=checkpointing)  # fmt: skip
+        torch.manual_seed(0)
+        model = model_cls(cfg).train()
+        b = stage_one_batch() if model_cls is StructBert else stage_two_batch()
+        weights = {"mlm": 1.0, "wso": 1.0, "sso": 1.0} if model_cls is StructBert else {"lm": 1.0, "mlm": 0.5}
+        torch.manual_seed(5)
+        loss, _ = model(b, weights)
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    assert_same(*results)
+    torch.manual_seed(6)  # and dropout is on: another seed, another loss
+    assert not torch.equal(model(b, weights)[0].detach(), results[1][0])
