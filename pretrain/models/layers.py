@@ -18,11 +18,11 @@ from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
 class _LaneDropout(torch.autograd.Function):
     """Dropout whose mask comes from 32-bit lanes of a fast counter-free generator (numpy's PCG64).
 
-    On CPU, torch's dropout draws one Bernoulli variate per element through its Mersenne twister: 14-19% of a
-    training step of bench/speed.py's models, on both sides. Here each call draws one int64 from torch's
-    generator (so torch.manual_seed and the RNG states saved in checkpoints still fix every mask: resume stays
-    exact) and seeds a PCG64 stream with it, whose 64-bit outputs give two uniform 32-bit lanes each, about 3x
-    faster than torch's int64 draws. An element is dropped when its lane falls below round(p * 2**32) from the
+    On CPU, torch's dropout draws one Bernoulli variate per element through its Mersenne twister (in
+    `bench/speed.py --profile`, 9% of BertForPreTraining's step and 19% of BART's). Here each call draws one
+    int64 from torch's generator (so torch.manual_seed and the RNG states saved in checkpoints still fix every
+    mask: resume stays exact) and seeds a PCG64 stream with it, whose 64-bit outputs, several times cheaper than
+    the twister's, give two uniform 32-bit lanes each. An element is dropped when its lane falls below round(p * 2**32) from the
     bottom of the int32 range: P(drop) = round(p * 2**32) / 2**32, within 2**-33 of p (torch's float32
     comparison is coarser: 2**-24). The mask is kept as bool (1 byte per element), as torch's.
 
@@ -143,8 +143,8 @@ class Packing:
 
     @staticmethod
     def of(attention_mask: torch.Tensor | None) -> Packing | None:
-        """A packing where the batch has padding, else None. The gathers and scatters cost about nothing next
-        to the rows they save: a stage-one step on a batch without padding ran as fast packed (bench/speed.py)."""
+        """A packing where the batch has any padding, else None: the gathers and scatters move [N, C] rows
+        once per projection, cheap next to the products they shrink."""
         if attention_mask is None or bool(attention_mask.all()):
             return None
         return Packing(attention_mask)
@@ -157,7 +157,6 @@ class Packing:
         """[N, C] -> [B, T, C], zeros at padding"""
         out = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
         return out.view(self.batch, self.length, x.shape[-1])
-
 
 
 class SelfAttention(nn.Module):
