@@ -138,9 +138,9 @@ def test_checkpointing_early_stop_with_pre_ln_and_no_dropout():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_sdpa_on_cpu(dropout):
-    """SDPA on CPU: with attention dropout it runs its math fallback, plain bmm, which the counter counts; without,
-    the fused CPU kernel, for which FlopCounterMode has no formula (it counts 0): the counter then falls short of
-    the formula by exactly the attention products, forward and backward."""
+    """attention="sdpa" on CPU: with attention dropout, attend runs its own math path (plain bmm, the lane dropout),
+    which the counter counts; without, SDPA's fused CPU kernel, for which FlopCounterMode has no formula (it counts
+    0): the counter then falls short of the formula by exactly the attention products, forward and backward."""
     B, S, h = 3, 16, 8
     cfg = config(attention="sdpa", dropout=dropout, attn_dropout=dropout)
     batch = stage_one_batch(b=B, s=S, mlm_at=[(0, 1), (1, 5)], wso_at=[(2, 4)])
