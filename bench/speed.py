@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -57,14 +58,19 @@ def stage(name: str, data: str, *overrides: str):
     return build_stage(cfg), cfg
 
 
-def batches(st, cfg, count: int, every: int = 40) -> list[dict]:
-    """The train batches of steps 0, every, 2 * every, ...: spread over the run, so that stage two's
-    length-grouped pools (palm.group_steps=50) give different lengths and the padding is typical."""
+def train_iter(st, cfg, start_step: int = 0):
+    """The stage's train batches on one rank from start_step, as `pretrain.train` reads them."""
     from pretrain.training.config import batch_geometry
 
     geometry = batch_geometry(cfg.train, 1)
     st.index(geometry)
-    return [next(iter(st.train_loader(geometry, 0, i * every))) for i in range(count)]
+    return iter(st.train_loader(geometry, 0, start_step))
+
+
+def batches(st, cfg, count: int, every: int = 40) -> list[dict]:
+    """The train batches of steps 0, every, 2 * every, ...: spread over the run, so that stage two's
+    length-grouped pools (palm.group_steps=50) give different lengths and the padding is typical."""
+    return [next(train_iter(st, cfg, i * every)) for i in range(count)]
 
 
 def padding(inputs: list[dict], *masks: str) -> float:
@@ -112,12 +118,6 @@ def profile(name: str, fn: Callable, rows: int = 12) -> None:
         print(f"    {e.key:<40s} {e.self_cpu_time_total / 1e3:9.1f} ms {100 * e.self_cpu_time_total / total:5.1f}%")
 
 
-def model_config(vocab: int, **kw):
-    from pretrain.models.config import ModelConfig
-
-    return ModelConfig(vocab_size=vocab, max_positions=512, **DIMS, **kw)
-
-
 # --- stage one --------------------------------------------------------------------------------------------------
 
 
@@ -131,7 +131,7 @@ def stage1(data: str, rounds: int, prof: bool) -> list[dict]:
     out = []
     for vocab in (st.model_cfg.vocab_size, PLUG_VOCAB):
         torch.manual_seed(0)
-        ours = StructBert(model_config(vocab))
+        ours = StructBert(replace(st.model_cfg, vocab_size=vocab))
         peer = BertForPreTraining(bert_config(BertConfig, vocab))
         peer_inputs = [bert_pretraining_inputs(b) for b in inputs]
         a = train_steps(ours, lambda m, b: m(b, st.weights)[0], inputs)
@@ -174,7 +174,7 @@ def stage2(data: str, rounds: int, prof: bool) -> list[dict]:
         inputs = batches(st, cfg, 3)
         vocab = st.model_cfg.vocab_size
         torch.manual_seed(0)
-        ours = Palm(model_config(vocab))
+        ours = Palm(st.model_cfg)
         peer = BartForConditionalGeneration(BartConfig(
             vocab_size=vocab, d_model=DIMS["hidden"], encoder_layers=DIMS["layers"], decoder_layers=DIMS["decoder_layers"],
             encoder_attention_heads=DIMS["heads"], decoder_attention_heads=DIMS["heads"], encoder_ffn_dim=DIMS["ffn"],
@@ -199,7 +199,7 @@ def compiled(data: str, rounds: int, prof: bool) -> list[dict]:
     st, cfg = stage("structbert", data)
     inputs = batches(st, cfg, 3)
     torch.manual_seed(0)
-    eager = StructBert(model_config(st.model_cfg.vocab_size))
+    eager = StructBert(st.model_cfg)
     fast = torch.compile(eager)
     start = time.perf_counter()
     fast(inputs[0], st.weights)[0].backward()
@@ -223,7 +223,7 @@ def encoder(data: str, rounds: int, prof: bool) -> list[dict]:
     st, cfg = stage("structbert", data)
     workloads = {"stage one's batches (seq 128)": batches(st, cfg, 3), "validation sentences": sentences(st, 3)}
     torch.manual_seed(0)
-    ours = Encoder(model_config(st.model_cfg.vocab_size)).eval()
+    ours = Encoder(st.model_cfg).eval()
     peer = BertModel(bert_config(BertConfig, st.model_cfg.vocab_size), add_pooling_layer=False).eval()
     out = []
     for name, inputs in workloads.items():
@@ -271,11 +271,7 @@ def loader(data: str, rounds: int, consumed: dict[str, float]) -> list[dict]:
     for name, over in (("stage1", ()), ("stage2", ("model.max_positions=512", "palm.src_len=[32,512]",
                                                    "palm.tgt_len=[32,512]"))):  # fmt: skip
         st, cfg = stage("structbert" if name == "stage1" else "palm", data, "data.num_workers=1", *over)
-        from pretrain.training.config import batch_geometry
-
-        geometry = batch_geometry(cfg.train, 1)
-        st.index(geometry)
-        it = iter(st.train_loader(geometry, 0, 0))
+        it = train_iter(st, cfg)
         next(it)
         n, start = 0, time.perf_counter()
         for _ in range(50 * rounds):
@@ -308,7 +304,7 @@ def zero3(data: str, rounds: int, steps: int = 30) -> list[dict]:
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                     rows = [json.loads(line) for line in f if '"train"' in line]
-                times[ranks].append(statistics.median(r["step_time_s"] for r in rows[1:]))
+                times[ranks].append(statistics.median(row["step_time_s"] for row in rows[1:]))
     t1, t2 = statistics.median(times[1]), statistics.median(times[2])
     return [{"what": "ZeRO-3 step, 2 ranks x 8 samples vs 1 rank x 8 (one thread per rank)", "s_1rank": round(t1, 4),
              "s_2ranks": round(t2, 4), "overhead": round(t2 / t1 - 1, 3)}]  # fmt: skip
