@@ -165,7 +165,7 @@ def test_window_tflops_is_per_rank(monkeypatch):
     """The ranks' FLOPs summed, over the ranks and the seconds: 2 ranks of 3e12 FLOPs in 2 s is 1.5 TFLOP/s."""
     clock = iter([100.0, 102.0, 102.0])  # the start, the reduce, the next window's start
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(metrics, "all_reduce_sum", lambda values: [2 * v for v in values])
+    monkeypatch.setattr(metrics, "all_reduce_tensor_sum", lambda t: [2 * v for v in t.tolist()])
     monkeypatch.setattr(metrics, "world_size", lambda: 2)
     window = metrics.Window(("mlm",))
     window.add({"mlm": (1.0, 1.0, 1)}, 10, 12, flops=1e12)

@@ -57,6 +57,11 @@ def init(info: DistInfo, timeout_s: float) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":
+        # Before any collective: NCCL binds each rank to the current device, and every rank would otherwise
+        # take cuda:0 (zero.Init sets the device too, but only later, after the barriers below).
+        accelerator.set_device(info.local_rank)
     if info.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -64,13 +69,14 @@ def init(info: DistInfo, timeout_s: float) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(),
+        dist_backend=accelerator.communication_backend_name(),
         auto_mpi_discovery=False,
         timeout=timedelta(seconds=timeout_s),
         rank=info.rank,
         world_size=info.world_size,
     )
     _unlink_shm_segment(info)
+    _make_host_group()
 
 
 def shm_segment(rank: int) -> str:
@@ -90,11 +96,48 @@ def _unlink_shm_segment(info: DistInfo) -> None:
         os.unlink(shm_segment(info.rank))
 
 
+_HOST_GROUP = None  # a gloo group over the same ranks where the default backend is not gloo (NCCL)
+
+
+def _make_host_group() -> None:
+    """The group that host values travel in. NCCL reduces only device tensors, and a reduction on the device makes
+    the host wait for the GPU's queue: the stop request, asked at every step, would stall the pipeline each time.
+    So host values (the stop flag, peak memory, objects) go through gloo, on the CPU; new_group is collective, so
+    every rank builds it here, right after joining."""
+    global _HOST_GROUP
+    if dist.is_initialized() and dist.get_backend() != "gloo":
+        _HOST_GROUP = dist.new_group(backend="gloo")
+
+
+def host_group():
+    """The process group for host (CPU) tensors and objects: the default one under gloo, else the gloo side group."""
+    return _HOST_GROUP
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sums of host numbers over the ranks, through the host group (no device, no wait on the GPU)."""
     import torch
 
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, group=_HOST_GROUP)
+    return t.tolist()
+
+
+def reduction_device(tensor_device):
+    """Where a tensor must be for the default group's collectives: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    import torch
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return tensor_device if tensor_device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_tensor_sum(t):
+    """The sum over the ranks of a float64 tensor, in place on the default group's device (a GPU tensor is summed
+    where it is, with no copy to the host first); returns it as a host list, read once."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to(reduction_device(t.device))
         dist.all_reduce(t)
     return t.tolist()
 
@@ -114,7 +157,7 @@ def gather_objects(obj) -> list:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_HOST_GROUP)
     return out
 
 
@@ -123,6 +166,6 @@ def broadcast_object(obj):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_HOST_GROUP)
     return box[0]
 

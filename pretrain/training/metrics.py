@@ -9,8 +9,10 @@ import resource
 import time
 import uuid
 
+import torch
+
 from pretrain.training.config import WandbSettings
-from pretrain.training.distributed import all_reduce_sum, gather_objects, world_size
+from pretrain.training.distributed import all_reduce_tensor_sum, gather_objects, world_size
 
 
 class Window:
@@ -43,13 +45,30 @@ class Window:
 
     def sums(self) -> dict[str, list[float]]:
         """Per objective [loss sum, correct, count] over the window so far (reads the pending tensors)."""
-        out = {name: [0.0, 0.0, 0.0] for name in self.objectives}
+        names, values = self._flat()
+        flat = values.tolist()
+        return {name: flat[3 * i : 3 * i + 3] for i, name in enumerate(names)}
+
+    def _flat(self) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The objectives and their sums [loss, correct, count] per objective, flattened into one float64 tensor
+        on the device the statistics are on. Tensors are summed there and numbers (the counts) on the host, each
+        in the order they came, and the caller reads the result in one transfer: a float() per value would wait
+        for the GPU each time."""
+        host = [0.0] * (3 * len(self.objectives))
+        device_sums: dict[int, torch.Tensor] = {}
         for stats in self.pending:
-            for name, values in stats.items():
-                acc = out[name]
-                for i, v in enumerate(values):
-                    acc[i] += float(v)
-        return out
+            for i, name in enumerate(self.objectives):
+                for j, v in enumerate(stats.get(name, (0.0, 0.0, 0.0))):
+                    if isinstance(v, torch.Tensor):
+                        v = v.detach().to(torch.float64).reshape(())
+                        device_sums[3 * i + j] = v if 3 * i + j not in device_sums else device_sums[3 * i + j] + v
+                    else:
+                        host[3 * i + j] += float(v)
+        device = next(iter(device_sums.values())).device if device_sums else torch.device("cpu")
+        total = torch.tensor(host, dtype=torch.float64, device=device)
+        if device_sums:
+            total[list(device_sums)] += torch.stack(list(device_sums.values()))
+        return self.objectives, total
 
     def mark_step(self) -> None:
         self.steps += 1
@@ -59,9 +78,9 @@ class Window:
         `padding`, the share of the batches' token slots that held padding (compute spent on nothing), and
         `tflops`, the model TFLOP/s per rank (the ranks' FLOPs summed, over the ranks and this rank's seconds;
         None when no FLOPs were added)."""
-        sums = self.sums()
-        flat = [v for name in self.objectives for v in sums[name]] + [self.tokens, self.padded, self.flops]
-        flat = all_reduce_sum(flat)
+        _, values = self._flat()
+        host = torch.tensor([self.tokens, self.padded, self.flops], dtype=torch.float64, device=values.device)
+        flat = all_reduce_tensor_sum(torch.cat([values, host]))  # one collective, on the device the sums are on
         out = {}
         for i, name in enumerate(self.objectives):
             loss_sum, correct, n = flat[3 * i : 3 * i + 3]
