@@ -35,7 +35,7 @@ from pretrain.training.config import (
     deepspeed_config,
     run_settings,
 )
-from pretrain.training.engine import build_model, initialize
+from pretrain.training.engine import build_model, initialize, to_device
 from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row
 from pretrain.training.stopping import StopRequest
 
@@ -128,7 +128,7 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
         lr = engine.get_lr()[0]
         for _ in range(geometry.accum):
             host = next(batches)
-            loss, stats, _ = task.forward(engine, _to(host, engine.device), predict=False)
+            loss, stats, _ = task.forward(engine, to_device(host, engine.device), predict=False)
             engine.backward(loss)
             engine.step()
             window.add(stats, *task.token_counts(host))
@@ -158,10 +158,6 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     distributed.barrier()
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate(engine, task, geometry: BatchGeometry, info, step: int) -> dict:
     """The valid row: the loss (every task) and, for the understanding tasks, the metric of the predictions."""
@@ -169,7 +165,7 @@ def evaluate(engine, task, geometry: BatchGeometry, info, step: int) -> dict:
     window, predictions = Window(task.objectives), []
     predict = task.kind != "generation"  # generation is picked on its loss; decoding waits for the test
     for host in task.eval_loader("valid", geometry.micro, geometry.world, info.rank):
-        _, stats, pred = task.forward(engine, _to(host, engine.device), predict=predict)
+        _, stats, pred = task.forward(engine, to_device(host, engine.device), predict=predict)
         window.add(stats, *task.token_counts(host))
         if pred is not None:
             predictions += task.decode("valid", host, pred.cpu())

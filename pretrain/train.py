@@ -26,7 +26,7 @@ from pretrain.training.checkpoint import Checkpoints, seed_rng, write_run_files
 from pretrain.training.config import (
     BatchGeometry, RunSettings, batch_geometry, deepspeed_config, run_settings,
 )  # fmt: skip
-from pretrain.training.engine import build_model, initialize
+from pretrain.training.engine import build_model, initialize, to_device
 from pretrain.training.flops import peak_tflops
 from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row, throughput_columns
 from pretrain.training.stages import PalmStage, StructBertStage, build_stage
@@ -110,7 +110,7 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
             host_batch = next(batches)
             counts = stage.token_counts(host_batch)  # counted on the host: no device sync
             flops = stage.train_flops(host_batch)  # from the host batch's shapes and labels, likewise
-            loss, stats = engine({k: v.to(engine.device) for k, v in host_batch.items()}, stage.weights)
+            loss, stats = engine(to_device(host_batch, engine.device), stage.weights)
             engine.backward(loss)
             engine.step()  # DeepSpeed updates only at the accumulation boundary
             window.add(stats, *counts, flops=flops)
@@ -147,7 +147,7 @@ def evaluate(engine, stage, loaders: dict, step: int) -> list[dict]:
         windows["valid"] = Window(stage.objectives)
     for split, loader in loaders.items():
         for host_batch in loader:
-            _, stats = engine({k: v.to(engine.device) for k, v in host_batch.items()}, stage.weights)
+            _, stats = engine(to_device(host_batch, engine.device), stage.weights)
             for window in [windows[split]] + ([windows["valid"]] if len(loaders) > 1 else []):
                 window.add(stats, *stage.token_counts(host_batch))
     engine.train()

@@ -9,6 +9,7 @@ from pretrain.models.config import ModelConfig
 from pretrain.models.layers import Packing, attend, dropout
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
+from pretrain.training.engine import to_device
 from tests.test_model import batch as stage_one_batch
 from tests.test_palm_model import batch as stage_two_batch
 
@@ -91,7 +92,7 @@ def padded_reference(monkeypatch):
     """Within the block, every layer computes the padded positions too (what transformers does)."""
 
     def use():
-        monkeypatch.setattr(layers.Packing, "of", staticmethod(lambda mask: None))
+        monkeypatch.setattr(layers.Packing, "of", staticmethod(lambda mask, index=None: None))
 
     return use
 
@@ -187,3 +188,67 @@ def test_checkpointed_recompute_draws_the_same_dropout_masks(model_cls):
     assert_same(*results)
     torch.manual_seed(6)  # and dropout is on: another seed, another loss
     assert not torch.equal(model(b, weights)[0].detach(), results[1][0])
+
+
+# ---------------------------------------------------------------- packing indices found on the host
+
+
+def test_host_pack_index_reads_no_mask_values():
+    """With the index from the host, Packing.of never reads the device mask (on a GPU, `all` and `nonzero` of it
+    would each wait for the device): a mask on the meta device, which has no values, is enough."""
+    host = torch.ones(2, 6, dtype=torch.bool)
+    host[1, 4:] = False
+    index = layers.with_pack_indices({"attention_mask": host})["pack_index"]
+    assert index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    meta = host.to("meta")
+    with pytest.raises(Exception):  # what the index spares: reading a meta tensor's values fails
+        Packing.of(meta)
+    p = Packing.of(meta, index)
+    assert p is not None and p.index is index and (p.batch, p.length) == (2, 6)
+    full = torch.ones(2, 6, dtype=torch.bool)
+    assert Packing.of(full.to("meta"), layers.with_pack_indices({"attention_mask": full})["pack_index"]) is None
+
+
+def test_with_pack_indices_names_each_mask():
+    mask = torch.tensor([[True, False], [True, True]])
+    out = layers.with_pack_indices({"enc_attention_mask": mask, "dec_attention_mask": mask, "input_ids": mask.long()})
+    assert out["enc_pack_index"].tolist() == out["dec_pack_index"].tolist() == [0, 2, 3]
+    assert "input_pack_index" not in out and "pack_index" not in out
+
+
+@pytest.mark.parametrize("model_cls", [StructBert, Palm])
+def test_models_give_the_same_results_with_host_pack_indices(model_cls):
+    """The trainer's batches carry the host's packing indices (engine.to_device): loss and gradients equal those
+    of the same batch without them (the mask read on the device)."""
+    cfg = ModelConfig(vocab_size=50, hidden=32, layers=2, heads=4, ffn=64, max_positions=64, decoder_layers=2,
+                      dropout=0.0, attn_dropout=0.0)  # fmt: skip
+    if model_cls is StructBert:
+        b = stage_one_batch(b=2, t=12)
+        b["attention_mask"][1, 8:] = False
+        weights = {"mlm": 1.0, "wso": 1.0, "sso": 1.0}
+    else:
+        b, weights = stage_two_batch(), {"lm": 1.0, "mlm": 0.5}
+    results = []
+    for batch in (b, to_device(b, torch.device("cpu"))):
+        torch.manual_seed(0)
+        results.append(loss_and_grads(lambda: model_cls(cfg), batch, weights))
+    assert set(to_device(b, torch.device("cpu"))) > set(b)
+    assert_same(*results)
+
+
+def test_unpad_setting_and_device_table(monkeypatch):
+    """model.unpad=false computes the padding positions too (not zeros); null follows the device type's entry."""
+    b = stage_one_batch(b=2, t=12)
+    b["attention_mask"][1, 8:] = False
+    outputs = {}
+    for unpad in (None, True, False):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=50, hidden=32, layers=2, heads=4, ffn=64, max_positions=64, unpad=unpad)
+        outputs[unpad] = StructBert(cfg).eval().encoder(b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    assert outputs[True][1, 8:].abs().max() == 0 and outputs[None][1, 8:].abs().max() == 0
+    assert outputs[False][1, 8:].abs().max() > 0
+    torch.testing.assert_close(outputs[False][b["attention_mask"]], outputs[True][b["attention_mask"]], rtol=1e-5, atol=1e-6)
+    assert layers.unpads(None, torch.device("cpu")) and not layers.unpads(False, torch.device("cpu"))
+    monkeypatch.setitem(layers.UNPAD_BY_DEVICE, "cpu", False)
+    assert not layers.unpads(None, torch.device("cpu")) and layers.unpads(True, torch.device("cpu"))
+    assert layers.unpads(None, torch.device("meta"))  # a device the table lacks: packed

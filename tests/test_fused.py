@@ -156,6 +156,13 @@ def test_attention_setting_is_validated():
         model_config(config("model.attention=flash").model, 100, 64)
 
 
+def test_unpad_setting_is_validated():
+    assert model_config(config().model, 100, 64).unpad is None
+    assert model_config(config("model.unpad=false").model, 100, 64).unpad is False
+    with pytest.raises(UserError, match=r"^model.unpad=sometimes: must be true, false or null \(by device type\)$"):
+        model_config(config("model.unpad=sometimes").model, 100, 64)
+
+
 # ---------------------------------------------------------------- LAMB
 
 

@@ -41,7 +41,8 @@ class SequenceClassifier(_EncoderClassifier):
         super().__init__(cfg, num_labels, pooler=True)
 
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float] | None = None, predict: bool = False):
-        h = self.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        h = self.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                         pack_index=batch.get("pack_index"))
         logits = self.classifier(self.drop(torch.tanh(self.pooler(h[:, 0]))))
         return _outputs(self.objective, logits, batch["labels"], predict)
 
@@ -55,7 +56,8 @@ class TokenClassifier(_EncoderClassifier):
         super().__init__(cfg, num_labels, pooler=False)
 
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float] | None = None, predict: bool = False):
-        h = self.encoder(batch["input_ids"], torch.zeros_like(batch["input_ids"]), batch["attention_mask"])
+        h = self.encoder(batch["input_ids"], torch.zeros_like(batch["input_ids"]), batch["attention_mask"],
+                         pack_index=batch.get("pack_index"))
         at = batch["labels"] != IGNORE
         logits = self.classifier(self.drop(h))
         out = _outputs(self.objective, logits[at], batch["labels"][at], False)

@@ -131,21 +131,54 @@ def attend(
     return y, probs if need_probs else None
 
 
+# Whether the position-wise work runs on the real tokens only (Packing) where model.unpad is null (auto), by device
+# type. CPU: measured faster at every padding share (bench/speed.py). CUDA: fewer FLOPs, but every projection then
+# gathers and scatters [N, C] rows, memory-bound work a GPU pays for relatively more; bench/gpu_check.py measures
+# both paths (its "packing" row) to settle this entry per GPU.
+UNPAD_BY_DEVICE = {"cpu": True, "cuda": True}
+
+
+def unpads(setting: bool | None, device: torch.device) -> bool:
+    """model.unpad on a device: true or false as given; null (auto) by UNPAD_BY_DEVICE (True for a device missing)."""
+    return UNPAD_BY_DEVICE.get(device.type, True) if setting is None else bool(setting)
+
+
+def pack_index_key(mask_key: str) -> str:
+    """The batch key of a mask's packing index: attention_mask -> pack_index, enc_attention_mask -> enc_pack_index."""
+    return mask_key.replace("attention_mask", "pack_index")
+
+
+def with_pack_indices(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A host batch with, beside each `*attention_mask` [B, T], the flat indices of its real tokens (Packing's
+    index) under pack_index_key. Computed on the host, where the mask is: on a GPU, `nonzero` and `all` of the
+    device mask would each make the host wait for the device, once per forward."""
+    out = dict(batch)
+    for key, mask in batch.items():
+        if key.endswith("attention_mask") and mask.dim() == 2:
+            out[pack_index_key(key)] = mask.reshape(-1).nonzero().squeeze(1)
+    return out
+
+
 class Packing:
     """The real-token rows of a padded [B, T] batch. The position-wise work (projections, FFN, norms, dropout:
     most of a layer's FLOPs) runs on these N rows only; attention unpacks to [B, T, ...] and keeps its mask.
     Results equal the padded computation at every real position (padding positions come out as zeros).
     `transformers`' BERT and BART compute every padded position."""
 
-    def __init__(self, attention_mask: torch.Tensor):
+    def __init__(self, attention_mask: torch.Tensor, index: torch.Tensor | None = None):
         self.batch, self.length = attention_mask.shape
-        self.index = attention_mask.reshape(-1).nonzero().squeeze(1)
+        self.index = attention_mask.reshape(-1).nonzero().squeeze(1) if index is None else index
 
     @staticmethod
-    def of(attention_mask: torch.Tensor | None) -> Packing | None:
+    def of(attention_mask: torch.Tensor | None, index: torch.Tensor | None = None) -> Packing | None:
         """A packing where the batch has any padding, else None: the gathers and scatters move [N, C] rows
-        once per projection, cheap next to the products they shrink."""
-        if attention_mask is None or bool(attention_mask.all()):
+        once per projection, cheap next to the products they shrink. index: the real tokens' flat indices,
+        computed on the host (with_pack_indices): then nothing here reads the mask's values (no device sync)."""
+        if attention_mask is None:
+            return None
+        if index is not None:
+            return None if index.numel() == attention_mask.numel() else Packing(attention_mask, index)
+        if bool(attention_mask.all()):
             return None
         return Packing(attention_mask)
 
@@ -216,14 +249,21 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps) if cfg.pre_ln else nn.Identity()
         self.checkpointing = cfg.activation_checkpointing
+        self.unpad = cfg.unpad
 
-    def forward(self, input_ids, token_type_ids, attention_mask, unpad: bool = True) -> torch.Tensor:
+    def forward(self, input_ids, token_type_ids, attention_mask, unpad: bool | None = None,
+                pack_index: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Hidden states [B, T, H]. unpad: the position-wise work on real tokens only (Packing), padding
         positions coming out as zeros; False: as transformers does, padding positions computed too (the
-        reference the tests hold the packed path equal to)."""
+        reference the tests hold the packed path equal to); None: model.unpad (auto: by device type).
+        pack_index: the real tokens' flat indices from the host (with_pack_indices), so that no device sync
+        is needed to find them."""
         x = self.embeddings(input_ids, token_type_ids)
         mask = padding_mask(attention_mask)
-        packing = Packing.of(attention_mask) if unpad else None
+        if pack_index is not None and pack_index.numel() == attention_mask.numel() and x.device.type == "cuda":
+            mask = None  # no padding, known on the host: SDPA may then take FlashAttention, which has no mask input
+        unpad = unpads(self.unpad, x.device) if unpad is None else unpad
+        packing = Packing.of(attention_mask, pack_index) if unpad else None
         if packing is not None:
             x = packing.pack(x)
         for layer in self.layers:

@@ -18,7 +18,7 @@ from pretrain.data.masking import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import (
     Dropout, Embeddings, Encoder, FeedForward, MLMHead, Packing, SelfAttention, SentenceHead, attend, init_weights,
-    masked_ce, padding_mask,
+    masked_ce, padding_mask, unpads,
 )  # fmt: skip
 
 
@@ -141,20 +141,24 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps) if cfg.pre_ln else nn.Identity()
         self.checkpointing = cfg.activation_checkpointing
+        self.unpad = cfg.unpad
 
     def forward(
         self, input_ids: torch.Tensor, embeddings: Embeddings, memory: torch.Tensor, enc_attention_mask: torch.Tensor,
         cache: DecoderCache | None = None, copy_probs: bool = False, attention_mask: torch.Tensor | None = None,
+        pack_index: torch.Tensor | None = None, enc_pack_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """input_ids: the tokens not yet in the cache. Returns the final hidden states [B, T, H] and, if
         copy_probs, the last layer's head-averaged cross-attention probabilities [B, T, S].
 
         attention_mask (training, no cache): the decoder's real tokens [B, T]. The position-wise work then runs
-        on the real decoder and encoder rows only (layers.Packing), and padding positions come out as zeros."""
+        on the real decoder and encoder rows only (layers.Packing, unless model.unpad says otherwise), and padding
+        positions come out as zeros; pack_index and enc_pack_index: the masks' real tokens found on the host."""
         x = embeddings(input_ids, torch.zeros_like(input_ids), 0 if cache is None else cache.length)
         mask = padding_mask(enc_attention_mask)
-        packing = Packing.of(attention_mask) if cache is None else None
-        memory_packing = Packing.of(enc_attention_mask) if cache is None and attention_mask is not None else None
+        unpad = cache is None and attention_mask is not None and unpads(self.unpad, x.device)
+        packing = Packing.of(attention_mask, pack_index) if unpad else None
+        memory_packing = Packing.of(enc_attention_mask, enc_pack_index) if unpad else None
         if packing is not None:
             x = packing.pack(x)
         if memory_packing is not None:
@@ -192,19 +196,20 @@ class Palm(nn.Module):
         self.sentence_head = SentenceHead(cfg).requires_grad_(False)  # last: the other modules' init is unchanged
         init_weights(self, cfg.init_std)
 
-    def encode(self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(enc_input_ids, torch.zeros_like(enc_input_ids), enc_attention_mask)
+    def encode(self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor,
+               pack_index: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return self.encoder(enc_input_ids, torch.zeros_like(enc_input_ids), enc_attention_mask, pack_index=pack_index)
 
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
         enc_ids, enc_mask = batch["enc_input_ids"], batch["enc_attention_mask"]
-        memory = self.encode(enc_ids, enc_mask)
+        memory = self.encode(enc_ids, enc_mask, batch.get("enc_pack_index"))
         word = self.encoder.embeddings.word.weight
         # The vocabulary projection is the costliest matmul: run it only where a token is predicted.
         mlm_labels, lm_labels = batch["mlm_labels"], batch["dec_labels"]
         mlm_at, lm_at = mlm_labels != IGNORE, lm_labels != IGNORE
         mlm = masked_ce(self.mlm_head(memory[mlm_at], word), mlm_labels[mlm_at])
         h, probs = self.decoder(batch["dec_input_ids"], self.encoder.embeddings, memory, enc_mask, None, self.cfg.copy,
-                                batch["dec_attention_mask"])  # fmt: skip
+                                batch["dec_attention_mask"], batch.get("dec_pack_index"), batch.get("enc_pack_index"))  # fmt: skip
         lm = masked_ce(self._vocab_scores(h, probs, memory, enc_ids, lm_at), lm_labels[lm_at])
         loss = weights["lm"] * lm[0] + weights["mlm"] * mlm[0]
         stats = {}

@@ -22,7 +22,8 @@ class StructBert(nn.Module):
         init_weights(self, cfg.init_std)
 
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
-        h = self.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        h = self.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                         pack_index=batch.get("pack_index"))
         # The vocabulary projection is the costliest matmul: run it only where a token is predicted.
         mlm_at, wso_at = batch["mlm_labels"] != IGNORE, batch["wso_labels"] != IGNORE
         logits = self.mlm_head(h[mlm_at | wso_at], self.encoder.embeddings.word.weight)

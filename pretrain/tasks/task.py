@@ -26,6 +26,7 @@ from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 from pretrain.tasks import data, metrics
 from pretrain.training.config import BatchGeometry, model_config
+from pretrain.training.engine import to_device
 
 SPLITS = ("train", "valid", "test")
 
@@ -105,7 +106,8 @@ class _Task:
     # ---- loaders
     def _loader(self, dataset: Examples, batches, workers: int = 0) -> DataLoader:
         return DataLoader(dataset, batch_sampler=batches, collate_fn=partial(_with_index, dataset.collate_fn),
-                          num_workers=workers, persistent_workers=workers > 0, generator=torch.Generator())  # fmt: skip
+                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          generator=torch.Generator())  # fmt: skip
 
     def train_loader(self, geometry: BatchGeometry, rank: int, start_step: int, max_steps: int) -> DataLoader:
         sampler = StepSampler(micro_batch=geometry.micro, grad_accum=geometry.accum, world_size=geometry.world,
@@ -141,7 +143,7 @@ class _Task:
         out, device = [], next(model.parameters()).device
         with torch.no_grad():
             for batch in self.shard_loader(split, micro, world, rank):
-                inputs = {k: v.to(device) for k, v in batch.items()}
+                inputs = to_device(batch, device)
                 out += self.decode(split, batch, self.forward(model, inputs, True)[2].cpu())
         return out
 

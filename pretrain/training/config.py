@@ -139,12 +139,15 @@ def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_c
     attention = str(m.attention)
     if attention not in ATTENTION_IMPLS:
         raise UserError(f"model.attention={attention}: must be {' or '.join(ATTENTION_IMPLS)}")
+    unpad = m.get("unpad")  # absent from a model.json written before the key existed: auto
+    if unpad is not None and not isinstance(unpad, bool):
+        raise UserError(f"model.unpad={unpad}: must be true, false or null (by device type)")
     return ModelConfig(
         vocab_size=vocab, hidden=m.hidden, layers=m.layers, heads=m.heads, ffn=m.ffn,
         max_positions=m.max_positions, type_vocab=m.type_vocab, dropout=m.dropout,
         attn_dropout=m.attn_dropout, ln_eps=m.ln_eps, init_std=m.init_std, pre_ln=m.pre_ln,
         activation_checkpointing=activation_checkpointing, decoder_layers=int(m.decoder_layers),
-        decoder_init=str(m.decoder_init), copy=bool(m["copy"]), attention=attention,
+        decoder_init=str(m.decoder_init), copy=bool(m["copy"]), attention=attention, unpad=unpad,
     )  # fmt: skip
 
 

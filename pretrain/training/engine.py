@@ -16,6 +16,15 @@ def build_model(make: Callable[[], nn.Module], ds_config: dict, seed: int) -> nn
         return make()
 
 
+def to_device(host_batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """A host batch on the engine's device, with its packing indices found on the host (layers.with_pack_indices).
+    non_blocking: a blocking copy to a GPU (torch's default) waits for everything queued on it, at every
+    micro-batch; the loaders pin their batches on a GPU machine, so the copy overlaps the device's work."""
+    from pretrain.models.layers import with_pack_indices
+
+    return {k: v.to(device, non_blocking=True) for k, v in with_pack_indices(host_batch).items()}
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on biases and LayerNorm weights (every 1-d parameter). Frozen parameters
     (stage two's carried sentence head) are in no group: the optimizer never touches them."""

@@ -96,7 +96,7 @@ class _Stage:
     def _loader(self, data, batch_sampler, workers: int = 0) -> DataLoader:
         return DataLoader(
             data, batch_sampler=batch_sampler, collate_fn=data.collate_fn,
-            num_workers=workers, persistent_workers=workers > 0,
+            num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
             generator=torch.Generator(),  # keeps the loader from drawing on the global RNG (exact resume)
         )  # fmt: skip
 
