@@ -1,8 +1,12 @@
-"""Continue Chinese text with a stage-two model, on one CPU process, straight from its ZeRO-3 checkpoint:
+"""Continue Chinese text with a stage-two model, in one process, straight from its ZeRO-3 checkpoint:
 
     python -m pretrain.generate run.dir=<stage-two run.dir> prompt="<text>" max_new_tokens=64 strategy=greedy
     python -m pretrain.generate run.dir=<dir> prompts_file=<one prompt a line> strategy=beam num_beams=4
-    (also: top_k, top_p, temperature, length_penalty, min_new_tokens, no_repeat_ngram_size, seed, echo=true)
+    (also: top_k, top_p, temperature, length_penalty, min_new_tokens, no_repeat_ngram_size, seed, echo=true,
+     device=auto|cpu|cuda (auto: the GPU when there is one), precision=fp32|bf16|fp16 (fp16: GPU only))
+
+Sampling draws from a generator on the model's device: the same seed gives the same tokens on the same kind of
+device, not across CPU and GPU (their generators differ), nor across precisions.
 
 The checkpoint (the newest, or `checkpoint=<dir>`) is consolidated from however many ranks wrote it; the
 model is built on the meta device and takes the consolidated tensors as they are, so no second copy is made.
@@ -22,8 +26,23 @@ from pretrain.training import checkpoint
 DEFAULTS = {
     "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,
     "strategy": "greedy", "top_k": 0, "top_p": 1.0, "temperature": 1.0, "num_beams": 4, "length_penalty": 1.0,
-    "seed": 0, "echo": False, "min_new_tokens": 0, "no_repeat_ngram_size": 0,
+    "seed": 0, "echo": False, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "device": "auto", "precision": "fp32",
 }  # fmt: skip
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def placement(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype that `device=` and `precision=` ask for, checked against this machine."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device={device}: must be auto, cpu or cuda")
+    if precision not in PRECISIONS:
+        raise UserError(f"precision={precision}: must be {', '.join(PRECISIONS)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda: no CUDA GPU here (device=auto or cpu)")
+    where = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    if precision == "fp16" and where.type == "cpu":
+        raise UserError("precision=fp16 needs a GPU (on CPU: fp32 or bf16)")
+    return where, PRECISIONS[precision]
 
 
 def parse_args(argv: list[str]):
@@ -33,6 +52,7 @@ def parse_args(argv: list[str]):
         raise UserError("run.dir is required (a stage-two run directory)")
     if (cfg.prompt is None) == (cfg.prompts_file is None):
         raise UserError("give exactly one of prompt=<text> or prompts_file=<file>")
+    placement(str(cfg.device), str(cfg.precision))
     return cfg
 
 
@@ -73,13 +93,16 @@ def main(argv: list[str]) -> None:
             raise UserError(f"prompts_file={cfg.prompts_file}: no prompts (one a line)")
     else:
         prompts = [str(cfg.prompt)]
+    device, dtype = placement(str(cfg.device), str(cfg.precision))
     model, tok, _ = load_model(cfg.run.dir, cfg.checkpoint)
-    generator = torch.Generator().manual_seed(int(cfg.seed))
+    model = model.to(device=device, dtype=dtype)  # consolidated on the host in fp32, then moved once
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     for i, prompt in enumerate(prompts, 1):
         where = f"prompt {i}" if cfg.prompts_file is not None else "prompt"
         try:
             new = generate(
-                model, encoder_input(tok, prompt, model.cfg.max_positions, where), bos_id=tok.cls_id, eos_id=tok.sep_id,
+                model, encoder_input(tok, prompt, model.cfg.max_positions, where).to(device), bos_id=tok.cls_id,
+                eos_id=tok.sep_id,
                 max_new_tokens=int(cfg.max_new_tokens), strategy=str(cfg.strategy), top_k=int(cfg.top_k),
                 top_p=float(cfg.top_p), temperature=float(cfg.temperature), num_beams=int(cfg.num_beams),
                 length_penalty=float(cfg.length_penalty), generator=generator, min_new_tokens=int(cfg.min_new_tokens),

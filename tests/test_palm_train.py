@@ -106,7 +106,8 @@ def test_resuming_a_stage_one_checkpoint_as_stage_two_is_refused(prepared, stage
 
 
 @pytest.mark.parametrize("strategy", ["strategy=greedy", "strategy=sample top_k=5 top_p=0.9 temperature=0.8", "strategy=beam num_beams=3",
-                                      "strategy=beam num_beams=3 no_repeat_ngram_size=2 min_new_tokens=3"])
+                                      "strategy=beam num_beams=3 no_repeat_ngram_size=2 min_new_tokens=3",
+                                      "strategy=greedy device=cpu precision=bf16"])
 def test_generate_prints_a_continuation(palm_run, strategy):
     proc = launch(GENERATE, [f"run.dir={palm_run}", "prompt=小明住在北京，已经十年了。", "max_new_tokens=12", *strategy.split()])
     # one line: the continuation (empty if [SEP] comes first, as it may from a model trained for 20 steps)
@@ -129,6 +130,10 @@ def test_generate_prompts_file_and_left_truncation(palm_run, tmp_path):
         (["colour=red"], "bad argument"),
         (["no_repeat_ngram_size=-2"], "no_repeat_ngram_size=-2: must be >= 0"),
         (["min_new_tokens=-1"], "min_new_tokens=-1: must be >= 0"),
+        (["device=tpu"], "device=tpu: must be auto, cpu or cuda"),
+        (["precision=fp8"], "precision=fp8: must be fp32, bf16, fp16"),
+        *([] if torch.cuda.is_available() else [(["precision=fp16"], "precision=fp16 needs a GPU (on CPU: fp32 or bf16)"),
+                                                (["device=cuda"], "device=cuda: no CUDA GPU here")]),
     ],
 )
 def test_generate_bad_arguments(palm_run, args, message):
