@@ -32,7 +32,10 @@ def launch(launcher: list[str], args: list[str], expect_rc: int = 0) -> subproce
     """Run to completion and check the exit status. Each multi-rank launch gets its own master port: DeepSpeed's
     CPU shared-memory all-reduce names its buffers after the master address and port, so two jobs on one port
     would share them (and the rendezvous)."""
+    # The suite's runs are CPU runs (deepspeed=zero3_cpu) wherever it runs: on a GPU machine (bench/gpu_check.py)
+    # two ranks would otherwise both be given the one GPU.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")
     port = None
     for i, program in enumerate(launcher):
         if program in ("deepspeed", "torch.distributed.run"):
