@@ -28,7 +28,8 @@ SENTIMENT = task=classification data.dir=$(DEMO_DATA)/tasks/sentiment task.max_l
 
 LONGER_RUN = $(DEMO_RUN)/structbert_x2
 
-.PHONY: install install-test demo finetune-demo finetune-study finetune-longer compare test clean-demo bench-speed
+.PHONY: install install-test demo finetune-demo finetune-study finetune-longer compare test clean-demo bench-speed \
+	gpu-wheels gpu-check-dry-run
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -127,3 +128,27 @@ BENCH_GB ?= 2
 .PHONY: bench-prepare
 bench-prepare:
 	$(PYTHON) bench/prepare_scale.py --gb $(BENCH_GB)
+
+# For a bare, offline GPU machine (CPython 3.12, torch, transformers, numpy, pytest... but no DeepSpeed, Hydra or
+# jieba): every package the GPU check needs that such a machine lacks, pinned to the versions tested here, into .whl/
+# (ignored by git; it travels to the GPU machine as a named path). The three sdists (deepspeed, jieba, antlr4) are
+# pure Python and are built here into py3-none-any wheels; DeepSpeed's are built with DS_BUILD_OPS=0, so its CUDA ops
+# (FusedAdam, FusedLamb) are JIT-built on the GPU from the sources the wheel carries. wandb is not needed:
+# logger.wandb.mode=disabled imports nothing of it. Then, there: bash bench/gpu_check.sh OUT (see bench/gpu_check.py).
+GPU_WHEELS_BINARY = pydantic-core==2.46.4 pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 \
+	typing-extensions==4.15.0 hjson==3.1.0 hydra-core==1.3.8 omegaconf==2.3.1
+GPU_WHEELS_SDIST = deepspeed==0.19.8 jieba==0.42.1 antlr4-python3-runtime==4.9.3
+GPU_PLATFORMS = $(foreach n,2_17 2_27 2_28 2_34,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels: install
+	rm -rf .whl .whl.sdist && mkdir -p .whl .whl.sdist
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $(GPU_PLATFORMS) \
+		-d .whl $(GPU_WHEELS_BINARY)
+	$(PIP) download -q --no-deps --no-binary=:all: -d .whl.sdist $(GPU_WHEELS_SDIST)
+	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps --no-build-isolation -w .whl .whl.sdist/*
+	rm -rf .whl.sdist
+	@ls -1 .whl
+	@du -cb .whl/*.whl | tail -1 | awk '{printf "gpu-wheels: %d files, %.1f MiB in .whl/ (the GPU machine takes 64 MiB with the tree)\n", '"$$(ls .whl/*.whl | wc -l)"', $$1 / 1048576}'
+
+# The GPU check's dry run on this CPU: tiny shapes, a few steps, every part (tests/test_gpu_check.py runs it too).
+gpu-check-dry-run: install
+	bash bench/gpu_check.sh runs/gpu_check_dry_run --dry-run

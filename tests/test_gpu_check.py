@@ -1,0 +1,61 @@
+"""bench/gpu_check.sh's dry run: every part of the GPU check, on CPU with tiny shapes, as the GPU machine runs it
+(the same script, the same parts, the same outputs), so that it cannot rot between the rare GPU runs."""
+import json
+import os
+import subprocess
+
+from runs import REPO
+
+SCRIPT = os.path.join(REPO, "bench", "gpu_check.sh")
+PARTS = ["env", "ops", "corpus", "tests", "stage1-bf16", "throughput-1b", "peer", "stage1-fp16", "stage2-bf16",
+         "throughput-base", "stage2-fp16"]  # fmt: skip
+
+
+def run(out, *args, timeout=900):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(["bash", SCRIPT, str(out), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_dry_run_runs_every_part_and_writes_its_figures(tmp_path):
+    proc = run(tmp_path / "out", "--dry-run", "--work", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["gpu_check.json", "logs.txt", "summary.txt"]
+    report = json.load(open(tmp_path / "out" / "gpu_check.json"))
+    assert report["dry_run"] and list(report["parts"]) == PARTS
+    assert {name: p["status"] for name, p in report["parts"].items()} == dict.fromkeys(PARTS, "ok")
+    parts = {name: p["result"] for name, p in report["parts"].items()}
+    assert parts["env"]["device"] == "cpu" and parts["env"]["matmul_tflops"] > 0
+    assert parts["corpus"]["splits"]["train"]["tokens"] > 10_000
+    assert parts["tests"]["counts"]["passed"] >= 1 and not parts["tests"]["failed"]
+    for name in ("stage1-bf16", "stage1-fp16", "stage2-bf16", "stage2-fp16"):
+        r = parts[name]
+        assert r["finite"] and r["steps"] == 4 and r["tokens_per_s"] > 0 and r["tflops"] > 0, (name, r)
+        assert r["mfu"] is None  # no peak on CPU
+    assert any(a.startswith("init_from=") and a != "init_from=null" for a in parts["stage2-bf16"]["args"])
+    assert "deepspeed=zero3_v100" in parts["stage1-fp16"]["args"] and "deepspeed=zero3_bf16" in parts["stage1-bf16"]["args"]
+    for name in ("throughput-1b", "throughput-base"):
+        rows = parts[name]["rows"]
+        assert {(r["activation_checkpointing"], r["micro_batch"]) for r in rows} == {(c, m) for c in (False, True) for m in (2, 4)}
+        assert all(r["tokens_per_s"] > 0 and r["tflops"] >= 0 for r in rows)
+    packing = parts["throughput-base"]["packing"]
+    assert [r["unpad"] for r in packing] == [True, False, True] and all(r["padding"] > 0 for r in packing)
+    assert parts["peer"]["ratio"] > 0 and parts["peer"]["padding"] > 0  # the corpus gives padded batches
+    summary = open(tmp_path / "out" / "summary.txt").read()
+    assert summary.startswith("gpu_check (dry run, CPU)") and all(f"\n{name} " in summary for name in PARTS)
+    logs = open(tmp_path / "out" / "logs.txt").read()
+    assert all(f"===== {name}: ok" in logs for name in PARTS)
+
+
+def test_budget_and_part_selection(tmp_path):
+    """Out of time, the remaining parts are recorded as skipped (exit 1); --only runs the named parts alone; an
+    unknown part is one line, exit 1, before anything runs."""
+    proc = run(tmp_path / "out", "--dry-run", "--budget-s", "5", "--only", "env,corpus", timeout=120)
+    assert proc.returncode == 1
+    report = json.load(open(tmp_path / "out" / "gpu_check.json"))
+    assert list(report["parts"]) == ["env", "corpus"]
+    assert report["parts"]["corpus"] == {"status": "skipped", "why": "out of time (--budget-s)"} or \
+        report["parts"]["env"]["status"] == "timeout"
+    bad = run(tmp_path / "bad", "--dry-run", "--only", "env,warp", timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip().endswith(f"--only warp: unknown part (parts: {', '.join(PARTS)})")
+    assert not (tmp_path / "bad" / "gpu_check.json").exists()
