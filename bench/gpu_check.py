@@ -505,11 +505,9 @@ def drive(a) -> int:
     report = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "dry_run": a.dry_run, "budget_s": a.budget_s,
               "work": a.work, "parts": {}}  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if not a.dry_run and "TORCH_CUDA_ARCH_LIST" not in env:  # build the CUDA ops for this GPU only: faster
-        import torch
-
-        if torch.cuda.is_available():
-            env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability(0))
+    arch = None if a.dry_run or "TORCH_CUDA_ARCH_LIST" in env else _gpu_archs()
+    if arch:  # the CUDA ops built for these GPUs only: faster, and no arch that this CUDA no longer compiles
+        env["TORCH_CUDA_ARCH_LIST"] = arch
     start = time.perf_counter()
     logs = []
     for name, budget, needs in PARTS:
@@ -532,6 +530,18 @@ def drive(a) -> int:
         print(f"gpu_check: {name}: {report['parts'][name]['status']}", flush=True)
     print(open(os.path.join(a.out, "summary.txt")).read())
     return 0 if all(p["status"] == "ok" for p in report["parts"].values()) else 1
+
+
+def _gpu_archs() -> str | None:
+    """The visible GPUs' compute capabilities ("9.0"), from nvidia-smi: the driver process stays off the GPU (a
+    CUDA context of its own would hold memory the parts measure)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    q = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True,
+                       timeout=30)  # fmt: skip
+    caps = sorted(set(q.stdout.split()))
+    return ";".join(caps) if q.returncode == 0 and caps and all(c.replace(".", "").isdigit() for c in caps) else None
 
 
 def _spawn(a, name: str, budget: float, env: dict) -> tuple[dict, str]:
