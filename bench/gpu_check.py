@@ -337,7 +337,7 @@ def _timed_steps(a, st, engine, micro: int, ckpt: bool, warmup: int = 2, timed: 
     tflops = model_flops / seconds / 1e12
     peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     return {"activation_checkpointing": ckpt, "micro_batch": micro, "tokens_per_s": round(tokens / seconds),
-            "step_s": round(seconds / timed, 4), "tflops": round(tflops, 1), "mfu": round(tflops / peak, 3) if peak else None,
+            "step_s": round(seconds / timed, 4), "tflops": float(f"{tflops:.4g}"), "mfu": round(tflops / peak, 3) if peak else None,
             "peak_mem_gb": round(peak_bytes / 2**30, 2), "padding": round(1 - tokens / sum(b["attention_mask"].numel()
             for b in measured), 3), "peak_bytes": peak_bytes}  # fmt: skip
 
@@ -595,7 +595,7 @@ def summary(report: dict) -> str:
         if name.startswith("stage") and "loss_first" in r:
             fp16 = f", skipped {r['skipped_steps']}, scale {r['loss_scale']}" if r.get("loss_scale") is not None else ""
             head += (f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, {r['tokens_per_s']:.0f} tok/s, "
-                     f"{_fmt(r['tflops'])} TFLOP/s, mfu {_fmt(r['mfu'], 3)}, {r['peak_mem_gb']:.1f} GiB{fp16}")  # fmt: skip
+                     f"{_fmt(r['tflops'], 3)} TFLOP/s, mfu {_fmt(r['mfu'], 3)}, {r['peak_mem_gb']:.1f} GiB{fp16}")  # fmt: skip
         elif name.startswith("throughput") and "rows" in r:
             for key in ("best_plain", "best_checkpointed"):
                 if key in r:
@@ -618,8 +618,9 @@ def summary(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(x, digits: int = 1) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+def _fmt(x, digits: int) -> str:
+    """digits significant figures (a CPU dry run's TFLOP/s are thousandths)."""
+    return "-" if x is None else f"{x:.{digits}g}"
 
 
 def main() -> None:
