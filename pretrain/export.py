@@ -38,9 +38,9 @@ from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
 from pretrain.models.hf_layout import SSO_LABELS, to_hf_plan
-from pretrain.training import checkpoint
+from pretrain.training import checkpoint, safe_load
 
-DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True}
+DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True, "trust_checkpoint": False}
 CHECK_TOLERANCE = 1e-4  # max |difference| between transformers' outputs and ours that `check` accepts
 
 
@@ -246,6 +246,7 @@ def main(argv: list[str]) -> None:
     cfg, _ = parse(argv, DEFAULTS, command="pretrain.export", doc=__doc__, verbatim=("run.dir", "out"))
     if cfg.run.dir is None or cfg.out is None:
         raise UserError("run.dir and out are required (python -m pretrain.export run.dir=<run> out=<dir>)")
+    safe_load.trust(safe_load.trust_setting(cfg.trust_checkpoint))
     tag_dir = export(cfg.run.dir, cfg.out, None if cfg.step is None else int(cfg.step), bool(cfg.overwrite))
     print(f"pretrain.export: {tag_dir} -> {cfg.out}")
     if cfg.check:

@@ -26,7 +26,7 @@ from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
-from pretrain.training import checkpoint, distributed, init_from
+from pretrain.training import checkpoint, distributed, init_from, safe_load
 from pretrain.training.checkpoint import Checkpoints, seed_rng, write_atomic, write_run_files
 from pretrain.training.config import (
     BatchGeometry,
@@ -55,6 +55,7 @@ class Setup:
 def setup(cfg: DictConfig, world_size: int) -> Setup:
     """Read every setting and every task file, and check them, before any rank writes a byte."""
     settings = run_settings(cfg)
+    safe_load.trust(settings.trust_checkpoint)  # before init_from's checkpoint is read
     geometry = batch_geometry(cfg.train, world_size)
     source = None if cfg.init_from is None else str(cfg.init_from)
     vocab_path = None if cfg.vocab is None else str(cfg.vocab)

@@ -21,12 +21,13 @@ import torch
 from pretrain.cli import parse
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.training import checkpoint
+from pretrain.training import checkpoint, safe_load
 
 DEFAULTS = {
     "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,
     "strategy": "greedy", "top_k": 0, "top_p": 1.0, "temperature": 1.0, "num_beams": 4, "length_penalty": 1.0,
     "seed": 0, "echo": False, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "device": "auto", "precision": "fp32",
+    "trust_checkpoint": False,
 }  # fmt: skip
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,6 +54,7 @@ def parse_args(argv: list[str]):
     if (cfg.prompt is None) == (cfg.prompts_file is None):
         raise UserError("give exactly one of prompt=<text> or prompts_file=<file>")
     placement(str(cfg.device), str(cfg.precision))
+    safe_load.trust(safe_load.trust_setting(cfg.trust_checkpoint))
     return cfg
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pretrain.data.sources import describe
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.training import distributed, init_from
+from pretrain.training import distributed, init_from, safe_load
 from pretrain.training.checkpoint import Checkpoints, seed_rng, write_run_files
 from pretrain.training.config import (
     BatchGeometry, RunSettings, batch_geometry, deepspeed_config, run_settings,
@@ -50,6 +50,7 @@ class Setup:
 def setup(cfg: DictConfig, world_size: int) -> Setup:
     """Read every setting of the config (the test of conf/ checks that each key is read here) and check it."""
     settings = run_settings(cfg)
+    safe_load.trust(settings.trust_checkpoint)  # before the stage reads init_from's checkpoint
     geometry = batch_geometry(cfg.train, world_size)
     stage = build_stage(cfg)
     return Setup(settings, geometry, stage, stage.init_source(), deepspeed_config(cfg, geometry))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from pretrain.errors import UserError
-from pretrain.training import distributed
+from pretrain.training import distributed, safe_load
 from pretrain.training.elastic import UNIVERSAL, complete_universal_load, convert_universal, elastic_seed
 
 _STEP_DIR = re.compile(r"^step(\d+)$")
@@ -67,7 +67,7 @@ def saved_state(tag_dir: str) -> dict:
     files = sorted(glob.glob(os.path.join(tag_dir, _MODEL_STATES)))
     if not files:
         raise UserError(f"{tag_dir}: no {_MODEL_STATES} (not a DeepSpeed checkpoint)")
-    return torch.load(files[0], map_location="cpu", weights_only=False)
+    return safe_load.load(files[0], map_location="cpu")
 
 
 def recorded_shapes(tag_dir: str, key: str) -> dict[str, tuple[int, ...]]:
@@ -88,6 +88,7 @@ def consolidate(tag_dir: str, lazy: bool = False) -> dict[str, torch.Tensor]:
     (DeepSpeed's lazy mode), instead of all at once beside the partitions: half the peak memory."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    safe_load.check_dir(tag_dir)  # DeepSpeed's tool unpickles with weights_only=False: it sees vetted files only
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its per-shard progress report
         return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir),
@@ -110,7 +111,7 @@ class PartitionReader:
             raise UserError(f"{tag_dir}: {len(optim)} optimizer and {len(model)} model-states partition files"
                             " (not a complete ZeRO-3 checkpoint)")  # fmt: skip
         self.world = len(optim)
-        load = lambda f: torch.load(f, map_location="cpu", mmap=True, weights_only=False)  # noqa: E731
+        load = lambda f: safe_load.load(f, map_location="cpu", mmap=True)  # noqa: E731
         # Only the fp32 partitions are kept; Adam's moments beside them in the same files are never touched.
         flats = [load(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in optim]
         states = [load(f) for f in model]
@@ -331,6 +332,7 @@ class Checkpoints:
         """Restore model, optimizer, scheduler and this rank's RNG; returns the step the checkpoint ended.
         A universal copy (another world size) is re-split by DeepSpeed (the engine was built with
         "checkpoint": {"load_universal": true}), and the RNG starts afresh, see elastic_seed."""
+        safe_load.check_dir(tag_dir)  # DeepSpeed's load unpickles with weights_only=False: vetted files only
         path, client_state = engine.load_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
         if path is None:
             raise UserError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
@@ -339,7 +341,7 @@ class Checkpoints:
             complete_universal_load(engine, tag_dir, self.rank, self.world_size)
             seed_rng(elastic_seed(seed, step, self.rank))
         else:
-            set_rng_state(torch.load(os.path.join(tag_dir, f"rng_rank{self.rank}.pt"), weights_only=False))
+            set_rng_state(safe_load.load(os.path.join(tag_dir, f"rng_rank{self.rank}.pt")))
         return step
 
 

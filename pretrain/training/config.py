@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pretrain.errors import UserError
 from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
 from pretrain.training.optim import OPTIMIZERS, fused_lamb_status
+from pretrain.training.safe_load import trust_setting
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class RunSettings:
     hardware: str  # the deepspeed group's option
     precision: str
     peak_tflops: float | None  # train.peak_tflops: the device's peak for the mfu column; None = training/flops.py's table
+    trust_checkpoint: bool  # load checkpoint files whatever types they name (training/safe_load.py)
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
@@ -103,6 +105,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
             raise UserError(f"train.peak_tflops={peak}: must be a number > 0 (TFLOP/s) or null") from None
         if not peak > 0 or math.isinf(peak):
             raise UserError(f"train.peak_tflops={t.peak_tflops}: must be a number > 0 (TFLOP/s) or null")
+    trust = trust_setting(cfg.trust_checkpoint)
     ds = cfg.deepspeed  # its precision is checked by deepspeed_config
     return RunSettings(
         run_dir=str(cfg.run.dir), seed=int(cfg.seed), max_steps=int(t.max_steps),
@@ -111,7 +114,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         keep_last=int(t.keep_last), resume=str(t.resume), elastic=elastic, stop_file=str(t.stop_file),
         weight_decay=float(t.weight_decay), timeout_s=float(cfg.dist.timeout_s), progress=bool(cfg.logger.progress),
         wandb=WandbSettings(str(w.mode), str(w.project), w.name), hardware=str(ds.name), precision=str(ds.precision),
-        peak_tflops=peak,
+        peak_tflops=peak, trust_checkpoint=trust,
     )  # fmt: skip
 
 

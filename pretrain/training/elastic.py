@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pretrain.errors import UserError
+from pretrain.training import safe_load
 
 UNIVERSAL = ".universal"  # suffix of a step directory's universal copy
 
@@ -37,6 +38,7 @@ def convert_universal(tag_dir: str, out: str) -> None:
 
     from deepspeed.checkpoint import ds_to_universal
 
+    safe_load.check_dir(tag_dir)  # DeepSpeed's converter unpickles with weights_only=False: vetted files only
     work = out + ".tmp"
     shutil.rmtree(work, ignore_errors=True)  # a conversion that died half-way
     target = os.path.join(work, os.path.basename(out))  # its `latest_universal` file lands in work/, not beside
@@ -50,7 +52,7 @@ def convert_universal(tag_dir: str, out: str) -> None:
         os.makedirs(os.path.join(target, "zero", name), exist_ok=True)
         torch.save({"param": tensor}, os.path.join(target, "zero", name, "fp32.pt"))
     common = os.path.join(target, "zero", "optimizer_state.pt")
-    state = torch.load(common, map_location="cpu", weights_only=False)
+    state = safe_load.load(common, map_location="cpu")
     inner = state["optimizer_state_dict"]
     inner["state"] = {k: {"step": v["step"]} for k, v in inner["state"].items()}
     state.pop("fp32_flat_groups", None)
@@ -63,7 +65,7 @@ def _frozen_params(tag_dir: str) -> dict[str, torch.Tensor]:
     """The whole frozen parameters of a ZeRO-3 checkpoint, from each rank's fragment in its model-states file."""
     files = sorted(glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_mp_rank_00_model_states.pt")),
                    key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(f)).group(1)))  # fmt: skip
-    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    states = [safe_load.load(f, map_location="cpu") for f in files]
     shapes = states[0].get("frozen_param_shapes") or {}
     return {name: torch.cat([s["frozen_param_fragments"][name].reshape(-1) for s in states])[: torch.Size(shape).numel()]
             .reshape(shape).clone() for name, shape in shapes.items()}  # fmt: skip
@@ -78,7 +80,7 @@ def complete_universal_load(engine, tag_dir: str, rank: int, world_size: int) ->
       once per sub-group: the bias correction would count several steps per step. Each gets its own copy.
     - it restores only the optimizer's parameters: frozen ones (stage two's sentence head) would keep their
       fresh init. convert_universal saved them whole; each rank takes its partition."""
-    common = torch.load(os.path.join(tag_dir, "zero", "optimizer_state.pt"), map_location="cpu", weights_only=False)
+    common = safe_load.load(os.path.join(tag_dir, "zero", "optimizer_state.pt"), map_location="cpu")
     saved_groups = common["optimizer_state_dict"]["param_groups"]
     groups = engine.optimizer.optimizer.param_groups
     if len(saved_groups) != len(groups):
@@ -91,7 +93,7 @@ def complete_universal_load(engine, tag_dir: str, rank: int, world_size: int) ->
     for name, param in engine.module.named_parameters():
         if param.requires_grad or not hasattr(param, "ds_tensor"):
             continue
-        full = torch.load(os.path.join(tag_dir, "zero", name, "fp32.pt"), map_location="cpu", weights_only=False)["param"]
+        full = safe_load.load(os.path.join(tag_dir, "zero", name, "fp32.pt"), map_location="cpu")["param"]
         part = param.ds_tensor.numel()
         flat = torch.zeros(part * world_size, dtype=param.ds_tensor.dtype)
         flat[: full.numel()] = full.reshape(-1)
