@@ -198,3 +198,22 @@ def test_a_stale_cache_entry_is_not_read(prepared, tmp_path):
     with open(stamp, "w") as f:
         json.dump({"tokens": 1, "sentences": 1, "documents": 1}, f)  # as if the corpus had been re-prepared
     assert index_cache.arrays(corpus, "probe", lambda: {"x": np.arange(5)})["x"].tolist() == list(range(5))
+
+
+def test_a_cache_entry_of_another_format_version_is_rebuilt(prepared, tmp_path, monkeypatch):
+    """An entry computed by an older builder (its stamp's format differs) is neither read nor kept: it is computed
+    afresh and, inside writing(), replaced, so the next reader maps the new arrays."""
+    data_dir = _copy_corpus(prepared, tmp_path)
+    corpus = IndexedCorpus.open(os.path.join(data_dir, "train"))
+    entry = os.path.join(data_dir, "index", "train", "probe")
+    with index_cache.writing():
+        index_cache.arrays(corpus, "probe", lambda: {"x": np.arange(3)})
+    assert json.load(open(os.path.join(entry, "corpus.json")))["format"] == index_cache.FORMAT_VERSION
+    assert isinstance(index_cache.arrays(corpus, "probe", lambda: {"x": np.arange(9)})["x"], np.memmap)  # read back
+    monkeypatch.setattr(index_cache, "FORMAT_VERSION", index_cache.FORMAT_VERSION + 1)  # a changed builder
+    assert index_cache.arrays(corpus, "probe", lambda: {"x": np.arange(5)})["x"].tolist() == list(range(5))
+    with index_cache.writing():
+        index_cache.arrays(corpus, "probe", lambda: {"x": np.arange(4)})
+    stamp = json.load(open(os.path.join(entry, "corpus.json")))
+    assert stamp["format"] == index_cache.FORMAT_VERSION
+    assert index_cache.arrays(corpus, "probe", lambda: {"x": np.arange(7)})["x"].tolist() == list(range(4))

@@ -20,6 +20,9 @@ import numpy as np
 
 _writing = False
 _STAMP = "corpus.json"  # the corpus counts an entry was computed from: a re-prepared corpus is never misread
+# The builders' format: raise it whenever a builder (spans.py, structbert.py, palm.py, sampling.py) changes what it
+# computes. An entry stamped with another format is computed afresh (and, inside writing(), replaced), never read.
+FORMAT_VERSION = 1
 
 
 @contextlib.contextmanager
@@ -41,7 +44,8 @@ def _entry_dir(corpus, name: str) -> str | None:
 
 
 def _stamp(corpus) -> dict:
-    return {"tokens": corpus.num_tokens, "sentences": corpus.num_sents, "documents": corpus.num_docs}
+    return {"format": FORMAT_VERSION, "tokens": corpus.num_tokens, "sentences": corpus.num_sents,
+            "documents": corpus.num_docs}  # fmt: skip
 
 
 def arrays(corpus, name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
