@@ -29,7 +29,7 @@ SENTIMENT = task=classification data.dir=$(DEMO_DATA)/tasks/sentiment task.max_l
 LONGER_RUN = $(DEMO_RUN)/structbert_x2
 
 .PHONY: install install-test demo finetune-demo finetune-study finetune-longer compare test clean-demo bench-speed \
-	gpu-wheels gpu-check-dry-run
+	gpu-wheels gpu-check-dry-run test-fast
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -112,7 +112,12 @@ compare: install
 		$(PALM_DEMO) logger.progress=false
 
 test: install-test
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
+
+# Before each commit: the tests that start no process (no launcher, no CLI, no Slurm, no GPU), about 30 s on 2
+# cores: every objective, both models, the data pipeline, the checkpoint vetting. The markers: pyproject.toml.
+test-fast: install-test
+	$(PYTHON) -m pytest -q -m "not e2e and not slurm and not gpu" tests $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_RUN)

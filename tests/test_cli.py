@@ -7,6 +7,8 @@ import pytest
 
 from runs import REPO
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (pyproject.toml)
+
 COMMANDS = ["pretrain.prepare", "pretrain.generate", "pretrain.plan", "pretrain.summary", "pretrain.export"]
 
 

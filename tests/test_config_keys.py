@@ -65,6 +65,7 @@ def test_the_known_unread_keys_exist(prepared, tmp_path):
         assert key in leaf_keys(OmegaConf.to_container(cfg)), (key, why)
 
 
+@pytest.mark.e2e
 def test_a_key_that_a_group_lacks_is_a_one_line_error(prepared, tmp_path):
     """zero3_cpu has no fp16 loss-scaling block: asking it for fp16 used to end in a ConfigAttributeError."""
     cfg = compose_config([f"data.dir={prepared}", f"run.dir={tmp_path / 'run'}", "deepspeed.precision=fp16"])
@@ -76,6 +77,7 @@ def test_a_key_that_a_group_lacks_is_a_one_line_error(prepared, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_the_plug_job_trains_at_the_length_its_memory_plan_assumes(prepared, tmp_path):
     """launch/slurm/plug_27b.sbatch quotes a plan at seq_len=512 (PLUG's and StructBERT's length): the trainer
     must get that length from the job's own overrides, not the config's default of 128."""

@@ -91,6 +91,7 @@ def assert_follows(run: str, reference: str) -> None:
     assert set(a) == set(b) and max(float((a[n] - b[n]).detach().abs().max()) for n in a) <= WEIGHT_TOL
 
 
+@pytest.mark.e2e
 def test_uninterrupted_runs_on_one_and_two_ranks_agree(straight):
     """The premise of the tolerance: without dropout, only the order of sums differs across world sizes."""
     one, two = losses(straight[1]), losses(straight[2])
@@ -98,6 +99,7 @@ def test_uninterrupted_runs_on_one_and_two_ranks_agree(straight):
     assert max(abs(one[k] - two[k]) for k in one) <= TOL
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2), (2, 3)])
 def test_resume_on_another_number_of_ranks_follows_the_uninterrupted_run(prepared, straight, stopped, tmp_path,
                                                                          saved, resumed):  # fmt: skip
@@ -115,6 +117,7 @@ def test_resume_on_another_number_of_ranks_follows_the_uninterrupted_run(prepare
     assert_follows(run, straight[1])
 
 
+@pytest.mark.e2e
 def test_the_optimizer_state_is_carried(prepared, straight, stopped, tmp_path):
     """The same resume from a universal copy whose Adam moments and step count are reset to a fresh optimizer's
     goes elsewhere; the copy being there already, it is used as it is (no second conversion)."""
@@ -149,6 +152,7 @@ def test_new_ranks_seed_their_generators_from_seed_step_and_rank():
     assert not seeds & {1234 * 1000 + rank for rank in range(4)}  # nor a fresh run's
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -40,6 +40,7 @@ def our_model(run):
     return model.eval(), cfg
 
 
+@pytest.mark.e2e
 def test_auto_classes_load_it_and_give_our_outputs(exported):
     run, out, pre_ln = exported
     ours, cfg = our_model(run)
@@ -69,6 +70,7 @@ def mixed_lines(n=300, seed=0):
     return ["".join(rng.choice(pieces, size=rng.integers(1, 12))) for _ in range(n)]
 
 
+@pytest.mark.e2e
 def test_the_tokenizer_gives_our_ids(exported):
     run, out, _ = exported
     ours, theirs = Tokenizer(os.path.join(run, "vocab.txt")), transformers.AutoTokenizer.from_pretrained(out)
@@ -76,6 +78,7 @@ def test_the_tokenizer_gives_our_ids(exported):
         assert theirs(line, add_special_tokens=False)["input_ids"] == ours.encode(line), line
 
 
+@pytest.mark.e2e
 def test_bad_input_is_one_line_and_leaves_nothing(exported, tmp_path):
     run, out, _ = exported
 
@@ -95,6 +98,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(exported, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["untrained"]  # nothing half-written beside out
 
 
+@pytest.mark.e2e
 def test_round_trip_through_init_from_hf_is_exact(exported, tmp_path):
     """Export, then init_from=hf:<export> into a ZeRO-3 model over 2 ranks: stage one's outputs are the
     original's exactly; stage two's encoder too, with the decoder from the top encoder layers."""
@@ -108,6 +112,7 @@ def test_round_trip_through_init_from_hf_is_exact(exported, tmp_path):
         assert diffs["decoder_from_top_layer"] == (stage == "palm")
 
 
+@pytest.mark.e2e
 def test_training_continues_from_an_hf_directory(exported, prepared, tmp_path):
     run, out, pre_ln = exported
     if not pre_ln:
@@ -121,6 +126,7 @@ def test_training_continues_from_an_hf_directory(exported, prepared, tmp_path):
     assert info["init_tensors"]["fresh"] == {}
 
 
+@pytest.mark.e2e
 def test_bad_hf_directories_fail_with_one_line(exported, prepared, tmp_path):
     run, out, pre_ln = exported
     if not pre_ln:
@@ -160,6 +166,7 @@ def palm_exported(prepared, tmp_path_factory):
     return str(run), str(out)
 
 
+@pytest.mark.e2e
 def test_stage_two_generates_our_tokens_through_transformers(palm_exported):
     from safetensors import safe_open
 
@@ -195,6 +202,7 @@ def test_stage_two_generates_our_tokens_through_transformers(palm_exported):
                 assert (hf[: hf.index(tok.sep_id)] if tok.sep_id in hf else hf) == mine, (prompt, strategy, constraints)
 
 
+@pytest.mark.e2e
 def test_a_copy_mechanism_run_is_refused(prepared, tmp_path):
     run = tmp_path / "copy"
     launch([sys.executable, "-m", "pretrain.train"], TINY + [f"data.dir={prepared}", f"run.dir={run}", "stage=palm",

@@ -101,6 +101,7 @@ def ner_run(tasks, stage_one, tmp_path_factory) -> str:
     return str(run)
 
 
+@pytest.mark.e2e
 def test_ner_from_stage_one(ner_run, tasks, stage_one):
     results = _check_results(ner_run, "f1", True)
     predictions = _read(ner_run, "predictions.jsonl")
@@ -120,6 +121,7 @@ def test_ner_from_stage_one(ner_run, tasks, stage_one):
     assert f"f1 {results['test']['f1']:.2f}" in shown
 
 
+@pytest.mark.e2e
 def test_finetune_resume_is_exact(ner_run, tasks, stage_one, tmp_path):
     run = tmp_path / "resumed"
     args = _args("ner", tasks["ner"], run, f"init_from={stage_one['two_ranks']}")
@@ -132,6 +134,7 @@ def test_finetune_resume_is_exact(ner_run, tasks, stage_one, tmp_path):
     assert _read(str(run), "predictions.jsonl") == _read(ner_run, "predictions.jsonl")
 
 
+@pytest.mark.e2e
 def test_pair_classification_from_random_init(tasks, prepared, tmp_path):
     run = tmp_path / "pair"
     launch(DEEPSPEED_FINETUNE, _args("pair_classification", tasks["pair"], run, f"vocab={prepared}/vocab.txt"))
@@ -143,6 +146,7 @@ def test_pair_classification_from_random_init(tasks, prepared, tmp_path):
     assert _read(run, "run.json")["task"]["labels"] == ["0", "1"]
 
 
+@pytest.mark.e2e
 def test_generation_from_stage_two(tasks, palm_run, tmp_path):
     run = tmp_path / "gen"
     proc = launch(DEEPSPEED_FINETUNE, _args("generation", tasks["gen"], run, f"init_from={palm_run}",
@@ -161,6 +165,7 @@ def test_generation_from_stage_two(tasks, palm_run, tmp_path):
     assert _read(run, "run.json")["init_tensors"]["fresh"] == {}  # the whole PALM is carried
 
 
+@pytest.mark.e2e
 def test_plain_python_single_rank(tasks, prepared, tmp_path):
     run = tmp_path / "one_rank"
     launch(PYTHON[:2] + ["pretrain.finetune"], FINETUNE_TINY + [
@@ -187,6 +192,7 @@ def test_every_key_is_read(tasks, prepared, tmp_path, task, reads):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("pretrained_pooler", [True, False])
 def test_classifier_takes_the_encoder_and_the_sentence_heads_pooler(tasks, stage_one, tmp_path, pretrained_pooler):
     cfg = _compose(_args("classification", tasks["cls"], tmp_path / "run", f"init_from={stage_one['two_ranks']}",
@@ -198,6 +204,7 @@ def test_classifier_takes_the_encoder_and_the_sentence_heads_pooler(tasks, stage
     assert set(init.fresh) == {"classifier.weight", "classifier.bias"} | (set() if pretrained_pooler else set(pooler))
 
 
+@pytest.mark.e2e
 def test_init_from_a_transformers_export(tasks, stage_one, tmp_path):
     """init_from=hf:<dir>: our export of stage one gives the classifier its encoder and pooler."""
     import subprocess
@@ -221,6 +228,7 @@ def _compose(overrides: list[str]):
         return compose("finetune", overrides=overrides)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("task, extra, message", [
     ("pair", ["task.labels=[a,b]"], r"train.jsonl:1: label '[01]' is not in the label list \(a, b\)"),
     ("pair", ["task.fields.text_b=nope"], r"train.jsonl:1: no field 'nope' \(task.fields.text_b\)"),
@@ -240,6 +248,7 @@ def test_bad_settings_fail_before_anything_is_written(tasks, stage_one, palm_run
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.e2e
 def test_a_vocab_other_than_the_checkpoints_is_refused(tasks, stage_one, tmp_path):
     lines = open(os.path.join(stage_one["two_ranks"], "vocab.txt"), encoding="utf-8").read().splitlines()
     lines[-1], lines[-2] = lines[-2], lines[-1]  # two ids swapped: the same tokens, other meanings
@@ -250,6 +259,7 @@ def test_a_vocab_other_than_the_checkpoints_is_refused(tasks, stage_one, tmp_pat
         setup(cfg, world_size=2)
 
 
+@pytest.mark.e2e
 def test_empty_file_exits_2_with_one_line(tasks, stage_one, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

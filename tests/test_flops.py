@@ -190,12 +190,14 @@ def check_train_rows(run_dir: str, world: int, peak: float | None = None) -> Non
     assert all(not set(THROUGHPUT) & set(r) for r in rows(run_dir, "valid"))
 
 
+@pytest.mark.e2e
 def test_train_rows_of_both_stages_have_the_columns(stage_one, palm_run):
     check_train_rows(stage_one["two_ranks"], 2)
     check_train_rows(stage_one["one_rank"], 1)
     check_train_rows(palm_run, 2)
 
 
+@pytest.mark.e2e
 def test_peak_tflops_gives_mfu(prepared, tmp_path):
     run = str(tmp_path / "run")
     launch(PYTHON, TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=2", "train.log_every=1",
@@ -204,6 +206,7 @@ def test_peak_tflops_gives_mfu(prepared, tmp_path):
     assert [r["step"] for r in rows(run, "train")] == [1, 2]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("value", ["0", "-3", "abc"])
 def test_bad_peak_tflops_is_one_line(prepared, tmp_path, value):
     from hydra import compose, initialize_config_dir

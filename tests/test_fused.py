@@ -294,6 +294,7 @@ def _run(prepared, run_dir, *extra):
     return rows(str(run_dir), "train")
 
 
+@pytest.mark.e2e
 def test_fused_and_plain_adam_agree_over_ten_steps(prepared, tmp_path):
     """torch.optim.AdamW vs DeepSpeed's fused Adam (its JIT-built CPU op here; FusedAdam on GPU), 2 ranks, ZeRO-3."""
     plain = _run(prepared, tmp_path / "plain", "train.max_steps=10", "deepspeed.torch_adam=true")
@@ -306,6 +307,7 @@ def test_fused_and_plain_adam_agree_over_ten_steps(prepared, tmp_path):
     assert [r["lr"] for r in plain] == [r["lr"] for r in fused]
 
 
+@pytest.mark.e2e
 def test_lamb_trains_and_resumes_bitwise_on_cpu(prepared, tmp_path):
     """train.optimizer=lamb on CPU: the plain LAMB as a client optimizer under ZeRO-3, with DeepSpeed's scheduler."""
     # LAMB's step is relative to ||w|| and, as in FusedLamb, scaled by sqrt(1 - b2^t) / (1 - b1^t) (about 0.17 over
@@ -330,6 +332,7 @@ def test_lamb_trains_and_resumes_bitwise_on_cpu(prepared, tmp_path):
 # ---------------------------------------------------------------- GPU only
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_gpu_fused_lamb_and_fused_adam_agree_with_the_plain_ones():
     from deepspeed.ops.adam import FusedAdam
@@ -358,6 +361,7 @@ def test_gpu_fused_lamb_and_fused_adam_agree_with_the_plain_ones():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_gpu_half_layer_norm_and_sdpa():
     """On GPU: fp16 LayerNorm keeps float statistics; SDPA's fused kernels (memory-efficient on V100, flash on
@@ -394,6 +398,7 @@ def test_checkpoint_rng_state_carries_the_cuda_generator(monkeypatch):
     assert torch.equal(device_state["now"], torch.tensor([1, 2, 3], dtype=torch.uint8))
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_dropout_resumes_exactly():
     from pretrain.training import checkpoint

@@ -16,7 +16,7 @@ from pretrain.training.metrics import Window
 from tests.test_model import batch as stage_one_batch
 from tests.test_palm_model import batch as stage_two_batch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # Attention of unit-variance inputs (|y| <= ~3): each kernel's result against the exact attention of the same
 # half-precision inputs (float64), to within the output's rounding (fp16: 2^-11 relative, bf16: 2^-8) and the

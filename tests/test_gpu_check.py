@@ -1,10 +1,13 @@
 """bench/gpu_check.sh's dry run: every part of the GPU check, on CPU with tiny shapes, as the GPU machine runs it
 (the same script, the same parts, the same outputs), so that it cannot rot between the rare GPU runs."""
+import pytest
 import json
 import os
 import subprocess
 
 from runs import REPO
+
+pytestmark = pytest.mark.e2e  # every test here starts processes (pyproject.toml)
 
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.sh")
 PARTS = ["env", "ops", "corpus", "tests", "stage1-bf16", "throughput-1b", "peer", "stage1-fp16", "stage2-bf16",

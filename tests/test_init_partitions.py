@@ -7,6 +7,8 @@ import pytest
 
 from runs import REPO, launch
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (pyproject.toml)
+
 
 @pytest.mark.parametrize("written_by, ranks, decoder_init", [("two_ranks", 3, "random"), ("one_rank", 2, "encoder_top")])
 def test_init_from_copies_each_ranks_partition_bitwise(stage_one, tmp_path, written_by, ranks, decoder_init):

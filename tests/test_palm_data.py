@@ -294,6 +294,7 @@ def step_set(per_rank, t):
     return sorted(g for rank in per_rank for batch in rank[t] for g in batch)
 
 
+@pytest.mark.e2e
 def test_sampler_uses_every_index_of_a_pool_once_whatever_the_world_size():
     k, steps = 4, 12  # three whole pools
     one = run(world=1, micro=4, accum=2, max_steps=steps, group_steps=k)
@@ -305,6 +306,7 @@ def test_sampler_uses_every_index_of_a_pool_once_whatever_the_world_size():
         assert sorted(used) == list(range(first * 8, (first + k) * 8))  # each index of the pool exactly once
 
 
+@pytest.mark.e2e
 def test_sampler_groups_lengths_and_shuffles_pool_steps():
     micro, accum, world, k, steps = 4, 2, 2, 8, 32
 
@@ -328,6 +330,7 @@ def test_sampler_groups_lengths_and_shuffles_pool_steps():
         assert step_mean[first : first + k] != sorted(step_mean[first : first + k])
 
 
+@pytest.mark.e2e
 def test_sampler_pools_stop_at_the_boundary_step():
     micro, accum, world, boundary = 2, 2, 1, 6
     gb = micro * accum * world

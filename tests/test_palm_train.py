@@ -12,6 +12,7 @@ from runs import DEEPSPEED, PALM, PYTHON, REPO, STEPS, launch, rows
 GENERATE = [sys.executable, "-m", "pretrain.generate"]
 
 
+@pytest.mark.e2e
 def test_stage_two_trains_from_stage_one_and_drops_mlm_for_the_last_tenth(palm_run, stage_one):
     train, valid = rows(palm_run, "train"), rows(palm_run, "valid")
     assert [r["step"] for r in train] == list(range(1, 21)) and [r["step"] for r in valid] == [10, 20]
@@ -32,6 +33,7 @@ def test_stage_two_trains_from_stage_one_and_drops_mlm_for_the_last_tenth(palm_r
     assert info["world_size"] == 2 and all(p <= info["parameters"] // 2 + 64 for p in info["partition_numel_per_rank"])
 
 
+@pytest.mark.e2e
 def test_stage_two_resume_is_bitwise_exact_across_the_mlm_switch(prepared, stage_one, palm_run, tmp_path):
     run = str(tmp_path / "resumed")
     args = PALM + STEPS + [f"data.dir={prepared}", f"run.dir={run}", f"init_from={stage_one['two_ranks']}"]
@@ -41,6 +43,7 @@ def test_stage_two_resume_is_bitwise_exact_across_the_mlm_switch(prepared, stage
     assert loss(run) == loss(palm_run)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("written_by, decoder_init", [("two_ranks", "random"), ("one_rank", "encoder_top")])
 def test_stage_two_encoder_equals_stage_one_encoder(stage_one, tmp_path, written_by, decoder_init):
     out = tmp_path / "result.json"
@@ -52,6 +55,7 @@ def test_stage_two_encoder_equals_stage_one_encoder(stage_one, tmp_path, written
     assert result["decoder_from_top_layer"] == (decoder_init == "encoder_top")
 
 
+@pytest.mark.e2e
 def test_stage_two_checkpoint_keeps_the_stage_one_sentence_head(palm_run, stage_one):
     """Issue 9, finding 5: carried into stage two, frozen there (no sentence objective), saved with the rest."""
     from pretrain.training.checkpoint import consolidate, find
@@ -62,6 +66,7 @@ def test_stage_two_checkpoint_keeps_the_stage_one_sentence_head(palm_run, stage_
     assert not torch.equal(two["encoder.layers.0.attn.qkv.weight"], one["encoder.layers.0.attn.qkv.weight"])
 
 
+@pytest.mark.e2e
 def test_stage_two_from_random_weights(prepared, tmp_path):
     run = tmp_path / "random"
     launch(PYTHON, PALM + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=2", "train.log_every=1"])
@@ -69,6 +74,7 @@ def test_stage_two_from_random_weights(prepared, tmp_path):
     assert [r["step"] for r in rows(str(run), "train")] == [1, 2]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -89,6 +95,7 @@ def test_bad_stage_two_settings_fail_with_one_line(prepared, stage_one, tmp_path
     assert not run.exists()
 
 
+@pytest.mark.e2e
 def test_init_from_a_stage_two_checkpoint_is_refused(prepared, palm_run, tmp_path):
     step20 = os.path.join(palm_run, "checkpoints", "step20")
     proc = launch(PYTHON, PALM + [f"data.dir={prepared}", f"run.dir={tmp_path / 'run'}", f"init_from={step20}"], expect_rc=2)
@@ -96,6 +103,7 @@ def test_init_from_a_stage_two_checkpoint_is_refused(prepared, palm_run, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_resuming_a_stage_one_checkpoint_as_stage_two_is_refused(prepared, stage_one, tmp_path):
     step6 = os.path.join(stage_one["one_rank"], "checkpoints", "step6")
     run = tmp_path / "run"
@@ -105,6 +113,7 @@ def test_resuming_a_stage_one_checkpoint_as_stage_two_is_refused(prepared, stage
     assert not run.exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", ["strategy=greedy", "strategy=sample top_k=5 top_p=0.9 temperature=0.8", "strategy=beam num_beams=3",
                                       "strategy=beam num_beams=3 no_repeat_ngram_size=2 min_new_tokens=3",
                                       "strategy=greedy device=cpu precision=bf16"])
@@ -114,6 +123,7 @@ def test_generate_prints_a_continuation(palm_run, strategy):
     assert proc.stdout.count("\n") == 1, proc.stdout
 
 
+@pytest.mark.e2e
 def test_generate_prompts_file_and_left_truncation(palm_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("小明每天早上都去公园散步。\n\n" + "很" * 600 + "\n", encoding="utf-8")
@@ -122,6 +132,7 @@ def test_generate_prompts_file_and_left_truncation(palm_run, tmp_path):
     assert "prompt 2: 600 tokens, truncated from the left to the last 510" in proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -142,6 +153,7 @@ def test_generate_bad_arguments(palm_run, args, message):
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.e2e
 def test_generate_refuses_a_stage_one_run(stage_one):
     proc = launch(GENERATE, [f"run.dir={stage_one['one_rank']}", "prompt=你好"], expect_rc=2)
     assert "a stage-one run; generation needs a stage-two (stage=palm) run" in proc.stderr
@@ -159,6 +171,7 @@ def test_model_copy_flag_is_read_from_the_config():
     assert model_config(toy, 100, 64).copy is True
 
 
+@pytest.mark.e2e
 def test_summary_prints_the_drawn_and_realised_lengths(palm_run):
     """Issue 9, finding 3: run.json records stage two's length histogram and pretrain.summary prints it."""
     h = json.load(open(os.path.join(palm_run, "run.json")))["train_data"]["length_histogram"]

@@ -157,6 +157,7 @@ def test_bad_input_is_one_line(argv, capsys):
     assert err.startswith("pretrain.plan: error: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.e2e
 def test_command_line():
     """The real entry point: json=true prints one JSON object on stdout; bad input exits 2 with one line."""
     argv = ["model=plug", "nodes=4", *V100, "micro_batch=1", "activation_checkpointing=true", "json=true"]

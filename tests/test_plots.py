@@ -119,6 +119,7 @@ def assert_pngs(run: str, names: list[str]) -> list[str]:
     return paths
 
 
+@pytest.mark.e2e
 def test_stage_one_curves(tmp_path, capsys):
     rows = stage_one_rows()
     run = write_run(tmp_path, "structbert", rows)
@@ -138,6 +139,7 @@ def test_stage_one_curves(tmp_path, capsys):
         assert len(expected(rows, "valid", f"{objective}_loss")[0]) == 2
 
 
+@pytest.mark.e2e
 def test_stage_two_skips_nulls_and_marks_the_mlm_switch(tmp_path, capsys):
     rows = stage_two_rows()
     run = write_run(tmp_path, "palm", rows)
@@ -176,6 +178,7 @@ def test_mlm_switch_edge_cases():
                              {"step": 30, "split": "train", "mlm_active": True}]) == 10  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_blend_draws_each_valid_source(tmp_path, capsys):
     rows = blend_rows()
     run = write_run(tmp_path, "blend", rows)
@@ -194,6 +197,7 @@ def test_blend_draws_each_valid_source(tmp_path, capsys):
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "valid", "valid/news", "valid/wiki"]
 
 
+@pytest.mark.e2e
 def test_fine_tuning_runs(tmp_path, capsys):
     ner = write_run(tmp_path, "ner", ner_rows())
     cls = write_run(tmp_path, "cls", classification_rows())
@@ -208,6 +212,7 @@ def test_fine_tuning_runs(tmp_path, capsys):
     assert plots.objectives(classification_rows()) == ["cls"]  # `accuracy`, `macro_f1`: not objectives
 
 
+@pytest.mark.e2e
 def test_an_objective_without_accuracy(tmp_path):
     rows = [{"step": s, "split": "train", "loss": 1.0 / s, "aux_loss": 1.0 / s, "aux_acc": None} for s in (1, 2, 3)]
     loss, acc = plots.figure(rows, "aux").axes
@@ -220,6 +225,7 @@ def test_an_objective_without_accuracy(tmp_path):
     assert plots.objectives([{"step": 1, "split": "train", "loss": 1.0, "mlm_loss": None}]) == []
 
 
+@pytest.mark.e2e
 def test_failed_write_leaves_the_old_picture_and_no_temp_file(tmp_path, capsys, monkeypatch):
     rows = stage_one_rows()
     run = write_run(tmp_path, "structbert", rows)
@@ -240,6 +246,7 @@ def test_failed_write_leaves_the_old_picture_and_no_temp_file(tmp_path, capsys, 
         assert (tmp_path / "structbert" / "curves" / name).read_bytes() == data
 
 
+@pytest.mark.e2e
 def test_cli(tmp_path):
     """The command line: paths printed; a run without metrics.jsonl keeps its one-line error; the table alone
     (summarize, render) does not import matplotlib."""

@@ -142,6 +142,7 @@ def write_mixed_corpus(root) -> str:
 MIXED = dict(vocab_size=300, valid_fraction=0.1, seed=7, on_error="skip", max_line_bytes=2000)
 
 
+@pytest.mark.e2e
 def test_build_vocab_is_deterministic(tmp_path, zh_corpus):
     sentences = open(zh_corpus, encoding="utf-8").read().split()
     build_vocab(sentences, 300, str(tmp_path / "a.txt"))
@@ -353,6 +354,7 @@ def test_meta_is_deterministic_and_out_is_guarded(tmp_path, zh_corpus):
     assert sorted(os.listdir(tmp_path)) == ["out", "zh_corpus.txt"]  # no temporary directories left
 
 
+@pytest.mark.e2e
 def test_cli_summary(tmp_path, zh_corpus):
     result = cli(f"input={zh_corpus}", f"out={tmp_path / 'out'}", "vocab_size=300", "workers=2")
     assert result.returncode == 0, result.stderr
@@ -362,6 +364,7 @@ def test_cli_summary(tmp_path, zh_corpus):
         in result.stdout
 
 
+@pytest.mark.e2e
 def test_cli_empty_input(tmp_path):
     corpus = tmp_path / "empty.txt"
     corpus.write_text(" \n\n\u3000\n")
@@ -370,6 +373,7 @@ def test_cli_empty_input(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["empty.txt"]
 
 
+@pytest.mark.e2e
 def test_cli_vocab_missing_mask(tmp_path, zh_corpus):
     vocab = write_vocab(tmp_path / "vocab.txt", [t for t in BERT_LAYOUT if t != "[MASK]"])
     result = cli(f"input={zh_corpus}", f"out={tmp_path / 'out'}", f"vocab={vocab}")
@@ -377,6 +381,7 @@ def test_cli_vocab_missing_mask(tmp_path, zh_corpus):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_cli_out_not_empty(tmp_path, zh_corpus):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
@@ -385,6 +390,7 @@ def test_cli_out_not_empty(tmp_path, zh_corpus):
     assert os.listdir(tmp_path / "out") == ["keep.txt"]
 
 
+@pytest.mark.e2e
 def test_cli_bad_utf8_leaves_nothing(tmp_path):
     corpus = tmp_path / "bad.txt"
     corpus.write_bytes("好。\n".encode() + b"\xc3\x28\n")
@@ -412,6 +418,7 @@ def test_config_takes_paths_verbatim():
     assert (cfg.input, cfg.out, cfg.workers, cfg.overwrite, cfg.vocab) == ("data/*.txt", "a b:c", 3, True, None)
 
 
+@pytest.mark.e2e
 def test_cli_unknown_key_is_one_line(tmp_path):
     assert_one_line_error(cli("input=a", "out=b", "bogus=1"), "bogus")
 
@@ -486,6 +493,7 @@ def vocab_cli(*args):
                           text=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_vocab_cli(tmp_path, zh_corpus):
     prepare(PrepareConfig(input=zh_corpus, out=str(tmp_path / "prepared"), vocab_size=300))
     result = vocab_cli(f"input={zh_corpus}", f"out={tmp_path / 'vocab.txt'}", "vocab_size=300", "workers=2")
@@ -503,6 +511,7 @@ def test_vocab_cli(tmp_path, zh_corpus):
     assert sorted(os.listdir(tmp_path)) == sorted(before + ["empty.txt"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, fragments", [
     (["shard=3", "num_shards=3", "vocab={vocab}"], ["shard=3: must be in [0, 3) for num_shards=3"]),
     (["shard=-1", "num_shards=2", "vocab={vocab}"], ["shard=-1: must be in [0, 2)"]),
@@ -530,6 +539,7 @@ print(main_kb, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
+@pytest.mark.e2e
 def test_memory_does_not_grow_with_the_corpus(tmp_path):
     """Peak RSS of the main process and of the largest worker, for a corpus and one four times its size: holding
     the corpus (as prepare did before streaming, ~5 bytes per input byte) would add ~25 MB to the main process."""

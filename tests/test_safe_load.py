@@ -59,6 +59,7 @@ def test_trust_setting_must_be_a_boolean():
         safe_load.trust_setting("yes")
 
 
+@pytest.mark.e2e
 def test_our_checkpoints_pass_and_load_with_weights_only(stage_one):
     """Every file of a real 2-rank checkpoint is inside the allow-list, and our reads load them with weights_only."""
     tag_dir = checkpoint.find(stage_one["two_ranks"], "run.dir")
@@ -78,6 +79,7 @@ def _poisoned_run(run_dir: str, tmp_path, file_glob: str) -> tuple[str, str]:
     return copy, marker
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_poisoned_checkpoint(stage_one, prepared, tmp_path):
     run, marker = _poisoned_run(stage_one["one_rank"], tmp_path, "rng_rank0.pt")
     args = TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=8", "train.save_every=3"]
@@ -87,6 +89,7 @@ def test_resume_refuses_a_poisoned_checkpoint(stage_one, prepared, tmp_path):
     assert not glob.glob(os.path.join(run, "checkpoints", "step8"))  # nothing trained past the refusal
 
 
+@pytest.mark.e2e
 def test_export_refuses_a_poisoned_checkpoint_and_trust_opts_out(stage_one, tmp_path):
     run, marker = _poisoned_run(stage_one["one_rank"], tmp_path, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     out = tmp_path / "hf"

@@ -12,6 +12,8 @@ from pretrain.samples import compose_config
 from pretrain.training.stages import build_stage
 from runs import REPO
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (pyproject.toml)
+
 SAMPLES = [sys.executable, "-m", "pretrain.samples"]
 
 

@@ -15,9 +15,9 @@ import pytest
 from runs import TINY, rows
 from slurm_cluster import FINISHED, ClusterUnavailable, SlurmCluster, missing_programs
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e, pytest.mark.skipif(
     bool(missing_programs()), reason=f"Slurm/munge not installed (missing {', '.join(missing_programs())}; `make install-test` installs them as root)"
-)
+)]
 
 SCRIPT = "launch/slurm/train.sbatch"
 # --time: a bound on a hang; above the script's --signal=B:USR1@600, which would otherwise fire at once.

@@ -106,6 +106,7 @@ def test_bad_sources(prepared, second, other_vocab, kw, message):
     assert fill(message) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.e2e
 def test_bad_sources_exit_2_with_one_line_before_writing(prepared, other_vocab, tmp_path):
     for bad in ([f"data.dirs=[{prepared},{other_vocab}]"], [f"data.dirs=[{prepared},{prepared}]", "data.weights=[1,0]"]):
         run = tmp_path / "run"
@@ -119,6 +120,7 @@ def test_bad_sources_exit_2_with_one_line_before_writing(prepared, other_vocab, 
 BLEND = ["train.max_steps=8", "train.log_every=1", "train.eval_every=4", "train.save_every=4"]
 
 
+@pytest.mark.e2e
 def test_blended_training_resumes_exactly_and_validates_per_source(prepared, second, tmp_path):
     args = TINY + BLEND + [f"data.dirs=[{prepared},{second}]", "data.weights=[1,3]"]
     launch(DEEPSPEED, args + [f"run.dir={tmp_path / 'straight'}"])
@@ -140,6 +142,7 @@ def test_blended_training_resumes_exactly_and_validates_per_source(prepared, sec
     assert "valid/prepared last @8" in shown and "valid/other last @8" in shown
 
 
+@pytest.mark.e2e
 def test_stage_two_trains_on_blended_sources(prepared, second, tmp_path):
     run = tmp_path / "palm"
     launch(DEEPSPEED, PALM + [f"data.dirs=[{prepared},{second}]", f"run.dir={run}", "train.max_steps=4",

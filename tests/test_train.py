@@ -8,6 +8,8 @@ import pytest
 
 from runs import DEEPSPEED, PYTHON, TINY, TORCHRUN, launch, rows
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (pyproject.toml)
+
 
 @pytest.fixture(scope="module")
 def straight_run(prepared, tmp_path_factory) -> str:
