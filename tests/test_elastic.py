@@ -8,7 +8,7 @@ a final weight, and the resumed runs (2->1, 1->2, 2->3) by at most 5.7e-7 and 1.
 Adam state was reset to a fresh optimizer's (the counterfactual below) was 2.3e-2 to 1.2e-1 away in loss from the
 first step it updated on, and 5.9e-3 in weights. The tolerances sit in between, with a margin of 100 or more each way. With dropout on (the default), the saved generators cannot
 follow the samples to their new ranks (see elastic.elastic_seed) and two uninterrupted runs on 1 and 2 ranks
-already differ by up to about 5e-2 per step: the README gives those figures.
+already differ by up to about 5e-2 per step: docs/training.md ("Resuming on another number of GPUs") gives those figures.
 """
 import glob
 import json
