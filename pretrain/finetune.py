@@ -10,7 +10,6 @@ the checkpoint the valid metric picked: run.dir/results.json, predictions.jsonl 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -20,14 +19,13 @@ from dataclasses import dataclass
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
-from pretrain.training import checkpoint, distributed, init_from, safe_load
-from pretrain.training.checkpoint import Checkpoints, seed_rng, write_atomic, write_run_files
+from pretrain.training import checkpoint, distributed, init_from, loop, safe_load
+from pretrain.training.checkpoint import Checkpoints, write_atomic, write_run_files
 from pretrain.training.config import (
     BatchGeometry,
     RunSettings,
@@ -35,9 +33,8 @@ from pretrain.training.config import (
     deepspeed_config,
     run_settings,
 )
-from pretrain.training.engine import build_model, initialize, to_device
-from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row
-from pretrain.training.stopping import StopRequest
+from pretrain.training.engine import to_device
+from pretrain.training.metrics import MetricsLog, Window, metrics_row
 
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
 
@@ -81,80 +78,65 @@ def setup(cfg: DictConfig, world_size: int) -> Setup:
     return Setup(settings, geometry, task, vocab_path, init, deepspeed_config(cfg, geometry))
 
 
+class TaskJob:
+    """A fine-tuning task as the loop drives it (training/loop.py): no FLOPs columns, and every evaluation also
+    saves a checkpoint, from which the test split is scored with the best."""
+
+    counts_flops, saves_at_eval = False, True
+
+    def __init__(self, task, geometry: BatchGeometry, info: distributed.DistInfo, max_steps: int):
+        self.task, self.geometry, self.info, self.max_steps = task, geometry, info, max_steps
+        self.kind, self.objectives, self.weights = f"finetune:{task.kind}", task.objectives, task.weights
+        self.token_counts = task.token_counts
+
+    def train_loader(self, geometry: BatchGeometry, rank: int, start_step: int):
+        return self.task.train_loader(geometry, rank, start_step, self.max_steps)
+
+    def forward(self, engine, batch):
+        loss, stats, _ = self.task.forward(engine, batch, predict=False)
+        return loss, stats
+
+    def train_flops(self, host_batch: dict) -> float:
+        return 0.0
+
+    def phase_columns(self, step: int) -> dict:
+        return {}
+
+    def evaluate(self, engine, step: int) -> list[dict]:
+        return [evaluate(engine, self.task, self.geometry, self.info, step)]
+
+
 def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # 1. Check everything before any rank writes a byte.
-    started = time.perf_counter()
+    began = time.perf_counter()
     run = setup(cfg, info.world_size)
     s, geometry, task = run.settings, run.geometry, run.task
-    if s.precision == "fp16" and not torch.cuda.is_available():
-        raise UserError(f"deepspeed={s.hardware}: fp16 needs a GPU; on CPU use deepspeed=zero3_cpu (fp32 or bf16)")
-    kind = f"finetune:{task.kind}"
+    loop.check_precision(s)
+    job = TaskJob(task, geometry, info, s.max_steps)
     checkpoints = Checkpoints(s.run_dir, info.rank, info.world_size, s.keep_last)
-    resume_from = checkpoints.resolve(s.resume, kind, geometry.global_batch)
+    resume_from = checkpoints.resolve(s.resume, job.kind, geometry.global_batch)
 
     # 2. Join the ranks, build the partitioned model with the pre-trained weights, restore the newest checkpoint.
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    stop = StopRequest(os.path.join(s.run_dir, s.stop_file))
-    stop.clear_stale(info.rank)
-    distributed.init(info, s.timeout_s)
-    os.makedirs(s.run_dir, exist_ok=True)
-    checkpoints.discard_uncommitted()
-    if info.rank == 0:
-        task.warn_truncated()
-    model = build_model(task.make_model, run.ds_config, s.seed)
-    if run.init is not None and resume_from is None:
-        init_from.load_into(model, run.init, rank=info.rank)
-        if info.rank == 0:
-            print(f"pretrain.finetune: {run.init.describe()}", file=sys.stderr)
-    engine = initialize(model, run.ds_config, s.weight_decay)
-    if resume_from is None:
-        step = 0
-        seed_rng(s.seed * 1000 + info.rank)
-    else:
-        step = checkpoints.load(engine, resume_from)
+    started = loop.start(s, info, checkpoints, resume_from, task.make_model, run.ds_config, run.init, "pretrain.finetune",
+                         before_model=task.warn_truncated if info.rank == 0 else lambda: None)  # fmt: skip
+    step = started.step
     stage = "palm" if task.kind == "generation" else task.kind  # a generation run is a PALM run: pretrain.generate reads it
     task_info = {"name": task.name, "type": task.kind, "examples": {k: len(v) for k, v in task.splits.items()},
                  "truncated": task.truncation_report(), "labels": task.labels}  # fmt: skip
-    write_run_files(cfg, info, model, geometry, step, run.init, run.ds_config, stage, task.model_cfg, run.vocab_path,
-                    task=task_info)
+    write_run_files(cfg, info, started.model, geometry, step, run.init, run.ds_config, stage, task.model_cfg,
+                    run.vocab_path, task=task_info)  # fmt: skip
     log = MetricsLog(s.run_dir, info.rank, s.wandb, OmegaConf.to_container(cfg, resolve=True), step, ("test",))
-    _protect_best(checkpoints, s.run_dir, task, info.rank)
+    protect_best = lambda: _protect_best(checkpoints, s.run_dir, task, info.rank)  # noqa: E731
+    protect_best()
 
     # 3. Train; score valid and save at each eval step.
-    batches = iter(task.train_loader(geometry, info.rank, step, s.max_steps))
-    window = Window(task.objectives)
-    bar = tqdm(total=s.max_steps, initial=step, disable=info.rank != 0 or not s.progress, desc=f"finetune {task.name}")
-    engine.train()
-    while step < s.stop_at:
-        lr = engine.get_lr()[0]
-        for _ in range(geometry.accum):
-            host = next(batches)
-            loss, stats, _ = task.forward(engine, to_device(host, engine.device), predict=False)
-            engine.backward(loss)
-            engine.step()
-            window.add(stats, *task.token_counts(host))
-        step += 1
-        window.mark_step()
-        bar.update(1)
-        stopping = step < s.stop_at and stop.requested()
-        if step % s.log_every == 0 or step == s.stop_at or stopping:
-            log.write(metrics_row(step, "train", window.reduce(), task.weights, {}, engine_columns(engine, lr)))
-        evaluating = step % s.eval_every == 0 or step == s.max_steps
-        if evaluating:
-            log.write(evaluate(engine, task, geometry, info, step))
-            _protect_best(checkpoints, s.run_dir, task, info.rank)
-        if evaluating or step % s.save_every == 0 or step == s.stop_at or stopping:
-            checkpoints.save(engine, step, kind, geometry.global_batch)
-        if stopping:
-            if info.rank == 0:
-                print(f"pretrain.finetune: stop requested: checkpoint of step {step} saved, exiting", file=sys.stderr)
-            break
-    bar.close()
-    train_s = time.perf_counter() - started
+    step = loop.train(job, started, s, geometry, info.rank, log, checkpoints, "pretrain.finetune",
+                      f"finetune {task.name}", after_eval=protect_best)  # fmt: skip
+    train_s = time.perf_counter() - began
 
     # 4. The test split, once, with the checkpoint the valid metric picked.
     if step == s.max_steps:
-        test(task, s.run_dir, geometry, info, log, train_s, run, engine.device)
+        test(task, s.run_dir, geometry, info, log, train_s, run, started.engine.device)
     log.close()
     distributed.barrier()
 

@@ -1,0 +1,144 @@
+"""The one training loop, shared by pre-training (pretrain/train.py) and fine-tuning (pretrain/finetune.py).
+
+`start` joins the ranks and builds what a run trains: the ZeRO-3-partitioned model (from init_from's weights when
+the run starts afresh), its engine, the newest checkpoint restored or the generators seeded. `train` then steps to
+the last step or a stop request: accumulation, the metrics window and its rows, evaluation, checkpoints.
+
+What differs between a pre-training stage and a fine-tuning task is what a `Job` says (the stage or the task
+adapted to it by its entry point): its checkpoint kind, objectives and loss weights, its loaders, one forward,
+the token counts and FLOPs of a host batch, the phase columns, its evaluation, and whether an evaluation also
+saves a checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from tqdm import tqdm
+
+from pretrain.errors import UserError
+from pretrain.training import distributed, init_from
+from pretrain.training.checkpoint import Checkpoints, seed_rng
+from pretrain.training.config import BatchGeometry, RunSettings
+from pretrain.training.engine import build_model, initialize, to_device
+from pretrain.training.flops import peak_tflops
+from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row, throughput_columns
+from pretrain.training.stopping import StopRequest
+
+
+class Job(Protocol):
+    kind: str  # what checkpoints record as their stage: a resume with another kind is refused
+    objectives: tuple[str, ...]
+    weights: dict[str, float]
+    counts_flops: bool  # train rows carry tflops, mfu and peak memory
+    saves_at_eval: bool  # every evaluation step also writes a checkpoint (fine-tuning picks its best one)
+
+    def train_loader(self, geometry: BatchGeometry, rank: int, start_step: int): ...
+
+    def forward(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]: ...
+
+    def token_counts(self, host_batch: dict) -> tuple[int, int]: ...
+
+    def train_flops(self, host_batch: dict) -> float: ...
+
+    def phase_columns(self, step: int) -> dict: ...
+
+    def evaluate(self, engine, step: int) -> list[dict]: ...
+
+
+def check_precision(s: RunSettings) -> None:
+    if s.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError(f"deepspeed={s.hardware}: fp16 needs a GPU; on CPU use deepspeed=zero3_cpu (fp32 or bf16)")
+
+
+@dataclass
+class Started:
+    engine: object
+    model: torch.nn.Module
+    step: int  # the step the run goes on from (0 when it starts afresh)
+    stop: StopRequest
+
+
+def start(s: RunSettings, info: distributed.DistInfo, checkpoints: Checkpoints, resume_from: str | None,
+          make_model: Callable[[], torch.nn.Module], ds_config: dict, init: init_from.InitSource | None, command: str,
+          before_model: Callable[[], None] = lambda: None, elastic: bool = False) -> Started:  # fmt: skip
+    """Join the ranks, build the partitioned model, restore the newest checkpoint (resume_from) or seed afresh.
+    before_model: what the run does once the ranks are joined and before the model is built (a stage indexes its
+    data there). elastic: a resume_from of another world size is re-sharded through a universal copy."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    stop = StopRequest(os.path.join(s.run_dir, s.stop_file))
+    stop.clear_stale(info.rank)
+    distributed.init(info, s.timeout_s)
+    os.makedirs(s.run_dir, exist_ok=True)
+    checkpoints.discard_uncommitted()
+    if elastic and checkpoints.resharded_from:  # another world size: DeepSpeed re-splits a universal copy on load
+        resume_from = checkpoints.to_universal(resume_from)
+        ds_config["checkpoint"] = {"load_universal": True}
+    before_model()
+    model = build_model(make_model, ds_config, s.seed)
+    if init is not None and resume_from is None:  # before initialize: the optimizer copies the weights it sees
+        init_from.load_into(model, init, rank=info.rank)
+        if info.rank == 0:
+            print(f"{command}: {init.describe()}", file=sys.stderr)
+    engine = initialize(model, ds_config, s.weight_decay)
+    if resume_from is None:
+        step = 0
+        seed_rng(s.seed * 1000 + info.rank)  # dropout differs across ranks, reproducibly
+    else:
+        step = checkpoints.load(engine, resume_from, s.seed)
+        if checkpoints.resharded_from and info.rank == 0:
+            print(f"{command}: resumed step {step} of {resume_from}: re-sharded from {checkpoints.resharded_from}"
+                  f" to {info.world_size} ranks", file=sys.stderr)  # fmt: skip
+    return Started(engine, model, step, stop)
+
+
+def train(job: Job, run: Started, s: RunSettings, geometry: BatchGeometry, rank: int, log: MetricsLog,
+          checkpoints: Checkpoints, command: str, desc: str, after_eval: Callable[[], None] = lambda: None) -> int:  # fmt: skip
+    """Step from run.step to s.stop_at (or a stop request); returns the last step trained. after_eval: what the
+    run does after each evaluation, before its checkpoint (fine-tuning protects its best one from pruning)."""
+    engine, step = run.engine, run.step
+    # Every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
+    batches = iter(job.train_loader(geometry, rank, step))
+    window = Window(job.objectives)
+    peak = peak_tflops(s.peak_tflops) if job.counts_flops else None  # None: no mfu (CPU, or a GPU the table lacks)
+    bar = tqdm(total=s.max_steps, initial=step, disable=rank != 0 or not s.progress, desc=desc)
+    engine.train()
+    while step < s.stop_at:
+        lr = engine.get_lr()[0]  # the rate this step applies
+        for _ in range(geometry.accum):
+            host_batch = next(batches)
+            counts = job.token_counts(host_batch)  # counted on the host: no device sync
+            flops = job.train_flops(host_batch)  # from the host batch's shapes and labels, likewise
+            loss, stats = job.forward(engine, to_device(host_batch, engine.device))
+            engine.backward(loss)
+            engine.step()  # DeepSpeed updates only at the accumulation boundary
+            window.add(stats, *counts, flops=flops)
+        step += 1
+        window.mark_step()
+        bar.update(1)
+        stopping = step < s.stop_at and run.stop.requested()  # collective: every rank agrees on the step
+        if step % s.log_every == 0 or step == s.stop_at or stopping:  # every rank: the columns are collectives
+            reduced = window.reduce()
+            columns = engine_columns(engine, lr)
+            if job.counts_flops:
+                columns.update(throughput_columns(reduced, peak))
+            row = metrics_row(step, "train", reduced, job.weights, job.phase_columns(step), columns)
+            log.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        evaluated = step % s.eval_every == 0 or step == s.max_steps
+        if evaluated:
+            for row in job.evaluate(engine, step):
+                log.write(row)
+            after_eval()
+        if (evaluated and job.saves_at_eval) or step % s.save_every == 0 or step == s.stop_at or stopping:
+            checkpoints.save(engine, step, job.kind, geometry.global_batch)
+        if stopping:
+            if rank == 0:
+                print(f"{command}: stop requested: checkpoint of step {step} saved, exiting", file=sys.stderr)
+            break
+    bar.close()
+    return step
