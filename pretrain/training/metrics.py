@@ -43,12 +43,6 @@ class Window:
         self.padded += padded
         self.flops += flops
 
-    def sums(self) -> dict[str, list[float]]:
-        """Per objective [loss sum, correct, count] over the window so far (reads the pending tensors)."""
-        names, values = self._flat()
-        flat = values.tolist()
-        return {name: flat[3 * i : 3 * i + 3] for i, name in enumerate(names)}
-
     def _flat(self) -> tuple[tuple[str, ...], torch.Tensor]:
         """The objectives and their sums [loss, correct, count] per objective, flattened into one float64 tensor
         on the device the statistics are on. Tensors are summed there and numbers (the counts) on the host, each
