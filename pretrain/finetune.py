@@ -84,13 +84,10 @@ class TaskJob:
 
     counts_flops, saves_at_eval = False, True
 
-    def __init__(self, task, geometry: BatchGeometry, info: distributed.DistInfo, max_steps: int):
-        self.task, self.geometry, self.info, self.max_steps = task, geometry, info, max_steps
+    def __init__(self, task, geometry: BatchGeometry, info: distributed.DistInfo):
+        self.task, self.geometry, self.info = task, geometry, info
         self.kind, self.objectives, self.weights = f"finetune:{task.kind}", task.objectives, task.weights
         self.token_counts = task.token_counts
-
-    def train_loader(self, geometry: BatchGeometry, rank: int, start_step: int):
-        return self.task.train_loader(geometry, rank, start_step, self.max_steps)
 
     def forward(self, engine, batch):
         loss, stats, _ = self.task.forward(engine, batch, predict=False)
@@ -112,7 +109,7 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     run = setup(cfg, info.world_size)
     s, geometry, task = run.settings, run.geometry, run.task
     loop.check_precision(s)
-    job = TaskJob(task, geometry, info, s.max_steps)
+    job = TaskJob(task, geometry, info)
     checkpoints = Checkpoints(s.run_dir, info.rank, info.world_size, s.keep_last)
     resume_from = checkpoints.resolve(s.resume, job.kind, geometry.global_batch)
 
@@ -130,7 +127,8 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     protect_best()
 
     # 3. Train; score valid and save at each eval step.
-    step = loop.train(job, started, s, geometry, info.rank, log, checkpoints, "pretrain.finetune",
+    loader = task.train_loader(geometry, info.rank, started.step, s.max_steps)
+    step = loop.train(job, started, loader, s, geometry, info.rank, log, checkpoints, "pretrain.finetune",
                       f"finetune {task.name}", after_eval=protect_best)  # fmt: skip
     train_s = time.perf_counter() - began
 

@@ -59,8 +59,7 @@ class StageJob:
     def __init__(self, stage, geometry: BatchGeometry, rank: int):
         self.stage, self.geometry, self.rank = stage, geometry, rank
         self.kind, self.objectives, self.weights = stage.name, stage.objectives, stage.weights
-        self.train_loader, self.token_counts = stage.train_loader, stage.token_counts
-        self.train_flops, self.phase_columns = stage.train_flops, stage.phase_columns
+        self.token_counts, self.train_flops, self.phase_columns = stage.token_counts, stage.train_flops, stage.phase_columns
 
     def forward(self, engine, batch):
         return engine(batch, self.weights)
@@ -86,13 +85,15 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     started = loop.start(s, info, checkpoints, resume_from, stage.make_model, run.ds_config, run.init, "pretrain.train",
                          before_model=index, elastic=True)  # fmt: skip
     step = started.step
-    data_stats = stage.train_dataset(geometry).stats() if info.rank == 0 else {}
+    # Every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
+    loader = stage.train_loader(geometry, info.rank, start_step=step)
+    data_stats = loader.dataset.stats() if info.rank == 0 else {}
     write_run_files(cfg, info, started.model, geometry, step, run.init, run.ds_config, stage.name, stage.model_cfg,
                     stage.tokenizer.vocab_path, data_sources=describe(stage.sources), train_data=data_stats)
     log = MetricsLog(s.run_dir, info.rank, s.wandb, OmegaConf.to_container(cfg, resolve=True), step)
 
     # 3. Train.
-    loop.train(StageJob(stage, geometry, info.rank), started, s, geometry, info.rank, log, checkpoints,
+    loop.train(StageJob(stage, geometry, info.rank), started, loader, s, geometry, info.rank, log, checkpoints,
                "pretrain.train", "train")  # fmt: skip
     log.close()
     distributed.barrier()

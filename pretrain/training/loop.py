@@ -5,7 +5,7 @@ the run starts afresh), its engine, the newest checkpoint restored or the genera
 the last step or a stop request: accumulation, the metrics window and its rows, evaluation, checkpoints.
 
 What differs between a pre-training stage and a fine-tuning task is what a `Job` says (the stage or the task
-adapted to it by its entry point): its checkpoint kind, objectives and loss weights, its loaders, one forward,
+adapted to it by its entry point): its checkpoint kind, objectives and loss weights, one forward,
 the token counts and FLOPs of a host batch, the phase columns, its evaluation, and whether an evaluation also
 saves a checkpoint.
 """
@@ -36,8 +36,6 @@ class Job(Protocol):
     weights: dict[str, float]
     counts_flops: bool  # train rows carry tflops, mfu and peak memory
     saves_at_eval: bool  # every evaluation step also writes a checkpoint (fine-tuning picks its best one)
-
-    def train_loader(self, geometry: BatchGeometry, rank: int, start_step: int): ...
 
     def forward(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]: ...
 
@@ -96,13 +94,13 @@ def start(s: RunSettings, info: distributed.DistInfo, checkpoints: Checkpoints, 
     return Started(engine, model, step, stop)
 
 
-def train(job: Job, run: Started, s: RunSettings, geometry: BatchGeometry, rank: int, log: MetricsLog,
+def train(job: Job, run: Started, loader, s: RunSettings, geometry: BatchGeometry, rank: int, log: MetricsLog,
           checkpoints: Checkpoints, command: str, desc: str, after_eval: Callable[[], None] = lambda: None) -> int:  # fmt: skip
-    """Step from run.step to s.stop_at (or a stop request); returns the last step trained. after_eval: what the
-    run does after each evaluation, before its checkpoint (fine-tuning protects its best one from pruning)."""
+    """Step from run.step to s.stop_at (or a stop request) over `loader`, the job's train batches from run.step on;
+    returns the last step trained. after_eval: what the run does after each evaluation, before its checkpoint
+    (fine-tuning protects its best one from pruning)."""
     engine, step = run.engine, run.step
-    # Every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
-    batches = iter(job.train_loader(geometry, rank, step))
+    batches = iter(loader)
     window = Window(job.objectives)
     peak = peak_tflops(s.peak_tflops) if job.counts_flops else None  # None: no mfu (CPU, or a GPU the table lacks)
     bar = tqdm(total=s.max_steps, initial=step, disable=rank != 0 or not s.progress, desc=desc)
