@@ -436,7 +436,7 @@ def part_peer(a) -> dict:
 def _stage(a, name: str, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from pretrain.training.stages import build_stage
+    from pretrain.stages import build_stage
 
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
         cfg = compose("config", overrides=[f"stage={name}", f"data.dir={os.path.join(a.work, 'prepared')}",

@@ -2,7 +2,7 @@
 stage-two model), three ways, each in its own `deepspeed` launch on the same number of ranks:
 
 - partitions: `init_from.load_into` as the trainer runs it; each rank reads its own partition of each parameter
-  from the checkpoint's memory-mapped partition files (checkpoint.PartitionReader), no collective.
+  from the checkpoint's memory-mapped partition files (partitions.PartitionReader), no collective.
 - lazy: rank 0 holds DeepSpeed's lazy consolidation (`get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`,
   the partition files memory-mapped) and assembles one parameter at a time, which is gathered on every rank, set
   on rank 0 and re-partitioned.
@@ -58,7 +58,7 @@ def worker(mode: str, run_dir: str, out_path: str) -> None:
 
     from pretrain.models.config import ModelConfig
     from pretrain.models.palm import Palm
-    from pretrain.training import checkpoint, distributed, init_from
+    from pretrain.training import checkpoint, distributed, init_from, partitions
     from pretrain.training.engine import build_model
 
     info = distributed.read_env()
@@ -85,7 +85,7 @@ def worker(mode: str, run_dir: str, out_path: str) -> None:
     else:
         weights = None
         if info.rank == 0:
-            weights = checkpoint.consolidate(source.tag_dir, lazy=mode == "lazy")
+            weights = partitions.consolidate(source.tag_dir, lazy=mode == "lazy")
             if mode == "lazy":  # a parameter is assembled when it is taken
                 weights = {k: _Contiguous(v) for k, v in weights.items()}
         init_from._load_gathered(model, weights, source.mapping, info.rank)

@@ -49,7 +49,7 @@ def stage(name: str, data: str, *overrides: str):
     """A stage built from the repo's real config, as `pretrain.train` builds it."""
     from hydra import compose, initialize_config_dir
 
-    from pretrain.training.stages import build_stage
+    from pretrain.stages import build_stage
 
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
         cfg = compose("config", overrides=[f"stage={name}", "model=toy", f"data.dir={data}", "run.dir=unused",

@@ -38,7 +38,7 @@ from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
 from pretrain.models.hf_layout import SSO_LABELS, to_hf_plan
-from pretrain.training import checkpoint, safe_load
+from pretrain.training import checkpoint, partitions, run_dir as run_files, safe_load
 
 DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True, "trust_checkpoint": False}
 CHECK_TOLERANCE = 1e-4  # max |difference| between transformers' outputs and ours that `check` accepts
@@ -148,7 +148,7 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
         import transformers  # noqa: F401
     except ImportError:
         raise UserError("the export needs transformers and safetensors: pip install -e '.[hf]'") from None
-    stage, cfg = checkpoint.run_model_config(run_dir)
+    stage, cfg = run_files.run_model_config(run_dir)
     if os.path.exists(out) and not overwrite and os.listdir(out):
         raise UserError(f"out={out}: exists and is not empty (overwrite=true replaces it)")
     if stage == "palm" and cfg.copy:
@@ -157,7 +157,7 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
     where = os.path.join(run_dir, "checkpoints", f"step{step}") if step is not None else run_dir
     tag_dir = checkpoint.find(where, "step" if step is not None else "run.dir")
     # lazily: the ranks' fp32 partitions stay as they are, and one full tensor at a time is assembled and written
-    state = checkpoint.consolidate(tag_dir, lazy=True)
+    state = partitions.consolidate(tag_dir, lazy=True)
     # stage two: our own names, which the exported class (pretrain/hf_palm.py) keeps; the embeddings once
     plan = to_hf_plan(state, cfg) if stage == "structbert" else [(name, name, None) for name in state]
     tok = Tokenizer(os.path.join(run_dir, "vocab.txt"))
@@ -197,8 +197,8 @@ def check(run_dir: str, out: str, tag_dir: str) -> dict[str, float]:
 
     transformers.logging.set_verbosity_error()  # its load report lists the other heads' keys as unexpected
     transformers.logging.disable_progress_bar()
-    stage, cfg = checkpoint.run_model_config(run_dir)
-    ours = checkpoint.load_run_model(run_dir, tag_dir)  # in eval mode: no dropout
+    stage, cfg = run_files.run_model_config(run_dir)
+    ours = run_files.load_run_model(run_dir, tag_dir)  # in eval mode: no dropout
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, cfg.vocab_size, (3, min(24, cfg.max_positions)), generator=g)
     mask = torch.ones_like(ids, dtype=torch.bool)

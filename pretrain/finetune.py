@@ -24,8 +24,9 @@ from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
-from pretrain.training import checkpoint, distributed, init_from, loop, safe_load
-from pretrain.training.checkpoint import Checkpoints, write_atomic, write_run_files
+from pretrain.training import distributed, init_from, loop, safe_load
+from pretrain.training.checkpoint import Checkpoints
+from pretrain.training.run_dir import load_weights, write_atomic, write_run_files
 from pretrain.training.config import (
     BatchGeometry,
     RunSettings,
@@ -189,7 +190,7 @@ def test(task, run_dir: str, geometry: BatchGeometry, info, log: MetricsLog, tra
     tag_dir = os.path.join(run_dir, "checkpoints", f"step{best['step']}")
     with torch.device("meta"):
         model = task.make_model()
-    model = checkpoint.load_weights(model, tag_dir).to(device)  # each rank: a plain copy of the picked checkpoint
+    model = load_weights(model, tag_dir).to(device)  # each rank: a plain copy of the picked checkpoint
     predictions = _merged(distributed.gather_objects(task.predict(model, "test", geometry.micro, geometry.world, info.rank)))
     if info.rank != 0:
         return

@@ -21,7 +21,7 @@ import torch
 from pretrain.cli import parse
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.training import checkpoint, safe_load
+from pretrain.training import checkpoint, run_dir as run_files, safe_load
 
 DEFAULTS = {
     "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,
@@ -60,10 +60,10 @@ def parse_args(argv: list[str]):
 
 def load_model(run_dir: str, checkpoint_dir: str | None):
     """The stage-two model of `run_dir` with the weights of its newest (or the given) checkpoint, and its tokenizer."""
-    if checkpoint.run_model_config(run_dir)[0] != "palm":
+    if run_files.run_model_config(run_dir)[0] != "palm":
         raise UserError(f"run.dir={run_dir}: a stage-one run; generation needs a stage-two (stage=palm) run")
     tag_dir = checkpoint.find(checkpoint_dir, "checkpoint") if checkpoint_dir else checkpoint.find(run_dir, "run.dir")
-    return checkpoint.load_run_model(run_dir, tag_dir), Tokenizer(os.path.join(run_dir, "vocab.txt")), tag_dir
+    return run_files.load_run_model(run_dir, tag_dir), Tokenizer(os.path.join(run_dir, "vocab.txt")), tag_dir
 
 
 def encoder_input(tok: Tokenizer, prompt: str, max_positions: int, where: str) -> torch.Tensor:

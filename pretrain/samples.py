@@ -8,11 +8,9 @@ it does to `pretrain.train`, so the samples are those of the run: the same seed,
 train.micro_batch_size x ranks: it decides which step a sample lands in and, in stage two, where masked LM stops.
 
 Each line holds the global sample index and its step, the model's input as ids and as tokens, and the targets
-with their positions. Stage one: the token types, the MLM and word-structure (WSO) targets, the SSO label and
-name, and A and B as the corpus has them (token span, document, text). Stage two: the encoder input and its MLM
-targets, the decoder input and labels (null where a position predicts nothing), the drawn and the realised
-lengths, whether the target reaches its document's end (and so ends with [SEP]), whether masked LM is active,
-and the context and target as the corpus has them.
+with their positions, as the stage's `sample_row` writes them (pretrain/stages/: stage one's token types, MLM,
+WSO and SSO targets, A and B as the corpus has them; stage two's encoder and decoder inputs, their targets, the
+drawn and realised lengths, whether masked LM is active, the context and target as the corpus has them).
 """
 from __future__ import annotations
 
@@ -20,16 +18,12 @@ import json
 import os
 import sys
 
-import numpy as np
-
 from pretrain.cli import parse
-from pretrain.data.masking import IGNORE
-from pretrain.data.structbert import SSO_NEXT, SSO_PREVIOUS, SSO_RANDOM
 from pretrain.errors import UserError, exit_on_user_error
+from pretrain.training.config import BatchGeometry, batch_geometry
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 OWN_KEYS = ("n", "out", "world_size")
-SSO_NAMES = {SSO_RANDOM: "random", SSO_NEXT: "next", SSO_PREVIOUS: "previous", IGNORE: None}
 
 
 def compose_config(overrides: list[str]):
@@ -46,55 +40,12 @@ def compose_config(overrides: list[str]):
 
 
 def step_order(stage, data, global_batch: int, n: int) -> list[tuple[int, int]]:
-    """(step, global index) of the first n samples, in the order the steps consume them."""
-    from pretrain.data.sampling import LengthGroupedStepSampler, StepSampler
-
+    """(step, global index) of the first n samples, in the order the steps consume them: the stage's own sampler,
+    one rank taking the whole global batch (a step's samples do not depend on the number of ranks)."""
     steps = -(-n // global_batch)
-    common = dict(micro_batch=global_batch, grad_accum=1, world_size=1, rank=0, max_steps=steps)
-    if stage.name == "palm":  # grouped by length within pools: the same samples per step whatever the ranks
-        sampler = LengthGroupedStepSampler(data.lengths, **common, group_steps=stage.group_steps, seed=stage.seed,
-                                           boundary_step=stage.mlm_steps)  # fmt: skip
-    else:
-        sampler = StepSampler(**common)
+    sampler = stage.train_sampler(data, BatchGeometry(micro=global_batch, accum=1, world=1), rank=0, start_step=0,
+                                  max_steps=steps)  # fmt: skip
     return [(t + 1, int(g)) for t, batch in enumerate(sampler) for g in batch][:n]
-
-
-def _targets(labels: np.ndarray, tok) -> list[dict]:
-    return [{"position": int(i), "id": int(labels[i]), "token": tok.id_to_token(int(labels[i]))}
-            for i in np.flatnonzero(labels != IGNORE)]  # fmt: skip
-
-
-def _source(data, span: tuple[int, int], tok) -> dict:
-    """Where a span of the corpus lies, and its text as the corpus has it (before masking or shuffling)."""
-    return {"span": [int(span[0]), int(span[1])], "document": data.corpus.document_of(span[0]),
-            "text": tok.decode(int(i) for i in data.corpus.tokens[span[0] : span[1]])}  # fmt: skip
-
-
-def structbert_row(data, g: int, tok) -> dict:
-    s = data[g]
-    span_a, span_b, label = data.sample_spans(g)
-    ids = s["input_ids"].tolist()
-    return {
-        "input_ids": ids, "tokens": [tok.id_to_token(i) for i in ids], "token_type_ids": s["token_type_ids"].tolist(),
-        "mlm": _targets(s["mlm_labels"], tok), "wso": _targets(s["wso_labels"], tok),
-        "sso_label": label, "sso": SSO_NAMES[label],
-        "a": _source(data, span_a, tok), "b": None if span_b is None else _source(data, span_b, tok),
-    }  # fmt: skip
-
-
-def palm_row(data, g: int, tok) -> dict:
-    s, span = data[g], data.sample_spans(g)
-    enc, dec_in, dec_lab = s["enc_input_ids"].tolist(), s["dec_input_ids"].tolist(), s["dec_labels"].tolist()
-    return {
-        "enc_input_ids": enc, "enc_tokens": [tok.id_to_token(i) for i in enc], "mlm": _targets(s["mlm_labels"], tok),
-        "mlm_active": g < data.mlm_until,
-        "dec_input_ids": dec_in, "dec_tokens": [tok.id_to_token(i) for i in dec_in],
-        "dec_labels": [None if i == IGNORE else i for i in dec_lab],
-        "dec_label_tokens": [None if i == IGNORE else tok.id_to_token(i) for i in dec_lab],
-        "drawn_lengths": list(span["drawn"]), "realised_lengths": list(span["realised"]),
-        "ends_document": span["ends_document"], "moved_to_longer_document": span["moved"],
-        "context": _source(data, (span["start"], span["split"]), tok), "target": _source(data, (span["split"], span["end"]), tok),
-    }  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -110,41 +61,25 @@ def main(argv: list[str]) -> None:
     if cfg.data.dir is None:  # one corpus at a time (a blend's sources each have their own data.dir)
         raise UserError("data.dir is required (python -m pretrain.samples stage=... data.dir=<prepared dir> n=... out=...)")
 
-    from pretrain.training.config import batch_geometry
-    from pretrain.training.stages import build_stage
+    from pretrain.stages import build_stage
 
     stage = build_stage(cfg)
     geometry = batch_geometry(cfg.train, world)
-    data, row = stage.train_dataset(geometry), (palm_row if stage.name == "palm" else structbert_row)
+    data = stage.train_dataset(geometry)
     order = step_order(stage, data, geometry.global_batch, n)
     tmp = f"{args.out}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     try:
         with open(tmp, "w", encoding="utf-8") as f:  # renamed when complete: never a half-written file
             for step, g in order:
-                f.write(json.dumps({"index": g, "step": step, **row(data, g, stage.tokenizer)}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"index": g, "step": step, **stage.sample_row(data, g)}, ensure_ascii=False) + "\n")
         os.replace(tmp, args.out)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     print(f"pretrain.samples: {len(order)} {stage.name} samples (steps 1-{order[-1][0]}, global batch "
           f"{geometry.global_batch}) -> {args.out}")
-    print("\n".join(overview(stage.name, data, [g for _, g in order])))
-
-
-def overview(stage_name: str, data, indices: list[int]) -> list[str]:
-    """What to check in a new corpus at a glance: SSO label shares (stage one), drawn and realised lengths (two)."""
-    if stage_name == "palm":
-        from pretrain.summary import render_lengths
-
-        r = data.length_report(indices)
-        return render_lengths(r) + [
-            f"  contexts ending on a sentence end: {r['context_ends_sentence']:.1%}; targets: {r['target_ends_sentence']:.1%}; "
-            f"targets ending where their document ends ([SEP]): {r['target_ends_document']:.1%}",
-            f"  samples moved to a document long enough for their lengths: {r['moved_to_longer_document']:.1%}"]
-    labels = np.array([data.sample_spans(g)[2] for g in indices])
-    shares = ", ".join(f"{SSO_NAMES[k] or 'none (one-sentence document)'} {np.mean(labels == k):.1%}" for k in SSO_NAMES)
-    return [f"  SSO labels: {shares}"]
+    print("\n".join(stage.sample_overview(data, [g for _, g in order])))
 
 
 if __name__ == "__main__":

@@ -19,13 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from pretrain.data.sources import describe
 from pretrain.errors import exit_on_user_error
 from pretrain.training import distributed, init_from, loop, safe_load
-from pretrain.training.checkpoint import Checkpoints, write_run_files
+from pretrain.training.checkpoint import Checkpoints
+from pretrain.training.run_dir import write_run_files
 from pretrain.training.config import (
     BatchGeometry, RunSettings, batch_geometry, deepspeed_config, run_settings,
 )  # fmt: skip
 from pretrain.training.engine import to_device
 from pretrain.training.metrics import MetricsLog, Window, metrics_row
-from pretrain.training.stages import PalmStage, StructBertStage, build_stage
+from pretrain.stages import build_stage
+from pretrain.stages.base import Stage
 
 # torch 2.13 deprecates the collectives DeepSpeed calls, once per step: not ours to fix, only noise.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
@@ -37,7 +39,7 @@ class Setup:
 
     settings: RunSettings
     geometry: BatchGeometry
-    stage: StructBertStage | PalmStage
+    stage: Stage
     init: init_from.InitSource | None  # stage two: the stage-one checkpoint and its parameter mapping
     ds_config: dict
 

@@ -16,7 +16,7 @@ import torch
 
 from pretrain.models.config import ModelConfig
 from pretrain.models.palm import Palm
-from pretrain.training import checkpoint, distributed, init_from
+from pretrain.training import checkpoint, distributed, init_from, partitions
 from pretrain.training.engine import build_model
 
 
@@ -35,7 +35,7 @@ def main(run_dir: str, decoder_init: str, out_path: str) -> None:
         shapes = {n: tuple(p.shape) for n, p in Palm(cfg).named_parameters()}
     source = init_from.init_source(run_dir, shapes, cfg, os.path.join(run_dir, "vocab.txt"))
 
-    consolidate, read, reads = checkpoint.consolidate, checkpoint.PartitionReader.read, []
+    consolidate, read, reads = partitions.consolidate, partitions.PartitionReader.read, []
 
     def refuse(*args, **kwargs):
         raise AssertionError("init_from consolidated the checkpoint")
@@ -44,9 +44,9 @@ def main(run_dir: str, decoder_init: str, out_path: str) -> None:
         reads.append(end - start)
         return read(self, name, start, end)
 
-    checkpoint.consolidate, checkpoint.PartitionReader.read = refuse, recording
+    partitions.consolidate, partitions.PartitionReader.read = refuse, recording
     init_from.load_into(model, source, info.rank)
-    checkpoint.consolidate, checkpoint.PartitionReader.read = consolidate, read
+    partitions.consolidate, partitions.PartitionReader.read = consolidate, read
     partition = max(-(-torch.Size(shapes[n]).numel() // info.world_size) for n in source.mapping)
     largest = max(distributed.gather_objects(max(reads)))
 

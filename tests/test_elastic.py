@@ -40,7 +40,8 @@ def losses(run_dir: str) -> dict[tuple[int, str], float]:
 
 
 def final_weights(run_dir: str) -> dict[str, torch.Tensor]:
-    from pretrain.training.checkpoint import consolidate, find
+    from pretrain.training.checkpoint import find
+    from pretrain.training.partitions import consolidate
 
     return consolidate(find(run_dir, "run.dir"))
 

@@ -384,29 +384,29 @@ def test_gpu_half_layer_norm_and_sdpa():
 def test_checkpoint_rng_state_carries_the_cuda_generator(monkeypatch):
     """On a GPU dropout draws from the CUDA generator: a resumed run must restore it, per rank, or its dropout
     differs from an unbroken run's. Here the CUDA side is simulated; needs_cuda below runs it for real."""
-    from pretrain.training import checkpoint
+    from pretrain.training import rng
 
     device_state = {"now": torch.tensor([1, 2, 3], dtype=torch.uint8)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: device_state["now"].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: device_state.update(now=s.clone()))
-    saved = checkpoint.rng_state()
+    saved = rng.rng_state()
     assert torch.equal(saved["cuda"], torch.tensor([1, 2, 3], dtype=torch.uint8))
     device_state["now"] = torch.tensor([9, 9, 9], dtype=torch.uint8)
-    checkpoint.set_rng_state(saved)
+    rng.set_rng_state(saved)
     assert torch.equal(device_state["now"], torch.tensor([1, 2, 3], dtype=torch.uint8))
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_dropout_resumes_exactly():
-    from pretrain.training import checkpoint
+    from pretrain.training import rng
 
     torch.cuda.init()
-    checkpoint.seed_rng(7)
-    saved = checkpoint.rng_state()
+    rng.seed_rng(7)
+    saved = rng.rng_state()
     first = torch.nn.functional.dropout(torch.ones(1000, device="cuda"), 0.5)
     torch.cuda.manual_seed(123)  # what a fresh process would hold before set_rng_state
-    checkpoint.set_rng_state(saved)
+    rng.set_rng_state(saved)
     assert torch.equal(torch.nn.functional.dropout(torch.ones(1000, device="cuda"), 0.5), first)

@@ -58,7 +58,8 @@ def test_stage_two_encoder_equals_stage_one_encoder(stage_one, tmp_path, written
 @pytest.mark.e2e
 def test_stage_two_checkpoint_keeps_the_stage_one_sentence_head(palm_run, stage_one):
     """Issue 9, finding 5: carried into stage two, frozen there (no sentence objective), saved with the rest."""
-    from pretrain.training.checkpoint import consolidate, find
+    from pretrain.training.checkpoint import find
+    from pretrain.training.partitions import consolidate
 
     two, one = consolidate(find(palm_run, "run.dir")), consolidate(find(stage_one["two_ranks"], "run.dir"))
     heads = [n for n in one if n.startswith("sentence_head.")]

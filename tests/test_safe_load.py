@@ -12,7 +12,7 @@ import torch
 from runs import PYTHON, TINY, launch
 
 from pretrain.errors import UserError
-from pretrain.training import checkpoint, safe_load
+from pretrain.training import checkpoint, partitions, safe_load
 
 
 class Payload:
@@ -67,7 +67,7 @@ def test_our_checkpoints_pass_and_load_with_weights_only(stage_one):
     rng = safe_load.load(os.path.join(tag_dir, "rng_rank1.pt"))
     assert rng["numpy"][0] == "MT19937" and rng["torch"].dtype == torch.uint8
     assert "param_shapes" in checkpoint.saved_state(tag_dir)
-    assert checkpoint.consolidate(tag_dir)  # DeepSpeed's consolidation, after the vetting
+    assert partitions.consolidate(tag_dir)  # DeepSpeed's consolidation, after the vetting
 
 
 def _poisoned_run(run_dir: str, tmp_path, file_glob: str) -> tuple[str, str]:

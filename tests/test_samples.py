@@ -9,7 +9,7 @@ import pytest
 
 from pretrain.data.masking import IGNORE
 from pretrain.samples import compose_config
-from pretrain.training.stages import build_stage
+from pretrain.stages import build_stage
 from runs import REPO
 
 pytestmark = pytest.mark.e2e  # every test here starts processes (pyproject.toml)

@@ -174,7 +174,7 @@ def _copy_corpus(prepared, tmp_path) -> str:
 def test_cached_arrays_give_the_same_samples(prepared, tmp_path, stage):
     from pretrain.samples import compose_config
     from pretrain.training.config import batch_geometry
-    from pretrain.training.stages import build_stage
+    from pretrain.stages import build_stage
 
     data_dir = _copy_corpus(prepared, tmp_path)
     extra = ["palm.src_len=[8,40]", "palm.tgt_len=[8,24]"] if stage == "palm" else []

@@ -11,29 +11,24 @@ Resuming on another number of ranks (`train.elastic=true`) goes through DeepSpee
 (elastic.py): rank 0 converts `step<N>/` once into `step<N>.universal/` beside it, which any number of ranks can
 re-split on load.
 
-Readers: the trainer (resume), init_from (stage two from stage one), generate and export, through
-`find`, `saved_state`, `recorded_shapes`, `consolidate` and `load_run_model`, which work whatever number of
-ranks wrote it.
+Readers: the trainer (resume), init_from (stage two from stage one), generate and export, through `find`,
+`saved_state` and `recorded_shapes` here, partitions.py (the weights) and run_dir.py (the model), which work
+whatever number of ranks wrote it.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import glob
-import io
-import json
 import os
-import random
 import re
 import shutil
 import sys
 
-import numpy as np
 import torch
 
 from pretrain.errors import UserError
 from pretrain.training import distributed, safe_load
 from pretrain.training.elastic import UNIVERSAL, complete_universal_load, convert_universal, elastic_seed
+from pretrain.training.rng import rng_state, seed_rng, set_rng_state
 
 _STEP_DIR = re.compile(r"^step(\d+)$")
 _MODEL_STATES = "*mp_rank_00_model_states.pt"  # DeepSpeed's rank-0 file: client state and parameter shapes
@@ -80,162 +75,6 @@ def recorded_shapes(tag_dir: str, key: str) -> dict[str, tuple[int, ...]]:
     if not shapes:
         raise UserError(f"{key}={tag_dir}: the checkpoint records no parameter shapes (not a ZeRO-3 checkpoint?)")
     return shapes
-
-
-def consolidate(tag_dir: str, lazy: bool = False) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a ZeRO checkpoint, whatever number of ranks wrote it (DeepSpeed's own tool).
-    lazy=True: the values assemble their tensor from the ranks' partitions on .contiguous(), one at a time
-    (DeepSpeed's lazy mode), instead of all at once beside the partitions: half the peak memory."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    safe_load.check_dir(tag_dir)  # DeepSpeed's tool unpickles with weights_only=False: it sees vetted files only
-    quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its per-shard progress report
-        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir),
-                                                        lazy_mode=lazy)  # fmt: skip
-
-
-class PartitionReader:
-    """Any slice of any parameter of a ZeRO-3 checkpoint, read from the ranks' fp32 partitions where they lie,
-    whatever number of ranks wrote it: nothing is assembled, neither the model nor one whole parameter. The
-    partition files are memory-mapped, so only the pages sliced are read. A rank of a run on M ranks that reads
-    its own 1/M of each parameter holds about its share of the model and no more (init_from.load_into)."""
-
-    def __init__(self, tag_dir: str):
-        def files(kind: str) -> list[str]:
-            found = glob.glob(os.path.join(tag_dir, f"zero_pp_rank_*_mp_rank_00_{kind}_states.pt"))
-            return sorted(found, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(f)).group(1)))
-
-        optim, model = files("optim"), files("model")
-        if not optim or len(optim) != len(model):
-            raise UserError(f"{tag_dir}: {len(optim)} optimizer and {len(model)} model-states partition files"
-                            " (not a complete ZeRO-3 checkpoint)")  # fmt: skip
-        self.world = len(optim)
-        load = lambda f: safe_load.load(f, map_location="cpu", mmap=True)  # noqa: E731
-        # Only the fp32 partitions are kept; Adam's moments beside them in the same files are never touched.
-        flats = [load(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in optim]
-        states = [load(f) for f in model]
-        self._where: dict[str, tuple[list[torch.Tensor], int, int]] = {}  # name -> (per-rank flat, offset, numel)
-        for g, group in enumerate(states[0]["param_shapes"]):
-            offset = 0  # each rank's flat group holds its partition of every parameter of the group, in order
-            for name, shape in group.items():
-                self._where[name] = ([flat[g] for flat in flats], offset, torch.Size(shape).numel())
-                offset += -(-torch.Size(shape).numel() // self.world)
-            if offset != flats[0][g].numel():
-                raise UserError(f"{tag_dir}: partition group {g} holds {flats[0][g].numel()} elements, its"
-                                f" parameters {offset} (not a ZeRO-3 checkpoint of {self.world} ranks?)")  # fmt: skip
-        for name, shape in (states[0].get("frozen_param_shapes") or {}).items():  # outside the optimizer
-            self._where[name] = ([s["frozen_param_fragments"][name].view(-1) for s in states], 0, torch.Size(shape).numel())
-
-    def numel(self, name: str) -> int:
-        return self._where[name][2]
-
-    def read(self, name: str, start: int, end: int) -> torch.Tensor:
-        """Elements [start, end) of parameter `name` flattened, in the checkpoint's dtype (fp32)."""
-        parts, offset, numel = self._where[name]
-        size = -(-numel // self.world)  # each rank's partition, the last one padded
-        out = torch.empty(end - start, dtype=parts[0].dtype)
-        for r in range(start // size, (end - 1) // size + 1) if end > start else ():
-            lo, hi = max(start, r * size), min(end, (r + 1) * size)
-            out[lo - start : hi - start] = parts[r][offset + lo - r * size : offset + hi - r * size]
-        return out
-
-
-def run_model_config(run_dir: str):
-    """(stage, ModelConfig) that a run directory records in model.json (vocab.txt must be there too: it is what
-    reading the run's checkpoints back needs besides the weights)."""
-    from pretrain.models.config import ModelConfig
-
-    for name in ("model.json", "vocab.txt"):
-        if not os.path.isfile(os.path.join(run_dir, name)):
-            raise UserError(f"run.dir={run_dir}: no {name} (not a training run directory)")
-    with open(os.path.join(run_dir, "model.json")) as f:
-        saved = json.load(f)
-    return saved.pop("stage"), ModelConfig(**saved)
-
-
-def write_run_files(cfg, info, model, geometry, step: int, init, ds_config: dict, stage: str, model_cfg,
-                    vocab_path: str, **extra) -> None:
-    """What a run directory holds besides its checkpoints, written by rank 0 (every rank calls it: the partition
-    sizes are gathered): config.yaml (resolved), run.json (world size, parameter counts, each rank's partition
-    size, batch geometry, where the weights came from, `extra`, the DeepSpeed config), and what reading the
-    checkpoints back needs without the data: model.json (stage and shapes, read by run_model_config) and vocab.txt.
-    The JSON files appear whole (written beside and renamed)."""
-    from omegaconf import OmegaConf
-
-    from pretrain.models.layers import count_parameters
-    from pretrain.training.engine import local_partition_numel
-
-    per_rank = distributed.gather_objects(local_partition_numel(model))
-    if info.rank != 0:
-        return
-    run_dir = str(cfg.run.dir)
-    OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
-    run_info = {
-        "world_size": info.world_size, "parameters": count_parameters(model), "partition_numel_per_rank": per_rank,
-        "micro_batch": geometry.micro, "grad_accum": geometry.accum, "global_batch": geometry.global_batch,
-        "resumed_from_step": step, "initialized_from": None if init is None else init.tag_dir,
-        "init_tensors": None if init is None else init.report(), **extra, "deepspeed_config": ds_config,
-    }  # fmt: skip
-    write_atomic(os.path.join(run_dir, "run.json"), json.dumps(run_info, indent=2, ensure_ascii=False))
-    write_atomic(os.path.join(run_dir, "model.json"), json.dumps({"stage": stage, **dataclasses.asdict(model_cfg)}, indent=2))
-    if os.path.abspath(vocab_path) != os.path.abspath(os.path.join(run_dir, "vocab.txt")):
-        shutil.copyfile(vocab_path, os.path.join(run_dir, "vocab.txt"))
-
-
-def write_atomic(path: str, text: str) -> None:
-    """`text` at `path`, all at once: written beside it and renamed."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def load_run_model(run_dir: str, tag_dir: str):
-    """The run's model (stage one or two, in eval mode) with the weights of checkpoint tag_dir: built on the meta
-    device, so the consolidated tensors are taken as they are and no second copy is made."""
-    from pretrain.models.palm import Palm
-    from pretrain.models.structbert import StructBert
-
-    stage, cfg = run_model_config(run_dir)
-    with torch.device("meta"):
-        model = (Palm if stage == "palm" else StructBert)(cfg)
-    return load_weights(model, tag_dir)
-
-
-def load_weights(model: torch.nn.Module, tag_dir: str) -> torch.nn.Module:
-    """`model`, built on the meta device, with the consolidated weights of checkpoint tag_dir, in eval mode."""
-    state = consolidate(tag_dir)
-    missing = sorted(set(n for n, _ in model.named_parameters()) - set(state))
-    if missing:
-        raise UserError(f"{tag_dir}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more) of this model")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def rng_state() -> dict:
-    """This rank's generators: Python's, NumPy's, torch's CPU one and, on a GPU, its CUDA one (dropout there)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # the current device's: one GPU per rank
-    return state
-
-
-def seed_rng(seed: int) -> None:
-    """torch.manual_seed seeds the CPU generator and every CUDA device's."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        if not torch.cuda.is_available():
-            raise UserError("the checkpoint holds a CUDA generator state, and this run has no GPU (resume on GPUs)")
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class Checkpoints:

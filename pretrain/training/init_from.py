@@ -19,7 +19,7 @@ import torch
 
 from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
-from pretrain.training import checkpoint
+from pretrain.training import checkpoint, partitions
 
 HF = "hf:"
 _DECODER_FROM_ENCODER = {"self_attn.": "attn.", "self_attn_norm.": "attn_norm.", "ffn.": "ffn.", "ffn_norm.": "ffn_norm."}
@@ -170,7 +170,7 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
     """Copy the mapped weights into the ZeRO-3-partitioned model.
 
     From a DeepSpeed checkpoint, each rank copies only its own partition of each parameter, read from the
-    checkpoint's partition files where they hold it (checkpoint.PartitionReader): no rank holds the model, or
+    checkpoint's partition files where they hold it (partitions.PartitionReader): no rank holds the model, or
     even one whole parameter, whatever the two world sizes (at PLUG's 27B, a full fp32 copy would be 108 GB in
     one process). From a transformers directory, rank 0 reads it and each parameter is gathered, set on rank 0
     and re-partitioned."""
@@ -179,7 +179,7 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
         return
     import torch.distributed as dist
 
-    reader = checkpoint.PartitionReader(source.tag_dir)
+    reader = partitions.PartitionReader(source.tag_dir)
     with torch.no_grad():
         for name, param in model.named_parameters():  # no collective: any order, every rank on its own
             if name not in source.mapping:

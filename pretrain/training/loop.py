@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from pretrain.errors import UserError
 from pretrain.training import distributed, init_from
-from pretrain.training.checkpoint import Checkpoints, seed_rng
+from pretrain.training.checkpoint import Checkpoints
+from pretrain.training.rng import seed_rng
 from pretrain.training.config import BatchGeometry, RunSettings
 from pretrain.training.engine import build_model, initialize, to_device
 from pretrain.training.flops import peak_tflops
