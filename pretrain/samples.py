@@ -23,9 +23,9 @@ import sys
 import numpy as np
 
 from pretrain.cli import parse
-from pretrain.data.masking import IGNORE
 from pretrain.data.structbert import SSO_NEXT, SSO_PREVIOUS, SSO_RANDOM
 from pretrain.errors import UserError, exit_on_user_error
+from pretrain.labels import IGNORE
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 OWN_KEYS = ("n", "out", "world_size")

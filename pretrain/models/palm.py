@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.data.masking import IGNORE
+from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import (
     Dropout, Embeddings, Encoder, FeedForward, MLMHead, Packing, SelfAttention, SentenceHead, attend, init_weights,

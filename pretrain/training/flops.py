@@ -32,7 +32,7 @@ tests/test_flops.py checks all of this against torch's FlopCounterMode on the re
 """
 from __future__ import annotations
 
-from pretrain.data.masking import IGNORE
+from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (no sparsity), matched in this order on a substring of
