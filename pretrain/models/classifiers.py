@@ -13,7 +13,8 @@ from torch import nn
 
 from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
-from pretrain.models.layers import Dropout, Encoder, init_weights, masked_ce
+from pretrain.models.fast_paths import Dropout
+from pretrain.models.layers import Encoder, init_weights, masked_ce
 
 
 class _EncoderClassifier(nn.Module):
