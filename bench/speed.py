@@ -38,7 +38,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pretrain.data.masking import IGNORE  # noqa: E402
+from pretrain.labels import IGNORE  # noqa: E402
 
 DIMS = dict(hidden=256, layers=4, heads=4, ffn=1024, decoder_layers=2)
 PLUG_VOCAB = 21504

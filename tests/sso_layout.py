@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-from pretrain.data.masking import IGNORE
+from pretrain.labels import IGNORE
 
 LENGTH_BINS = 8
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from pretrain.data.indexed import IndexedCorpus, corpus_from_documents
-from pretrain.data.masking import IGNORE, ObjectiveConfig
+from pretrain.data.masking import ObjectiveConfig
 from pretrain.data.sampling import StepSampler, eval_batches
 from pretrain.data.structbert import StructBertDataset, collate
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 RANDOM_IDS = np.arange(100, 200)

@@ -4,9 +4,9 @@ gradients equal to the padded computation)."""
 import pytest
 import torch
 
-from pretrain.models import layers
+from pretrain.models import fast_paths
 from pretrain.models.config import ModelConfig
-from pretrain.models.layers import Packing, attend, dropout
+from pretrain.models.fast_paths import Packing, attend, dropout
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
 from pretrain.training.engine import to_device
@@ -92,7 +92,7 @@ def padded_reference(monkeypatch):
     """Within the block, every layer computes the padded positions too (what transformers does)."""
 
     def use():
-        monkeypatch.setattr(layers.Packing, "of", staticmethod(lambda mask, index=None: None))
+        monkeypatch.setattr(fast_paths.Packing, "of", staticmethod(lambda mask, index=None: None))
 
     return use
 
@@ -198,7 +198,7 @@ def test_host_pack_index_reads_no_mask_values():
     would each wait for the device): a mask on the meta device, which has no values, is enough."""
     host = torch.ones(2, 6, dtype=torch.bool)
     host[1, 4:] = False
-    index = layers.with_pack_indices({"attention_mask": host})["pack_index"]
+    index = fast_paths.with_pack_indices({"attention_mask": host})["pack_index"]
     assert index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     meta = host.to("meta")
     with pytest.raises(Exception):  # what the index spares: reading a meta tensor's values fails
@@ -206,12 +206,12 @@ def test_host_pack_index_reads_no_mask_values():
     p = Packing.of(meta, index)
     assert p is not None and p.index is index and (p.batch, p.length) == (2, 6)
     full = torch.ones(2, 6, dtype=torch.bool)
-    assert Packing.of(full.to("meta"), layers.with_pack_indices({"attention_mask": full})["pack_index"]) is None
+    assert Packing.of(full.to("meta"), fast_paths.with_pack_indices({"attention_mask": full})["pack_index"]) is None
 
 
 def test_with_pack_indices_names_each_mask():
     mask = torch.tensor([[True, False], [True, True]])
-    out = layers.with_pack_indices({"enc_attention_mask": mask, "dec_attention_mask": mask, "input_ids": mask.long()})
+    out = fast_paths.with_pack_indices({"enc_attention_mask": mask, "dec_attention_mask": mask, "input_ids": mask.long()})
     assert out["enc_pack_index"].tolist() == out["dec_pack_index"].tolist() == [0, 2, 3]
     assert "input_pack_index" not in out and "pack_index" not in out
 
@@ -248,7 +248,7 @@ def test_unpad_setting_and_device_table(monkeypatch):
     assert outputs[True][1, 8:].abs().max() == 0 and outputs[None][1, 8:].abs().max() == 0
     assert outputs[False][1, 8:].abs().max() > 0
     torch.testing.assert_close(outputs[False][b["attention_mask"]], outputs[True][b["attention_mask"]], rtol=1e-5, atol=1e-6)
-    assert layers.unpads(None, torch.device("cpu")) and not layers.unpads(False, torch.device("cpu"))
-    monkeypatch.setitem(layers.UNPAD_BY_DEVICE, "cpu", False)
-    assert not layers.unpads(None, torch.device("cpu")) and layers.unpads(True, torch.device("cpu"))
-    assert layers.unpads(None, torch.device("meta"))  # a device the table lacks: packed
+    assert fast_paths.unpads(None, torch.device("cpu")) and not fast_paths.unpads(False, torch.device("cpu"))
+    monkeypatch.setitem(fast_paths.UNPAD_BY_DEVICE, "cpu", False)
+    assert not fast_paths.unpads(None, torch.device("cpu")) and fast_paths.unpads(True, torch.device("cpu"))
+    assert fast_paths.unpads(None, torch.device("meta"))  # a device the table lacks: packed

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.data.masking import IGNORE
+from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from runs import DEEPSPEED, REPO, TINY, launch, rows
 
-from pretrain.data.masking import IGNORE
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.decoding import generate
-from pretrain.models.layers import attend
+from pretrain.models.fast_paths import attend
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
 from pretrain.training.config import batch_geometry, deepspeed_config, model_config

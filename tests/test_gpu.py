@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pretrain.models.config import ModelConfig
 from pretrain.models.decoding import generate
-from pretrain.models.layers import attend
+from pretrain.models.fast_paths import attend
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
 from pretrain.training.engine import to_device

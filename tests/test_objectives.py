@@ -2,10 +2,9 @@
 import numpy as np
 import pytest
 
-from pretrain.data.masking import (
-    IGNORE, ObjectiveConfig, shuffle_trigrams, trigram_candidates, whole_word_mask, word_ids,
-)  # fmt: skip
+from pretrain.data.masking import ObjectiveConfig, shuffle_trigrams, trigram_candidates, whole_word_mask, word_ids
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 
 CLS, SEP, MASK = 1, 2, 3
 RANDOM_IDS = np.arange(5000, 6000)  # disjoint from the corpus ids below, so a random replacement is visible

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from pretrain.data.indexed import corpus_from_documents
-from pretrain.data.masking import IGNORE, ObjectiveConfig
+from pretrain.data.masking import ObjectiveConfig
 from pretrain.data.palm import PalmDataset, collate_palm
 from pretrain.data.sampling import LengthGroupedStepSampler, StepSampler
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 RANDOM_IDS = np.arange(100, 200)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from pretrain.data.masking import IGNORE
+from pretrain.labels import IGNORE
 from pretrain.samples import compose_config
 from pretrain.stages import build_stage
 from runs import REPO

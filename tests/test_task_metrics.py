@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from pretrain.data.masking import IGNORE
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 from pretrain.tasks import data, metrics
 
 

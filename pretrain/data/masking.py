@@ -14,8 +14,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from pretrain.errors import UserError
-
-IGNORE = -100  # label value the losses skip (torch's CrossEntropyLoss default ignore_index)
+from pretrain.labels import IGNORE
 
 
 @dataclass(frozen=True)

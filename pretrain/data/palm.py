@@ -18,10 +18,11 @@ import torch
 
 from pretrain.data import index_cache
 from pretrain.data.indexed import IndexedCorpus
-from pretrain.data.masking import IGNORE, MaskingConfig, whole_word_mask
+from pretrain.data.masking import MaskingConfig, whole_word_mask
 from pretrain.data.sampling import pad_side
 from pretrain.data.spans import EpochOrder, check_sample_source, chunks, sample_rng
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 
 
 def check_range(name: str, value: Sequence[int]) -> tuple[int, int]:

@@ -20,10 +20,11 @@ import torch
 
 from pretrain.data import index_cache
 from pretrain.data.indexed import IndexedCorpus
-from pretrain.data.masking import IGNORE, ObjectiveConfig, shuffle_trigrams, whole_word_mask
+from pretrain.data.masking import ObjectiveConfig, shuffle_trigrams, whole_word_mask
 from pretrain.data.sampling import pad_side
 from pretrain.data.spans import EpochOrder, check_sample_source, chunks, sample_rng
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 
 SSO_RANDOM, SSO_NEXT, SSO_PREVIOUS = 0, 1, 2  # B from another document / B follows A / B precedes A
 SAME_SHAPE_TRIES = 64  # documents label 0 looks in for a span shaped like the one it replaces

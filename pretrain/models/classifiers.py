@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.data.masking import IGNORE
+from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
-from pretrain.models.layers import Dropout, Encoder, init_weights, masked_ce
+from pretrain.models.fast_paths import Dropout
+from pretrain.models.layers import Encoder, init_weights, masked_ce
 
 
 class _EncoderClassifier(nn.Module):

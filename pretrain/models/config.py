@@ -26,7 +26,7 @@ class ModelConfig:
     decoder_init: str = "random"  # random | encoder_top (copy the top encoder layers' self-attention and FFN)
     copy: bool = False  # PALM's pointer-generator over the source tokens (PLUG does not use it)
     attention: str = "sdpa"  # sdpa (fused kernels on GPU) | math (the plain reference, see `attend`)
-    unpad: bool | None = None  # position-wise work on real tokens only (layers.Packing); None: by device type
+    unpad: bool | None = None  # position-wise work on real tokens only (fast_paths.Packing); None: by device type
 
     @property
     def head_dim(self) -> int:

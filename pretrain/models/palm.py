@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.data.masking import IGNORE
+from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
+from pretrain.models.fast_paths import Dropout, Packing, attend, unpads
 from pretrain.models.layers import (
-    Dropout, Embeddings, Encoder, FeedForward, MLMHead, Packing, SelfAttention, SentenceHead, attend, init_weights,
-    masked_ce, padding_mask, unpads,
+    Embeddings, Encoder, FeedForward, MLMHead, SelfAttention, SentenceHead, init_weights, masked_ce, padding_mask,
 )  # fmt: skip
 
 
@@ -152,7 +152,7 @@ class Decoder(nn.Module):
         copy_probs, the last layer's head-averaged cross-attention probabilities [B, T, S].
 
         attention_mask (training, no cache): the decoder's real tokens [B, T]. The position-wise work then runs
-        on the real decoder and encoder rows only (layers.Packing, unless model.unpad says otherwise), and padding
+        on the real decoder and encoder rows only (fast_paths.Packing, unless model.unpad says otherwise), and padding
         positions come out as zeros; pack_index and enc_pack_index: the masks' real tokens found on the host."""
         x = embeddings(input_ids, torch.zeros_like(input_ids), 0 if cache is None else cache.length)
         mask = padding_mask(enc_attention_mask)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.data.masking import IGNORE
+from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import Encoder, MLMHead, SentenceHead, init_weights, masked_ce
 

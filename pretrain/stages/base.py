@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader
 
 from pretrain.data import index_cache
 from pretrain.data.indexed import IndexedCorpus
-from pretrain.data.masking import IGNORE, MaskingConfig
+from pretrain.data.masking import MaskingConfig
 from pretrain.data.sampling import StepSampler, eval_batches
 from pretrain.data.sources import BlendedDataset, read_sources
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 from pretrain.training.config import BatchGeometry
 
 MAX_STORED_EPOCHS = 4  # a corpus run over more often is small: its later epochs' orders are computed, not stored

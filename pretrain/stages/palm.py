@@ -9,10 +9,10 @@ import sys
 from omegaconf import DictConfig
 
 from pretrain.data.indexed import IndexedCorpus
-from pretrain.data.masking import IGNORE
 from pretrain.data.palm import PalmDataset, check_range
 from pretrain.data.sampling import LengthGroupedStepSampler
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 from pretrain.stages import register
 from pretrain.stages.base import Stage, corpus_span, targets_of
 from pretrain.training import flops, init_from

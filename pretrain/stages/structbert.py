@@ -6,9 +6,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pretrain.data.indexed import IndexedCorpus
-from pretrain.data.masking import IGNORE, ObjectiveConfig
+from pretrain.data.masking import ObjectiveConfig
 from pretrain.data.structbert import SSO_NEXT, SSO_PREVIOUS, SSO_RANDOM, StructBertDataset
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 from pretrain.stages import register
 from pretrain.stages.base import Stage, corpus_span, targets_of
 from pretrain.training import flops, init_from

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pretrain.data.masking import IGNORE
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 
 
 @dataclass

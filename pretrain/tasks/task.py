@@ -18,12 +18,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from pretrain.data.masking import IGNORE
 from pretrain.data.palm import collate_palm
 from pretrain.data.sampling import StepSampler, pad_side
 from pretrain.data.spans import EpochOrder
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 from pretrain.tasks import data, metrics
 from pretrain.training.config import BatchGeometry, model_config
 from pretrain.training.engine import to_device

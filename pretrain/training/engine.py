@@ -17,10 +17,10 @@ def build_model(make: Callable[[], nn.Module], ds_config: dict, seed: int) -> nn
 
 
 def to_device(host_batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """A host batch on the engine's device, with its packing indices found on the host (layers.with_pack_indices).
+    """A host batch on the engine's device, with its packing indices found on the host (fast_paths.with_pack_indices).
     non_blocking: a blocking copy to a GPU (torch's default) waits for everything queued on it, at every
     micro-batch; the loaders pin their batches on a GPU machine, so the copy overlaps the device's work."""
-    from pretrain.models.layers import with_pack_indices
+    from pretrain.models.fast_paths import with_pack_indices
 
     return {k: v.to(device, non_blocking=True) for k, v in with_pack_indices(host_batch).items()}
 

@@ -4,7 +4,7 @@ devices' peak throughput, for the `tflops` and `mfu` columns of the train rows.
 The convention is the usual one for model FLOPs utilisation (Megatron-LM's, PaLM's MFU): only the matrix
 multiplications count, 2 FLOPs per multiply-add; embedding lookups, layer norms, softmax, GELU, dropout, biases and
 the loss are not counted. What is computed is counted: the position-wise work (projections, FFN) runs on the real
-tokens only where a batch has padding (models/layers.Packing), attention over the padded square.
+tokens only where a batch has padding (models/fast_paths.Packing), attention over the padded square.
 With h = model.hidden, f = model.ffn, V = the (padded) vocabulary, per forward of a micro-batch of B samples
 padded to S encoder and T decoder slots, of which N and M hold real tokens:
 
@@ -32,7 +32,7 @@ tests/test_flops.py checks all of this against torch's FlopCounterMode on the re
 """
 from __future__ import annotations
 
-from pretrain.data.masking import IGNORE
+from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (no sparsity), matched in this order on a substring of
