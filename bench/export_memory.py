@@ -19,13 +19,12 @@ export(sys.argv[1], sys.argv[2])
 EAGER = """
 import sys
 from safetensors.torch import save_file
-from pretrain.models.config import ModelConfig
-from pretrain.models.hf_layout import to_hf_plan
-from pretrain.training import checkpoint
-import json
-cfg = json.load(open(sys.argv[1] + "/model.json")); cfg.pop("stage")
-state = checkpoint.consolidate(checkpoint.find(sys.argv[1], "run.dir"))
-plan = to_hf_plan(state, ModelConfig(**cfg))
+from pretrain.hf.layout import to_hf_plan
+from pretrain.training import checkpoint, partitions
+from pretrain.training.run_dir import read_model_record
+cfg = read_model_record(sys.argv[1]).cfg
+state = partitions.consolidate(checkpoint.find(sys.argv[1], "run.dir"))
+plan = to_hf_plan(state, cfg)
 tensors = {theirs: (state[ours] if third is None else state[ours].chunk(3)[third]).contiguous() for theirs, ours, third in plan}
 save_file(tensors, sys.argv[2] + "/model.safetensors")
 """

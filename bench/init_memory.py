@@ -56,17 +56,16 @@ def worker(mode: str, run_dir: str, out_path: str) -> None:
 
     import torch
 
-    from pretrain.models.config import ModelConfig
+    from pretrain.training.run_dir import read_model_record
     from pretrain.models.palm import Palm
     from pretrain.training import checkpoint, distributed, init_from, partitions
     from pretrain.training.engine import build_model
 
     info = distributed.read_env()
     distributed.init(info, timeout_s=600)
-    with open(os.path.join(run_dir, "model.json")) as f:
-        saved = json.load(f)
-    assert saved.pop("stage") == "structbert", "a stage-one run.dir"
-    cfg = ModelConfig(**saved)
+    record = read_model_record(run_dir)
+    assert record.stage == "structbert", "a stage-one run.dir"
+    cfg = record.cfg
     ds_config = {"train_batch_size": info.world_size, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     model = build_model(lambda: Palm(cfg), ds_config, seed=0)
     with torch.device("meta"):

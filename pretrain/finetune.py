@@ -26,7 +26,7 @@ from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
 from pretrain.training import distributed, init_from, loop, safe_load
 from pretrain.training.checkpoint import Checkpoints
-from pretrain.training.run_dir import load_weights, write_atomic, write_run_files
+from pretrain.training.run_dir import ModelRecord, load_weights, write_atomic, write_run_files
 from pretrain.training.config import (
     BatchGeometry,
     RunSettings,
@@ -118,11 +118,10 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     started = loop.start(s, info, checkpoints, resume_from, task.make_model, run.ds_config, run.init, "pretrain.finetune",
                          before_model=task.warn_truncated if info.rank == 0 else lambda: None)  # fmt: skip
     step = started.step
-    stage = "palm" if task.kind == "generation" else task.kind  # a generation run is a PALM run: pretrain.generate reads it
     task_info = {"name": task.name, "type": task.kind, "examples": {k: len(v) for k, v in task.splits.items()},
                  "truncated": task.truncation_report(), "labels": task.labels}  # fmt: skip
-    write_run_files(cfg, info, started.model, geometry, step, run.init, run.ds_config, stage, task.model_cfg,
-                    run.vocab_path, task=task_info)  # fmt: skip
+    write_run_files(s.run_dir, cfg, info, started.model, geometry, step, run.init, run.ds_config,
+                    ModelRecord(task.stage, task.kind, task.model_cfg), run.vocab_path, task=task_info)  # fmt: skip
     log = MetricsLog(s.run_dir, info.rank, s.wandb, OmegaConf.to_container(cfg, resolve=True), step, ("test",))
     protect_best = lambda: _protect_best(checkpoints, s.run_dir, task, info.rank)  # noqa: E731
     protect_best()

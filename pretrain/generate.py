@@ -59,11 +59,16 @@ def parse_args(argv: list[str]):
 
 
 def load_model(run_dir: str, checkpoint_dir: str | None):
-    """The stage-two model of `run_dir` with the weights of its newest (or the given) checkpoint, and its tokenizer."""
-    if run_files.run_model_config(run_dir)[0] != "palm":
-        raise UserError(f"run.dir={run_dir}: a stage-one run; generation needs a stage-two (stage=palm) run")
+    """The model of `run_dir` with the weights of its newest (or the given) checkpoint, and its tokenizer."""
+    from pretrain.stages import STAGES
+
+    record = run_files.stage_model_record(run_dir, "pretrain.generate")
+    if not record.stage_class.generates:
+        want = next(cls for cls in STAGES.values() if cls.generates)
+        raise UserError(f"run.dir={run_dir}: a {record.stage_class.ordinal} run; generation needs a {want.ordinal}"
+                        f" (stage={want.name}) run")  # fmt: skip
     tag_dir = checkpoint.find(checkpoint_dir, "checkpoint") if checkpoint_dir else checkpoint.find(run_dir, "run.dir")
-    return run_files.load_run_model(run_dir, tag_dir), Tokenizer(os.path.join(run_dir, "vocab.txt")), tag_dir
+    return run_files.load_stage_model(record, tag_dir), Tokenizer(os.path.join(run_dir, "vocab.txt")), tag_dir
 
 
 def encoder_input(tok: Tokenizer, prompt: str, max_positions: int, where: str) -> torch.Tensor:

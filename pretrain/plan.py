@@ -22,8 +22,7 @@ from pretrain import cli
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import count_parameters
-from pretrain.models.palm import Palm
-from pretrain.models.structbert import StructBert
+from pretrain.stages import STAGES, stage_class
 from pretrain.training.config import model_config
 
 GiB = 2**30
@@ -31,7 +30,7 @@ MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 # Kept free on every GPU: 10% for allocator fragmentation and ZeRO-3's prefetch/reduce buckets (which the
 # estimator leaves out), and about 1 GiB that the CUDA context and kernels take before the first tensor.
 RESERVE_FRACTION, CUDA_CONTEXT_GB = 0.10, 1.0
-DEFAULTS = {"model": None, "stage": "structbert", "nodes": 1, "gpus_per_node": 8, "gpu_mem_gb": 32.0,
+DEFAULTS = {"model": None, "stage": next(iter(STAGES)), "nodes": 1, "gpus_per_node": 8, "gpu_mem_gb": 32.0,
             "seq_len": 512, "micro_batch": 1, "activation_checkpointing": False, "vocab_size": None,
             "max_nodes": 1024, "json": False}  # fmt: skip
 
@@ -52,7 +51,7 @@ def count_model(cfg: ModelConfig, stage: str) -> tuple[int, int]:
     the same. init_weights works on meta tensors (its GatheredParameters is a no-op without ZeRO parameters)."""
     stage3 = _stage3()  # before init_weights imports deepspeed, whose import would print on stdout
     with torch.device("meta"):
-        model = Palm(cfg) if stage == "palm" else StructBert(cfg)
+        model = stage_class(stage).model_class()(cfg)
     # DeepSpeed's largest layer (model_to_params): the most parameters one module owns itself (recurse=False): PLUG's
     # FFN up-projection, small models' word embeddings. Its total dedups by data_ptr(), 0 on meta: not used.
     return count_parameters(model), stage3.model_to_params(model)[1]
@@ -90,8 +89,9 @@ def activation_bytes(cfg: ModelConfig, stage: str, seq_len: int, micro_batch: in
     scores = 5 * a * s * s * b if plain else 4 * a * s * b
     encoder_layer = 18 * s * b * h + 4 * s * b * f + scores
     decoder_layer = 31 * s * b * h + 4 * s * b * f + 2 * scores
-    n_dec = cfg.decoder_layers if stage == "palm" else 0
-    logits = 6 * s * b * v * (2 if stage == "palm" else 1)
+    stage_cls = stage_class(stage)
+    n_dec = cfg.decoder_layers if stage_cls.generates else 0  # a model without a decoder ignores decoder_layers
+    logits = 6 * s * b * v * stage_cls.vocab_projections
     if not checkpointing:
         return cfg.layers * encoder_layer + n_dec * decoder_layer + logits
     return 2 * s * b * h * (cfg.layers + n_dec) + (decoder_layer if n_dec else encoder_layer) + logits
@@ -127,13 +127,13 @@ def parse(argv: list[str]) -> tuple[dict, ModelConfig]:
     _check("gpu_mem_gb", g, (is_int(g) or isinstance(g, float)) and g > 0, "a number > 0")
     for key in ("activation_checkpointing", "json"):
         _check(key, args[key], isinstance(args[key], bool), "true or false")
-    _check("stage", args["stage"], args["stage"] in ("structbert", "palm"), "structbert or palm")
+    _check("stage", args["stage"], args["stage"] in STAGES, " or ".join(STAGES))
     m = OmegaConf.load(os.path.join(MODEL_DIR, f"{args['model']}.yaml"))
     for key, value in overrides.items():
         _check(f"model.{key}", value, key in m, f"a field of conf/model/{args['model']}.yaml")
         m[key] = value
     for key in ("hidden", "layers", "heads", "ffn", "max_positions", "type_vocab", "decoder_layers"):
-        lo = 1 if key != "decoder_layers" or args["stage"] == "palm" else 0  # PALM needs a decoder
+        lo = 1 if key != "decoder_layers" else stage_class(args["stage"]).min_decoder_layers
         _check(f"model.{key}", m[key], is_int(m[key]) and m[key] >= lo, f"an integer >= {lo}")
     # vocab_size: the prepared corpus's (meta.json), padded as the trainer pads it; plug fixes its own.
     if m.vocab_size is None and args["vocab_size"] is None:
@@ -153,7 +153,7 @@ def plan(argv: list[str]) -> dict:
     states, usable = model_states_bytes(total, largest, args["nodes"], per_node), usable_bytes(args["gpu_mem_gb"])
     return {
         **{k: args[k] for k in DEFAULTS if k not in ("json", "vocab_size")},
-        "model_class": "Palm" if args["stage"] == "palm" else "StructBert", "vocab_size": cfg.vocab_size,
+        "model_class": stage_class(args["stage"]).model_class().__name__, "vocab_size": cfg.vocab_size,
         "attention": getattr(cfg, "attention", "sdpa"),
         "total_params": total, "largest_layer_params": largest,
         "model_states_bytes": states, "activation_bytes": act[False], "activation_bytes_checkpointed": act[True],

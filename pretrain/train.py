@@ -20,7 +20,7 @@ from pretrain.data.sources import describe
 from pretrain.errors import exit_on_user_error
 from pretrain.training import distributed, init_from, loop, safe_load
 from pretrain.training.checkpoint import Checkpoints
-from pretrain.training.run_dir import write_run_files
+from pretrain.training.run_dir import ModelRecord, write_run_files
 from pretrain.training.config import (
     BatchGeometry, RunSettings, batch_geometry, deepspeed_config, run_settings,
 )  # fmt: skip
@@ -90,8 +90,9 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # Every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
     loader = stage.train_loader(geometry, info.rank, start_step=step)
     data_stats = loader.dataset.stats() if info.rank == 0 else {}
-    write_run_files(cfg, info, started.model, geometry, step, run.init, run.ds_config, stage.name, stage.model_cfg,
-                    stage.tokenizer.vocab_path, data_sources=describe(stage.sources), train_data=data_stats)
+    write_run_files(s.run_dir, cfg, info, started.model, geometry, step, run.init, run.ds_config,
+                    ModelRecord(stage.name, None, stage.model_cfg), stage.tokenizer.vocab_path,
+                    data_sources=describe(stage.sources), train_data=data_stats)  # fmt: skip
     log = MetricsLog(s.run_dir, info.rank, s.wandb, OmegaConf.to_container(cfg, resolve=True), step)
 
     # 3. Train.

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from pretrain.models.config import ModelConfig
+from pretrain.training.run_dir import read_model_record
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
 from pretrain.training import checkpoint, distributed, init_from
@@ -28,10 +28,9 @@ def main(run_dir: str, decoder_init: str, out_path: str, source_arg: str | None 
     distributed.init(info, timeout_s=120)
     import deepspeed
 
-    with open(os.path.join(run_dir, "model.json")) as f:
-        saved = json.load(f)
-    assert saved.pop("stage") == "structbert"
-    one = ModelConfig(**saved)
+    record = read_model_record(run_dir)
+    assert record.stage == "structbert"
+    one = record.cfg
     two = dataclasses.replace(one, decoder_layers=2, decoder_init=decoder_init, dropout=0.0, attn_dropout=0.0)
     ds_config = {"train_batch_size": info.world_size, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     if stage == "structbert":

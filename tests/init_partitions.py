@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from pretrain.models.config import ModelConfig
+from pretrain.training.run_dir import read_model_record
 from pretrain.models.palm import Palm
 from pretrain.training import checkpoint, distributed, init_from, partitions
 from pretrain.training.engine import build_model
@@ -25,10 +25,9 @@ def main(run_dir: str, decoder_init: str, out_path: str) -> None:
     distributed.init(info, timeout_s=120)
     import deepspeed
 
-    with open(os.path.join(run_dir, "model.json")) as f:
-        saved = json.load(f)
-    assert saved.pop("stage") == "structbert"
-    cfg = dataclasses.replace(ModelConfig(**saved), decoder_layers=2, decoder_init=decoder_init)
+    record = read_model_record(run_dir)
+    assert record.stage == "structbert"
+    cfg = dataclasses.replace(record.cfg, decoder_layers=2, decoder_init=decoder_init)
     ds_config = {"train_batch_size": info.world_size, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     model = build_model(lambda: Palm(cfg), ds_config, seed=99)
     with torch.device("meta"):

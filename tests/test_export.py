@@ -1,5 +1,6 @@
 """pretrain.export: a stage-one run trained by 2 ranks under the real launcher, exported and loaded with
 transformers' Auto classes, gives our hidden states, MLM logits and sentence logits; the tokenizer gives our ids."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 from pretrain.data.tokenizer import Tokenizer  # noqa: E402
 from pretrain.models.config import ModelConfig  # noqa: E402
 from pretrain.models.structbert import StructBert  # noqa: E402
-from pretrain.training import checkpoint  # noqa: E402
+from pretrain.training import checkpoint, partitions  # noqa: E402
+from pretrain.training.run_dir import read_model_record  # noqa: E402
 from runs import DEEPSPEED, REPO, TINY, launch  # noqa: E402
 
 EXPORT = [sys.executable, "-m", "pretrain.export"]
@@ -31,12 +33,11 @@ def exported(request, prepared, tmp_path_factory):
 
 
 def our_model(run):
-    with open(os.path.join(run, "model.json")) as f:
-        saved = json.load(f)
-    assert saved.pop("stage") == "structbert"
-    cfg = ModelConfig(**{**saved, "dropout": 0.0, "attn_dropout": 0.0})
+    record = read_model_record(run)
+    assert record.stage == "structbert"
+    cfg = dataclasses.replace(record.cfg, dropout=0.0, attn_dropout=0.0)
     model = StructBert(cfg)
-    model.load_state_dict(checkpoint.consolidate(checkpoint.find(run, "run.dir")), strict=True)
+    model.load_state_dict(partitions.consolidate(checkpoint.find(run, "run.dir")), strict=True)
     return model.eval(), cfg
 
 
@@ -216,8 +217,8 @@ def test_the_streaming_writer_writes_what_safetensors_reads(tmp_path):
     """write_safetensors writes one tensor at a time (no second copy of the model); safetensors reads it back."""
     from safetensors.torch import load_file
 
-    from pretrain.export import write_safetensors
-    from pretrain.models.hf_layout import to_hf_plan
+    from pretrain.hf.export import write_safetensors
+    from pretrain.hf.layout import to_hf_plan
 
     cfg = ModelConfig(vocab_size=40, hidden=8, layers=2, heads=2, ffn=16, max_positions=12)
     state = {k: torch.randn(v.shape) for k, v in StructBert(cfg).state_dict().items()}

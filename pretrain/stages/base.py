@@ -37,6 +37,7 @@ class Stage:
     """What the stages share: the tokenizer, the corpora, the objective config, the loaders' plumbing."""
 
     name: str  # what stage= selects, and what model.json and the checkpoints record
+    ordinal: str  # its place in PLUG's recipe, as messages name it ("stage-one")
     objectives: tuple[str, ...] = ()
     objective_config: type[MaskingConfig] = MaskingConfig
     generates = False  # its model has a decoder: pretrain.generate continues text with it

@@ -24,7 +24,7 @@ class PalmStage(Stage):
     """Stage two: decoder LM on the continuation of the encoder's context, plus encoder whole-word MLM during
     the first `palm.mlm_fraction` of the steps."""
 
-    name = "palm"
+    name, ordinal = "palm", "stage-two"
     objectives = ("lm", "mlm")
     generates, min_decoder_layers, vocab_projections = True, 1, 2  # the encoder's masked LM and the decoder's LM
 

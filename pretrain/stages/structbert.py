@@ -22,7 +22,7 @@ SSO_NAMES = {SSO_RANDOM: "random", SSO_NEXT: "next", SSO_PREVIOUS: "previous", I
 class StructBertStage(Stage):
     """Stage one: whole-word MLM + word structure + sentence structure on a StructBERT encoder."""
 
-    name = "structbert"
+    name, ordinal = "structbert", "stage-one"
     objectives = ("mlm", "wso", "sso")
     objective_config = ObjectiveConfig
 

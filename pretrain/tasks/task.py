@@ -23,6 +23,8 @@ from pretrain.data.sampling import StepSampler, pad_side
 from pretrain.data.spans import EpochOrder
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
+from pretrain.stages.palm import PalmStage
+from pretrain.stages.structbert import StructBertStage
 from pretrain.labels import IGNORE
 from pretrain.tasks import data, metrics
 from pretrain.training.config import BatchGeometry, model_config
@@ -68,7 +70,9 @@ def collate_encoder(samples: list[dict], pad_id: int, max_len: int) -> dict[str,
 class _Task:
     kind: str
     select: tuple[str, bool]  # the valid column that picks the checkpoint, and whether higher is better
-    needs_stage_two = False
+    stage = StructBertStage.name  # the pre-training stage whose model (or encoder) the task's model starts from
+    needs_stage_two = False  # init_from must hold a decoder
+    keeps_stage_model = False  # the task trains the stage's model itself (no new head): export and generate read it
 
     def __init__(self, cfg: DictConfig, tok: Tokenizer):
         t = cfg.task
@@ -232,6 +236,7 @@ class GenerationTask(_Task):
     teacher-forced cross-entropy; the checkpoint is picked on the valid loss; test outputs are decoded."""
 
     kind, objectives, select, needs_stage_two = "generation", ("lm",), ("lm_loss", False), True
+    stage, keeps_stage_model = PalmStage.name, True
     _length_key = "task.src_max_len"
 
     def _encode(self, split, raw, t):
@@ -262,9 +267,7 @@ class GenerationTask(_Task):
             raise UserError(f"task.decoding.max_new_tokens={d.max_new_tokens}: must be in [1, model.max_positions]")
 
     def make_model(self):
-        from pretrain.models.palm import Palm
-
-        return Palm(self.model_cfg)
+        return PalmStage.model_class()(self.model_cfg)
 
     def forward(self, model, batch, predict):
         inputs = {k: v for k, v in batch.items() if k != "index"}
@@ -302,11 +305,16 @@ class GenerationTask(_Task):
 TASK_TYPES = {task.kind: task for task in (ClassificationTask, TaggingTask, GenerationTask)}
 
 
+def task_type(kind: str, key: str = "task.type") -> type:
+    """The task class `kind` (the value of setting `key`) names; a one-line error for any other."""
+    if kind not in TASK_TYPES:
+        raise UserError(f"{key}={kind}: unknown (known: {', '.join(TASK_TYPES)})")
+    return TASK_TYPES[kind]
+
+
 def build_task(cfg: DictConfig, tok: Tokenizer):
     kind = str(cfg.task.type)
-    if kind not in TASK_TYPES:
-        raise UserError(f"task.type={kind}: unknown (known: {', '.join(TASK_TYPES)})")
-    task = TASK_TYPES[kind](cfg, tok)
+    task = task_type(kind)(cfg, tok)
     if kind == "generation":
         task.set_decoding(cfg.task.decoding)
     return task

@@ -1,7 +1,7 @@
 """Where a run's first weights come from: stage two from a stage-one ZeRO-3 checkpoint (written by any number of
 ranks; each rank reads its own partition of each parameter from it), and either stage from a local transformers
-BERT or MegatronBERT directory (`init_from=hf:<dir>`, continued pre-training; copied into the partitioned model one
-parameter at a time).
+BERT or MegatronBERT directory (`init_from=hf:<dir>`, continued pre-training; pretrain/hf/load.py reads it, and it
+is copied into the partitioned model one parameter at a time).
 
 The encoder and its heads (MLM, sentence) keep their names across the stages, so the mapping is the identity on them;
 the decoder is new, or (`model.decoder_init=encoder_top`) takes the self-attention and FFN of the top
@@ -10,7 +10,6 @@ parameter shapes, before any rank starts or writes, so a bad path costs one line
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -56,7 +55,9 @@ def init_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
     """The checkpoint `init_from` names (a run directory, a checkpoint, or hf:<transformers dir>), checked
     against our shapes."""
     if init_from.startswith(HF):
-        return hf_source(init_from, target_shapes, cfg, vocab_path)
+        from pretrain.hf import load as hf_load  # transformers' directories: only when one is named
+
+        return hf_load.hf_source(init_from, target_shapes, cfg, vocab_path)
     tag_dir = checkpoint.find(init_from, "init_from")
     mapping = check(init_from, tag_dir, target_shapes, cfg)
     return InitSource(tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping))
@@ -107,7 +108,7 @@ def _check_layers(have: dict[str, tuple[int, ...]], cfg: ModelConfig, where: str
 def _check_shape(where: str, source: str, theirs: tuple[int, ...], ours: tuple[int, ...], cfg: ModelConfig) -> None:
     if theirs != ours:
         raise UserError(f"{where}: {source} is {list(theirs)} in the checkpoint, {list(ours)} in this model"
-                        f" ({_likely_cause(source, theirs, ours, cfg)})")  # fmt: skip
+                        f" ({likely_cause(source, theirs, ours, cfg)})")  # fmt: skip
 
 
 def finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str,
@@ -126,7 +127,9 @@ def _finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], 
     if init_from.startswith(HF):
         if needs_stage_two:
             raise UserError(f"{where}: a generation task starts from a stage-two (palm) checkpoint, not a transformers directory")
-        return hf_source(init_from, target_shapes, cfg, vocab_path)
+        from pretrain.hf import load as hf_load  # transformers' directories: only when one is named
+
+        return hf_load.hf_source(init_from, target_shapes, cfg, vocab_path)
     tag_dir = checkpoint.find(init_from, "init_from")
     have = checkpoint.recorded_shapes(tag_dir, "init_from")
     stage_two = any(n.startswith("decoder.") for n in have)
@@ -156,7 +159,7 @@ def run_vocab(init_from: str) -> str | None:
     return None
 
 
-def _likely_cause(name: str, theirs: tuple, ours: tuple, cfg: ModelConfig) -> str:
+def likely_cause(name: str, theirs: tuple, ours: tuple, cfg: ModelConfig) -> str:
     if name == "encoder.embeddings.word.weight" and theirs[0] != ours[0]:
         return f"vocab size {theirs[0]} vs {ours[0]}: the data or model.vocab_size differ"
     if name == "encoder.embeddings.position.weight" and theirs[0] != ours[0]:
@@ -175,7 +178,9 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
     one process). From a transformers directory, rank 0 reads it and each parameter is gathered, set on rank 0
     and re-partitioned."""
     if source.tag_dir.startswith(HF):
-        _load_gathered(model, hf_weights(source) if rank == 0 else None, source.mapping, rank)
+        from pretrain.hf import load as hf_load
+
+        _load_gathered(model, hf_load.hf_weights(source) if rank == 0 else None, source.mapping, rank)
         return
     import torch.distributed as dist
 
@@ -213,93 +218,3 @@ def _load_gathered(model: torch.nn.Module, weights: dict[str, torch.Tensor] | No
                 else:  # hf: an embedding table with other rows (vocab padding, token types, positions)
                     n = min(w.shape[0], param.shape[0])  # rows past the source's keep their fresh init
                     param.data[:n].copy_(w[:n])
-
-
-# ---- transformers directories (hf:<dir>) ------------------------------------------------------------------
-_ROWS_MAY_GROW = ("encoder.embeddings.word.weight", "mlm_head.bias", "encoder.embeddings.token_type.weight")
-
-
-def hf_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str | None) -> InitSource:
-    """A local transformers BERT (post-LN) or MegatronBERT (pre-LN) directory, checked before any rank starts:
-    its architecture and shapes against ours, and its vocab against the data's."""
-    path, where = init_from[len(HF):], f"init_from={init_from}"
-    if not os.path.isdir(path):
-        raise UserError(f"{where}: no such directory")
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            their = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{where}: no readable config.json ({e})") from None
-    kind = their.get("model_type")
-    if kind not in ("bert", "megatron-bert"):
-        raise UserError(f"{where}: model_type {kind!r}; a BERT (post-LN) or MegatronBERT (pre-LN) is needed")
-    if (kind == "megatron-bert") != cfg.pre_ln:
-        raise UserError(f"{where}: a {kind} model is {'pre' if kind == 'megatron-bert' else 'post'}-LN; "
-                        f"set model.pre_ln={str(kind == 'megatron-bert').lower()}")  # fmt: skip
-    for ours, key in (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
-                      ("ffn", "intermediate_size")):  # fmt: skip
-        if their.get(key) != getattr(cfg, ours):
-            raise UserError(f"{where}: {key}={their.get(key)}, model.{ours}={getattr(cfg, ours)}")
-    if their.get("hidden_act", "gelu") != "gelu":
-        raise UserError(f"{where}: hidden_act={their['hidden_act']}; this model uses gelu")
-    if vocab_path is not None:
-        _check_vocab(path, vocab_path, where)
-    shapes = {name: tuple(t.shape) for name, t in _from_hf_meta(path, cfg, where).items()}
-    mapping, fresh = {}, []
-    wanted = source_names(list(target_shapes), cfg)  # stage two's decoder may come from the top encoder layers
-    for name, shape in target_shapes.items():
-        source = wanted.get(name)
-        have = shapes.get(source) if source else None
-        if have is None:  # the decoder, or a head the directory lacks (a plain BertModel has no MLM head)
-            fresh.append(name)
-            continue
-        grows = source in _ROWS_MAY_GROW and have[1:] == shape[1:] and have[0] <= shape[0]
-        shorter = source == "encoder.embeddings.position.weight" and have[1:] == shape[1:] and have[0] >= shape[0]
-        if have != shape and not (grows or shorter):
-            raise UserError(f"{where}: {source} is {list(have)} there, {list(shape)} in this model"
-                            f" ({_likely_cause(source, have, shape, cfg)})")  # fmt: skip
-        mapping[name] = source
-    if not any(n.startswith("encoder.layers.") for n in mapping):
-        raise UserError(f"{where}: no encoder layer found in model.safetensors")
-    return InitSource(init_from, mapping, tuple(fresh), cfg)
-
-
-def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
-    """The directory's tensors under our names, as meta tensors (shapes only; nothing is read)."""
-    from safetensors import safe_open
-
-    from pretrain.models.hf_layout import from_hf
-
-    file = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(file):
-        raise UserError(f"{where}: no model.safetensors (save the model with transformers' save_pretrained)")
-    with safe_open(file, framework="pt") as f:
-        meta = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-    return from_hf(meta, cfg)
-
-
-def hf_weights(source: InitSource) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from pretrain.models.hf_layout import from_hf
-
-    return from_hf(load_file(os.path.join(source.tag_dir[len(HF):], "model.safetensors")), source.cfg)
-
-
-def _check_vocab(path: str, vocab_path: str, where: str) -> None:
-    """The data's token ids must mean what the model learnt: the same vocab, token for token."""
-    from pretrain.data.tokenizer import read_vocab
-
-    if os.path.isfile(os.path.join(path, "vocab.txt")):
-        theirs = read_vocab(os.path.join(path, "vocab.txt"))
-    elif os.path.isfile(os.path.join(path, "tokenizer.json")):
-        with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
-            ids = json.load(f)["model"]["vocab"]
-        theirs = [t for t, _ in sorted(ids.items(), key=lambda kv: kv[1])]
-    else:
-        raise UserError(f"{where}: no vocab.txt or tokenizer.json to check the data's vocab against")
-    ours = read_vocab(vocab_path)
-    if theirs != ours:
-        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
-        raise UserError(f"{where}: its vocab differs from the data's ({len(theirs)} vs {len(ours)} tokens; first at "
-                        f"id {first}); prepare the data with vocab={os.path.join(path, 'vocab.txt')}")  # fmt: skip

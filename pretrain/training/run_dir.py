@@ -10,32 +10,69 @@ import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 
 from pretrain.errors import UserError
+from pretrain.models.config import ModelConfig
 from pretrain.training import distributed, partitions
 
 
-def run_model_config(run_dir: str):
-    """(stage, ModelConfig) that a run directory records in model.json (vocab.txt must be there too: it is what
-    reading the run's checkpoints back needs besides the weights)."""
-    from pretrain.models.config import ModelConfig
+@dataclass(frozen=True)
+class ModelRecord:
+    """What model.json records: enough to build the run's model again without its data or config."""
 
+    stage: str  # the pre-training stage whose model this is, or whose model a fine-tuning task's starts from
+    task: str | None  # the fine-tuning task's type (pretrain/tasks/task.py); None for a pre-training run
+    cfg: ModelConfig
+
+    @property
+    def stage_class(self) -> type:
+        from pretrain.stages import stage_class
+
+        return stage_class(self.stage, "model.json stage")
+
+    def to_json(self) -> str:
+        return json.dumps({"stage": self.stage, "task": self.task, **dataclasses.asdict(self.cfg)}, indent=2)
+
+
+def read_model_record(run_dir: str) -> ModelRecord:
+    """The ModelRecord of a run directory's model.json (vocab.txt must be there too: it is what reading the run's
+    checkpoints back needs besides the weights)."""
     for name in ("model.json", "vocab.txt"):
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise UserError(f"run.dir={run_dir}: no {name} (not a training run directory)")
     with open(os.path.join(run_dir, "model.json")) as f:
         saved = json.load(f)
-    return saved.pop("stage"), ModelConfig(**saved)
+    stage = saved.pop("stage")
+    if "task" not in saved:  # written before the record had `task`: a fine-tuning run wrote its task as the stage
+        from pretrain.stages import STAGES
+        from pretrain.tasks.task import TASK_TYPES
+
+        if stage not in STAGES and stage in TASK_TYPES:
+            stage, saved["task"] = TASK_TYPES[stage].stage, stage
+    return ModelRecord(stage, saved.pop("task", None), ModelConfig(**saved))
 
 
-def write_run_files(cfg, info, model, geometry, step: int, init, ds_config: dict, stage: str, model_cfg,
-                    vocab_path: str, **extra) -> None:
+def stage_model_record(run_dir: str, command: str) -> ModelRecord:
+    """The record of a run whose model is its stage's: a pre-training run, or a fine-tuning run whose task keeps
+    the stage's model (generation); a classifier's run is refused."""
+    from pretrain.tasks.task import task_type
+
+    record = read_model_record(run_dir)
+    if record.task is not None and not task_type(record.task, "model.json task").keeps_stage_model:
+        raise UserError(f"run.dir={run_dir}: a fine-tuned {record.task} run; its model is the task's, not stage "
+                        f"{record.stage}'s, and {command} reads only stage models (pretrain.finetune scores it)")  # fmt: skip
+    return record
+
+
+def write_run_files(run_dir: str, cfg, info, model, geometry, step: int, init, ds_config: dict,
+                    record: ModelRecord, vocab_path: str, **extra) -> None:  # fmt: skip
     """What a run directory holds besides its checkpoints, written by rank 0 (every rank calls it: the partition
     sizes are gathered): config.yaml (resolved), run.json (world size, parameter counts, each rank's partition
     size, batch geometry, where the weights came from, `extra`, the DeepSpeed config), and what reading the
-    checkpoints back needs without the data: model.json (stage and shapes, read by run_model_config) and vocab.txt.
+    checkpoints back needs without the data: model.json (`record`: read_model_record reads it) and vocab.txt.
     The JSON files appear whole (written beside and renamed)."""
     from omegaconf import OmegaConf
 
@@ -45,7 +82,6 @@ def write_run_files(cfg, info, model, geometry, step: int, init, ds_config: dict
     per_rank = distributed.gather_objects(local_partition_numel(model))
     if info.rank != 0:
         return
-    run_dir = str(cfg.run.dir)
     OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
     run_info = {
         "world_size": info.world_size, "parameters": count_parameters(model), "partition_numel_per_rank": per_rank,
@@ -54,7 +90,7 @@ def write_run_files(cfg, info, model, geometry, step: int, init, ds_config: dict
         "init_tensors": None if init is None else init.report(), **extra, "deepspeed_config": ds_config,
     }  # fmt: skip
     write_atomic(os.path.join(run_dir, "run.json"), json.dumps(run_info, indent=2, ensure_ascii=False))
-    write_atomic(os.path.join(run_dir, "model.json"), json.dumps({"stage": stage, **dataclasses.asdict(model_cfg)}, indent=2))
+    write_atomic(os.path.join(run_dir, "model.json"), record.to_json())
     if os.path.abspath(vocab_path) != os.path.abspath(os.path.join(run_dir, "vocab.txt")):
         shutil.copyfile(vocab_path, os.path.join(run_dir, "vocab.txt"))
 
@@ -67,15 +103,11 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load_run_model(run_dir: str, tag_dir: str):
-    """The run's model (stage one or two, in eval mode) with the weights of checkpoint tag_dir: built on the meta
-    device, so the consolidated tensors are taken as they are and no second copy is made."""
-    from pretrain.models.palm import Palm
-    from pretrain.models.structbert import StructBert
-
-    stage, cfg = run_model_config(run_dir)
+def load_stage_model(record: ModelRecord, tag_dir: str):
+    """The stage model of `record` (stage_model_record's) in eval mode, with the weights of checkpoint tag_dir:
+    built on the meta device, so the consolidated tensors are taken as they are and no second copy is made."""
     with torch.device("meta"):
-        model = (Palm if stage == "palm" else StructBert)(cfg)
+        model = record.stage_class.model_class()(record.cfg)
     return load_weights(model, tag_dir)
 
 

@@ -1,0 +1,101 @@
+"""Reading a local transformers BERT (post-LN) or MegatronBERT (pre-LN) directory into our models:
+`init_from=hf:<dir>` (pretrain/training/init_from.py), to continue pre-training or fine-tune from it. Checked before
+any rank starts (architecture, shapes, vocab), read by rank 0 and copied into the partitioned model one parameter
+at a time."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from pretrain.errors import UserError
+from pretrain.hf.layout import from_hf
+from pretrain.models.config import ModelConfig
+from pretrain.training.init_from import HF, InitSource, likely_cause, source_names
+
+_ROWS_MAY_GROW = ("encoder.embeddings.word.weight", "mlm_head.bias", "encoder.embeddings.token_type.weight")
+
+
+def hf_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str | None) -> InitSource:
+    """A local transformers BERT (post-LN) or MegatronBERT (pre-LN) directory, checked before any rank starts:
+    its architecture and shapes against ours, and its vocab against the data's."""
+    path, where = init_from[len(HF):], f"init_from={init_from}"
+    if not os.path.isdir(path):
+        raise UserError(f"{where}: no such directory")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            their = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: no readable config.json ({e})") from None
+    kind = their.get("model_type")
+    if kind not in ("bert", "megatron-bert"):
+        raise UserError(f"{where}: model_type {kind!r}; a BERT (post-LN) or MegatronBERT (pre-LN) is needed")
+    if (kind == "megatron-bert") != cfg.pre_ln:
+        raise UserError(f"{where}: a {kind} model is {'pre' if kind == 'megatron-bert' else 'post'}-LN; "
+                        f"set model.pre_ln={str(kind == 'megatron-bert').lower()}")  # fmt: skip
+    for ours, key in (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
+                      ("ffn", "intermediate_size")):  # fmt: skip
+        if their.get(key) != getattr(cfg, ours):
+            raise UserError(f"{where}: {key}={their.get(key)}, model.{ours}={getattr(cfg, ours)}")
+    if their.get("hidden_act", "gelu") != "gelu":
+        raise UserError(f"{where}: hidden_act={their['hidden_act']}; this model uses gelu")
+    if vocab_path is not None:
+        _check_vocab(path, vocab_path, where)
+    shapes = {name: tuple(t.shape) for name, t in _from_hf_meta(path, cfg, where).items()}
+    mapping, fresh = {}, []
+    wanted = source_names(list(target_shapes), cfg)  # stage two's decoder may come from the top encoder layers
+    for name, shape in target_shapes.items():
+        source = wanted.get(name)
+        have = shapes.get(source) if source else None
+        if have is None:  # the decoder, or a head the directory lacks (a plain BertModel has no MLM head)
+            fresh.append(name)
+            continue
+        grows = source in _ROWS_MAY_GROW and have[1:] == shape[1:] and have[0] <= shape[0]
+        shorter = source == "encoder.embeddings.position.weight" and have[1:] == shape[1:] and have[0] >= shape[0]
+        if have != shape and not (grows or shorter):
+            raise UserError(f"{where}: {source} is {list(have)} there, {list(shape)} in this model"
+                            f" ({likely_cause(source, have, shape, cfg)})")  # fmt: skip
+        mapping[name] = source
+    if not any(n.startswith("encoder.layers.") for n in mapping):
+        raise UserError(f"{where}: no encoder layer found in model.safetensors")
+    return InitSource(init_from, mapping, tuple(fresh), cfg)
+
+
+def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
+    """The directory's tensors under our names, as meta tensors (shapes only; nothing is read)."""
+    from safetensors import safe_open
+
+
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(file):
+        raise UserError(f"{where}: no model.safetensors (save the model with transformers' save_pretrained)")
+    with safe_open(file, framework="pt") as f:
+        meta = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    return from_hf(meta, cfg)
+
+
+def hf_weights(source: InitSource) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+
+    return from_hf(load_file(os.path.join(source.tag_dir[len(HF):], "model.safetensors")), source.cfg)
+
+
+def _check_vocab(path: str, vocab_path: str, where: str) -> None:
+    """The data's token ids must mean what the model learnt: the same vocab, token for token."""
+    from pretrain.data.tokenizer import read_vocab
+
+    if os.path.isfile(os.path.join(path, "vocab.txt")):
+        theirs = read_vocab(os.path.join(path, "vocab.txt"))
+    elif os.path.isfile(os.path.join(path, "tokenizer.json")):
+        with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
+            ids = json.load(f)["model"]["vocab"]
+        theirs = [t for t, _ in sorted(ids.items(), key=lambda kv: kv[1])]
+    else:
+        raise UserError(f"{where}: no vocab.txt or tokenizer.json to check the data's vocab against")
+    ours = read_vocab(vocab_path)
+    if theirs != ours:
+        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise UserError(f"{where}: its vocab differs from the data's ({len(theirs)} vs {len(ours)} tokens; first at "
+                        f"id {first}); prepare the data with vocab={os.path.join(path, 'vocab.txt')}")  # fmt: skip

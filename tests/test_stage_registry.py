@@ -1,0 +1,81 @@
+"""The stages know themselves: the registry names each stage once (in its own module), and no module outside
+pretrain/stages/ branches on a stage's name; readers of a run ask the stage its model.json names."""
+import ast
+import dataclasses
+import json
+import pathlib
+
+import pytest
+
+from pretrain.errors import UserError
+from pretrain.models.config import ModelConfig
+from pretrain.stages import STAGES, stage_class
+from pretrain.tasks.task import TASK_TYPES
+from pretrain.training.run_dir import ModelRecord, read_model_record, stage_model_record
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CFG = ModelConfig(vocab_size=40, hidden=8, layers=2, heads=2, ffn=16, max_positions=12, decoder_layers=1)
+
+
+def test_registry_in_training_order_and_names_unknown_ones():
+    assert list(STAGES) == ["structbert", "palm"]
+    assert stage_class("palm").generates and not stage_class("structbert").generates
+    with pytest.raises(UserError, match=r"^stage=bert: unknown stage \(known: structbert, palm\)$"):
+        stage_class("bert")
+
+
+def test_no_module_outside_the_stages_names_a_stage():
+    """A string that is a stage's name (compared, passed, keyed) appears only in pretrain/stages/; an f-string
+    that contains one (a cache entry's prefix, a message) is not a name."""
+    names, found = set(STAGES), []
+    for path in (ROOT / "pretrain").rglob("*.py"):
+        if "stages" in path.relative_to(ROOT / "pretrain").parts:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        in_fstring = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+        found += [f"{path.relative_to(ROOT)}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and n.value in names and id(n) not in in_fstring]  # fmt: skip
+    assert found == []
+
+
+def _write(run, record: dict):
+    run.mkdir(exist_ok=True)
+    (run / "model.json").write_text(json.dumps({**record, **dataclasses.asdict(CFG)}))
+    (run / "vocab.txt").write_text("[PAD]\n")
+
+
+def test_model_json_records_stage_and_task_apart(tmp_path):
+    (tmp_path / "vocab.txt").write_text("[PAD]\n")
+    for record in (ModelRecord("palm", None, CFG), ModelRecord("palm", "generation", CFG),
+                   ModelRecord("structbert", "token_classification", CFG)):  # fmt: skip
+        (tmp_path / "model.json").write_text(record.to_json())
+        assert read_model_record(str(tmp_path)) == record
+        saved = json.loads((tmp_path / "model.json").read_text())
+        assert (saved["stage"], saved["task"]) == (record.stage, record.task)
+
+
+def test_a_classifier_run_is_not_read_as_a_stage_model(tmp_path):
+    _write(tmp_path / "gen", {"stage": "palm", "task": "generation"})
+    assert stage_model_record(str(tmp_path / "gen"), "x").stage_class is STAGES["palm"]
+    _write(tmp_path / "ner", {"stage": "structbert", "task": "token_classification"})
+    with pytest.raises(UserError, match=r"a fine-tuned token_classification run; its model is the task's"):
+        stage_model_record(str(tmp_path / "ner"), "pretrain.export")
+
+
+def test_model_json_written_before_task_existed(tmp_path):
+    """Fine-tuning runs wrote their task's type as the stage (generation as the stage it trains)."""
+    _write(tmp_path / "old_cls", {"stage": "classification"})
+    old = read_model_record(str(tmp_path / "old_cls"))
+    assert (old.stage, old.task) == ("structbert", "classification")
+    _write(tmp_path / "old_pre", {"stage": "palm"})
+    old = read_model_record(str(tmp_path / "old_pre"))
+    assert (old.stage, old.task) == ("palm", None)
+    _write(tmp_path / "bad", {"stage": "bert", "task": None})
+    with pytest.raises(UserError, match=r"^model.json stage=bert: unknown stage"):
+        read_model_record(str(tmp_path / "bad")).stage_class
+
+
+def test_every_task_builds_on_a_registered_stage():
+    assert {kind: cls.stage for kind, cls in TASK_TYPES.items()} == {
+        "classification": "structbert", "token_classification": "structbert", "generation": "palm"}
+    assert [kind for kind, cls in TASK_TYPES.items() if cls.keeps_stage_model] == ["generation"]
