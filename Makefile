@@ -61,7 +61,7 @@ demo: install
 	$(PYTHON) -m pretrain.summary run.dir=$(DEMO_RUN)/structbert run.dir=$(DEMO_RUN)/palm
 	$(PYTHON) -m pretrain.export run.dir=$(DEMO_RUN)/structbert out=$(DEMO_RUN)/hf/structbert overwrite=true
 	$(PYTHON) -m pretrain.export run.dir=$(DEMO_RUN)/palm out=$(DEMO_RUN)/hf/palm overwrite=true
-	$(PYTHON) launch/hf_continue.py --run $(DEMO_RUN)/palm --export $(DEMO_RUN)/hf/palm --prompts $(DEMO_RUN)/prompts.txt \
+	$(PYTHON) experiments/hf_continue.py --run $(DEMO_RUN)/palm --export $(DEMO_RUN)/hf/palm --prompts $(DEMO_RUN)/prompts.txt \
 		--no-repeat-ngram-size 3
 
 # After `make demo`: NER from stage one (its last checkpoint and the one halfway) and titles from stage two, each
@@ -74,7 +74,7 @@ finetune-demo: install
 	$(FINETUNE) $(NER) $(RANDOM_INIT) run.dir=$(FT_RUN)/ner/random
 	$(FINETUNE) $(TITLE) init_from=$(DEMO_RUN)/palm run.dir=$(FT_RUN)/title/pretrained
 	$(FINETUNE) $(TITLE) $(RANDOM_INIT) run.dir=$(FT_RUN)/title/random
-	$(PYTHON) launch/finetune_table.py --root $(FT_RUN)
+	$(PYTHON) experiments/finetune_table.py --root $(FT_RUN)
 
 # After `make demo`: does longer pre-training, or the pre-trained pooler, help a classifier on the pooled [CLS]?
 # Sentence classification (which kinds of name a sentence holds) from stage one at half and all of its steps, with
@@ -91,7 +91,7 @@ finetune-study: install
 	$(FINETUNE) $(SENTIMENT) init_from=$(DEMO_RUN)/structbert run.dir=$(STUDY_RUN)/sentiment/pretrained
 	$(FINETUNE) $(SENTIMENT) init_from=$(DEMO_RUN)/structbert/checkpoints/step$$(($(DEMO_STEPS) / 2)) run.dir=$(STUDY_RUN)/sentiment/pretrained_half
 	$(FINETUNE) $(SENTIMENT) $(RANDOM_INIT) run.dir=$(STUDY_RUN)/sentiment/random
-	$(PYTHON) launch/finetune_table.py --root $(STUDY_RUN)
+	$(PYTHON) experiments/finetune_table.py --root $(STUDY_RUN)
 
 # After `make finetune-demo` and `make finetune-study`: stage one trained twice as long (its schedule spanning
 # 2 x DEMO_STEPS), then the same NER and mentions fine-tunes from it: does longer pre-training hurt transfer?
@@ -103,12 +103,12 @@ finetune-longer: install
 	$(FINETUNE) $(MENTIONS) init_from=$(LONGER_RUN) run.dir=$(STUDY_RUN)/mentions/pretrained_x2
 	$(FINETUNE) $(MENTIONS) init_from=$(LONGER_RUN) task.pretrained_pooler=false run.dir=$(STUDY_RUN)/mentions/pretrained_x2_fresh_pooler
 	$(FINETUNE) $(SENTIMENT) init_from=$(LONGER_RUN) run.dir=$(STUDY_RUN)/sentiment/pretrained_x2
-	$(PYTHON) launch/finetune_table.py --root $(FT_RUN)
-	$(PYTHON) launch/finetune_table.py --root $(STUDY_RUN)
+	$(PYTHON) experiments/finetune_table.py --root $(FT_RUN)
+	$(PYTHON) experiments/finetune_table.py --root $(STUDY_RUN)
 
 # Stage two from the demo's stage one against stage two from random weights (run `make demo` first).
 compare: install
-	$(PYTHON) launch/compare_init.py --stage-one $(DEMO_RUN)/structbert --out $(DEMO_RUN)/compare --master-port $(DEMO_PORT) -- \
+	$(PYTHON) experiments/compare_init.py --stage-one $(DEMO_RUN)/structbert --out $(DEMO_RUN)/compare --master-port $(DEMO_PORT) -- \
 		$(PALM_DEMO) logger.progress=false
 
 test: install-test

@@ -19,7 +19,7 @@ import torch
 from pretrain.training.run_dir import read_model_record
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
-from pretrain.training import checkpoint, distributed, init_from
+from pretrain.training import checkpoint, distributed, init_from, partitions
 from pretrain.training.engine import build_model
 
 
@@ -49,7 +49,7 @@ def main(run_dir: str, decoder_init: str, out_path: str, source_arg: str | None 
     with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
         if info.rank == 0:
             reference = StructBert(dataclasses.replace(one, dropout=0.0, attn_dropout=0.0))
-            reference.load_state_dict(checkpoint.consolidate(checkpoint.find(run_dir, "run.dir")), strict=True)
+            reference.load_state_dict(partitions.consolidate(checkpoint.find(run_dir, "run.dir")), strict=True)
             model.eval(), reference.eval()
             h2, h1 = model.encoder(ids, types, mask), reference.encoder(ids, types, mask)
             word2, word1 = model.encoder.embeddings.word.weight, reference.encoder.embeddings.word.weight

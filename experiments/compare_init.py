@@ -2,7 +2,7 @@
 from a stage-one run, once from random weights; prints both validation decoder losses and exits 1 unless the
 stage-one start comes out lower.
 
-    python launch/compare_init.py --stage-one runs/demo/structbert --out runs/demo/compare -- <Hydra overrides>
+    python experiments/compare_init.py --stage-one runs/demo/structbert --out runs/demo/compare -- <Hydra overrides>
 
 The overrides (model, data.dir, palm lengths, steps, lr, ...) go to both runs unchanged; `run.dir` and
 `init_from` are set here. A run that already finished is reused, so the comparison can be re-printed.

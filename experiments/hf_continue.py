@@ -2,7 +2,7 @@
 transformers' generate() on the run's export, and print both, greedy (optionally with no n-gram repeated), one
 under the other.
 
-    python launch/hf_continue.py --run runs/demo/palm --export runs/demo/hf/palm --prompts runs/demo/prompts.txt
+    python experiments/hf_continue.py --run runs/demo/palm --export runs/demo/hf/palm --prompts runs/demo/prompts.txt
 """
 import argparse
 

@@ -1,7 +1,7 @@
 """The table `make finetune-demo` ends with: each task's test metric from each initialisation, read from the runs'
 results.json (pretrain.finetune writes them).
 
-    python launch/finetune_table.py --root runs/demo/finetune
+    python experiments/finetune_table.py --root runs/demo/finetune
 
 The layout is <root>/<task>/<init>/results.json; the columns are the inits found, `random` last.
 """

@@ -1,7 +1,7 @@
 """How spread out a stage-one encoder's token representations are, per checkpoint and for random init: a check of
 whether a checkpoint is a better place to start fine-tuning from than random weights.
 
-    python launch/encoder_geometry.py --run runs/demo/structbert --tasks data/demo/tasks/ner/test.jsonl \
+    python experiments/encoder_geometry.py --run runs/demo/structbert --tasks data/demo/tasks/ner/test.jsonl \
         [--checkpoint step600 ...] [--sentences 256]
 
 For each encoder: the mean cosine similarity between the final hidden states of two different real tokens (1.0:
