@@ -29,7 +29,7 @@ def main() -> None:
     with open(args.prompts, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()][: args.count]
     for prompt in prompts:
-        ids = encoder_input(tok, prompt, ours.cfg.max_positions, "prompt")
+        ids = torch.tensor([encoder_input(tok, prompt, ours.cfg.max_positions, "prompt")])
         mine = generate(ours, ids, bos_id=tok.cls_id, eos_id=tok.sep_id, max_new_tokens=args.max_new_tokens,
                         strategy="greedy", no_repeat_ngram_size=args.no_repeat_ngram_size)  # fmt: skip
         with torch.no_grad():

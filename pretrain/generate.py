@@ -1,18 +1,26 @@
-"""Continue Chinese text with a stage-two model, in one process, straight from its ZeRO-3 checkpoint:
+"""Continue Chinese text with a stage-two model, on one process or many, straight from its ZeRO-3 checkpoint:
 
     python -m pretrain.generate run.dir=<stage-two run.dir> prompt="<text>" max_new_tokens=64 strategy=greedy
-    python -m pretrain.generate run.dir=<dir> prompts_file=<one prompt a line> strategy=beam num_beams=4
-    (also: top_k, top_p, temperature, length_penalty, min_new_tokens, no_repeat_ngram_size, seed, echo=true,
-     device=auto|cpu|cuda (auto: the GPU when there is one), precision=fp32|bf16|fp16 (fp16: GPU only))
+    deepspeed --num_gpus 8 --module pretrain.generate run.dir=<dir> prompts_file=<one prompt a line> strategy=beam
+    (also: num_beams, top_k, top_p, temperature, length_penalty, min_new_tokens, no_repeat_ngram_size, seed,
+     echo=true, batch_size=8, checkpoint=<dir>, device=auto|cpu|cuda (auto: the GPU when there is one),
+     precision=fp32|bf16|fp16 (fp16: GPU only), timeout_s=1800)
 
-Sampling draws from a generator on the model's device: the same seed gives the same tokens on the same kind of
-device, not across CPU and GPU (their generators differ), nor across precisions.
+The model is never assembled in one place: it is built under ZeRO-3 (`zero.Init`) and each rank reads its own
+partition of each parameter from the checkpoint's partition files, whatever number of ranks wrote them (as
+init_from does), so N ranks hold 1/N of it each and gather one layer at a time as they run it.
 
-The checkpoint (the newest, or `checkpoint=<dir>`) is consolidated from however many ranks wrote it; the
-model is built on the meta device and takes the consolidated tensors as they are, so no second copy is made.
+The prompts are cut into batches of batch_size consecutive ones (padded), dealt to the ranks in turn. Every rank
+runs every step together, a rank whose batch is done (or that has no batch left) joining the others' gathers until
+all are done (transformers' synced_gpus). Sampling draws prompt i from a generator seeded with (seed, i), so a
+prompt's output depends neither on the number of ranks nor on its batch: 1 and N ranks give the same tokens. The
+outputs are printed by rank 0 in the prompts' order; each rank's peak memory goes to stderr. Generators differ
+across CPU and GPU, and results across precisions.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 
@@ -21,15 +29,17 @@ import torch
 from pretrain.cli import parse
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.training import checkpoint, run_dir as run_files, safe_load
+from pretrain.training import checkpoint, distributed, run_dir as run_files, safe_load
 
 DEFAULTS = {
     "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,
     "strategy": "greedy", "top_k": 0, "top_p": 1.0, "temperature": 1.0, "num_beams": 4, "length_penalty": 1.0,
     "seed": 0, "echo": False, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "device": "auto", "precision": "fp32",
-    "trust_checkpoint": False,
+    "trust_checkpoint": False, "batch_size": 8, "timeout_s": 1800,
 }  # fmt: skip
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DECODING = ("strategy", "top_k", "top_p", "temperature", "num_beams", "length_penalty", "max_new_tokens",
+            "min_new_tokens", "no_repeat_ngram_size")  # fmt: skip
 
 
 def placement(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
@@ -53,13 +63,29 @@ def parse_args(argv: list[str]):
         raise UserError("run.dir is required (a stage-two run directory)")
     if (cfg.prompt is None) == (cfg.prompts_file is None):
         raise UserError("give exactly one of prompt=<text> or prompts_file=<file>")
+    for key in ("batch_size", "timeout_s"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise UserError(f"{key}={cfg[key]}: must be an integer >= 1")
     placement(str(cfg.device), str(cfg.precision))
     safe_load.trust(safe_load.trust_setting(cfg.trust_checkpoint))
     return cfg
 
 
-def load_model(run_dir: str, checkpoint_dir: str | None):
-    """The model of `run_dir` with the weights of its newest (or the given) checkpoint, and its tokenizer."""
+def read_prompts(cfg) -> list[str]:
+    if cfg.prompts_file is None:
+        return [str(cfg.prompt)]
+    if not os.path.isfile(cfg.prompts_file):
+        raise UserError(f"prompts_file={cfg.prompts_file}: no such file")
+    with open(cfg.prompts_file, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError(f"prompts_file={cfg.prompts_file}: no prompts (one a line)")
+    return prompts
+
+
+def model_source(run_dir: str, checkpoint_dir: str | None):
+    """The record (stage and shapes) of `run_dir` and its newest (or the given) checkpoint, checked before any
+    rank starts: a stage whose model generates, and a checkpoint of that model's shapes."""
     from pretrain.stages import STAGES
 
     record = run_files.stage_model_record(run_dir, "pretrain.generate")
@@ -68,60 +94,163 @@ def load_model(run_dir: str, checkpoint_dir: str | None):
         raise UserError(f"run.dir={run_dir}: a {record.stage_class.ordinal} run; generation needs a {want.ordinal}"
                         f" (stage={want.name}) run")  # fmt: skip
     tag_dir = checkpoint.find(checkpoint_dir, "checkpoint") if checkpoint_dir else checkpoint.find(run_dir, "run.dir")
+    have = checkpoint.recorded_shapes(tag_dir, "checkpoint")
+    with torch.device("meta"):
+        want = {n: tuple(p.shape) for n, p in record.stage_class.model_class()(record.cfg).named_parameters()}
+    for name, shape in want.items():
+        if have.get(name) != shape:
+            raise UserError(f"checkpoint={tag_dir}: {name} is {have.get(name)} there, {list(shape)} in run.dir={run_dir}'s"
+                            " model.json (a checkpoint of another run?)")  # fmt: skip
+    return record, tag_dir
+
+
+def load_model(run_dir: str, checkpoint_dir: str | None):
+    """The model of `run_dir` consolidated into this one process (eval mode), with its newest (or the given)
+    checkpoint's weights, its tokenizer and the checkpoint: for tools that compare it with another implementation
+    (the export's tests, experiments/hf_continue.py), at a size one process holds."""
+    record, tag_dir = model_source(run_dir, checkpoint_dir)
     return run_files.load_stage_model(record, tag_dir), Tokenizer(os.path.join(run_dir, "vocab.txt")), tag_dir
 
 
-def encoder_input(tok: Tokenizer, prompt: str, max_positions: int, where: str) -> torch.Tensor:
+def encoder_input(tok: Tokenizer, prompt: str, max_positions: int, where: str, warn: bool = True) -> list[int]:
     """[CLS] prompt [SEP], the prompt cut from the left (its end is what the continuation follows)."""
     ids = tok.encode(prompt)
     room = max_positions - 2
     if len(ids) > room:
-        print(f"pretrain.generate: warning: {where}: {len(ids)} tokens, truncated from the left to the last {room}"
-              f" (model.max_positions={max_positions})", file=sys.stderr)  # fmt: skip
+        if warn:
+            print(f"pretrain.generate: warning: {where}: {len(ids)} tokens, truncated from the left to the last {room}"
+                  f" (model.max_positions={max_positions})", file=sys.stderr)  # fmt: skip
         ids = ids[-room:]
-    return torch.tensor([[tok.cls_id, *ids, tok.sep_id]], dtype=torch.long)
+    return [tok.cls_id, *ids, tok.sep_id]
+
+
+def padded(sources: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sources as one right-padded batch: ids and the mask of real tokens."""
+    longest = max(map(len, sources))
+    ids = torch.full((len(sources), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sources), longest, dtype=torch.bool)
+    for r, src in enumerate(sources):
+        ids[r, : len(src)], mask[r, : len(src)] = torch.tensor(src), True
+    return ids, mask
+
+
+class _Calls(torch.nn.Module):
+    """The model's decoding calls as this module's forward: ZeRO-3 gathers a partitioned parameter only while a
+    module's forward runs, and the tied output projection reads the word embedding outside the embedding module."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method: str, *args):
+        return getattr(self.model, method)(*args)
+
+
+class PartitionedModel:
+    """What decoding calls (models/decoding.py: encode, next_token_logprobs, new_cache), run through the ZeRO-3
+    engine that holds this rank's partition of the model."""
+
+    def __init__(self, engine, model: torch.nn.Module):
+        self.engine, self.cfg, self._model = engine, model.cfg, model
+
+    @property
+    def training(self) -> bool:
+        return self.engine.training
+
+    def eval(self):
+        self.engine.eval()
+
+    def train(self, mode: bool = True):
+        self.engine.train(mode)
+
+    def encode(self, *args):
+        return self.engine("encode", *args)
+
+    def next_token_logprobs(self, *args):
+        return self.engine("next_token_logprobs", *args)
+
+    def new_cache(self):
+        return self._model.new_cache()
+
+
+def load_partitioned(record, tag_dir: str, dtype: torch.dtype, info: distributed.DistInfo) -> PartitionedModel:
+    """The model built under zero.Init, each rank reading its own partition of each parameter from tag_dir."""
+    import deepspeed
+
+    from pretrain.training import init_from
+    from pretrain.training.engine import build_model
+
+    ds_config = {"train_batch_size": info.world_size, "zero_optimization": {"stage": 3},
+                 "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}  # fmt: skip
+    model = build_model(lambda: record.stage_class.model_class()(record.cfg), ds_config, seed=0)
+    names = [n for n, _ in model.named_parameters()]
+    init_from.load_into(model, init_from.InitSource(tag_dir, {n: n for n in names}, ()), rank=info.rank)
+    engine, _, _, _ = deepspeed.initialize(model=_Calls(model), config=ds_config)
+    return PartitionedModel(engine, model)
 
 
 def main(argv: list[str]) -> None:
-    from pretrain.models.decoding import check_args, generate
+    from pretrain.models.decoding import check_args, generate_batch
+    from pretrain.training.metrics import peak_memory_gb
 
     cfg = parse_args(argv)
+    decoding = {k: cfg[k] for k in DECODING}
     try:
-        check_args(str(cfg.strategy), int(cfg.top_k), float(cfg.top_p), float(cfg.temperature), int(cfg.num_beams),
-                   int(cfg.min_new_tokens), int(cfg.no_repeat_ngram_size))  # fmt: skip
+        check_args(*(decoding[k] for k in ("strategy", "top_k", "top_p", "temperature", "num_beams",
+                                           "min_new_tokens", "no_repeat_ngram_size")))  # fmt: skip
     except ValueError as e:
         raise UserError(str(e)) from None
-    if cfg.prompts_file is not None:
-        if not os.path.isfile(cfg.prompts_file):
-            raise UserError(f"prompts_file={cfg.prompts_file}: no such file")
-        with open(cfg.prompts_file, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        if not prompts:
-            raise UserError(f"prompts_file={cfg.prompts_file}: no prompts (one a line)")
-    else:
-        prompts = [str(cfg.prompt)]
+    prompts = read_prompts(cfg)
     device, dtype = placement(str(cfg.device), str(cfg.precision))
-    model, tok, _ = load_model(cfg.run.dir, cfg.checkpoint)
-    model = model.to(device=device, dtype=dtype)  # consolidated on the host in fp32, then moved once
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    for i, prompt in enumerate(prompts, 1):
-        where = f"prompt {i}" if cfg.prompts_file is not None else "prompt"
+    record, tag_dir = model_source(cfg.run.dir, cfg.checkpoint)
+    if not 1 <= int(cfg.max_new_tokens) <= record.cfg.max_positions:
+        raise UserError(f"max_new_tokens={cfg.max_new_tokens}: must be in [1, max_positions={record.cfg.max_positions}]")
+    info = distributed.read_env()
+    tok = Tokenizer(os.path.join(cfg.run.dir, "vocab.txt"))
+    where = lambda i: f"prompt {i + 1}" if cfg.prompts_file is not None else "prompt"  # noqa: E731
+    sources = [encoder_input(tok, p, record.cfg.max_positions, where(i), warn=info.rank == 0) for i, p in enumerate(prompts)]
+    size = int(cfg.batch_size)
+    batches = [list(range(b, min(b + size, len(prompts)))) for b in range(0, len(prompts), size)]
+    mine = batches[info.rank :: info.world_size]
+    rounds = -(-len(batches) // info.world_size)  # every rank runs as many batches: a rank short of one runs a dummy
+
+    # DeepSpeed reports on stdout (its logger, the ops it builds): stdout is left to the outputs.
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401  (its logger takes the stdout it finds at import: stderr)
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        distributed.init(info, float(cfg.timeout_s))
+        model = load_partitioned(record, tag_dir, dtype, info)
+    device = model.engine.device
+    all_done = lambda done: distributed.all_reduce_sum([0.0 if done else 1.0])[0] == 0  # noqa: E731
+    outputs = []
+    for r in range(rounds):
+        indices = mine[r] if r < len(mine) else [0]  # the dummy: prompt 0 again, its output dropped
+        ids, mask = padded([sources[i] for i in indices], tok.pad_id)
+        generators = [torch.Generator(device).manual_seed(int(cfg.seed) * 1_000_003 + i) for i in indices]
         try:
-            new = generate(
-                model, encoder_input(tok, prompt, model.cfg.max_positions, where).to(device), bos_id=tok.cls_id,
-                eos_id=tok.sep_id,
-                max_new_tokens=int(cfg.max_new_tokens), strategy=str(cfg.strategy), top_k=int(cfg.top_k),
-                top_p=float(cfg.top_p), temperature=float(cfg.temperature), num_beams=int(cfg.num_beams),
-                length_penalty=float(cfg.length_penalty), generator=generator, min_new_tokens=int(cfg.min_new_tokens),
-                no_repeat_ngram_size=int(cfg.no_repeat_ngram_size),
-            )  # fmt: skip
+            new = generate_batch(model, ids.to(device), mask.to(device), bos_id=tok.cls_id, eos_id=tok.sep_id,
+                                 generators=generators, all_done=all_done, **decoding)  # fmt: skip
         except ValueError as e:
             raise UserError(str(e)) from None
-        text = tok.decode(new)
-        print(f"prompt: {prompt}\noutput: {text}\n" if cfg.echo else text, flush=True)
+        if r < len(mine):
+            outputs += [(i, tok.decode(tokens)) for i, tokens in zip(indices, new)]
+    gathered = distributed.gather_objects(outputs)
+    peaks = distributed.gather_objects(round(peak_memory_gb(), 3))
+    if info.rank == 0:
+        for i, text in sorted(pair for part in gathered for pair in part):
+            print(f"prompt: {prompts[i]}\noutput: {text}\n" if cfg.echo else text, flush=True)
+        print(f"pretrain.generate: {len(prompts)} prompts on {info.world_size} rank(s), {device.type} "
+              f"{cfg.precision}; peak memory per rank (GiB): {peaks}", file=sys.stderr)  # fmt: skip
+    distributed.barrier()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # one CPU process by design: DeepSpeed need not probe and warn
-    with exit_on_user_error("pretrain.generate"):
+    sys.argv = distributed.strip_local_rank(sys.argv)
+    if "DS_ACCELERATOR" not in os.environ:  # device=cpu on a GPU machine: DeepSpeed's CPU accelerator and gloo
+        device_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("device=")), "auto")
+        if device_arg == "cpu" or (device_arg == "auto" and not torch.cuda.is_available()):
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    info = distributed.read_env()
+    with exit_on_user_error("pretrain.generate", quiet=info.rank != 0):
         main(sys.argv[1:])

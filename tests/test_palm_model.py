@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
-from pretrain.models.decoding import generate
+from pretrain.models.decoding import generate, generate_batch
 from pretrain.models.palm import Palm
 
 V, H = 50, 32
@@ -202,6 +202,48 @@ def test_generate_cache_agrees_and_special_cases_equal_greedy(copy):
     sample = gen(model, **sampling, generator=torch.Generator().manual_seed(5))
     again = gen(model, **sampling, generator=torch.Generator().manual_seed(5), use_cache=False)
     assert sample == again and sample != greedy
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_padded_batch_decodes_each_row_as_alone(strategy, copy):
+    """generate_batch over sources of three lengths (padded) gives each row generate's tokens for it alone; a row
+    that ends early (eos made certain for it) is fed eos while the others go on."""
+    model = tiny(copy=copy, init_std=0.3)  # larger weights than BERT's init: each source decodes to its own tokens
+    sources = [[7, 12, 30, 41, 9, 22, 15], [33, 8], [19, 4, 27, 11]]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    for r, src in enumerate(sources):
+        ids[r, : len(src)], mask[r, : len(src)] = torch.tensor(src), True
+    kw = {"strategy": strategy, "bos_id": 1, "eos_id": 2, "max_new_tokens": 10, "num_beams": 3, "top_k": 20,
+          "temperature": 1.5}  # fmt: skip
+    seeds = lambda: [torch.Generator().manual_seed(10 + r) for r in range(3)]  # noqa: E731
+
+    def each_alone(**more):
+        return [generate(model, torch.tensor([src]), generator=g, **kw, **more) for src, g in zip(sources, seeds())]
+
+    alone = each_alone(min_new_tokens=10)
+    assert generate_batch(model, ids, mask, generators=seeds(), min_new_tokens=10, **kw) == alone
+    assert generate_batch(model, ids, mask, generators=seeds(), min_new_tokens=10, use_cache=False, **kw) == alone
+    assert len(set(map(tuple, alone))) == 3 and all(len(a) == 10 for a in alone)  # distinct rows, every step run
+
+    original = model.next_token_logprobs
+
+    def second_source_ends_after_two(dec, memory, mask, enc_ids, cache=None):
+        logprobs, cache = original(dec, memory, mask, enc_ids, cache)
+        if dec.shape[1] > 2:  # eos made certain from the third new token on, in the rows of source [33, 8]
+            rows = enc_ids[:, 0] == 33
+            logprobs[rows] = (logprobs[rows] + 100.0 * F.one_hot(torch.tensor(2), V)).log_softmax(-1)
+        return logprobs, cache
+
+    model.next_token_logprobs = second_source_ends_after_two
+    short = each_alone()
+    assert len(short[1]) == 2 and max(map(len, short)) > 4  # the batch goes on after its second row ends
+    assert generate_batch(model, ids, mask, generators=seeds(), **kw) == short
+    steps = []
+    stop_after_four = lambda done: steps.append(done) or len(steps) > 4  # noqa: E731  (ranks that agree to stop)
+    lengths = [len(o) for o in generate_batch(model, ids, mask, generators=seeds(), all_done=stop_after_four, **kw)]
+    assert lengths == [min(4, len(o)) for o in short] and steps[:2] == [False, False]
 
 
 def test_beam_beats_greedy_score_and_stops_at_eos():

@@ -154,6 +154,32 @@ def test_generate_bad_arguments(palm_run, args, message):
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
 
 
+GENERATE_2 = ["deepspeed", "--num_gpus", "2", "--module", "pretrain.generate"]
+PROMPTS = ["小明住在北京，已经十年了。", "今天", "新华社北京十二月三十一日电，国家统计局今天发布了全年经济数据。", "他说：", "我们"]
+
+
+def outputs(stdout: str) -> list[str]:
+    """The prompt/output lines of echo=true (the launcher writes its own lines to stdout too)."""
+    return [line for line in stdout.splitlines() if line.startswith(("prompt: ", "output: "))]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("strategy", ["strategy=greedy", "strategy=beam num_beams=3",
+                                      "strategy=sample top_k=8 temperature=1.3 seed=7"])  # fmt: skip
+def test_generation_on_two_ranks_gives_one_rank_tokens(palm_run, tmp_path, strategy):
+    """Five prompts in batches of two on 2 ranks under the real launcher (rank 0 gets two batches, rank 1 one and a
+    dummy, so it steps on after its own are done): the outputs of one rank, in the prompts' order."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    args = [f"run.dir={palm_run}", f"prompts_file={prompts}", "max_new_tokens=10", "echo=true", "batch_size=2",
+            *strategy.split()]  # fmt: skip
+    one = launch(GENERATE, args)
+    two = launch(GENERATE_2, args)
+    assert outputs(two.stdout) == outputs(one.stdout)
+    assert [line[len("prompt: "):] for line in outputs(one.stdout)[::2]] == PROMPTS
+    assert "on 2 rank(s)" in two.stderr and "peak memory per rank (GiB): [" in two.stderr
+
+
 @pytest.mark.e2e
 def test_generate_refuses_a_stage_one_run(stage_one):
     proc = launch(GENERATE, [f"run.dir={stage_one['one_rank']}", "prompt=你好"], expect_rc=2)

@@ -1,9 +1,15 @@
-"""Decoding one source sequence with a PALM model: greedy, sampling (temperature, top-k, top-p) or beam search.
+"""Decoding with a PALM model: greedy, sampling (temperature, top-k, top-p) or beam search, of one source
+sequence (`generate`) or of a padded batch of them (`generate_batch`), each row decoded as it would be alone.
 
-The encoder runs once; each step asks the model for the next token's log-probabilities, feeding only the
-new token when a key/value cache is used (use_cache=False reruns the whole prefix: the reference it must match).
+The encoder runs once; each step asks the model for the next token's log-probabilities of every row, feeding only
+the new token when a key/value cache is used (use_cache=False reruns the whole prefix: the reference it must
+match). A batch steps until all its rows are done and, where ranks decode together (pretrain.generate under
+ZeRO-3, whose every step gathers the decoder's parameters from all ranks), until every rank's batch is:
+`all_done`, as transformers' synced_gpus.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -34,8 +40,8 @@ def check_args(strategy: str, top_k: int, top_p: float, temperature: float, num_
 def _check_input(max_new_tokens: int, max_positions: int, enc_input_ids: torch.Tensor) -> None:
     if not 1 <= max_new_tokens <= max_positions:  # the decoder's last input is bos + max_new_tokens - 1 tokens
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be in [1, max_positions={max_positions}]")
-    if enc_input_ids.dim() != 2 or enc_input_ids.shape[0] != 1:
-        raise ValueError(f"enc_input_ids has shape {list(enc_input_ids.shape)}: must be [1, S], one source sequence")
+    if enc_input_ids.dim() != 2:
+        raise ValueError(f"enc_input_ids has shape {list(enc_input_ids.shape)}: must be [B, S]")
 
 
 def _filter(logprobs: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -71,7 +77,6 @@ def _constrain(logprobs: torch.Tensor, seqs: torch.Tensor, eos_id: int, min_new_
     return logprobs
 
 
-@torch.no_grad()
 def generate(
     model: Palm, enc_input_ids: torch.Tensor, *, bos_id: int, eos_id: int, max_new_tokens: int, strategy: str,
     top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0, num_beams: int = 4, length_penalty: float = 1.0,
@@ -80,32 +85,61 @@ def generate(
 ) -> list[int]:  # fmt: skip
     """The new tokens for the source enc_input_ids [1, S] (eos excluded), at most max_new_tokens of them; eos is
     barred before min_new_tokens, and with no_repeat_ngram_size=n no n-gram occurs twice (bos counted)."""
+    if enc_input_ids.dim() != 2 or enc_input_ids.shape[0] != 1:
+        raise ValueError(f"enc_input_ids has shape {list(enc_input_ids.shape)}: must be [1, S], one source sequence")
+    return generate_batch(
+        model, enc_input_ids, torch.ones_like(enc_input_ids, dtype=torch.bool), bos_id=bos_id, eos_id=eos_id,
+        max_new_tokens=max_new_tokens, strategy=strategy, top_k=top_k, top_p=top_p, temperature=temperature,
+        num_beams=num_beams, length_penalty=length_penalty, generators=[generator], use_cache=use_cache,
+        min_new_tokens=min_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
+    )[0]  # fmt: skip
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Palm, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor, *, bos_id: int, eos_id: int,
+    max_new_tokens: int, strategy: str, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
+    num_beams: int = 4, length_penalty: float = 1.0, generators: list[torch.Generator | None] | None = None,
+    use_cache: bool = True, min_new_tokens: int = 0, no_repeat_ngram_size: int = 0,
+    all_done: Callable[[bool], bool] = lambda done: done,
+) -> list[list[int]]:  # fmt: skip
+    """The new tokens of each source row of enc_input_ids [B, S] (padding where enc_attention_mask is False), as
+    `generate` gives them for that row alone. Sampling draws row i from generators[i] (None: torch's global one).
+    all_done(this batch is done) -> whether to stop: every rank's batch is done, where ranks step together."""
     check_args(strategy, top_k, top_p, temperature, num_beams, min_new_tokens, no_repeat_ngram_size)
     _check_input(max_new_tokens, model.cfg.max_positions, enc_input_ids)
+    generators = generators or [None] * enc_input_ids.shape[0]
     was_training = model.training
     model.eval()
     try:
-        mask = torch.ones_like(enc_input_ids, dtype=torch.bool)
-        memory = model.encode(enc_input_ids, mask)
+        memory = model.encode(enc_input_ids, enc_attention_mask)
         cache = model.new_cache() if use_cache else None
         constrain = lambda lp, seqs: _constrain(lp, seqs, eos_id, min_new_tokens, no_repeat_ngram_size)  # noqa: E731
         if strategy == "beam":
-            return _beam(model, enc_input_ids, mask, memory, cache, bos_id, eos_id, max_new_tokens, num_beams,
-                         length_penalty, constrain)  # fmt: skip
-        tokens = [bos_id]
+            return _beam(model, enc_input_ids, enc_attention_mask, memory, cache, bos_id, eos_id, max_new_tokens,
+                         num_beams, length_penalty, constrain, all_done)  # fmt: skip
+        rows = enc_input_ids.shape[0]
+        seqs = torch.full((rows, 1), bos_id, device=enc_input_ids.device)  # [B, 1 + tokens so far], bos first
+        out: list[list[int]] = [[] for _ in range(rows)]
+        done = [False] * rows
         for _ in range(max_new_tokens):
-            dec = torch.tensor([tokens], device=enc_input_ids.device)
-            logprobs, cache = model.next_token_logprobs(dec, memory, mask, enc_input_ids, cache)
-            logprobs = constrain(logprobs, dec)
-            if strategy == "greedy":
-                nxt = int(logprobs[0].argmax())
-            else:
-                probs = _filter(logprobs[0], temperature, top_k, top_p).softmax(-1)
-                nxt = int(torch.multinomial(probs, 1, generator=generator))
-            if nxt == eos_id:
+            if all_done(all(done)):
                 break
-            tokens.append(nxt)
-        return tokens[1:]
+            logprobs, cache = model.next_token_logprobs(seqs, memory, enc_attention_mask, enc_input_ids, cache)
+            logprobs = constrain(logprobs, seqs)
+            if strategy == "greedy":
+                nxt = logprobs.argmax(-1).tolist()
+            else:  # each row from its own generator, so that a row's draws do not depend on its batch
+                nxt = [eos_id if done[r] else int(torch.multinomial(_filter(logprobs[r], temperature, top_k, top_p)
+                                                                    .softmax(-1), 1, generator=generators[r]))
+                       for r in range(rows)]  # fmt: skip
+            for r in range(rows):
+                if done[r] or nxt[r] == eos_id:
+                    done[r], nxt[r] = True, eos_id  # a finished row is fed eos until the batch is done
+                else:
+                    out[r].append(nxt[r])
+            seqs = torch.cat([seqs, torch.tensor(nxt, device=seqs.device)[:, None]], 1)
+        return out
     finally:
         model.train(was_training)
 
@@ -113,39 +147,58 @@ def generate(
 def _beam(
     model: Palm, enc_input_ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor, cache: DecoderCache | None,
     bos_id: int, eos_id: int, max_new_tokens: int, num_beams: int, length_penalty: float, constrain,
-) -> list[int]:  # fmt: skip
-    """Beam search; a hypothesis' final score is its summed log-probability / len**length_penalty, len counting
-    its new tokens (eos included). Starts from one beam, which the first step expands to num_beams."""
-    seqs = torch.tensor([[bos_id]], device=enc_input_ids.device)  # [beams, 1 + tokens so far]
-    scores = torch.zeros(1, device=enc_input_ids.device)  # summed log-probabilities of the live beams
-    finished: list[tuple[float, list[int]]] = []
+    all_done: Callable[[bool], bool],
+) -> list[list[int]]:  # fmt: skip
+    """Beam search of each row; a hypothesis' final score is its summed log-probability / len**length_penalty, len
+    counting its new tokens (eos included). Each row starts from one beam (its other num_beams - 1 at -inf), which
+    the first step expands to num_beams. A row is done once its best live beam, judged as if it ended now, can no
+    longer enter its num_beams best finished ones."""
+    rows, k, device = enc_input_ids.shape[0], num_beams, enc_input_ids.device
+    per_beam = lambda t: t.repeat_interleave(k, 0)  # noqa: E731  (row r's beams are rows r*k .. r*k + k - 1)
+    memory, mask, enc_input_ids = per_beam(memory), per_beam(mask), per_beam(enc_input_ids)
+    seqs = torch.full((rows * k, 1), bos_id, device=device)  # [rows * beams, 1 + tokens so far]
+    scores = torch.zeros(rows, k, device=device)  # summed log-probabilities of the live beams
+    scores[:, 1:] = float("-inf")
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(rows)]
+    best: list[list[int] | None] = [None] * rows  # a done row's answer
     for step in range(1, max_new_tokens + 1):  # step = the length of the hypotheses this step makes
-        n = seqs.shape[0]
-        # every beam reads the same source: expanded views, no copies
-        logprobs, cache = model.next_token_logprobs(
-            seqs, memory.expand(n, -1, -1), mask.expand(n, -1), enc_input_ids.expand(n, -1), cache
-        )
+        if all_done(all(b is not None for b in best)):
+            break
+        logprobs, cache = model.next_token_logprobs(seqs, memory, mask, enc_input_ids, cache)
         logprobs = constrain(logprobs, seqs)
         vocab = logprobs.shape[-1]
-        # 2 * num_beams candidates: however many of them end in eos, num_beams live ones remain.
-        cand_scores, cand = (scores[:, None] + logprobs).view(-1).topk(min(2 * num_beams, n * vocab))
-        keep: list[int] = []
-        for rank, (score, c) in enumerate(zip(cand_scores.tolist(), cand.tolist())):
-            beam, token = divmod(c, vocab)
-            if token == eos_id:
-                if rank < num_beams:  # an eos below the top num_beams would not have been a beam either
-                    finished.append((score / step**length_penalty, seqs[beam, 1:].tolist()))
-            elif len(keep) < num_beams:
-                keep.append(rank)
-        idx = torch.tensor(keep, device=cand.device)
-        beams = cand[idx] // vocab
-        seqs = torch.cat([seqs[beams], (cand[idx] % vocab)[:, None]], 1)
-        scores = cand_scores[idx]
+        # 2 * num_beams candidates a row: however many of them end in eos, num_beams live ones remain.
+        cand_scores, cand = (scores.view(-1, 1) + logprobs).view(rows, k * vocab).topk(min(2 * k, k * vocab), dim=-1)
+        beams, tokens, new_scores = [], [], []
+        for r in range(rows):
+            if best[r] is not None:  # done: its beams stay as they are, fed eos
+                beams += range(r * k, (r + 1) * k)
+                tokens += [eos_id] * k
+                new_scores.append(scores[r])
+                continue
+            keep: list[int] = []
+            for rank, (score, c) in enumerate(zip(cand_scores[r].tolist(), cand[r].tolist())):
+                beam, token = divmod(c, vocab)
+                if score == float("-inf"):
+                    break
+                if token == eos_id:
+                    if rank < k:  # an eos below the top num_beams would not have been a beam either
+                        finished[r].append((score / step**length_penalty, seqs[r * k + beam, 1:].tolist()))
+                elif len(keep) < k:
+                    keep.append(rank)
+            beams += [r * k + c // vocab for c in cand[r, keep].tolist()]
+            tokens += (cand[r, keep] % vocab).tolist()
+            new_scores.append(cand_scores[r, keep])
+            finished[r].sort(key=lambda f: f[0], reverse=True)
+            if len(finished[r]) >= k and finished[r][k - 1][0] >= float(new_scores[-1][0]) / step**length_penalty:
+                best[r] = finished[r][0][1]
+        index = torch.tensor(beams, device=device)
+        seqs = torch.cat([seqs[index], torch.tensor(tokens, device=device)[:, None]], 1)
+        scores = torch.stack(new_scores)
         if cache is not None:
-            cache.reorder(beams)
-        finished.sort(key=lambda f: f[0], reverse=True)
-        # Judged as if it ended now (the usual heuristic): can the best live beam still enter the n best?
-        if len(finished) >= num_beams and finished[num_beams - 1][0] >= float(scores[0]) / step**length_penalty:
-            return finished[0][1]
-    live = [(float(s) / max_new_tokens**length_penalty, seq[1:].tolist()) for s, seq in zip(scores, seqs)]
-    return max(finished + live, key=lambda f: f[0])[1]
+            cache.reorder(index)
+    for r in range(rows):
+        if best[r] is None:
+            live = [(float(s) / max_new_tokens**length_penalty, seqs[r * k + i, 1:].tolist()) for i, s in enumerate(scores[r])]
+            best[r] = max(finished[r] + live, key=lambda f: f[0])[1]
+    return best
