@@ -176,7 +176,7 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
 
             shutil.copyfile(hf_palm.__file__, os.path.join(tmp, f"{PALM_MODULE}.py"))
             GenerationConfig(decoder_start_token_id=tok.cls_id, bos_token_id=tok.cls_id, eos_token_id=tok.sep_id,
-                             pad_token_id=tok.pad_id, max_new_tokens=64, use_cache=False).save_pretrained(tmp)  # fmt: skip
+                             pad_token_id=tok.pad_id, max_new_tokens=64, use_cache=True).save_pretrained(tmp)  # fmt: skip
         save_tokenizer(os.path.join(run_dir, "vocab.txt"), tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(run_dir, tag_dir, stage, cfg, hf_cfg.model_type))
