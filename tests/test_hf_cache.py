@@ -38,7 +38,9 @@ def export_like(out, pre_ln: bool):
     transformers.GenerationConfig(decoder_start_token_id=BOS, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
                                   max_new_tokens=64, use_cache=True).save_pretrained(out)  # as export.py writes it
     loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True).eval()
-    assert type(loaded).__module__.endswith(PALM_MODULE)  # the exported file, not pretrain.hf_palm
+    # the export's copy of the file (transformers' dynamic module), not this package's module
+    assert type(loaded) is not hf_palm.PlugPalmForConditionalGeneration
+    assert type(loaded).__module__.startswith("transformers_modules.") and type(loaded).__module__.endswith(PALM_MODULE)
     return loaded
 
 
