@@ -163,7 +163,7 @@ class PalmExport:
 
         shutil.copyfile(modeling_plug_palm.__file__, os.path.join(out, f"{PALM_MODULE}.py"))
         GenerationConfig(decoder_start_token_id=tok.cls_id, bos_token_id=tok.cls_id, eos_token_id=tok.sep_id,
-                         pad_token_id=tok.pad_id, max_new_tokens=64, use_cache=False).save_pretrained(out)  # fmt: skip
+                         pad_token_id=tok.pad_id, max_new_tokens=64, use_cache=True).save_pretrained(out)  # fmt: skip
 
     @staticmethod
     def check(ours, out: str, ids: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> dict[str, float]:

@@ -4,15 +4,25 @@ modeling_plug_palm.py and loaded with `trust_remote_code=True`, so it must not i
 No stock class holds PALM exactly: the decoder reads the encoder's embedding module, the output projection is
 the bare word-embedding matrix (tied, no bias), and the encoder keeps its MLM and sentence heads. The modules and
 their parameter names are ours (pretrain/models/layers.py and palm.py), so the exported weights are our state dict
-as it is, the embeddings stored once. Decoding recomputes the decoder over its whole input each step (no
-key/value cache): the exported model is for checking, fine-tuning and small-scale use; our generate is faster.
+as it is, the embeddings stored once.
+
+Decoding keeps a key/value cache (generate's use_cache=True, the export's generation_config.json default), in
+transformers' own EncoderDecoderCache: the decoder's self-attention keys and values grow by the tokens fed, each
+step feeding only the new token, and the cross-attention keys and values of the encoder output are computed on
+the first step of a generate call and read from then on; beam search reorders both through the cache's
+reorder_cache. forward builds a cache only when asked (use_cache=True) or handed one (cache=, or the older name
+past_key_values=); without one it computes exactly what it did before the cache existed. Only the dynamic cache
+(the default) is supported: a static cache is refused.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 
@@ -30,6 +40,15 @@ class PlugPalmConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)  # the projection is the embedding itself: nothing to tie
         super().__init__(**kwargs)
 
+    def get_text_config(self, decoder=None, encoder=None):
+        """transformers sizes generate()'s cache by the decoder's view of the config, whose num_hidden_layers would
+        be the encoder's here (it renames only `decoder_*` keys): give the decoder's layer count instead."""
+        text = super().get_text_config(decoder=decoder, encoder=encoder)
+        if decoder and not encoder:
+            text = copy.deepcopy(self) if text is self else text
+            text.num_hidden_layers = self.num_decoder_layers
+        return text
+
 
 class _Embeddings(nn.Module):
     def __init__(self, c):
@@ -39,8 +58,8 @@ class _Embeddings(nn.Module):
         self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.norm = nn.Identity() if c.pre_ln else nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, ids):
-        positions = torch.arange(ids.shape[1], device=ids.device)
+    def forward(self, ids, start=0):  # start: the position of ids[:, 0] (the decoder's tokens already cached)
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         return self.norm(self.word(ids) + self.position(positions)[None] + self.token_type(torch.zeros_like(ids)))
 
 
@@ -59,8 +78,18 @@ class _SelfAttention(nn.Module):
         self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)
         self.out = nn.Linear(c.hidden_size, c.hidden_size)
 
-    def forward(self, x, mask=None, causal=False):
+    def forward(self, x, mask=None, causal=False, cache=None, layer=0):
+        """cache (the decoder's, causal): a transformers Cache holding the keys and values of the tokens fed
+        before x, extended here by x's."""
         q, k, v = (_heads(t, self.n) for t in self.qkv(x).chunk(3, -1))
+        if cache is not None:
+            past, t = cache.get_seq_length(layer), x.shape[1]
+            k, v = cache.update(k, v, layer)
+            if k.shape[2] != past + t:  # a static cache returns its whole preallocated length, unmasked here
+                raise NotImplementedError("PlugPalm supports the dynamic key/value cache only (no cache_implementation)")
+            if past > 0:  # SDPA's is_causal aligns the queries to the first keys: query i sits at past + i
+                causal = False
+                mask = None if t == 1 else torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
         return self.out(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)))
 
 
@@ -72,8 +101,15 @@ class _CrossAttention(nn.Module):
         self.kv = nn.Linear(c.hidden_size, 2 * c.hidden_size)
         self.out = nn.Linear(c.hidden_size, c.hidden_size)
 
-    def forward(self, x, memory, mask):
-        k, v = (_heads(t, self.n) for t in self.kv(memory).chunk(2, -1))
+    def forward(self, x, memory, mask, cache=None, layer=0):
+        """cache: an EncoderDecoderCache; the keys and values of memory are computed once and then read from it."""
+        if cache is not None and cache.is_updated.get(layer):
+            k, v = cache.cross_attention_cache.layers[layer].keys, cache.cross_attention_cache.layers[layer].values
+        else:
+            k, v = (_heads(t, self.n) for t in self.kv(memory).chunk(2, -1))
+            if cache is not None:
+                k, v = cache.cross_attention_cache.update(k, v, layer)
+                cache.is_updated[layer] = True
         return self.out(_merge(F.scaled_dot_product_attention(_heads(self.q(x), self.n), k, v, attn_mask=mask)))
 
 
@@ -112,13 +148,15 @@ class _DecoderLayer(nn.Module):
         self.cross_attn, self.cross_attn_norm = _CrossAttention(c), _norm(c)
         self.ffn, self.ffn_norm = _FeedForward(c), _norm(c)
 
-    def forward(self, x, memory, mask):
+    def forward(self, x, memory, mask, cache=None, layer=0):
+        """cache: an EncoderDecoderCache or None; layer: this layer's index in it."""
+        own = None if cache is None else cache.self_attention_cache
         if self.pre_ln:
-            x = x + self.self_attn(self.self_attn_norm(x), causal=True)
-            x = x + self.cross_attn(self.cross_attn_norm(x), memory, mask)
+            x = x + self.self_attn(self.self_attn_norm(x), causal=True, cache=own, layer=layer)
+            x = x + self.cross_attn(self.cross_attn_norm(x), memory, mask, cache, layer)
             return x + self.ffn(self.ffn_norm(x))
-        x = self.self_attn_norm(x + self.self_attn(x, causal=True))
-        x = self.cross_attn_norm(x + self.cross_attn(x, memory, mask))
+        x = self.self_attn_norm(x + self.self_attn(x, causal=True, cache=own, layer=layer))
+        x = self.cross_attn_norm(x + self.cross_attn(x, memory, mask, cache, layer))
         return self.ffn_norm(x + self.ffn(x))
 
 
@@ -173,7 +211,16 @@ class PlugPalmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.encoder.embeddings.word
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None, labels=None,
-                **kwargs):  # fmt: skip
+                cache=None, use_cache=None, **kwargs):  # fmt: skip
+        """decoder_input_ids: with a cache, the tokens not yet in it (their positions follow the cached ones).
+        cache (or past_key_values): an EncoderDecoderCache from an earlier call, extended in place and returned;
+        use_cache=True without one starts one. Neither (the default): no cache, the whole decoder input is run."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if cache is None and use_cache:
+            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        elif cache is not None and not isinstance(cache, EncoderDecoderCache):  # a decoder-only Cache: self-attention
+            cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
         if encoder_outputs is None:
             encoder_outputs = self.encoder(input_ids, attention_mask)
         memory = encoder_outputs[0]
@@ -181,16 +228,21 @@ class PlugPalmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             attention_mask = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
         if decoder_input_ids is None:
             decoder_input_ids = torch.full((memory.shape[0], 1), self.config.decoder_start_token_id, device=memory.device)
-        x = self.encoder.embeddings(decoder_input_ids)
-        for layer in self.decoder.layers:
-            x = layer(x, memory, attention_mask.bool()[:, None, None, :])
+        x = self.encoder.embeddings(decoder_input_ids, 0 if cache is None else cache.get_seq_length())
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(x, memory, attention_mask.bool()[:, None, None, :], cache, i)
         logits = F.linear(self.decoder.final_norm(x), self.encoder.embeddings.word.weight)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=memory)
+        return Seq2SeqLMOutput(loss=loss, logits=logits, cache=cache, encoder_last_hidden_state=memory)
 
-    def prepare_inputs_for_generation(self, input_ids, encoder_outputs=None, attention_mask=None, **kwargs):
-        # no cache: the decoder sees everything generated so far, each step
-        return {"decoder_input_ids": input_ids, "encoder_outputs": encoder_outputs, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids, cache=None, encoder_outputs=None, attention_mask=None,
+                                      use_cache=None, **kwargs):  # fmt: skip
+        # with a cache only the tokens not yet in it are fed (the new one); without, everything generated so far
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+        past = 0 if cache is None else cache.get_seq_length()
+        return {"decoder_input_ids": input_ids[:, past:], "encoder_outputs": encoder_outputs,
+                "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}  # fmt: skip
 

@@ -1,0 +1,119 @@
+"""The exported PALM class's key/value cache (pretrain/hf/modeling_plug_palm.py): generate() with use_cache=True gives the tokens
+use_cache=False gives (greedy, beam search, sampling), on a padded batch, and a cached step-by-step forward gives
+the full forward's logits. No run is trained: a small PALM with random weights is written as the export writes one
+(the class file copied as modeling_plug_palm.py, named in auto_map) and loaded with trust_remote_code, so what
+runs is the file an export holds, outside this package."""
+import os
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from pretrain.hf import modeling_plug_palm as hf_palm  # noqa: E402
+from pretrain.hf.export import PALM_MODULE  # noqa: E402
+
+NEW = 14  # new tokens per generate call
+PAD, BOS, EOS = 0, 1, 2
+
+
+def export_like(out, pre_ln: bool):
+    """More decoder layers than encoder layers: transformers 5 would size the cache by the encoder's."""
+    torch.manual_seed(0)
+    cfg = hf_palm.PlugPalmConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_decoder_layers=3, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, pre_ln=pre_ln, pad_token_id=PAD, bos_token_id=BOS,
+        eos_token_id=EOS, decoder_start_token_id=BOS, architectures=["PlugPalmForConditionalGeneration"],
+        auto_map={"AutoConfig": f"{PALM_MODULE}.PlugPalmConfig",
+                  "AutoModelForSeq2SeqLM": f"{PALM_MODULE}.PlugPalmForConditionalGeneration"},
+    )  # fmt: skip
+    built = hf_palm.PlugPalmForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in built.parameters():  # wider than the default init: greedy then does not just repeat one token
+            if p.dim() > 1:
+                p.normal_(0.0, 0.5)
+    built.save_pretrained(out)
+    shutil.copyfile(hf_palm.__file__, os.path.join(out, f"{PALM_MODULE}.py"))
+    transformers.GenerationConfig(decoder_start_token_id=BOS, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+                                  max_new_tokens=64, use_cache=True).save_pretrained(out)  # as export.py writes it
+    loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True).eval()
+    # the export's copy of the file (transformers' dynamic module), not this package's module
+    assert type(loaded) is not hf_palm.PlugPalmForConditionalGeneration
+    assert type(loaded).__module__.startswith("transformers_modules.") and type(loaded).__module__.endswith(PALM_MODULE)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def pre_ln(tmp_path_factory):
+    return export_like(tmp_path_factory.mktemp("palm_pre_ln"), True)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["pre_ln", "post_ln"])
+def either(request, tmp_path_factory):
+    return export_like(tmp_path_factory.mktemp("palm"), request.param)
+
+
+def padded_batch():
+    """Three sources of 10, 6 and 3 tokens, right-padded."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 96, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:], mask[2, 3:] = 0, 0
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+class Counts:
+    """Decoder tokens fed per forward, and how often each layer computes cross-attention keys and values."""
+
+    def __init__(self, model):
+        self.fed, self.cross_kv = [], 0
+        self.handles = [model.decoder.layers[0].register_forward_pre_hook(lambda m, a: self.fed.append(a[0].shape[1]))]
+        for layer in model.decoder.layers:
+            self.handles.append(layer.cross_attn.kv.register_forward_hook(lambda *_: setattr(self, "cross_kv", self.cross_kv + 1)))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("settings", [dict(do_sample=False), dict(do_sample=False, num_beams=4),
+                                      dict(do_sample=True, top_k=20)], ids=["greedy", "beam", "sample"])  # fmt: skip
+def test_generate_with_the_cache_gives_the_tokens_without(pre_ln, settings):
+    """Pre-LN (PLUG's) only: a random post-LN model decodes one token over and over, which would prove little."""
+    model = pre_ln
+    ids, mask = padded_batch()
+    layers = model.config.num_decoder_layers
+    got = {}
+    for use_cache in (False, True):
+        counts = Counts(model)
+        torch.manual_seed(7)  # sampling draws from the global generator, the same draws either way
+        got[use_cache] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                                        use_cache=use_cache, **settings)  # fmt: skip
+        counts.close()
+        if use_cache:  # one token a step; the encoder's keys and values once per layer per generate call
+            assert counts.fed == [1] * NEW and counts.cross_kv == layers
+        else:
+            assert counts.fed == list(range(1, NEW + 1)) and counts.cross_kv == layers * NEW
+    assert got[True].shape == (3, 1 + NEW)
+    assert len(set(got[True][:, 1:].flatten().tolist())) > 5, got[True]  # not a degenerate decode
+    assert torch.equal(got[True], got[False]), (got[True], got[False])
+
+
+def test_cached_steps_give_the_full_forward_logits(either):
+    model = either
+    ids, mask = padded_batch()
+    dec = torch.randint(5, 96, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        assert full.cache is None  # no cache unless asked for
+        memory = model.get_encoder()(ids, mask)
+        cache, steps, at = None, [], 0
+        # a prefix of 3 (causal from position 0), single tokens, then 2 at once after a cache (the offset mask)
+        for n in (3, 1, 1, 2, 1, 1):
+            out = model(attention_mask=mask, encoder_outputs=memory, decoder_input_ids=dec[:, at : at + n],
+                        cache=cache, use_cache=True)  # fmt: skip
+            cache, at = out.cache, at + n
+            steps.append(out.logits)
+    assert cache.get_seq_length() == dec.shape[1] and len(cache.self_attention_cache.layers) == 3
+    assert (torch.cat(steps, 1) - full.logits).abs().max() < 1e-5
