@@ -346,7 +346,7 @@ class ShardSet:
             mp = saved.get("mp_world_size")
             if mp is not None and mp != self.tp:
                 raise UserError(f"{where}: {SHARD.format(rank)} was written for {mp} tensor-parallel ranks, the directory"
-                                f" holds {self.tp} (shards of different tensor-parallel degrees mixed?)")  # fmt: skip
+                                f" holds {self.tp} (a rank missing, or shards of different tensor-parallel degrees mixed)")  # fmt: skip
             if rank and set(module) != set(self.modules[0]):
                 other = sorted(set(module) ^ set(self.modules[0]))[0]
                 raise UserError(f"{where}: {SHARD.format(rank)} and {SHARD.format(0)} differ in their tensors ({other}):"

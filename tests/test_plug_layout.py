@@ -2,7 +2,9 @@
 of the test's own, written from AliceMind's PLUG/ sources (mpu/layers.py's splits, model/modeling.py's names),
 not by the module's merge; PLUG's tensor-parallel forward of attention and FFN, emulated rank by rank on the
 shards, gives our modules' outputs; tp 1, 2 and 4 agree; a run's checkpoint exports through the command line.
-With PLUG_SRC=<AliceMind>/PLUG, AliceMind's own modules load the shards strictly and give our logits."""
+Back through init_from=plug: every tensor is ours again, bad shard sets stop with one line, and stage two trains
+from the shards on ZeRO-3. With PLUG_SRC=<AliceMind>/PLUG, AliceMind's own modules load the shards strictly and
+give our logits."""
 import json
 import os
 import re
@@ -278,6 +280,173 @@ def test_the_export_command_refuses_with_one_line(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
+# ---- in: init_from=plug:<dir> ------------------------------------------------------------------------------------
+VOCAB = [f"t{i}" for i in range(TOKENS)]
+
+
+def plug_dir(state, tmp_path, tp, name, cfg=CFG, stage="palm", dtype="fp32", config=True) -> str:
+    """A directory as PLUG's users hold it: the shards, config.json, vocab.txt."""
+    out = tmp_path / name
+    out.mkdir()
+    plug_layout.write_shards(state, cfg, stage, TOKENS, str(out), tp, dtype)
+    if config:
+        (out / "config.json").write_text(json.dumps(plug_layout.plug_config(cfg, stage, TOKENS, tp, dtype, "test")))
+    (out / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return str(out)
+
+
+def vocab_file(tmp_path) -> str:
+    path = tmp_path / "data_vocab.txt"
+    if not path.exists():
+        path.write_text("\n".join(VOCAB) + "\n")
+    return str(path)
+
+
+def read_into(model: torch.nn.Module, init_from_arg: str, cfg: ModelConfig, vocab: str | None, **kwargs):
+    """init_from's own path: the source checked against the model's shapes, then loaded (rank 0, no ZeRO here)."""
+    from pretrain.training import init_from
+
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if kwargs:
+        source = init_from.finetune_source(init_from_arg, shapes, cfg, vocab, **kwargs)
+    else:
+        source = init_from.init_source(init_from_arg, shapes, cfg, vocab)
+    init_from.load_into(model, source, rank=0)
+    return source
+
+
+@pytest.mark.parametrize("tp, dtype", [(2, "fp32"), (4, "fp16")])
+def test_shards_come_back_into_our_model_exactly(palm_state, tmp_path, tp, dtype):
+    """Written, then read back through init_from=plug: every tensor ours again (PLUG's padding rows cut), in fp16
+    as fp16 rounds it (the LayerNorms exact)."""
+    path = plug_dir(palm_state, tmp_path, tp, "plug", dtype=dtype)
+    model = Palm(CFG)
+    source = read_into(model, f"plug:{path}", CFG, vocab_file(tmp_path))
+    assert source.fresh == () and len(source.mapping) == len(palm_state)
+    for name, p in model.state_dict().items():
+        want = palm_state[name]
+        if dtype == "fp16" and "norm" not in name:
+            want = want.half().float()
+        assert torch.equal(p, want), name
+    assert "carried encoder 29, mlm_head 5, decoder 42, sentence_head 4; fresh none" in source.describe()
+
+
+def test_a_stage_one_model_and_a_stage_two_without_plugs_decoder(palm_state, tmp_path):
+    """Stage one from the full shards takes the encoder and its heads; stage two from encoder-only shards (a
+    stage-one export) starts its decoder fresh, or from the top encoder layers with decoder_init=encoder_top."""
+    import dataclasses
+
+    full = plug_dir(palm_state, tmp_path, 2, "full")
+    one = StructBert(CFG)
+    read_into(one, f"plug:{full}", CFG, vocab_file(tmp_path))
+    for name, p in one.state_dict().items():
+        assert torch.equal(p, palm_state[name]), name
+    encoder_only = plug_dir({k: v for k, v in palm_state.items() if not k.startswith("decoder.")}, tmp_path, 2,
+                            "encoder_only", stage="structbert")  # fmt: skip
+    fresh = read_into(Palm(CFG), f"plug:{encoder_only}", CFG, vocab_file(tmp_path))
+    assert all(n.startswith("decoder.") for n in fresh.fresh) and len(fresh.fresh) == 42
+    top = dataclasses.replace(CFG, decoder_init="encoder_top")
+    model = Palm(top)
+    read_into(model, f"plug:{encoder_only}", top, vocab_file(tmp_path))
+    assert torch.equal(model.decoder.layers[1].ffn.down.weight, palm_state["encoder.layers.1.ffn.down.weight"])
+    with pytest.raises(UserError, match="encoder-only shards"):  # fine-tuning a generation task
+        read_into(Palm(CFG), f"plug:{encoder_only}", CFG, vocab_file(tmp_path), needs_stage_two=True)
+
+
+def test_a_larger_vocab_keeps_its_extra_rows_fresh(palm_state, tmp_path):
+    """A model whose vocab is padded past PLUG's rows (here 264 > 256) takes PLUG's rows; the rest keep their init."""
+    import dataclasses
+
+    path = plug_dir(palm_state, tmp_path, 2, "plug")
+    big = dataclasses.replace(CFG, vocab_size=264)
+    model = Palm(big)
+    before = model.encoder.embeddings.word.weight[256:].clone()
+    read_into(model, f"plug:{path}", big, vocab_file(tmp_path))
+    word = model.encoder.embeddings.word.weight
+    assert torch.equal(word[:48], palm_state["encoder.embeddings.word.weight"]) and word[48:256].abs().sum() == 0
+    assert torch.equal(word[256:], before)
+
+
+def test_bad_shard_sets_are_one_line(palm_state, tmp_path):
+    import dataclasses
+    import shutil
+
+    good = plug_dir(palm_state, tmp_path, 4, "good")
+    vocab = vocab_file(tmp_path)
+
+    def fails(path, message, cfg=CFG, vocab_path=vocab):
+        with pytest.raises(UserError) as e:
+            read_into(Palm(cfg), f"plug:{path}", cfg, vocab_path)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+    def variant(name, change, base=good):
+        path = tmp_path / name
+        shutil.copytree(base, path)
+        change(path)
+        return path
+
+    fails(tmp_path / "none", "no such directory")
+    fails(variant("no_rank_1", lambda p: (p / "mp_rank_01_model_states.pt").unlink()),
+          "mp_rank_01_model_states.pt is missing (3 of 4 ranks there)")  # fmt: skip
+    fails(variant("no_rank_3", lambda p: (p / "mp_rank_03_model_states.pt").unlink()),
+          "was written for 4 tensor-parallel ranks, the directory holds 3")  # fmt: skip
+    two = plug_dir(palm_state, tmp_path, 2, "two")
+    fails(variant("mixed", lambda p: shutil.copy(os.path.join(two, "mp_rank_01_model_states.pt"), p)),
+          "mp_rank_01_model_states.pt was written for 2 tensor-parallel ranks, the directory holds 4")  # fmt: skip
+    # files without DeepSpeed's mp_world_size (PLUG's may lack it): the pieces' shapes give mixed sets away
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for r in range(4):
+        saved = torch.load(os.path.join(good, f"mp_rank_0{r}_model_states.pt"), weights_only=True)
+        torch.save({"module": saved["module"]}, bare / f"mp_rank_0{r}_model_states.pt")
+    shutil.copy(os.path.join(good, "vocab.txt"), bare)
+
+    def rank_1_of_two(p):
+        torch.save({"module": torch.load(os.path.join(two, "mp_rank_01_model_states.pt"), weights_only=True)["module"]},
+                   p / "mp_rank_01_model_states.pt")  # fmt: skip
+
+    fails(variant("bare_mixed", rank_1_of_two, bare),
+          "query_key_value.weight is [24, 16] in mp_rank_01_model_states.pt, [12, 16] in mp_rank_00_model_states.pt")
+    # ranks 0..2 of 4, and nothing that says how many there were: their pieces do not add up
+    fails(variant("bare_3_of_4", lambda p: (p / "mp_rank_03_model_states.pt").unlink(), bare),
+          "query_key_value merges to 36 rows over 3 ranks, not 3 x hidden 16")
+    wide = dataclasses.replace(CFG, hidden=32)
+    other = plug_dir({k: torch.randn(v.shape) for k, v in Palm(wide).state_dict().items()}, tmp_path, 2, "wide", wide)
+    fails(other, "config.json has hidden_size=32, model.hidden=16")
+    (tmp_path / "wide" / "config.json").unlink()
+    fails(other, "the shards' hidden size is 32, model.hidden=16")
+    fails(good, "config.json has num_hidden_layers=2, model.layers=3", dataclasses.replace(CFG, layers=3))
+    fails(bare, "the shards have 2 encoder layers, model.layers=3", dataclasses.replace(CFG, layers=3))
+    fails(good, "the shards have 2 decoder layers, model.decoder_layers=1", dataclasses.replace(CFG, decoder_layers=1))
+    fails(good, "the shards are pre-LN; set model.pre_ln=true", dataclasses.replace(CFG, pre_ln=False))
+    changed = tmp_path / "changed_vocab.txt"
+    changed.write_text("\n".join(VOCAB[:7] + ["x"] + VOCAB[8:]) + "\n")
+    fails(good, "its vocab differs from the data's (45 vs 45 tokens; first at id 7)", vocab_path=str(changed))
+    fails(variant("no_vocab", lambda p: (p / "vocab.txt").unlink()), "no vocab.txt beside the shards")
+
+    def trained_embedding_norm(p):  # as PLUG's released weights have it
+        for r in range(4):
+            f = p / f"mp_rank_0{r}_model_states.pt"
+            saved = torch.load(f, weights_only=True)
+            saved["module"]["bert.embeddings.LayerNorm.weight"] = torch.full((16,), 0.5)
+            torch.save(saved, f)
+
+    fails(variant("embedding_norm", trained_embedding_norm), "its bert.embeddings.LayerNorm.weight is not the identity")
+
+
+@pytest.mark.parametrize("stage", ["structbert", "palm"])
+def test_a_missing_rank_stops_the_trainer_with_one_line(palm_state, prepared, tmp_path, stage):
+    from runs import PALM, PYTHON, TINY, launch
+
+    path = plug_dir(palm_state, tmp_path, 2, "plug")
+    os.unlink(os.path.join(path, "mp_rank_00_model_states.pt"))
+    args = (PALM if stage == "palm" else TINY) + [f"data.dir={prepared}", f"run.dir={tmp_path / 'run'}", f"init_from=plug:{path}"]
+    proc = launch(PYTHON, args, expect_rc=2)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("pretrain.train: error:")]
+    assert len(lines) == 1 and "mp_rank_00_model_states.pt is missing (1 of 2 ranks there)" in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # ---- through a real checkpoint --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def palm_plug(prepared, tmp_path_factory):
@@ -329,3 +498,32 @@ def test_plugs_own_modules_load_the_shards_and_give_our_logits(tmp_path):
     diffs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert diffs["keys_per_rank"] == 83  # PalmForPreTraining's whole state dict at 2 + 2 layers, loaded strictly
     assert diffs["mlm_max_diff"] < 1e-5 and diffs["decoder_max_diff"] < 1e-5 and diffs["mlm_padding_rows_max"] == 0.0
+
+
+@pytest.mark.e2e
+def test_the_export_reads_back_into_our_model_exactly(palm_plug):
+    """format=plug, then init_from=plug: into the run's own model: every tensor the checkpoint's (vocab cut back)."""
+    from pretrain.training import checkpoint
+
+    run, out = palm_plug
+    _, cfg = checkpoint.run_model_config(run)
+    model = Palm(cfg)
+    source = read_into(model, f"plug:{out}", cfg, os.path.join(run, "vocab.txt"))
+    assert source.fresh == ()
+    state = checkpoint.consolidate(checkpoint.find(run, "run.dir"))
+    assert set(model.state_dict()) == set(state)
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, state[name]), name
+
+
+@pytest.mark.e2e
+def test_stage_two_trains_from_plugs_shards_on_zero3(palm_plug, prepared, tmp_path):
+    """Two ranks under ZeRO-3: the shards are merged on rank 0 and set one gathered parameter at a time."""
+    from runs import DEEPSPEED, PALM, launch
+
+    _, out = palm_plug
+    new = tmp_path / "continued"
+    launch(DEEPSPEED, PALM + [f"data.dir={prepared}", f"run.dir={new}", "train.max_steps=1", f"init_from=plug:{out}"])
+    info = json.load(open(new / "run.json"))
+    assert info["initialized_from"] == f"plug:{out}"
+    assert info["init_tensors"] == {"carried": {"encoder": 29, "mlm_head": 5, "decoder": 42, "sentence_head": 4}, "fresh": {}}
