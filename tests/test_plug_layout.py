@@ -351,6 +351,9 @@ def test_a_stage_one_model_and_a_stage_two_without_plugs_decoder(palm_state, tmp
     assert torch.equal(model.decoder.layers[1].ffn.down.weight, palm_state["encoder.layers.1.ffn.down.weight"])
     with pytest.raises(UserError, match="encoder-only shards"):  # fine-tuning a generation task
         read_into(Palm(CFG), f"plug:{encoder_only}", CFG, vocab_file(tmp_path), needs_stage_two=True)
+    from pretrain.training.init_from import run_vocab  # what pretrain.finetune checks the task's vocab against
+
+    assert run_vocab(f"plug:{full}") == os.path.join(full, "vocab.txt")
 
 
 def test_a_larger_vocab_keeps_its_extra_rows_fresh(palm_state, tmp_path):
