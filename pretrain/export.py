@@ -9,6 +9,9 @@ export carries. Also written: config.json, the tokenizer (save_pretrained, with 
 literal "[MASK]" text tokenizes as ours does), and a model card (README.md). The directory is built beside `out` and renamed
 into place at the end: an error leaves nothing half-written.
 
+format=plug [tp=8] [dtype=fp16]: PLUG's own released layout instead (AliceMind's tensor-parallel shards
+mp_rank_XX_model_states.pt, config.json, vocab.txt; see pretrain/plug_layout.py), its check a read-back.
+
 check=true (the default) then loads the export with transformers' Auto classes, runs it and our model on one
 fixed padded batch in fp32, prints the largest differences (hidden states, MLM and sentence logits; stage two:
 decoder logits, and whether greedy and beam generate() give our tokens) and fails above 1e-4 or on other tokens.
@@ -30,7 +33,8 @@ from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
 from pretrain.training import checkpoint, partitions, run_dir as run_files, safe_load
 
-DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True, "trust_checkpoint": False}
+DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True, "trust_checkpoint": False,
+            "format": "hf", "tp": None, "dtype": None}  # tp, dtype: format=plug's (pretrain/plug_layout.py)
 CHECK_TOLERANCE = 1e-4  # max |difference| between transformers' outputs and ours that `check` accepts
 
 
@@ -129,6 +133,12 @@ def main(argv: list[str]) -> None:
     if cfg.run.dir is None or cfg.out is None:
         raise UserError("run.dir and out are required (python -m pretrain.export run.dir=<run> out=<dir>)")
     safe_load.trust(safe_load.trust_setting(cfg.trust_checkpoint))
+    if cfg.format == "plug":
+        from pretrain import plug_layout
+
+        return plug_layout.main(cfg)
+    if cfg.format != "hf" or cfg.tp is not None or cfg.dtype is not None:
+        raise UserError(f"format={cfg.format}: must be hf or plug (tp= and dtype= are format=plug's)")
     tag_dir = export(cfg.run.dir, cfg.out, None if cfg.step is None else int(cfg.step), bool(cfg.overwrite))
     print(f"pretrain.export: {tag_dir} -> {cfg.out}")
     if cfg.check:

@@ -36,9 +36,9 @@ class StructBertStage(Stage):
         pre-training from."""
         if self.init_from is None:
             return None
-        if not str(self.init_from).startswith(init_from.HF):
-            raise UserError(f"init_from={self.init_from}: stage one starts from random weights or from hf:<a transformers"
-                            " BERT directory> (a stage-one checkpoint is for stage=palm)")  # fmt: skip
+        if not str(self.init_from).startswith((init_from.HF, init_from.PLUG)):
+            raise UserError(f"init_from={self.init_from}: stage one starts from random weights, from hf:<a transformers"
+                            " BERT directory> or plug:<PLUG's shards> (a stage-one checkpoint is for stage=palm)")  # fmt: skip
         return init_from.init_source(str(self.init_from), self._meta_shapes(), self.model_cfg, self.tokenizer.vocab_path)
 
     @classmethod

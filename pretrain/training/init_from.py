@@ -21,6 +21,7 @@ from pretrain.models.config import ModelConfig
 from pretrain.training import checkpoint, partitions
 
 HF = "hf:"
+PLUG = "plug:"  # AliceMind PLUG's tensor-parallel shards (pretrain/plug_layout.py)
 _DECODER_FROM_ENCODER = {"self_attn.": "attn.", "self_attn_norm.": "attn_norm.", "ffn.": "ffn.", "ffn_norm.": "ffn_norm."}
 
 
@@ -58,6 +59,10 @@ def init_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
         from pretrain.hf import load as hf_load  # transformers' directories: only when one is named
 
         return hf_load.hf_source(init_from, target_shapes, cfg, vocab_path)
+    if init_from.startswith(PLUG):
+        from pretrain.plug_layout import plug_source
+
+        return plug_source(init_from, target_shapes, cfg, vocab_path)
     tag_dir = checkpoint.find(init_from, "init_from")
     mapping = check(init_from, tag_dir, target_shapes, cfg)
     return InitSource(tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping))
@@ -130,6 +135,10 @@ def _finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], 
         from pretrain.hf import load as hf_load  # transformers' directories: only when one is named
 
         return hf_load.hf_source(init_from, target_shapes, cfg, vocab_path)
+    if init_from.startswith(PLUG):
+        from pretrain.plug_layout import plug_source
+
+        return plug_source(init_from, target_shapes, cfg, vocab_path, needs_stage_two)
     tag_dir = checkpoint.find(init_from, "init_from")
     have = checkpoint.recorded_shapes(tag_dir, "init_from")
     stage_two = any(n.startswith("decoder.") for n in have)
@@ -152,7 +161,7 @@ def _finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], 
 
 def run_vocab(init_from: str) -> str | None:
     """The vocab.txt of the run that `init_from` (a run directory, one of its checkpoints or hf:<dir>) names."""
-    path = init_from.removeprefix(HF)
+    path = init_from.removeprefix(HF).removeprefix(PLUG)
     for d in (path, os.path.dirname(os.path.dirname(os.path.abspath(path)))):
         if os.path.isfile(os.path.join(d, "vocab.txt")):
             return os.path.join(d, "vocab.txt")
@@ -181,6 +190,11 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
         from pretrain.hf import load as hf_load
 
         _load_gathered(model, hf_load.hf_weights(source) if rank == 0 else None, source.mapping, rank)
+        return
+    if source.tag_dir.startswith(PLUG):  # merged from the shards one parameter at a time, on rank 0
+        from pretrain.plug_layout import plug_weights
+
+        _load_gathered(model, plug_weights(source) if rank == 0 else None, source.mapping, rank)
         return
     import torch.distributed as dist
 
