@@ -4,11 +4,14 @@
     deepspeed --num_gpus 8 --module pretrain.generate run.dir=<dir> prompts_file=<one prompt a line> strategy=beam
     (also: num_beams, top_k, top_p, temperature, length_penalty, min_new_tokens, no_repeat_ngram_size, seed,
      echo=true, batch_size=8, checkpoint=<dir>, device=auto|cpu|cuda (auto: the GPU when there is one),
-     precision=fp32|bf16|fp16 (fp16: GPU only), timeout_s=1800)
+     precision=fp32|bf16|fp16 (fp16: GPU only), timeout_s=1800, max_live_parameters=1000000000)
 
 The model is never assembled in one place: it is built under ZeRO-3 (`zero.Init`) and each rank reads its own
 partition of each parameter from the checkpoint's partition files, whatever number of ranks wrote them (as
-init_from does), so N ranks hold 1/N of it each and gather one layer at a time as they run it.
+init_from does), so N ranks hold 1/N of it each and gather the parameters of a module as they run it. ZeRO-3 keeps
+up to max_live_parameters of them gathered (DeepSpeed's default, 1e9, also its reuse distance): a model smaller
+than that ends up gathered whole on every rank after the first step, which saves the gathers of later steps; a
+lower bound trades them for memory.
 
 The prompts are cut into batches of batch_size consecutive ones (padded), dealt to the ranks in turn. Every rank
 runs every step together, a rank whose batch is done (or that has no batch left) joining the others' gathers until
@@ -35,7 +38,7 @@ DEFAULTS = {
     "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,
     "strategy": "greedy", "top_k": 0, "top_p": 1.0, "temperature": 1.0, "num_beams": 4, "length_penalty": 1.0,
     "seed": 0, "echo": False, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "device": "auto", "precision": "fp32",
-    "trust_checkpoint": False, "batch_size": 8, "timeout_s": 1800,
+    "trust_checkpoint": False, "batch_size": 8, "timeout_s": 1800, "max_live_parameters": 10**9,
 }  # fmt: skip
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODING = ("strategy", "top_k", "top_p", "temperature", "num_beams", "length_penalty", "max_new_tokens",
@@ -63,7 +66,7 @@ def parse_args(argv: list[str]):
         raise UserError("run.dir is required (a stage-two run directory)")
     if (cfg.prompt is None) == (cfg.prompts_file is None):
         raise UserError("give exactly one of prompt=<text> or prompts_file=<file>")
-    for key in ("batch_size", "timeout_s"):
+    for key in ("batch_size", "timeout_s", "max_live_parameters"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UserError(f"{key}={cfg[key]}: must be an integer >= 1")
     placement(str(cfg.device), str(cfg.precision))
@@ -151,7 +154,7 @@ class PartitionedModel:
     engine that holds this rank's partition of the model."""
 
     def __init__(self, engine, model: torch.nn.Module):
-        self.engine, self.cfg, self._model = engine, model.cfg, model
+        self.engine, self.cfg, self.module = engine, model.cfg, model
 
     @property
     def training(self) -> bool:
@@ -170,17 +173,19 @@ class PartitionedModel:
         return self.engine("next_token_logprobs", *args)
 
     def new_cache(self):
-        return self._model.new_cache()
+        return self.module.new_cache()
 
 
-def load_partitioned(record, tag_dir: str, dtype: torch.dtype, info: distributed.DistInfo) -> PartitionedModel:
+def load_partitioned(record, tag_dir: str, dtype: torch.dtype, info: distributed.DistInfo,
+                     max_live: int) -> PartitionedModel:  # fmt: skip
     """The model built under zero.Init, each rank reading its own partition of each parameter from tag_dir."""
     import deepspeed
 
     from pretrain.training import init_from
     from pretrain.training.engine import build_model
 
-    ds_config = {"train_batch_size": info.world_size, "zero_optimization": {"stage": 3},
+    zero = {"stage": 3, "stage3_max_live_parameters": max_live, "stage3_max_reuse_distance": max_live}
+    ds_config = {"train_batch_size": info.world_size, "zero_optimization": zero,
                  "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}  # fmt: skip
     model = build_model(lambda: record.stage_class.model_class()(record.cfg), ds_config, seed=0)
     names = [n for n, _ in model.named_parameters()]
@@ -191,6 +196,7 @@ def load_partitioned(record, tag_dir: str, dtype: torch.dtype, info: distributed
 
 def main(argv: list[str]) -> None:
     from pretrain.models.decoding import check_args, generate_batch
+    from pretrain.training.engine import local_partition_numel
     from pretrain.training.metrics import peak_memory_gb
 
     cfg = parse_args(argv)
@@ -220,7 +226,7 @@ def main(argv: list[str]) -> None:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         distributed.init(info, float(cfg.timeout_s))
-        model = load_partitioned(record, tag_dir, dtype, info)
+        model = load_partitioned(record, tag_dir, dtype, info, int(cfg.max_live_parameters))
     device = model.engine.device
     all_done = lambda done: distributed.all_reduce_sum([0.0 if done else 1.0])[0] == 0  # noqa: E731
     outputs = []
@@ -237,11 +243,13 @@ def main(argv: list[str]) -> None:
             outputs += [(i, tok.decode(tokens)) for i, tokens in zip(indices, new)]
     gathered = distributed.gather_objects(outputs)
     peaks = distributed.gather_objects(round(peak_memory_gb(), 3))
+    held = distributed.gather_objects(round(local_partition_numel(model.module) * dtype.itemsize / 2**30, 3))
     if info.rank == 0:
         for i, text in sorted(pair for part in gathered for pair in part):
             print(f"prompt: {prompts[i]}\noutput: {text}\n" if cfg.echo else text, flush=True)
         print(f"pretrain.generate: {len(prompts)} prompts on {info.world_size} rank(s), {device.type} "
-              f"{cfg.precision}; peak memory per rank (GiB): {peaks}", file=sys.stderr)  # fmt: skip
+              f"{cfg.precision}; weights held per rank (GiB): {held}; peak memory per rank (GiB): {peaks}",
+              file=sys.stderr)  # fmt: skip
     distributed.barrier()
 
 

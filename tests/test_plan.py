@@ -11,7 +11,7 @@ from deepspeed.runtime.zero.stage3 import (
 )  # fmt: skip
 
 from pretrain import plan as P
-from pretrain.errors import exit_on_user_error
+from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.layers import count_parameters
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
@@ -167,3 +167,21 @@ def test_command_line():
                          text=True)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr == "pretrain.plan: error: nodes=0: must be an integer >= 1\n"
     assert bad.stdout == ""
+
+
+def test_generation_plan_per_rank():
+    """generate=true: the bf16 partition shrinks with the ranks, one rank gathers nothing, the cache grows with the
+    sequences; PLUG fits on 8 x 16 GiB and on one 140 GiB GPU, and a stage without a decoder is refused."""
+    eight = P.plan(["model=plug", "stage=palm", "generate=true", "gpus_per_node=8", "gpu_mem_gb=16", "micro_batch=8"])
+    one = P.plan(["model=plug", "stage=palm", "generate=true", "gpus_per_node=1", "gpu_mem_gb=140", "micro_batch=8"])
+    total = eight["total_params"]
+    assert eight["per_rank_bytes"]["weights"] == 2 * -(-total // 8) and one["per_rank_bytes"]["weights"] == 2 * total
+    assert one["per_rank_bytes"]["gathered"] == 0 < eight["per_rank_bytes"]["gathered"]
+    assert eight["fits"] and one["fits"] and eight["min_nodes"] == one["min_nodes"] == 1
+    cfg = P.parse(["model=plug", "stage=palm"])[1]
+    assert eight["per_rank_bytes"]["cache"] == 2 * 2 * cfg.decoder_layers * (128 + 512) * cfg.hidden * 8
+    beams = P.plan(["model=plug", "stage=palm", "generate=true", "micro_batch=8", "num_beams=4"])
+    assert beams["per_rank_bytes"]["cache"] == 4 * eight["per_rank_bytes"]["cache"]
+    assert not P.plan(["model=plug", "stage=palm", "generate=true", "gpus_per_node=2", "gpu_mem_gb=16"])["fits"]
+    with pytest.raises(UserError, match=r"^generate=true: stage=structbert does not generate"):
+        P.plan(["model=plug", "generate=true"])
