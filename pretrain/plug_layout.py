@@ -29,8 +29,9 @@ Where PLUG's model and ours differ (the names map one to one; what is computed d
   PLUG's code still applies (it normalises the embeddings), so it does not compute what ours does (config.json's
   pretrain_export.embedding_layernorm says so); read, shards whose embedding LayerNorm is not the identity (PLUG's
   trained weights) are refused, pointing to model.embedding_norm=true: dropping it changes the scale of the whole
-  residual stream. (Shards holding the identity, read into a model with the switch on, give it weight 1 and bias
-  0: a LayerNorm all the same, as in PLUG's code.)
+  residual stream. Shards of our own export record which it was (config.json's pretrain_export), and are read only
+  with the same setting: a LayerNorm at weight 1 and bias 0 still normalises, so it can be neither dropped nor
+  added without changing the model. (PLUG's released shards record nothing; their LayerNorm is trained.)
 - PLUG's sentence head reads [CLS]'s hidden state directly: its `bert.pooler.dense` is in the state dict but its
   forward never applies it (`pooled_output = sequence_output[:, 0]`). Ours is tanh(pooler(h)) then the classifier.
   The tensors are carried by name all the same (the sentence head is frozen in stage two; fine-tuning retrains
@@ -429,6 +430,13 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
     pre_ln = "bert.encoder.LayerNorm.weight" in shards
     if pre_ln != cfg.pre_ln:
         raise UserError(f"{where}: the shards are {'pre' if pre_ln else 'post'}-LN; set model.pre_ln={str(pre_ln).lower()}")
+    # shards of our own export say whether their model had an embedding LayerNorm: one at weight 1 and bias 0 (its
+    # init, or the identity written for a model without one) still normalises, so neither way is it the same model
+    recorded = (their.get("pretrain_export") or {}).get("embedding_layernorm") if isinstance(their, dict) else None
+    if isinstance(recorded, str) and (recorded == "ours") != embedding_norm(cfg):
+        had = recorded == "ours"
+        raise UserError(f"{where}: config.json says the shards were exported from a model {'with' if had else 'without'}"
+                        f" an embedding LayerNorm; set model.embedding_norm={str(had).lower()}")  # fmt: skip
     for ours, key in (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
                       ("ffn", "intermediate_size"), ("ln_eps", "layernorm_epsilon")):  # fmt: skip
         if key in their and their[key] != getattr(cfg, ours):

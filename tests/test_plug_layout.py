@@ -469,15 +469,30 @@ def test_an_embedding_norm_goes_out_and_comes_back(tmp_path, stage):
         assert torch.equal(p, state[name]), name
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["pretrain_export"]["embedding_layernorm"] == "ours"
-    # the same shards into a model without the switch: PLUG's trained embedding LayerNorm has nowhere to go
+    # the same shards into a model without the switch: the embedding LayerNorm has nowhere to go, as config.json
+    # says; without config.json (as PLUG's own shards may come), because it is not the identity
+    without = (Palm if stage == "palm" else StructBert)(CFG)
+    with pytest.raises(UserError, match=r"^init_from=plug:\S+: config.json says the shards were exported from a model"
+                                        r" with an embedding LayerNorm; set model.embedding_norm=true$"):  # fmt: skip
+        read_into(without, f"plug:{path}", CFG, vocab_file(tmp_path))
+    os.unlink(os.path.join(path, "config.json"))
     with pytest.raises(UserError, match="its bert.embeddings.LayerNorm.weight is not the identity"):
-        read_into((Palm if stage == "palm" else StructBert)(CFG), f"plug:{path}", CFG, vocab_file(tmp_path))
+        read_into(without, f"plug:{path}", CFG, vocab_file(tmp_path))
+
+
+def test_shards_of_a_model_without_an_embedding_norm_are_not_read_with_one(palm_state, tmp_path):
+    """Our export of a model without one holds the identity LayerNorm, which a model with the switch would still
+    apply (a LayerNorm at weight 1 and bias 0 normalises): refused, config.json saying what the model had."""
+    path = plug_dir(palm_state, tmp_path, 2, "plug")
+    with pytest.raises(UserError, match=r"^init_from=plug:\S+: config.json says the shards were exported from a model"
+                                        r" without an embedding LayerNorm; set model.embedding_norm=false$"):  # fmt: skip
+        read_into(Palm(EMBEDDING_NORM), f"plug:{path}", EMBEDDING_NORM, vocab_file(tmp_path))
 
 
 def test_plugs_trained_embedding_norm_is_read_with_the_switch(palm_state, tmp_path):
     """Shards as PLUG's released ones hold it (a trained embedding LayerNorm), refused without model.embedding_norm
     (test_bad_shard_sets_are_one_line), are read with it: that LayerNorm and every other tensor."""
-    path = plug_dir(palm_state, tmp_path, 2, "plug")
+    path = plug_dir(palm_state, tmp_path, 2, "plug", config=False)  # PLUG's own: no record of our export
     trained = {"weight": torch.linspace(0.5, 1.5, CFG.hidden), "bias": torch.linspace(-0.1, 0.1, CFG.hidden)}
     for r in range(2):
         f = os.path.join(path, f"mp_rank_0{r}_model_states.pt")
