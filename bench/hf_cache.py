@@ -42,7 +42,7 @@ def build(dims: str) -> tuple[hf_palm.PlugPalmForConditionalGeneration, str]:
         vocab_size=VOCAB[dims], hidden_size=m["hidden"], num_hidden_layers=m["layers"],
         num_decoder_layers=m["decoder_layers"], num_attention_heads=m["heads"], intermediate_size=m["ffn"],
         max_position_embeddings=m["max_positions"], type_vocab_size=m["type_vocab"], layer_norm_eps=m["ln_eps"],
-        pre_ln=m["pre_ln"], pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        pre_ln=m["pre_ln"], embedding_norm=m["embedding_norm"], pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
     )  # fmt: skip
     torch.manual_seed(0)
     model = hf_palm.PlugPalmForConditionalGeneration(cfg).eval()

@@ -22,11 +22,16 @@ twice; written here sharing its storage). The vocab is padded to a multiple of 1
 `make_vocab_size_divisible_by` 128 times the model-parallel size; 21128 -> 21504 at tp 8).
 
 Where PLUG's model and ours differ (the names map one to one; what is computed does not always):
-- PLUG's embeddings always end in a LayerNorm (`bert.embeddings.LayerNorm`), also when pre-LN; our pre-LN encoder
-  has none. Exported from a model without one, the shards hold the identity LayerNorm (weight 1, bias 0): PLUG's
-  code then still normalises the embeddings, so it does not compute what ours does. Read into a model without
-  one, shards whose embedding LayerNorm is not the identity (PLUG's trained weights) are refused: dropping it
-  changes the scale of the whole residual stream.
+- PLUG's embeddings always end in a LayerNorm (`bert.embeddings.LayerNorm`), also when pre-LN. Ours has one when
+  post-LN, or pre-LN with model.embedding_norm=true (model=plug sets it): then the two map one to one, both ways,
+  PLUG's trained one is read and ours is written, and PLUG's code computes what ours does. A pre-LN model with
+  model.embedding_norm=false has none: exported, the shards hold the identity LayerNorm (weight 1, bias 0), which
+  PLUG's code still applies (it normalises the embeddings), so it does not compute what ours does (config.json's
+  pretrain_export.embedding_layernorm says so); read, shards whose embedding LayerNorm is not the identity (PLUG's
+  trained weights) are refused, pointing to model.embedding_norm=true: dropping it changes the scale of the whole
+  residual stream. Shards of our own export record which it was (config.json's pretrain_export), and are read only
+  with the same setting: a LayerNorm at weight 1 and bias 0 still normalises, so it can be neither dropped nor
+  added without changing the model. (PLUG's released shards record nothing; their LayerNorm is trained.)
 - PLUG's sentence head reads [CLS]'s hidden state directly: its `bert.pooler.dense` is in the state dict but its
   forward never applies it (`pooled_output = sequence_output[:, 0]`). Ours is tanh(pooler(h)) then the classifier.
   The tensors are carried by name all the same (the sentence head is frozen in stage two; fine-tuning retrains
@@ -81,8 +86,8 @@ class Entry:
 
 
 def embedding_norm(cfg: ModelConfig) -> bool:
-    """Whether our encoder normalises its embeddings: post-LN always, pre-LN where the model has the switch."""
-    return not cfg.pre_ln or bool(getattr(cfg, "embedding_norm", False))
+    """Whether our encoder normalises its embeddings: post-LN always, pre-LN with model.embedding_norm."""
+    return not cfg.pre_ln or cfg.embedding_norm
 
 
 def _linear(plug: str, ours: str, split: str = WHOLE, stride: int = 1) -> list[Entry]:
@@ -425,6 +430,13 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
     pre_ln = "bert.encoder.LayerNorm.weight" in shards
     if pre_ln != cfg.pre_ln:
         raise UserError(f"{where}: the shards are {'pre' if pre_ln else 'post'}-LN; set model.pre_ln={str(pre_ln).lower()}")
+    # shards of our own export say whether their model had an embedding LayerNorm: one at weight 1 and bias 0 (its
+    # init, or the identity written for a model without one) still normalises, so neither way is it the same model
+    recorded = (their.get("pretrain_export") or {}).get("embedding_layernorm") if isinstance(their, dict) else None
+    if isinstance(recorded, str) and (recorded == "ours") != embedding_norm(cfg):
+        had = recorded == "ours"
+        raise UserError(f"{where}: config.json says the shards were exported from a model {'with' if had else 'without'}"
+                        f" an embedding LayerNorm; set model.embedding_norm={str(had).lower()}")  # fmt: skip
     for ours, key in (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
                       ("ffn", "intermediate_size"), ("ln_eps", "layernorm_epsilon")):  # fmt: skip
         if key in their and their[key] != getattr(cfg, ours):
@@ -451,7 +463,8 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
             t = shards.tensor(e).float()
             if not torch.equal(t, torch.ones_like(t) if e.plug.endswith(".weight") else torch.zeros_like(t)):
                 raise UserError(f"{where}: its {e.plug} is not the identity, and this pre-LN model has no embedding"
-                                " LayerNorm to hold it (dropping it would change what the model computes)")  # fmt: skip
+                                " LayerNorm to hold it (dropping it would change what the model computes): set"
+                                " model.embedding_norm=true, as model=plug has")  # fmt: skip
     have = {e.ours: shards.shape(e) for e in entries if e.ours is not None and e.plug != TIED}
     qkv = have["encoder.layers.0.attn.qkv.weight"]
     if qkv[0] != 3 * hidden:  # a trailing rank missing, or shards of another degree: the ranks' pieces do not add up

@@ -2,14 +2,17 @@
 from a random Palm, on CPU over 2 tensor-parallel ranks (gloo), with load_state_dict(strict=True), and compute
 MLM and decoder logits; prints their largest differences from ours as JSON.
 
-    python tests/plug_reference.py <AliceMind>/PLUG <work dir>
+    python tests/plug_reference.py <AliceMind>/PLUG <work dir> [embedding_norm]
+
+embedding_norm: our model is built with model.embedding_norm=true (a trained-like, random embedding LayerNorm),
+and PLUG's forward is run as it is, its embedding LayerNorm included.
 
 Shims, for a machine without apex or CUDA: apex's FusedLayerNorm -> torch's LayerNorm, torch._six,
 data_utils.file_utils (downloads), DeepSpeed's timers, the CUDA RNG tracker (dropout is 0). Two deliberate
-departures from PLUG's forward, both where PLUG's model and ours differ (see plug_layout's docstring): PLUG's
-embedding LayerNorm is replaced by the identity (our pre-LN encoder has none; KEEP_EMB_LN=1 keeps it, to see the
-difference), and the encoder's final LayerNorm is applied once (PalmForPreTraining.forward without activation
-checkpointing applies it twice; the checkpointed path, once).
+departures from PLUG's forward, both where PLUG's model and ours differ (see plug_layout's docstring): without
+embedding_norm, PLUG's embedding LayerNorm is replaced by the identity (our pre-LN encoder then has none;
+KEEP_EMB_LN=1 keeps it, to see the difference), and the encoder's final LayerNorm is applied once
+(PalmForPreTraining.forward without activation checkpointing applies it twice; the checkpointed path, once).
 """
 import contextlib
 import json
@@ -50,7 +53,7 @@ def shims(plug_src: str) -> None:
     timer.SynchronizedWallClockTimer = Timers
 
 
-def worker(rank, plug_src, port, shard_dir, out_path, inputs):
+def worker(rank, plug_src, port, shard_dir, out_path, inputs, keep_embedding_norm):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=TP)
     shims(plug_src)
@@ -69,8 +72,9 @@ def worker(rank, plug_src, port, shard_dir, out_path, inputs):
     model.load_state_dict(state, strict=True)  # raises on any missing or unexpected key, or shape
     ids, types_, mask, dec = inputs
     with torch.no_grad():
-        # PLUG's embeddings always end in a LayerNorm; our pre-LN model has none: replaced, to compare the rest
-        if not os.environ.get("KEEP_EMB_LN"):
+        # PLUG's embeddings always end in a LayerNorm; our pre-LN model without embedding_norm has none: replaced,
+        # to compare the rest
+        if not keep_embedding_norm:
             model.bert.embeddings.LayerNorm = torch.nn.Identity()
         # PalmForPreTraining.forward calls bert with output_all_encoded_layers=False, and without activation
         # checkpointing BertEncoder then applies its final LayerNorm twice; with True it applies it once (as the
@@ -86,7 +90,7 @@ def worker(rank, plug_src, port, shard_dir, out_path, inputs):
     dist.barrier()
 
 
-def main(plug_src: str, work: str) -> None:
+def main(plug_src: str, work: str, embedding_norm: bool = False) -> None:
     sys.path.insert(0, REPO)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from runs import free_port
@@ -96,7 +100,7 @@ def main(plug_src: str, work: str) -> None:
     from pretrain.models.palm import Palm
 
     cfg = ModelConfig(vocab_size=48, hidden=16, layers=2, heads=4, ffn=32, max_positions=24, decoder_layers=2,
-                      dropout=0.0, attn_dropout=0.0)  # fmt: skip
+                      dropout=0.0, attn_dropout=0.0, embedding_norm=embedding_norm)  # fmt: skip
     torch.manual_seed(1)
     ours = Palm(cfg).eval()
     with torch.no_grad():
@@ -112,7 +116,8 @@ def main(plug_src: str, work: str) -> None:
     dec = torch.randint(5, 45, (2, 6), generator=g)
     out_path = os.path.join(work, "plug_logits.pt")
     inputs = (ids, types_, mask, dec)
-    torch.multiprocessing.spawn(worker, args=(plug_src, free_port(), shard_dir, out_path, inputs), nprocs=TP)
+    keep = embedding_norm or bool(os.environ.get("KEEP_EMB_LN"))
+    torch.multiprocessing.spawn(worker, args=(plug_src, free_port(), shard_dir, out_path, inputs, keep), nprocs=TP)
     got = torch.load(out_path)
     with torch.no_grad():
         h = ours.encoder(ids, types_, mask.bool(), unpad=False)
@@ -128,4 +133,4 @@ def main(plug_src: str, work: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:] == ["embedding_norm"])

@@ -145,6 +145,7 @@ def test_bad_hf_directories_fail_with_one_line(exported, prepared, tmp_path):
         (f"init_from=hf:{tmp_path / 'none'}", "no such directory"),
         ("model.hidden=32", "hidden_size=64, model.hidden=32"),
         ("model.pre_ln=false", "a megatron-bert model is pre-LN; set model.pre_ln=true"),
+        ("model.embedding_norm=true", "a megatron-bert model has no embedding LayerNorm; set model.embedding_norm=false"),
         (f"init_from=hf:{changed}", "first at id 7"),
     ]:
         args = TINY + [f"data.dir={prepared}", f"run.dir={tmp_path / 'run'}", f"init_from=hf:{out}", override]
@@ -230,3 +231,27 @@ def test_the_streaming_writer_writes_what_safetensors_reads(tmp_path):
         assert torch.equal(back[theirs], state[ours] if third is None else state[ours].chunk(3)[third])
     with pytest.raises(Exception, match="does not know where to put"):
         to_hf_plan({**state, "decoder.layers.0.ffn.up.weight": torch.zeros(1)}, cfg)
+
+
+def test_an_embedding_norm_has_no_place_in_megatron_bert(tmp_path):
+    """MegatronBERT (the pre-LN export and init_from=hf:) has no embedding LayerNorm: a pre-LN encoder with
+    model.embedding_norm=true is refused with one line, both ways (format=plug holds it); post-LN BERT has one,
+    and the PALM class carries the switch."""
+    from pretrain.errors import UserError
+    from pretrain.hf import load as hf_load
+    from pretrain.hf.export import EncoderExport, PalmExport
+
+    cfg = ModelConfig(vocab_size=40, hidden=8, layers=2, heads=2, ffn=16, max_positions=12)
+    with_norm = dataclasses.replace(cfg, embedding_norm=True)
+    with pytest.raises(UserError, match=r"^run.dir=r: model.embedding_norm=true; transformers' MegatronBERT \(the pre-LN"
+                                        r" export\) has no embedding LayerNorm to hold it: export with format=plug$"):  # fmt: skip
+        EncoderExport.refuse(with_norm, "r")
+    EncoderExport.refuse(cfg, "r")  # PLUG's layout without it, and post-LN BERT, which always has one
+    EncoderExport.refuse(dataclasses.replace(with_norm, pre_ln=False), "r")
+    PalmExport.refuse(with_norm, "r")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "megatron-bert"}))
+    with pytest.raises(UserError, match=r"^init_from=hf:\S+: a megatron-bert model has no embedding LayerNorm; set "
+                                        r"model.embedding_norm=false$"):  # fmt: skip
+        hf_load.hf_source(f"hf:{tmp_path}", {}, with_norm, None)
+    with pytest.raises(UserError, match="hidden_size=None, model.hidden=8"):  # past that check without the switch
+        hf_load.hf_source(f"hf:{tmp_path}", {}, cfg, None)

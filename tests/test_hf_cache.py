@@ -3,6 +3,7 @@ use_cache=False gives (greedy, beam search, sampling), on a padded batch, and a 
 the full forward's logits. No run is trained: a small PALM with random weights is written as the export writes one
 (the class file copied as modeling_plug_palm.py, named in auto_map) and loaded with trust_remote_code, so what
 runs is the file an export holds, outside this package."""
+import json
 import os
 import shutil
 
@@ -117,3 +118,45 @@ def test_cached_steps_give_the_full_forward_logits(either):
             steps.append(out.logits)
     assert cache.get_seq_length() == dec.shape[1] and len(cache.self_attention_cache.layers) == 3
     assert (torch.cat(steps, 1) - full.logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("embedding_norm", [True, False], ids=["embedding_norm", "no_embedding_norm"])
+def test_the_class_computes_our_palms_logits(tmp_path, embedding_norm):
+    """Our Palm's weights (random, its LayerNorms too), written as the export writes them (palm_config, the plan,
+    write_extra's class file and generation config), loaded with trust_remote_code: PalmExport.check finds our
+    decoder logits and our greedy and beam tokens. With model.embedding_norm=true (PLUG's released model) the
+    class normalises the embeddings as ours does; config.json carries the switch."""
+    import types
+
+    from pretrain.hf.export import PalmExport, palm_config, write_safetensors
+    from pretrain.models.config import ModelConfig
+    from pretrain.models.palm import Palm
+
+    cfg = ModelConfig(vocab_size=96, hidden=32, layers=2, heads=4, ffn=64, max_positions=64, decoder_layers=3,
+                      dropout=0.0, attn_dropout=0.0, embedding_norm=embedding_norm)  # fmt: skip
+    torch.manual_seed(0)
+    ours = Palm(cfg).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():  # wide, so that no mix-up hides; the LayerNorms' gains around 1
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.5)
+    assert isinstance(ours.encoder.embeddings.norm, torch.nn.LayerNorm) == embedding_norm
+    tok = types.SimpleNamespace(pad_id=PAD, cls_id=BOS, sep_id=EOS)  # what palm_config and write_extra read
+    state = ours.state_dict()
+    write_safetensors(str(tmp_path / "model.safetensors"), PalmExport.plan(state, cfg), state)
+    palm_config(cfg, tok).save_pretrained(tmp_path)
+    PalmExport.write_extra(str(tmp_path), tok)
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["embedding_norm"] is embedding_norm
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        diffs = PalmExport.check(ours, str(tmp_path), ids, mask.bool(), torch.Generator().manual_seed(3))
+    assert diffs["decoder_logits"] < 1e-5, diffs
+    assert diffs["greedy_tokens_differ"] == 0.0 and diffs["beam_tokens_differ"] == 0.0, diffs
+    # the class's embeddings are a LayerNorm exactly when ours are: a config without the switch cannot hold them
+    built = hf_palm.PlugPalmForConditionalGeneration(palm_config(cfg, tok))
+    built.load_state_dict(state, strict=True)
+    if embedding_norm:
+        plain = hf_palm.PlugPalmForConditionalGeneration(hf_palm.PlugPalmConfig(**{**palm_config(cfg, tok).to_dict(),
+                                                                                  "embedding_norm": False}))  # fmt: skip
+        with pytest.raises(RuntimeError, match="encoder.embeddings.norm.weight"):
+            plain.load_state_dict(state, strict=True)

@@ -116,3 +116,109 @@ def test_statistics_stay_tensors_until_the_window_is_reduced():
         assert reduced[f"{name}_loss"] == (float(loss_sum) + float(loss_sum) + float(loss_sum)) / (3 * n)
         assert reduced[f"{name}_acc"] == (float(correct) * 3) / (3 * n)
     assert reduced["padding"] == 1 - 60 / 72
+
+
+# ---- model.embedding_norm -------------------------------------------------------------------------------------
+def toy_cfg(**kw):
+    """conf/model/toy.yaml's shapes, read as the trainer reads them."""
+    import dataclasses
+    import os
+
+    from omegaconf import OmegaConf
+
+    from pretrain.training.config import model_config
+
+    m = OmegaConf.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf", "model", "toy.yaml"))
+    return dataclasses.replace(model_config(m, 100, 128), **kw)
+
+
+def toy_keys(cfg, decoder: bool) -> set[str]:
+    """The state dict a toy model had before model.embedding_norm existed, written out by hand: pre-LN, no
+    embedding LayerNorm."""
+    wb = ("weight", "bias")
+    keys = {f"encoder.embeddings.{e}.weight" for e in ("word", "position", "token_type")}
+    keys |= {f"encoder.layers.{i}.{m}.{p}" for i in range(cfg.layers)
+             for m in ("attn.qkv", "attn.out", "attn_norm", "ffn.up", "ffn.down", "ffn_norm") for p in wb}  # fmt: skip
+    keys |= {f"encoder.final_norm.{p}" for p in wb} | {"mlm_head.bias"}
+    keys |= {f"{m}.{p}" for m in ("mlm_head.dense", "mlm_head.norm", "sentence_head.pooler",
+                                  "sentence_head.classifier") for p in wb}  # fmt: skip
+    if decoder:
+        keys |= {f"decoder.layers.{j}.{m}.{p}" for j in range(cfg.decoder_layers)
+                 for m in ("self_attn.qkv", "self_attn.out", "self_attn_norm", "cross_attn.q", "cross_attn.kv",
+                           "cross_attn.out", "cross_attn_norm", "ffn.up", "ffn.down", "ffn_norm") for p in wb}  # fmt: skip
+        keys |= {f"decoder.final_norm.{p}" for p in wb}
+    return keys
+
+
+NORM_KEYS = ["encoder.embeddings.norm.weight", "encoder.embeddings.norm.bias"]
+
+
+@pytest.mark.parametrize("stage", ["structbert", "palm"])
+def test_embedding_norm_false_leaves_the_toy_models_as_they_were(stage):
+    """model=toy (the demo) has embedding_norm=false: the pre-LN embeddings have no LayerNorm, the state dict's keys
+    are those written out by hand, and turning the switch on adds exactly the two LayerNorm tensors after the
+    embeddings, every other tensor drawn the same (same order, same values: no RNG draw moved)."""
+    from pretrain.models.palm import Palm
+
+    cls = Palm if stage == "palm" else StructBert
+    cfg = toy_cfg()
+    assert cfg.pre_ln and cfg.embedding_norm is False
+    torch.manual_seed(0)
+    off = cls(cfg)
+    assert isinstance(off.encoder.embeddings.norm, torch.nn.Identity)
+    state = off.state_dict()
+    assert set(state) == toy_keys(cfg, decoder=stage == "palm")
+    torch.manual_seed(0)
+    on = cls(toy_cfg(embedding_norm=True))
+    assert isinstance(on.encoder.embeddings.norm, torch.nn.LayerNorm)
+    with_norm = on.state_dict()
+    names = list(state)
+    at = names.index("encoder.embeddings.token_type.weight") + 1
+    assert list(with_norm) == names[:at] + NORM_KEYS + names[at:]
+    for name, t in state.items():
+        assert torch.equal(with_norm[name], t), name
+    # initialised as every other LayerNorm (init_weights): weight 1, bias 0
+    assert torch.equal(with_norm[NORM_KEYS[0]], torch.ones(cfg.hidden))
+    assert torch.equal(with_norm[NORM_KEYS[1]], torch.zeros(cfg.hidden))
+
+
+def test_embedding_norm_is_a_layernorm_before_the_first_block():
+    """With the switch on, the hidden states are those of the same weights with the embedding sum normalised."""
+    from pretrain.models.layers import init_weights
+
+    on, off = tiny(embedding_norm=True), tiny()
+    with torch.no_grad():
+        on.encoder.embeddings.norm.weight.normal_(1.0, 0.3)
+        on.encoder.embeddings.norm.bias.normal_(0.0, 0.3)
+    b = batch()
+    h_on = on.encoder(b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    h_off = off.encoder(b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    assert (h_on - h_off).abs().max() > 1e-2  # it changes what the encoder computes
+    off.encoder.embeddings.norm = on.encoder.embeddings.norm  # the only difference between the two
+    torch.testing.assert_close(off.encoder(b["input_ids"], b["token_type_ids"], b["attention_mask"]), h_on, rtol=0, atol=0)
+    init_weights(on.encoder.embeddings, 0.02)  # BERT's init sets it as it sets every LayerNorm
+    assert torch.equal(on.encoder.embeddings.norm.weight, torch.ones(32))
+    assert torch.equal(on.encoder.embeddings.norm.bias, torch.zeros(32))
+
+
+def test_the_model_confs_set_embedding_norm():
+    """Every conf/model/*.yaml has the key; only model=plug (PLUG's released weights have the LayerNorm) sets it;
+    anything but a bool is one line."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from pretrain.errors import UserError
+    from pretrain.training.config import model_config
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf", "model")
+    for name in ("toy", "base", "large", "plug"):
+        m = OmegaConf.load(os.path.join(conf, f"{name}.yaml"))
+        assert isinstance(m.embedding_norm, bool), name
+        assert model_config(m, 100, 128).embedding_norm is (name == "plug"), name
+    m = OmegaConf.load(os.path.join(conf, "toy.yaml"))
+    del m["embedding_norm"]  # a model config written before the key existed
+    assert model_config(m, 100, 128).embedding_norm is False
+    m.embedding_norm = "yes"
+    with pytest.raises(UserError, match=r"^model.embedding_norm=yes: must be true or false [^\n]*$"):
+        model_config(m, 100, 128)

@@ -207,3 +207,35 @@ def test_summary_prints_the_drawn_and_realised_lengths(palm_run):
     proc = launch([sys.executable, "-m", "pretrain.summary"], [f"run.dir={palm_run}"])
     assert f"lengths of the first {h['samples']} samples" in proc.stdout
     assert proc.stdout.count("drawn") == 2 and proc.stdout.count("realised") == 2
+
+
+def test_init_from_a_checkpoint_of_the_other_embedding_norm_is_one_line(monkeypatch):
+    """Two pre-LN models that differ in model.embedding_norm: carried by name, the checkpoint's embedding LayerNorm
+    would be dropped (or the model's left fresh) without a word; refused, saying which setting the checkpoint has,
+    for stage two from stage one and for fine-tuning alike."""
+    import dataclasses
+
+    from pretrain.errors import UserError
+    from pretrain.models.config import ModelConfig
+    from pretrain.models.palm import Palm
+    from pretrain.models.structbert import StructBert
+    from pretrain.training import checkpoint, init_from
+
+    cfg = ModelConfig(vocab_size=40, hidden=8, layers=2, heads=2, ffn=16, max_positions=12, decoder_layers=1)
+    with_norm = dataclasses.replace(cfg, embedding_norm=True)
+
+    def shapes(model):
+        return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+    for saved, wanted, message in [(with_norm, cfg, "the checkpoint has an embedding LayerNorm, this model has none; "
+                                                    "set model.embedding_norm=true"),
+                                   (cfg, with_norm, "the checkpoint has no embedding LayerNorm, this model has one; "
+                                                    "set model.embedding_norm=false")]:  # fmt: skip
+        monkeypatch.setattr(checkpoint, "recorded_shapes", lambda tag_dir, what, s=shapes(StructBert(saved)): s)
+        with pytest.raises(UserError, match=f"^init_from=ckpt: {message}$"):
+            init_from.check("ckpt", "ckpt", shapes(Palm(wanted)), wanted)
+        monkeypatch.setattr(checkpoint, "find", lambda path, what: path)
+        with pytest.raises(UserError, match=f"^init_from=ckpt: {message}$"):
+            init_from.finetune_source("ckpt", shapes(StructBert(wanted)), wanted, None, needs_stage_two=False)
+    monkeypatch.setattr(checkpoint, "recorded_shapes", lambda tag_dir, what: shapes(StructBert(with_norm)))
+    assert "encoder.embeddings.norm.weight" in init_from.check("ckpt", "ckpt", shapes(Palm(with_norm)), with_norm)

@@ -25,7 +25,8 @@ def closed_form(cfg, stage: str) -> int:
     ln = 2 * h
     attn = 4 * h * h + 4 * h  # fused QKV (3h x h + 3h) and output (h x h + h)
     ffn = 2 * h * f + f + h
-    n = (v + cfg.max_positions + cfg.type_vocab) * h + (0 if cfg.pre_ln else ln)  # embeddings
+    embedding_norm = not cfg.pre_ln or cfg.embedding_norm  # post-LN always; pre-LN with model.embedding_norm (PLUG)
+    n = (v + cfg.max_positions + cfg.type_vocab) * h + (ln if embedding_norm else 0)  # embeddings
     n += cfg.layers * (attn + ffn + 2 * ln) + (ln if cfg.pre_ln else 0)  # encoder layers, final LayerNorm
     n += h * h + h + ln + v  # MLM head: transform, LayerNorm, output bias (the projection is the tied embedding)
     n += h * h + h + h * cfg.sso_classes + cfg.sso_classes  # pooler, sentence classifier (frozen in stage two)

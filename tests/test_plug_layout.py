@@ -436,6 +436,76 @@ def test_bad_shard_sets_are_one_line(palm_state, tmp_path):
             torch.save(saved, f)
 
     fails(variant("embedding_norm", trained_embedding_norm), "its bert.embeddings.LayerNorm.weight is not the identity")
+    fails(tmp_path / "embedding_norm", "set model.embedding_norm=true, as model=plug has")
+
+
+EMBEDDING_NORM = ModelConfig(**{**CFG.__dict__, "embedding_norm": True})  # PLUG's released model: pre-LN, and a
+# LayerNorm on the embeddings
+
+
+@pytest.mark.parametrize("stage", ["structbert", "palm"])
+def test_an_embedding_norm_goes_out_and_comes_back(tmp_path, stage):
+    """model.embedding_norm=true: our embedding LayerNorm is PLUG's bert.embeddings.LayerNorm in the shards (read
+    by the test's own reader), and init_from=plug: gives every tensor back, that one included."""
+    torch.manual_seed(0)
+    model = (Palm if stage == "palm" else StructBert)(EMBEDDING_NORM)
+    state = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+    assert "encoder.embeddings.norm.weight" in state
+    full = merged(write(state, tmp_path, 2, stage=stage, cfg=EMBEDDING_NORM))
+
+    def ours(plug: str) -> str | None:  # the test's names, the embedding LayerNorm now ours
+        return "encoder.embeddings.norm." + plug.rsplit(".", 1)[1] if plug.startswith("bert.embeddings.LayerNorm.") \
+            else our_name(plug)  # fmt: skip
+
+    assert sorted(map(ours, full)) == sorted(list(state) + ["encoder.embeddings.word.weight"])  # every one, once
+    for name, t in full.items():
+        assert torch.equal(t, state[ours(name)] if ours(name).startswith("encoder.embeddings.norm.") else
+                           expected(state, name, 256)), name  # fmt: skip
+    path = plug_dir(state, tmp_path, 2, "plug", cfg=EMBEDDING_NORM, stage=stage)
+    back = (Palm if stage == "palm" else StructBert)(EMBEDDING_NORM)
+    source = read_into(back, f"plug:{path}", EMBEDDING_NORM, vocab_file(tmp_path))
+    assert source.fresh == () and set(back.state_dict()) == set(state)
+    for name, p in back.state_dict().items():
+        assert torch.equal(p, state[name]), name
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["pretrain_export"]["embedding_layernorm"] == "ours"
+    # the same shards into a model without the switch: the embedding LayerNorm has nowhere to go, as config.json
+    # says; without config.json (as PLUG's own shards may come), because it is not the identity
+    without = (Palm if stage == "palm" else StructBert)(CFG)
+    with pytest.raises(UserError, match=r"^init_from=plug:\S+: config.json says the shards were exported from a model"
+                                        r" with an embedding LayerNorm; set model.embedding_norm=true$"):  # fmt: skip
+        read_into(without, f"plug:{path}", CFG, vocab_file(tmp_path))
+    os.unlink(os.path.join(path, "config.json"))
+    with pytest.raises(UserError, match="its bert.embeddings.LayerNorm.weight is not the identity"):
+        read_into(without, f"plug:{path}", CFG, vocab_file(tmp_path))
+
+
+def test_shards_of_a_model_without_an_embedding_norm_are_not_read_with_one(palm_state, tmp_path):
+    """Our export of a model without one holds the identity LayerNorm, which a model with the switch would still
+    apply (a LayerNorm at weight 1 and bias 0 normalises): refused, config.json saying what the model had."""
+    path = plug_dir(palm_state, tmp_path, 2, "plug")
+    with pytest.raises(UserError, match=r"^init_from=plug:\S+: config.json says the shards were exported from a model"
+                                        r" without an embedding LayerNorm; set model.embedding_norm=false$"):  # fmt: skip
+        read_into(Palm(EMBEDDING_NORM), f"plug:{path}", EMBEDDING_NORM, vocab_file(tmp_path))
+
+
+def test_plugs_trained_embedding_norm_is_read_with_the_switch(palm_state, tmp_path):
+    """Shards as PLUG's released ones hold it (a trained embedding LayerNorm), refused without model.embedding_norm
+    (test_bad_shard_sets_are_one_line), are read with it: that LayerNorm and every other tensor."""
+    path = plug_dir(palm_state, tmp_path, 2, "plug", config=False)  # PLUG's own: no record of our export
+    trained = {"weight": torch.linspace(0.5, 1.5, CFG.hidden), "bias": torch.linspace(-0.1, 0.1, CFG.hidden)}
+    for r in range(2):
+        f = os.path.join(path, f"mp_rank_0{r}_model_states.pt")
+        saved = torch.load(f, weights_only=True)
+        for p, t in trained.items():
+            saved["module"][f"bert.embeddings.LayerNorm.{p}"] = t
+        torch.save(saved, f)
+    model = Palm(EMBEDDING_NORM)
+    source = read_into(model, f"plug:{path}", EMBEDDING_NORM, vocab_file(tmp_path))
+    assert source.fresh == () and "carried encoder 31" in source.describe()
+    for name, p in model.state_dict().items():
+        want = trained[name.rsplit(".", 1)[1]] if name.startswith("encoder.embeddings.norm.") else palm_state[name]
+        assert torch.equal(p, want), name
 
 
 @pytest.mark.parametrize("stage", ["structbert", "palm"])
@@ -494,10 +564,13 @@ def test_a_run_exports_to_plugs_files(palm_plug):
 
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.environ.get("PLUG_SRC"), reason="PLUG_SRC=<AliceMind checkout>/PLUG runs PLUG's own modules")
-def test_plugs_own_modules_load_the_shards_and_give_our_logits(tmp_path):
-    """The strongest check: AliceMind's PLUG code itself, over 2 tensor-parallel ranks (tests/plug_reference.py)."""
+@pytest.mark.parametrize("embedding_norm", [False, True], ids=["no_embedding_norm", "embedding_norm"])
+def test_plugs_own_modules_load_the_shards_and_give_our_logits(tmp_path, embedding_norm):
+    """The strongest check: AliceMind's PLUG code itself, over 2 tensor-parallel ranks (tests/plug_reference.py).
+    With model.embedding_norm=true, PLUG's forward as it is, its embedding LayerNorm included."""
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "plug_reference.py"), os.environ["PLUG_SRC"],
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+                           str(tmp_path)] + (["embedding_norm"] if embedding_norm else []),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     diffs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert diffs["keys_per_rank"] == 83  # PalmForPreTraining's whole state dict at 2 + 2 layers, loaded strictly

@@ -5,11 +5,14 @@ named by the stage (pretrain/stages/), used by `pretrain.export`.
   model.safetensors holds `bert.*`, `cls.predictions.*` (the MLM head; its decoder is the tied word embedding)
   and `classifier.*` (the 3-way sentence head), so AutoModel, AutoModelForMaskedLM and
   AutoModelForSequenceClassification (num_labels=3) load it with no missing key (layout.py: the names).
+  A pre-LN encoder with an embedding LayerNorm (model.embedding_norm=true, PLUG's) is refused: MegatronBERT has
+  none (format=plug writes it).
 - A stage-two PALM: our own modules and parameter names in a small PreTrainedModel + GenerationMixin class
   (modeling_plug_palm.py, copied into the export and named in config.json's auto_map), so that
   AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True).generate(...) works; the weights are our
   state dict as it is (the shared embeddings once), with generation_config.json ([CLS] starts, [SEP] ends).
-  model.copy=true is refused: the class has no copy mechanism (PLUG does not use it).
+  model.copy=true is refused: the class has no copy mechanism (PLUG does not use it). config.json's
+  embedding_norm carries model.embedding_norm (the class then normalises the embeddings also when pre-LN).
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ def palm_config(cfg: ModelConfig, tok: Tokenizer):
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
         num_decoder_layers=cfg.decoder_layers, num_attention_heads=cfg.heads, intermediate_size=cfg.ffn,
         max_position_embeddings=cfg.max_positions, type_vocab_size=cfg.type_vocab, layer_norm_eps=cfg.ln_eps,
-        pre_ln=cfg.pre_ln, sso_classes=cfg.sso_classes, pad_token_id=tok.pad_id, bos_token_id=tok.cls_id,
+        pre_ln=cfg.pre_ln, embedding_norm=cfg.embedding_norm, sso_classes=cfg.sso_classes, pad_token_id=tok.pad_id, bos_token_id=tok.cls_id,
         eos_token_id=tok.sep_id, decoder_start_token_id=tok.cls_id, architectures=["PlugPalmForConditionalGeneration"],
         auto_map={"AutoConfig": f"{PALM_MODULE}.PlugPalmConfig",
                   "AutoModelForSeq2SeqLM": f"{PALM_MODULE}.PlugPalmForConditionalGeneration"},
@@ -100,7 +103,11 @@ class EncoderExport:
 
     @staticmethod
     def refuse(cfg: ModelConfig, run_dir: str) -> None:
-        """Every stage-one model exports."""
+        """Every stage-one model exports but a pre-LN one with an embedding LayerNorm (model.embedding_norm):
+        MegatronBERT normalises no embeddings, and dropping the LayerNorm would change what the model computes."""
+        if cfg.pre_ln and cfg.embedding_norm:
+            raise UserError(f"run.dir={run_dir}: model.embedding_norm=true; transformers' MegatronBERT (the pre-LN "
+                            "export) has no embedding LayerNorm to hold it: export with format=plug")  # fmt: skip
 
     @staticmethod
     def plan(state: dict, cfg: ModelConfig) -> list[tuple[str, str, int | None]]:

@@ -1,7 +1,8 @@
 """Reading a local transformers BERT (post-LN) or MegatronBERT (pre-LN) directory into our models:
 `init_from=hf:<dir>` (pretrain/training/init_from.py), to continue pre-training or fine-tune from it. Checked before
 any rank starts (architecture, shapes, vocab), read by rank 0 and copied into the partitioned model one parameter
-at a time."""
+at a time. A MegatronBERT has no embedding LayerNorm: it loads into a model with model.embedding_norm=false only
+(a fresh one, weight 1 and bias 0, would still normalise the embeddings: not the model the directory holds)."""
 from __future__ import annotations
 
 import json
@@ -34,6 +35,8 @@ def hf_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: Mo
     if (kind == "megatron-bert") != cfg.pre_ln:
         raise UserError(f"{where}: a {kind} model is {'pre' if kind == 'megatron-bert' else 'post'}-LN; "
                         f"set model.pre_ln={str(kind == 'megatron-bert').lower()}")  # fmt: skip
+    if kind == "megatron-bert" and cfg.embedding_norm:  # a fresh LayerNorm would change what the model computes
+        raise UserError(f"{where}: a megatron-bert model has no embedding LayerNorm; set model.embedding_norm=false")
     for ours, key in (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
                       ("ffn", "intermediate_size")):  # fmt: skip
         if their.get(key) != getattr(cfg, ours):

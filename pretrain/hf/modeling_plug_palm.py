@@ -31,11 +31,12 @@ class PlugPalmConfig(PretrainedConfig):
 
     def __init__(self, vocab_size=21504, hidden_size=768, num_hidden_layers=12, num_decoder_layers=6,
                  num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512, type_vocab_size=3,
-                 layer_norm_eps=1e-12, pre_ln=True, sso_classes=3, **kwargs):  # fmt: skip
+                 layer_norm_eps=1e-12, pre_ln=True, sso_classes=3, embedding_norm=False, **kwargs):  # fmt: skip
         self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
         self.num_decoder_layers, self.num_attention_heads = num_decoder_layers, num_attention_heads
         self.intermediate_size, self.max_position_embeddings = intermediate_size, max_position_embeddings
         self.type_vocab_size, self.layer_norm_eps, self.pre_ln, self.sso_classes = type_vocab_size, layer_norm_eps, pre_ln, sso_classes
+        self.embedding_norm = embedding_norm  # a LayerNorm on the embeddings also when pre-LN (PLUG's released model)
         kwargs.setdefault("is_encoder_decoder", True)
         kwargs.setdefault("tie_word_embeddings", False)  # the projection is the embedding itself: nothing to tie
         super().__init__(**kwargs)
@@ -56,7 +57,8 @@ class _Embeddings(nn.Module):
         self.word = nn.Embedding(c.vocab_size, c.hidden_size)
         self.position = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
-        self.norm = nn.Identity() if c.pre_ln else nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        normed = not c.pre_ln or c.embedding_norm  # post-LN always; pre-LN when asked (PLUG's released model)
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps) if normed else nn.Identity()
 
     def forward(self, ids, start=0):  # start: the position of ids[:, 0] (the decoder's tokens already cached)
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)

@@ -20,6 +20,9 @@ class ModelConfig:
     ln_eps: float = 1e-12
     init_std: float = 0.02
     pre_ln: bool = True
+    # A LayerNorm after the embedding sum also in a pre-LN model (post-LN always has one), as PLUG's released model
+    # has (`bert.embeddings.LayerNorm`): what its weights were trained with, so importing or exporting them needs it
+    embedding_norm: bool = False
     sso_classes: int = 3
     activation_checkpointing: bool = False  # recompute each layer in backward: memory for compute
     decoder_layers: int = 0  # stage two (PALM) only

@@ -22,8 +22,10 @@ class Embeddings(nn.Module):
         self.word = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.position = nn.Embedding(cfg.max_positions, cfg.hidden)
         self.token_type = nn.Embedding(cfg.type_vocab, cfg.hidden)
-        # Post-LN BERT normalises the embeddings; pre-LN normalises at the input of every block instead.
-        self.norm = nn.Identity() if cfg.pre_ln else nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        # Post-LN BERT normalises the embeddings; pre-LN normalises at the input of every block instead, unless
+        # model.embedding_norm asks for this one too (PLUG's released model has it).
+        normed = not cfg.pre_ln or cfg.embedding_norm
+        self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps) if normed else nn.Identity()
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:

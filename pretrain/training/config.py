@@ -145,11 +145,16 @@ def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_c
     unpad = m.get("unpad")  # absent from a model.json written before the key existed: auto
     if unpad is not None and not isinstance(unpad, bool):
         raise UserError(f"model.unpad={unpad}: must be true, false or null (by device type)")
+    embedding_norm = m.get("embedding_norm", False)  # absent from a model.json written before the key existed
+    if not isinstance(embedding_norm, bool):
+        raise UserError(f"model.embedding_norm={embedding_norm}: must be true or false (a LayerNorm on the embeddings"
+                        " also when pre-LN, as PLUG's released model has)")  # fmt: skip
     return ModelConfig(
         vocab_size=vocab, hidden=m.hidden, layers=m.layers, heads=m.heads, ffn=m.ffn,
         max_positions=m.max_positions, type_vocab=m.type_vocab, dropout=m.dropout,
         attn_dropout=m.attn_dropout, ln_eps=m.ln_eps, init_std=m.init_std, pre_ln=m.pre_ln,
-        activation_checkpointing=activation_checkpointing, decoder_layers=int(m.decoder_layers),
+        embedding_norm=embedding_norm, activation_checkpointing=activation_checkpointing,
+        decoder_layers=int(m.decoder_layers),
         decoder_init=str(m.decoder_init), copy=bool(m["copy"]), attention=attention, unpad=unpad,
     )  # fmt: skip
 

@@ -96,6 +96,7 @@ def check(init_from: str, tag_dir: str, target_shapes: dict[str, tuple[int, ...]
     if cfg.decoder_init == "encoder_top" and cfg.decoder_layers > cfg.layers:
         raise UserError(f"model.decoder_init=encoder_top: model.decoder_layers={cfg.decoder_layers} > model.layers={cfg.layers}")
     _check_layers(have, cfg, where)
+    _check_embedding_norm(have, target_shapes, where)
     mapping = source_names(list(target_shapes), cfg)
     for target, source in mapping.items():
         if source not in have:
@@ -108,6 +109,16 @@ def _check_layers(have: dict[str, tuple[int, ...]], cfg: ModelConfig, where: str
     their_layers = len({m.group(1) for n in have if (m := re.match(r"encoder\.layers\.(\d+)\.", n))})
     if their_layers != cfg.layers:
         raise UserError(f"{where}: the checkpoint has {their_layers} encoder layers, model.layers={cfg.layers}")
+
+
+def _check_embedding_norm(have: dict[str, tuple[int, ...]], target_shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Two pre-LN models that differ in model.embedding_norm: the checkpoint's embedding LayerNorm would be dropped
+    (the mapping takes only what the model has), or the model's left fresh; either changes what is computed."""
+    norm, pre_ln = "encoder.embeddings.norm.weight", "encoder.final_norm.weight"
+    if pre_ln in have and pre_ln in target_shapes and (norm in have) != (norm in target_shapes):
+        theirs = norm in have
+        raise UserError(f"{where}: the checkpoint has {'an' if theirs else 'no'} embedding LayerNorm, this model has"
+                        f" {'none' if theirs else 'one'}; set model.embedding_norm={str(theirs).lower()}")  # fmt: skip
 
 
 def _check_shape(where: str, source: str, theirs: tuple[int, ...], ours: tuple[int, ...], cfg: ModelConfig) -> None:
@@ -145,6 +156,7 @@ def _finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], 
     if needs_stage_two and not stage_two:
         raise UserError(f"{where}: a stage-one (structbert) checkpoint; a generation task needs a stage-two (palm) one")
     _check_layers(have, cfg, where)
+    _check_embedding_norm(have, target_shapes, where)
     wanted = {n: n for n in target_shapes if n.startswith(("encoder.", "decoder.", "mlm_head.", "copy_gate."))}
     wanted.update(source_names([n for n in target_shapes if n.startswith(("pooler.", "sentence_head."))], cfg))
     mapping = {}
