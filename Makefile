@@ -114,7 +114,7 @@ compare: install
 test: install-test
 	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
 
-# Before each commit: the tests that start no process (no launcher, no CLI, no Slurm, no GPU), about 30 s on 2
+# Before each commit: the tests that start no process (no launcher, no CLI, no Slurm, no GPU), about 45 s on 2
 # cores: every objective, both models, the data pipeline, the checkpoint vetting. The markers: pyproject.toml.
 test-fast: install-test
 	$(PYTHON) -m pytest -q -m "not e2e and not slurm and not gpu" tests $(PYTEST_ARGS)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
 
@@ -88,10 +86,7 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
     state = partitions.consolidate(tag_dir, lazy=True)
     plan = exporter.plan(state, cfg)
     tok = Tokenizer(os.path.join(run_dir, "vocab.txt"))
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with run_files.built_beside(out) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), plan, state)
         del state
         hf_cfg = exporter.config(cfg, tok)
@@ -100,13 +95,6 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
         save_tokenizer(os.path.join(run_dir, "vocab.txt"), tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(run_dir, tag_dir, exporter, cfg, hf_cfg.model_type))
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep other users out of the export
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     return tag_dir
 
 

@@ -46,7 +46,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -283,11 +282,8 @@ def export_plug(run_dir: str, out: str, step: int | None = None, overwrite: bool
     tag_dir = checkpoint.find(where, "step" if step is not None else "run.dir")
     tokens = len(read_vocab(os.path.join(run_dir, "vocab.txt")))
     state = partitions.consolidate(tag_dir, lazy=True)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     diffs: dict[str, float] = {}
-    try:
+    with run_dir_files.built_beside(out) as tmp:
         write_shards(state, cfg, stage, tokens, tmp, tp, dtype)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(plug_config(cfg, stage, tokens, tp, dtype, tag_dir), f, indent=2)
@@ -296,13 +292,6 @@ def export_plug(run_dir: str, out: str, step: int | None = None, overwrite: bool
             diffs = compare(tmp, state, cfg, stage, tokens, dtype)
             if any(v != 0.0 for v in diffs.values()):
                 raise UserError(f"out={out}: the shards read back differ from the checkpoint ({diffs})")
-        os.chmod(tmp, 0o755)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     return tag_dir, diffs
 
 

@@ -6,10 +6,12 @@ shapes) and vocab.txt: what reading the checkpoints back needs without the data 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +95,24 @@ def write_run_files(run_dir: str, cfg, info, model, geometry, step: int, init, d
     write_atomic(os.path.join(run_dir, "model.json"), record.to_json())
     if os.path.abspath(vocab_path) != os.path.abspath(os.path.join(run_dir, "vocab.txt")):
         shutil.copyfile(vocab_path, os.path.join(run_dir, "vocab.txt"))
+
+
+@contextlib.contextmanager
+def built_beside(out: str):
+    """A directory to write `out`'s contents into, made beside it and renamed into place (replacing `out`) when the
+    block ends without an error; on an error it is removed, and `out` is as it was: nothing half-written."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep other users out
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
 
 
 def write_atomic(path: str, text: str) -> None:
