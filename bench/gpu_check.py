@@ -17,6 +17,8 @@ failure or an overrun is recorded and the next part runs; a part whose input fai
                   autocast, fused torch AdamW on both sides, the same batches, interleaved rounds (bench/speed.py's)
   stage1-fp16     as stage1-bf16 with deepspeed=zero3_v100 (fp16, dynamic loss scaling: skipped steps, final scale)
   stage2-bf16     stage two from stage1-bf16's checkpoint, PLUG's [32, 512] lengths, 50 steps
+  generate        pretrain.generate on stage2-bf16's checkpoint (ZeRO-3 partitions on every GPU), bf16 then fp16:
+                  16 prompts in batches of 8, 64 new tokens, greedy: seconds, weights held and peak memory per rank
   throughput-base as throughput-1b for model=base, plus packing (model.unpad) on and off, and host syncs per step
   stage2-fp16     stage two in fp16
 --gpus N: the training parts launch `deepspeed --num_gpus N` (NCCL across the GPUs); default all visible ones.
@@ -54,6 +56,7 @@ PARTS = (
     ("peer", 60, ("corpus",)),
     ("stage1-fp16", 75, ("corpus",)),
     ("stage2-bf16", 75, ("corpus",)),
+    ("generate", 60, ("stage2-bf16",)),
     ("throughput-base", 75, ("corpus",)),
     ("stage2-fp16", 75, ("corpus",)),
 )
@@ -237,6 +240,31 @@ def part_train(a, stage: str, precision: str) -> dict:
     }  # fmt: skip
     if not finite or (not out["loss_falls"] and not a.dry_run):  # a dry run's 4 steps need not lower the loss
         raise PartFailed(out)
+    return out
+
+
+def part_generate(a) -> dict:
+    import torch
+
+    run_dir = os.path.join(a.work, "runs", "palm-bf16")
+    prompts = os.path.join(a.work, "prompts.txt")
+    with open(prompts, "w", encoding="utf-8") as f:  # each prompt a document's first paragraph
+        f.write("\n".join(doc.split("\n")[0] for doc in long_and_short_documents(16, seed=1)) + "\n")
+    gpus = 1 if a.dry_run else (a.gpus or max(1, torch.cuda.device_count()))
+    out = {"gpus": gpus}
+    for precision in ("fp32",) if a.dry_run else ("bf16", "fp16"):
+        cmd = ["deepspeed", "--num_gpus", str(gpus), "--master_port", str(_free_port()), "--module", "pretrain.generate",
+               f"run.dir={run_dir}", f"prompts_file={prompts}", "max_new_tokens=64", "batch_size=8",
+               f"precision={precision}"]  # fmt: skip
+        print("$", " ".join(cmd), flush=True)
+        began = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        print(proc.stdout[-LOG_TAIL:], proc.stderr[-LOG_TAIL:], flush=True)
+        report = next((line for line in proc.stderr.splitlines() if "peak memory per rank" in line), None)
+        out[precision] = {"rc": proc.returncode, "seconds": round(time.perf_counter() - began, 1),
+                          "memory": None if report is None else report.split("; ", 1)[1]}  # fmt: skip
+        if proc.returncode != 0 or report is None:
+            raise PartFailed(out)
     return out
 
 
@@ -448,6 +476,7 @@ RUNNERS = {
     "env": part_env, "ops": part_ops, "corpus": part_corpus, "tests": part_tests,
     "stage1-bf16": lambda a: part_train(a, "structbert", "bf16"), "stage1-fp16": lambda a: part_train(a, "structbert", "fp16"),
     "stage2-bf16": lambda a: part_train(a, "palm", "bf16"), "stage2-fp16": lambda a: part_train(a, "palm", "fp16"),
+    "generate": part_generate,
     "throughput-1b": lambda a: part_throughput(a, "1b"), "throughput-base": lambda a: part_throughput(a, "base"),
     "peer": part_peer,
 }  # fmt: skip
@@ -610,6 +639,8 @@ def summary(report: dict) -> str:
             head += f"ours {r['tokens_per_s_ours']} tok/s, BertForPreTraining {r['tokens_per_s_peer']} tok/s: {r['ratio']}x"
         elif name == "tests" and "counts" in r:
             head += ", ".join(f"{v} {k}" for k, v in r["counts"].items()) + "".join(f"\n    {f}" for f in r.get("failed", []))
+        elif name == "generate":
+            head += "; ".join(f"{k} {v['seconds']} s, {v['memory']}" for k, v in r.items() if isinstance(v, dict))
         elif name == "ops":
             head += ", ".join(f"{k} {v}" for k, v in r.items())
         if p.get("error") or p.get("why"):
