@@ -64,7 +64,7 @@ def worker(mode: str, run_dir: str, out_path: str) -> None:
     info = distributed.read_env()
     distributed.init(info, timeout_s=600)
     record = read_model_record(run_dir)
-    assert record.stage == "structbert", "a stage-one run.dir"
+    assert not record.stage_class.generates, "a stage-one run.dir"
     cfg = record.cfg
     ds_config = {"train_batch_size": info.world_size, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     model = build_model(lambda: Palm(cfg), ds_config, seed=0)

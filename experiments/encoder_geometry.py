@@ -58,7 +58,7 @@ def main() -> None:
     sentences = ["".join(r["tokens"]) if "tokens" in r else r.get("sentence", r.get("src")) for r in rows]
     record = run_files.stage_model_record(args.run, "encoder_geometry")
     stage, cfg = record.stage, record.cfg
-    if stage != "structbert":
+    if record.stage_class.generates:
         sys.exit(f"encoder_geometry: error: {args.run} is a {stage} run; a stage-one run is needed")
     from pretrain.models.structbert import StructBert
 

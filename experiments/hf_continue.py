@@ -31,7 +31,8 @@ def main() -> None:
     for prompt in prompts:
         ids = torch.tensor([encoder_input(tok, prompt, ours.cfg.max_positions, "prompt")])
         mine = generate(ours, ids, bos_id=tok.cls_id, eos_id=tok.sep_id, max_new_tokens=args.max_new_tokens,
-                        strategy="greedy", no_repeat_ngram_size=args.no_repeat_ngram_size)  # fmt: skip
+                        strategy="greedy", no_repeat_ngram_size=args.no_repeat_ngram_size,
+                        vocab_tokens=tok.vocab_size)  # fmt: skip
         with torch.no_grad():
             hf = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
                                  max_new_tokens=args.max_new_tokens,

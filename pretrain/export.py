@@ -91,7 +91,7 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
         del state
         hf_cfg = exporter.config(cfg, tok)
         hf_cfg.save_pretrained(tmp)
-        exporter.write_extra(tmp, tok)
+        exporter.write_extra(tmp, tok, cfg)
         save_tokenizer(os.path.join(run_dir, "vocab.txt"), tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(run_dir, tag_dir, exporter, cfg, hf_cfg.model_type))
@@ -121,12 +121,17 @@ def main(argv: list[str]) -> None:
     if cfg.run.dir is None or cfg.out is None:
         raise UserError("run.dir and out are required (python -m pretrain.export run.dir=<run> out=<dir>)")
     safe_load.trust(safe_load.trust_setting(cfg.trust_checkpoint))
+    if cfg.step is not None and (not isinstance(cfg.step, int) or isinstance(cfg.step, bool) or cfg.step < 0):
+        raise UserError(f"step={cfg.step}: must be an integer >= 0 (a checkpoint's step)")
     if cfg.format == "plug":
         from pretrain import plug_layout
 
         return plug_layout.main(cfg)
-    if cfg.format != "hf" or cfg.tp is not None or cfg.dtype is not None:
-        raise UserError(f"format={cfg.format}: must be hf or plug (tp= and dtype= are format=plug's)")
+    if cfg.format != "hf":
+        raise UserError(f"format={cfg.format}: must be hf or plug")
+    for key in ("tp", "dtype"):
+        if cfg[key] is not None:
+            raise UserError(f"{key}={cfg[key]}: only with format=plug (PLUG's tensor-parallel files)")
     tag_dir = export(cfg.run.dir, cfg.out, None if cfg.step is None else int(cfg.step), bool(cfg.overwrite))
     print(f"pretrain.export: {tag_dir} -> {cfg.out}")
     if cfg.check:

@@ -1,7 +1,7 @@
 """Continue Chinese text with a stage-two model, on one process or many, straight from its ZeRO-3 checkpoint:
 
     python -m pretrain.generate run.dir=<stage-two run.dir> prompt="<text>" max_new_tokens=64 strategy=greedy
-    deepspeed --num_gpus 8 --module pretrain.generate run.dir=<dir> prompts_file=<one prompt a line> strategy=beam
+    deepspeed --num_gpus 8 --module pretrain.generate run.dir=<dir> prompts_file=<one prompt a line> precision=bf16
     (also: num_beams, top_k, top_p, temperature, length_penalty, min_new_tokens, no_repeat_ngram_size, seed,
      echo=true, batch_size=8, checkpoint=<dir>, device=auto|cpu|cuda (auto: the GPU when there is one),
      precision=fp32|bf16|fp16 (fp16: GPU only), timeout_s=1800, max_live_parameters=1000000000)
@@ -15,8 +15,9 @@ lower bound trades them for memory.
 
 The prompts are cut into batches of batch_size consecutive ones (padded), dealt to the ranks in turn. Every rank
 runs every step together, a rank whose batch is done (or that has no batch left) joining the others' gathers until
-all are done (transformers' synced_gpus). Sampling draws prompt i from a generator seeded with (seed, i), so a
-prompt's output depends neither on the number of ranks nor on its batch: 1 and N ranks give the same tokens. The
+all are done (transformers' synced_gpus). Sampling draws prompt i from a generator seeded with (seed, i), and the
+batches are the same whatever the number of ranks, so 1 and N ranks give the same tokens for the same batch_size
+(tested on CPU in fp32; another batch_size pads otherwise, which can move the last bits of a score). The
 outputs are printed by rank 0 in the prompts' order; each rank's peak memory goes to stderr. Generators differ
 across CPU and GPU, and results across precisions.
 """
@@ -66,9 +67,16 @@ def parse_args(argv: list[str]):
         raise UserError("run.dir is required (a stage-two run directory)")
     if (cfg.prompt is None) == (cfg.prompts_file is None):
         raise UserError("give exactly one of prompt=<text> or prompts_file=<file>")
-    for key in ("batch_size", "timeout_s", "max_live_parameters"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731  (YAML reads true as a bool)
+    for key in ("batch_size", "timeout_s", "max_live_parameters", "max_new_tokens", "num_beams"):
+        if not is_int(cfg[key]) or cfg[key] < 1:
             raise UserError(f"{key}={cfg[key]}: must be an integer >= 1")
+    for key in ("top_k", "min_new_tokens", "no_repeat_ngram_size", "seed"):
+        if not is_int(cfg[key]):
+            raise UserError(f"{key}={cfg[key]}: must be an integer")
+    for key in ("top_p", "temperature", "length_penalty"):
+        if not (is_int(cfg[key]) or isinstance(cfg[key], float)):
+            raise UserError(f"{key}={cfg[key]}: must be a number")
     placement(str(cfg.device), str(cfg.precision))
     safe_load.trust(safe_load.trust_setting(cfg.trust_checkpoint))
     return cfg
@@ -127,16 +135,6 @@ def encoder_input(tok: Tokenizer, prompt: str, max_positions: int, where: str, w
     return [tok.cls_id, *ids, tok.sep_id]
 
 
-def padded(sources: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sources as one right-padded batch: ids and the mask of real tokens."""
-    longest = max(map(len, sources))
-    ids = torch.full((len(sources), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sources), longest, dtype=torch.bool)
-    for r, src in enumerate(sources):
-        ids[r, : len(src)], mask[r, : len(src)] = torch.tensor(src), True
-    return ids, mask
-
-
 class _Calls(torch.nn.Module):
     """The model's decoding calls as this module's forward: ZeRO-3 gathers a partitioned parameter only while a
     module's forward runs, and the tied output projection reads the word embedding outside the embedding module."""
@@ -181,13 +179,15 @@ def load_partitioned(record, tag_dir: str, dtype: torch.dtype, info: distributed
     """The model built under zero.Init, each rank reading its own partition of each parameter from tag_dir."""
     import deepspeed
 
+    from pretrain.models.layers import skip_init
     from pretrain.training import init_from
     from pretrain.training.engine import build_model
 
     zero = {"stage": 3, "stage3_max_live_parameters": max_live, "stage3_max_reuse_distance": max_live}
     ds_config = {"train_batch_size": info.world_size, "zero_optimization": zero,
                  "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}  # fmt: skip
-    model = build_model(lambda: record.stage_class.model_class()(record.cfg), ds_config, seed=0)
+    with skip_init():  # every parameter is read from the checkpoint: no random init to gather and overwrite
+        model = build_model(lambda: record.stage_class.model_class()(record.cfg), ds_config, seed=0)
     names = [n for n, _ in model.named_parameters()]
     init_from.load_into(model, init_from.InitSource(tag_dir, {n: n for n in names}, ()), rank=info.rank)
     engine, _, _, _ = deepspeed.initialize(model=_Calls(model), config=ds_config)
@@ -195,11 +195,20 @@ def load_partitioned(record, tag_dir: str, dtype: torch.dtype, info: distributed
 
 
 def main(argv: list[str]) -> None:
-    from pretrain.models.decoding import check_args, generate_batch
+    import numpy as np
+
+    from pretrain.data.sampling import pad_side
+    from pretrain.models.decoding import check_args, generate_batch, row_generator
     from pretrain.training.engine import local_partition_numel
     from pretrain.training.metrics import peak_memory_gb
 
     cfg = parse_args(argv)
+    # DeepSpeed reports on stdout (its logger, which keeps the stream it finds when first imported, and the ops it
+    # builds): imported here, before anything else imports it, and run below with stdout sent to stderr, it leaves
+    # stdout to the outputs.
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     decoding = {k: cfg[k] for k in DECODING}
     try:
         check_args(*(decoding[k] for k in ("strategy", "top_k", "top_p", "temperature", "num_beams",
@@ -220,29 +229,29 @@ def main(argv: list[str]) -> None:
     mine = batches[info.rank :: info.world_size]
     rounds = -(-len(batches) // info.world_size)  # every rank runs as many batches: a rank short of one runs a dummy
 
-    # DeepSpeed reports on stdout (its logger, the ops it builds): stdout is left to the outputs.
     with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed  # noqa: F401  (its logger takes the stdout it finds at import: stderr)
-
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         distributed.init(info, float(cfg.timeout_s))
         model = load_partitioned(record, tag_dir, dtype, info, int(cfg.max_live_parameters))
+    if model.engine.device.type != device.type:  # DS_ACCELERATOR set beforehand to another device
+        raise UserError(f"device={cfg.device}: DeepSpeed's accelerator is {model.engine.device.type}"
+                        f" (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')}); unset it or ask for that device")  # fmt: skip
     device = model.engine.device
     all_done = lambda done: distributed.all_reduce_sum([0.0 if done else 1.0])[0] == 0  # noqa: E731
     outputs = []
     for r in range(rounds):
         indices = mine[r] if r < len(mine) else [0]  # the dummy: prompt 0 again, its output dropped
-        ids, mask = padded([sources[i] for i in indices], tok.pad_id)
-        generators = [torch.Generator(device).manual_seed(int(cfg.seed) * 1_000_003 + i) for i in indices]
+        batch, mask = pad_side([{"ids": np.array(sources[i])} for i in indices], {"ids": tok.pad_id},
+                               record.cfg.max_positions)  # fmt: skip
+        generators = [row_generator(int(cfg.seed), i, device) for i in indices]
         try:
-            new = generate_batch(model, ids.to(device), mask.to(device), bos_id=tok.cls_id, eos_id=tok.sep_id,
-                                 generators=generators, all_done=all_done, **decoding)  # fmt: skip
+            new = generate_batch(model, batch["ids"].to(device), mask.to(device), bos_id=tok.cls_id, eos_id=tok.sep_id,
+                                 generators=generators, all_done=all_done, vocab_tokens=tok.vocab_size, **decoding)  # fmt: skip
         except ValueError as e:
             raise UserError(str(e)) from None
         if r < len(mine):
             outputs += [(i, tok.decode(tokens)) for i, tokens in zip(indices, new)]
     gathered = distributed.gather_objects(outputs)
-    peaks = distributed.gather_objects(round(peak_memory_gb(), 3))
+    peaks = distributed.gather_objects(round(peak_memory_gb(device.type), 3))
     held = distributed.gather_objects(round(local_partition_numel(model.module) * dtype.itemsize / 2**30, 3))
     if info.rank == 0:
         for i, text in sorted(pair for part in gathered for pair in part):
@@ -256,7 +265,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     sys.argv = distributed.strip_local_rank(sys.argv)
     if "DS_ACCELERATOR" not in os.environ:  # device=cpu on a GPU machine: DeepSpeed's CPU accelerator and gloo
-        device_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("device=")), "auto")
+        device_arg = ([a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("device=")] or ["auto"])[-1]  # the last wins
         if device_arg == "cpu" or (device_arg == "auto" and not torch.cuda.is_available()):
             os.environ["DS_ACCELERATOR"] = "cpu"
     info = distributed.read_env()

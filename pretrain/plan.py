@@ -4,7 +4,8 @@
         [stage=structbert|palm] [activation_checkpointing=true] [vocab_size=N] [max_nodes=1024] [json=true] \
         [model.<field>=...]   (e.g. model.attention=math: the plain attention, which keeps the s x s scores)
     python -m pretrain.plan model=plug stage=palm generate=true nodes=1 gpus_per_node=8 gpu_mem_gb=16 \
-        seq_len=512 micro_batch=8 new_tokens=128 num_beams=1   (pretrain.generate's memory per rank: generation_plan)
+        seq_len=512 micro_batch=8 new_tokens=128 [num_beams=1] [precision=bf16|fp16|fp32] [max_live_parameters=1e9]
+        (pretrain.generate's memory per rank, as it runs with those settings: generation_plan)
 
 Parameters: the model the trainer would build, on the meta device. Model states per GPU: DeepSpeed's own
 ZeRO-3 estimator. Activations: activation_bytes' formula. GiB (2**30 bytes) throughout, as DeepSpeed prints.
@@ -34,11 +35,13 @@ MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 RESERVE_FRACTION, CUDA_CONTEXT_GB = 0.10, 1.0
 DEFAULTS = {"model": None, "stage": next(iter(STAGES)), "nodes": 1, "gpus_per_node": 8, "gpu_mem_gb": 32.0,
             "seq_len": 512, "micro_batch": 1, "activation_checkpointing": False, "vocab_size": None,
-            "max_nodes": 1024, "json": False, "generate": False, "new_tokens": 128, "num_beams": 1}  # fmt: skip
-GENERATION_KEYS = ("generate", "new_tokens", "num_beams")  # generate=true's own (its plan: generation_plan)
-# ZeRO-3 gathers a module's parameters as it runs it, prefetching the next ones, and keeps at most this many
-# gathered at once: DeepSpeed's default stage3_max_live_parameters, which pretrain.generate leaves as it is.
-MAX_LIVE_PARAMETERS = 10**9
+            "max_nodes": 1024, "json": False, "generate": False, "new_tokens": 128, "num_beams": 1,
+            "precision": "bf16", "max_live_parameters": 10**9}  # fmt: skip
+# generate=true's own keys (its plan: generation_plan), as pretrain.generate takes them. max_live_parameters: ZeRO-3
+# gathers a module's parameters as it runs it, prefetching the next ones, and keeps at most this many gathered
+# (DeepSpeed's stage3_max_live_parameters; its default, 1e9, is pretrain.generate's).
+GENERATION_KEYS = ("generate", "new_tokens", "num_beams", "precision", "max_live_parameters")
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _stage3():
@@ -127,13 +130,15 @@ def parse(argv: list[str]) -> tuple[dict, ModelConfig]:
     models = sorted(n[: -len(".yaml")] for n in os.listdir(MODEL_DIR) if n.endswith(".yaml"))
     _check("model", args["model"], args["model"] in models, f"one of {', '.join(models)} (conf/model/)")
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731  (YAML reads true as a bool)
-    for key in ("nodes", "gpus_per_node", "seq_len", "micro_batch", "max_nodes", "new_tokens", "num_beams"):
+    for key in ("nodes", "gpus_per_node", "seq_len", "micro_batch", "max_nodes", "new_tokens", "num_beams",
+                "max_live_parameters"):
         _check(key, args[key], is_int(args[key]) and args[key] >= 1, "an integer >= 1")
     g = args["gpu_mem_gb"]
     _check("gpu_mem_gb", g, (is_int(g) or isinstance(g, float)) and g > 0, "a number > 0")
     for key in ("activation_checkpointing", "json", "generate"):
         _check(key, args[key], isinstance(args[key], bool), "true or false")
     _check("stage", args["stage"], args["stage"] in STAGES, " or ".join(STAGES))
+    _check("precision", args["precision"], args["precision"] in BYTES, " or ".join(BYTES))
     m = OmegaConf.load(os.path.join(MODEL_DIR, f"{args['model']}.yaml"))
     for key, value in overrides.items():
         _check(f"model.{key}", value, key in m, f"a field of conf/model/{args['model']}.yaml")
@@ -151,21 +156,21 @@ def parse(argv: list[str]) -> tuple[dict, ModelConfig]:
 
 
 def generation_bytes(cfg: ModelConfig, total: int, largest: int, ranks: int, src_len: int, new_tokens: int,
-                     batch: int, beams: int) -> dict[str, int]:  # fmt: skip
-    """pretrain.generate's memory per rank, in bf16/fp16 (2 bytes an element), with no optimizer state:
-      weights   this rank's partition of every parameter, 2P/N
-      gathered  the parameters ZeRO-3 holds whole while it runs and prefetches modules: at most
-                MAX_LIVE_PARAMETERS, and at least the largest module, 2 bytes each
+                     batch: int, beams: int, element: int = 2, max_live: int = 10**9) -> dict[str, int]:  # fmt: skip
+    """pretrain.generate's memory per rank, `element` bytes a number (2: bf16/fp16, 4: fp32), no optimizer state:
+      weights   this rank's partition of every parameter, P/N
+      gathered  the parameters ZeRO-3 holds whole while it runs and prefetches modules: at most max_live, and at
+                least the largest module (none on one rank, which holds them all)
       cache     every decoder layer's keys and values: self-attention's over the new tokens, cross-attention's
-                over the source, for batch x beams sequences: 2 (k, v) x 2 bytes x layers x (T + S) x h
+                over the source, for batch x beams sequences: 2 (k, v) x layers x (T + S) x h
       working   the encoder's output, the widest activation of one layer (batch x source x FFN), and the fp32
                 next-token scores (batch x beams x vocab): held while a step runs"""
-    rows, h = batch * beams, cfg.hidden
+    rows, h, e = batch * beams, cfg.hidden, element
     parts = {
-        "weights": 2 * -(-total // ranks),
-        "gathered": 0 if ranks == 1 else 2 * max(largest, min(total, MAX_LIVE_PARAMETERS)),  # one rank: all whole
-        "cache": 2 * 2 * cfg.decoder_layers * (new_tokens + src_len) * h * rows,
-        "working": 2 * batch * src_len * (h + cfg.ffn) + 2 * rows * src_len * h + 4 * rows * cfg.vocab_size,
+        "weights": e * -(-total // ranks),
+        "gathered": 0 if ranks == 1 else e * max(largest, min(total, max_live)),
+        "cache": e * 2 * cfg.decoder_layers * (new_tokens + src_len) * h * rows,
+        "working": e * batch * src_len * (h + cfg.ffn) + e * rows * src_len * h + 4 * rows * cfg.vocab_size,
     }
     return {**parts, "total": sum(parts.values())}
 
@@ -176,9 +181,12 @@ def generation_plan(args: dict, cfg: ModelConfig) -> dict:
     stage = stage_class(args["stage"])
     if not stage.generates:
         raise UserError(f"generate=true: stage={args['stage']} does not generate (its model has no decoder)")
+    _check("new_tokens", args["new_tokens"], args["new_tokens"] <= cfg.max_positions,
+           f"at most model.max_positions={cfg.max_positions}")  # fmt: skip
     (total, largest), per_node = count_model(cfg, args["stage"]), args["gpus_per_node"]
     need = lambda nodes: generation_bytes(cfg, total, largest, nodes * per_node, args["seq_len"], args["new_tokens"],  # noqa: E731
-                                          args["micro_batch"], args["num_beams"])  # fmt: skip
+                                          args["micro_batch"], args["num_beams"], BYTES[args["precision"]],
+                                          args["max_live_parameters"])  # fmt: skip
     usable, parts = usable_bytes(args["gpu_mem_gb"]), need(args["nodes"])
     fits = (n for n in range(1, args["max_nodes"] + 1) if need(n)["total"] <= usable)
     return {
@@ -197,7 +205,7 @@ def render_generation(p: dict) -> str:
         f"parameters        {p['total_params']:,} (largest layer {p['largest_layer_params']:,})",
         f"GPUs              {p['nodes']} nodes x {p['gpus_per_node']} x {p['gpu_mem_gb']:g} GiB;"
         f" usable {gib(p['usable_bytes'])} ({RESERVE_FRACTION:.0%} + {CUDA_CONTEXT_GB:g} GiB reserved)",
-        f"per rank          weights {gib(parts['weights'])} (bf16/fp16 partition), gathered {gib(parts['gathered'])},"
+        f"per rank          weights {gib(parts['weights'])} ({p['precision']} partition), gathered {gib(parts['gathered'])},"
         f" cache {gib(parts['cache'])}, working {gib(parts['working'])}",
         f"total/GPU         {gib(parts['total'])} at batch {p['micro_batch']} x beams {p['num_beams']}, source"
         f" {p['seq_len']}, {p['new_tokens']} new tokens: {'fits' if p['fits'] else 'does NOT fit'}",

@@ -370,9 +370,6 @@ class ShardSet:
     def __contains__(self, name: str) -> bool:
         return name in self.modules[0]
 
-    def names(self) -> list[str]:
-        return list(self.modules[0])
-
     def shape(self, e: Entry) -> tuple[int, ...]:
         """The full shape of entry e, from rank 0's piece."""
         shape = list(self.modules[0][e.plug].shape)
@@ -487,18 +484,15 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
 
 def _check_vocab(path: str, vocab_path: str, rows: int, where: str) -> None:
     """The data's token ids must mean what PLUG learnt: its vocab.txt (beside the shards), token for token."""
-    from pretrain.data.tokenizer import read_vocab
+    from pretrain.data.tokenizer import check_same_vocab, read_vocab
 
     file = next((f for f in (os.path.join(path, "vocab.txt"), os.path.join(path, "model", "vocab.txt"))
                  if os.path.isfile(f)), None)  # fmt: skip
     if file is None:
         raise UserError(f"{where}: no vocab.txt beside the shards (put the vocab PLUG was trained with there: "
                         "bert-base-chinese's for the released model)")  # fmt: skip
-    theirs, ours = read_vocab(file), read_vocab(vocab_path)
-    if theirs != ours:
-        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
-        raise UserError(f"{where}: its vocab differs from the data's ({len(theirs)} vs {len(ours)} tokens; first at "
-                        f"id {first}); prepare the data with vocab={file}")  # fmt: skip
+    theirs = read_vocab(file)
+    check_same_vocab(theirs, vocab_path, where, file)
     if len(theirs) > rows:
         raise UserError(f"{where}: vocab.txt has {len(theirs)} tokens, the word embedding {rows} rows")
 

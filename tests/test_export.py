@@ -198,7 +198,7 @@ def test_stage_two_generates_our_tokens_through_transformers(palm_exported):
                                                  ("greedy", 1, dict(no_repeat_ngram_size=2, min_new_tokens=6)),
                                                  ("beam", 4, dict(no_repeat_ngram_size=3, min_new_tokens=6))):  # fmt: skip
                 mine = generate(ours, ids, bos_id=tok.cls_id, eos_id=tok.sep_id, max_new_tokens=12, strategy=strategy,
-                                num_beams=beams, length_penalty=1.0, **constraints)  # fmt: skip
+                                num_beams=beams, length_penalty=1.0, vocab_tokens=tok.vocab_size, **constraints)  # fmt: skip
                 hf = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                      num_beams=beams, do_sample=False, length_penalty=1.0, **constraints)[0, 1:].tolist()  # fmt: skip
                 assert (hf[: hf.index(tok.sep_id)] if tok.sep_id in hf else hf) == mine, (prompt, strategy, constraints)

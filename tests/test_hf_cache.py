@@ -140,11 +140,11 @@ def test_the_class_computes_our_palms_logits(tmp_path, embedding_norm):
         for name, p in ours.named_parameters():  # wide, so that no mix-up hides; the LayerNorms' gains around 1
             p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.5)
     assert isinstance(ours.encoder.embeddings.norm, torch.nn.LayerNorm) == embedding_norm
-    tok = types.SimpleNamespace(pad_id=PAD, cls_id=BOS, sep_id=EOS)  # what palm_config and write_extra read
+    tok = types.SimpleNamespace(pad_id=PAD, cls_id=BOS, sep_id=EOS, vocab_size=cfg.vocab_size)  # what palm_config and write_extra read
     state = ours.state_dict()
     write_safetensors(str(tmp_path / "model.safetensors"), PalmExport.plan(state, cfg), state)
     palm_config(cfg, tok).save_pretrained(tmp_path)
-    PalmExport.write_extra(str(tmp_path), tok)
+    PalmExport.write_extra(str(tmp_path), tok, cfg)
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["embedding_norm"] is embedding_norm
     ids, mask = padded_batch()

@@ -327,3 +327,35 @@ def test_no_repeat_ngrams_and_min_new_tokens_constrain_every_strategy():
     assert len(gen(model, strategy="beam", min_new_tokens=4)) == 4
     with pytest.raises(ValueError, match="no_repeat_ngram_size=-1"):
         gen(model, strategy="greedy", no_repeat_ngram_size=-1)
+
+
+def test_beam_search_with_fewer_live_candidates_than_beams():
+    """A vocab of 4 (2 of them barred as n-gram repeats) leaves fewer live candidates than 4 beams: the search goes on
+    with dead beams; with every candidate barred it ends with what it has."""
+    model = tiny()
+    choice = torch.tensor([-1.0, -5.0, -0.5, -2.0])  # eos (2) likely but barred before 4 tokens
+
+    def four_tokens(dec, *args):
+        return choice.expand(dec.shape[0], -1).log_softmax(-1), None
+
+    model.next_token_logprobs = four_tokens
+    out = gen(model, strategy="beam", num_beams=4, min_new_tokens=4)
+    assert len(out) >= 4 and 2 not in out
+    assert gen(model, strategy="beam", num_beams=2, no_repeat_ngram_size=1) in ([], [0], [3], [0, 3], [3, 0])
+
+
+def test_padding_rows_of_the_vocab_are_never_chosen():
+    """vocab_tokens: the ids from the tokenizer's size on (an embedding padded to a multiple of 128) are barred."""
+    model = tiny()
+    original = model.next_token_logprobs
+
+    def padding_first(dec, *args):
+        logprobs, cache = original(dec, *args)
+        return (logprobs + 50.0 * F.one_hot(torch.tensor(V - 1), V)).log_softmax(-1), cache
+
+    model.next_token_logprobs = padding_first
+    for strategy in ("greedy", "beam", "sample"):
+        g = torch.Generator().manual_seed(0)
+        assert set(gen(model, strategy=strategy, generator=g)) == {V - 1}  # what it picks when nothing bars it
+        out = gen(model, strategy=strategy, vocab_tokens=V - 1, generator=torch.Generator().manual_seed(0))
+        assert out and V - 1 not in out, (strategy, out)

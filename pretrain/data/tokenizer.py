@@ -101,6 +101,16 @@ class Tokenizer:
         return self._ids.get(token)
 
 
+def check_same_vocab(theirs: list[str], vocab_path: str, where: str, their_path: str) -> None:
+    """A model's vocab (theirs, from their_path) against the data's (vocab_path), token for token: the ids must
+    mean what the model learnt. One line naming the first difference otherwise."""
+    ours = read_vocab(vocab_path)
+    if theirs != ours:
+        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise UserError(f"{where}: its vocab differs from the data's ({len(theirs)} vs {len(ours)} tokens; first at "
+                        f"id {first}); prepare the data with vocab={their_path}")  # fmt: skip
+
+
 def _is_word_char(ch: str) -> bool:
     """Alphanumeric but not CJK: the words that need a space between them when decoding."""
     return ch.isalnum() and not _is_cjk(ch)

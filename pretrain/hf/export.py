@@ -118,7 +118,7 @@ class EncoderExport:
         return stage_one_config(cfg, tok.pad_id)
 
     @staticmethod
-    def write_extra(out: str, tok: Tokenizer) -> None:
+    def write_extra(out: str, tok: Tokenizer, cfg: ModelConfig) -> None:
         """Nothing beside the weights, config and tokenizer: the classes are transformers' own."""
 
     @staticmethod
@@ -162,25 +162,29 @@ class PalmExport:
         return palm_config(cfg, tok)
 
     @staticmethod
-    def write_extra(out: str, tok: Tokenizer) -> None:
-        """The model's class (config.json's auto_map names it) and its generation defaults."""
+    def write_extra(out: str, tok: Tokenizer, cfg: ModelConfig) -> None:
+        """The model's class (config.json's auto_map names it) and its generation defaults: the embedding's padding
+        rows past the tokenizer's tokens (which no text has) are never generated, as in pretrain.generate."""
         from transformers import GenerationConfig
 
         from pretrain.hf import modeling_plug_palm
 
         shutil.copyfile(modeling_plug_palm.__file__, os.path.join(out, f"{PALM_MODULE}.py"))
+        padding = list(range(tok.vocab_size, cfg.vocab_size))
         GenerationConfig(decoder_start_token_id=tok.cls_id, bos_token_id=tok.cls_id, eos_token_id=tok.sep_id,
-                         pad_token_id=tok.pad_id, max_new_tokens=64, use_cache=True).save_pretrained(out)  # fmt: skip
+                         pad_token_id=tok.pad_id, max_new_tokens=64, use_cache=True,
+                         suppress_tokens=padding or None).save_pretrained(out)  # fmt: skip
 
     @staticmethod
     def check(ours, out: str, ids: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> dict[str, float]:
         """Largest |transformers - ours| of the decoder logits, and whether greedy and beam generate() give our
-        tokens (0 when they do)."""
+        tokens (0 when they do), ours barred from the ids the export's generation config suppresses."""
         from transformers import AutoModelForSeq2SeqLM
 
         from pretrain.models.decoding import generate
 
         theirs = AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True).eval()
+        suppressed = theirs.generation_config.suppress_tokens  # the embedding's padding rows: the tail of the vocab
         dec = torch.randint(5, ours.cfg.vocab_size, (ids.shape[0], 9), generator=g)
         h, _ = ours.decoder(dec, ours.encoder.embeddings, ours.encode(ids, mask), mask)
         want = torch.nn.functional.linear(h, ours.encoder.embeddings.word.weight)
@@ -189,7 +193,8 @@ class PalmExport:
         cfg, src = theirs.config, ids[:1]
         for strategy, beams in (("greedy", 1), ("beam", 4)):
             mine = generate(ours, src, bos_id=cfg.decoder_start_token_id, eos_id=cfg.eos_token_id, max_new_tokens=16,
-                            strategy=strategy, num_beams=beams, length_penalty=1.0)  # fmt: skip
+                            strategy=strategy, num_beams=beams, length_penalty=1.0,
+                            vocab_tokens=min(suppressed) if suppressed else None)  # fmt: skip
             hf = theirs.generate(input_ids=src, attention_mask=torch.ones_like(src), max_new_tokens=16, do_sample=False,
                                  num_beams=beams, length_penalty=1.0)[0, 1:].tolist()  # fmt: skip
             hf = hf[: hf.index(cfg.eos_token_id)] if cfg.eos_token_id in hf else hf

@@ -69,7 +69,6 @@ def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Te
     """The directory's tensors under our names, as meta tensors (shapes only; nothing is read)."""
     from safetensors import safe_open
 
-
     file = os.path.join(path, "model.safetensors")
     if not os.path.isfile(file):
         raise UserError(f"{where}: no model.safetensors (save the model with transformers' save_pretrained)")
@@ -81,13 +80,12 @@ def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Te
 def hf_weights(source: InitSource) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-
     return from_hf(load_file(os.path.join(source.tag_dir[len(HF):], "model.safetensors")), source.cfg)
 
 
 def _check_vocab(path: str, vocab_path: str, where: str) -> None:
     """The data's token ids must mean what the model learnt: the same vocab, token for token."""
-    from pretrain.data.tokenizer import read_vocab
+    from pretrain.data.tokenizer import check_same_vocab, read_vocab
 
     if os.path.isfile(os.path.join(path, "vocab.txt")):
         theirs = read_vocab(os.path.join(path, "vocab.txt"))
@@ -97,8 +95,4 @@ def _check_vocab(path: str, vocab_path: str, where: str) -> None:
         theirs = [t for t, _ in sorted(ids.items(), key=lambda kv: kv[1])]
     else:
         raise UserError(f"{where}: no vocab.txt or tokenizer.json to check the data's vocab against")
-    ours = read_vocab(vocab_path)
-    if theirs != ours:
-        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
-        raise UserError(f"{where}: its vocab differs from the data's ({len(theirs)} vs {len(ours)} tokens; first at "
-                        f"id {first}); prepare the data with vocab={os.path.join(path, 'vocab.txt')}")  # fmt: skip
+    check_same_vocab(theirs, vocab_path, where, os.path.join(path, "vocab.txt"))

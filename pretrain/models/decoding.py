@@ -58,10 +58,21 @@ def _filter(logprobs: torch.Tensor, temperature: float, top_k: int, top_p: float
     return logits
 
 
-def _constrain(logprobs: torch.Tensor, seqs: torch.Tensor, eos_id: int, min_new_tokens: int, no_repeat: int) -> torch.Tensor:
+def row_generator(seed: int, index: int, device) -> torch.Generator:
+    """The sampling generator of source `index` under `seed`: a function of the two (distinct for fewer than
+    1,000,003 sources), so that a source's draws depend neither on its batch nor on the rank that decodes it."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + index)
+
+
+def _constrain(logprobs: torch.Tensor, seqs: torch.Tensor, eos_id: int, min_new_tokens: int, no_repeat: int,
+               vocab_tokens: int | None = None) -> torch.Tensor:  # fmt: skip
     """The next-token scores of each row of seqs ([n, 1 + tokens so far], bos first) with eos barred before
     min_new_tokens new tokens and, when no_repeat > 0, every token that would repeat an n-gram of the row (bos
-    included) barred: transformers' MinNewTokensLength and NoRepeatNGram processors, so an export decodes alike."""
+    included) barred: transformers' MinNewTokensLength and NoRepeatNGram processors, so an export decodes alike.
+    vocab_tokens: the ids from it on (the rows an embedding is padded with, which no token has) are barred too."""
+    if vocab_tokens is not None and vocab_tokens < logprobs.shape[-1]:
+        logprobs = logprobs.clone()
+        logprobs[:, vocab_tokens:] = float("-inf")
     if seqs.shape[1] - 1 < min_new_tokens:
         logprobs = logprobs.clone()
         logprobs[:, eos_id] = float("-inf")
@@ -81,17 +92,18 @@ def generate(
     model: Palm, enc_input_ids: torch.Tensor, *, bos_id: int, eos_id: int, max_new_tokens: int, strategy: str,
     top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0, num_beams: int = 4, length_penalty: float = 1.0,
     generator: torch.Generator | None = None, use_cache: bool = True, min_new_tokens: int = 0,
-    no_repeat_ngram_size: int = 0,
+    no_repeat_ngram_size: int = 0, vocab_tokens: int | None = None,
 ) -> list[int]:  # fmt: skip
     """The new tokens for the source enc_input_ids [1, S] (eos excluded), at most max_new_tokens of them; eos is
-    barred before min_new_tokens, and with no_repeat_ngram_size=n no n-gram occurs twice (bos counted)."""
+    barred before min_new_tokens, with no_repeat_ngram_size=n no n-gram occurs twice (bos counted), and with
+    vocab_tokens no id from it on is chosen (the tokenizer's size: an embedding's padding rows)."""
     if enc_input_ids.dim() != 2 or enc_input_ids.shape[0] != 1:
         raise ValueError(f"enc_input_ids has shape {list(enc_input_ids.shape)}: must be [1, S], one source sequence")
     return generate_batch(
         model, enc_input_ids, torch.ones_like(enc_input_ids, dtype=torch.bool), bos_id=bos_id, eos_id=eos_id,
         max_new_tokens=max_new_tokens, strategy=strategy, top_k=top_k, top_p=top_p, temperature=temperature,
         num_beams=num_beams, length_penalty=length_penalty, generators=[generator], use_cache=use_cache,
-        min_new_tokens=min_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
+        min_new_tokens=min_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size, vocab_tokens=vocab_tokens,
     )[0]  # fmt: skip
 
 
@@ -100,21 +112,25 @@ def generate_batch(
     model: Palm, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor, *, bos_id: int, eos_id: int,
     max_new_tokens: int, strategy: str, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
     num_beams: int = 4, length_penalty: float = 1.0, generators: list[torch.Generator | None] | None = None,
-    use_cache: bool = True, min_new_tokens: int = 0, no_repeat_ngram_size: int = 0,
+    use_cache: bool = True, min_new_tokens: int = 0, no_repeat_ngram_size: int = 0, vocab_tokens: int | None = None,
     all_done: Callable[[bool], bool] = lambda done: done,
 ) -> list[list[int]]:  # fmt: skip
-    """The new tokens of each source row of enc_input_ids [B, S] (padding where enc_attention_mask is False), as
-    `generate` gives them for that row alone. Sampling draws row i from generators[i] (None: torch's global one).
-    all_done(this batch is done) -> whether to stop: every rank's batch is done, where ranks step together."""
+    """The new tokens of each source row of enc_input_ids [B, S], padded on the right (enc_attention_mask False
+    there: positions count from the left), as `generate` gives them for that row alone. Sampling draws row i from
+    generators[i] (None: torch's global one). all_done(this batch is done) -> whether to stop: every rank's batch
+    is done, where ranks step together."""
     check_args(strategy, top_k, top_p, temperature, num_beams, min_new_tokens, no_repeat_ngram_size)
     _check_input(max_new_tokens, model.cfg.max_positions, enc_input_ids)
     generators = generators or [None] * enc_input_ids.shape[0]
+    if len(generators) != enc_input_ids.shape[0] or enc_attention_mask.shape != enc_input_ids.shape:
+        raise ValueError(f"{len(generators)} generators and a mask of {list(enc_attention_mask.shape)} for"
+                         f" enc_input_ids of {list(enc_input_ids.shape)}")  # fmt: skip
     was_training = model.training
     model.eval()
     try:
         memory = model.encode(enc_input_ids, enc_attention_mask)
         cache = model.new_cache() if use_cache else None
-        constrain = lambda lp, seqs: _constrain(lp, seqs, eos_id, min_new_tokens, no_repeat_ngram_size)  # noqa: E731
+        constrain = lambda lp, seqs: _constrain(lp, seqs, eos_id, min_new_tokens, no_repeat_ngram_size, vocab_tokens)  # noqa: E731
         if strategy == "beam":
             return _beam(model, enc_input_ids, enc_attention_mask, memory, cache, bos_id, eos_id, max_new_tokens,
                          num_beams, length_penalty, constrain, all_done)  # fmt: skip
@@ -186,11 +202,14 @@ def _beam(
                         finished[r].append((score / step**length_penalty, seqs[r * k + beam, 1:].tolist()))
                 elif len(keep) < k:
                     keep.append(rank)
-            beams += [r * k + c // vocab for c in cand[r, keep].tolist()]
-            tokens += (cand[r, keep] % vocab).tolist()
-            new_scores.append(cand_scores[r, keep])
+            dead = k - len(keep)  # fewer live candidates than beams (a tiny vocab, n-grams barred): dead beams, fed eos
+            beams += [r * k + c // vocab for c in cand[r, keep].tolist()] + [r * k] * dead
+            tokens += (cand[r, keep] % vocab).tolist() + [eos_id] * dead
+            new_scores.append(torch.cat([cand_scores[r, keep], cand_scores.new_full((dead,), float("-inf"))]))
             finished[r].sort(key=lambda f: f[0], reverse=True)
-            if len(finished[r]) >= k and finished[r][k - 1][0] >= float(new_scores[-1][0]) / step**length_penalty:
+            if not keep:  # no live beam left: the best finished hypothesis, or none
+                best[r] = finished[r][0][1] if finished[r] else []
+            elif len(finished[r]) >= k and finished[r][k - 1][0] >= float(new_scores[-1][0]) / step**length_penalty:
                 best[r] = finished[r][0][1]
         index = torch.tensor(beams, device=device)
         seqs = torch.cat([seqs[index], torch.tensor(tokens, device=device)[:, None]], 1)
@@ -199,6 +218,7 @@ def _beam(
             cache.reorder(index)
     for r in range(rows):
         if best[r] is None:
-            live = [(float(s) / max_new_tokens**length_penalty, seqs[r * k + i, 1:].tolist()) for i, s in enumerate(scores[r])]
+            live = [(float(s) / max_new_tokens**length_penalty, seqs[r * k + i, 1:].tolist())
+                    for i, s in enumerate(scores[r]) if s > float("-inf")]  # fmt: skip
             best[r] = max(finished[r] + live, key=lambda f: f[0])[1]
     return best

@@ -7,6 +7,8 @@ layers take (the CPU lane dropout, the attention implementations, packed rows) a
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -143,12 +145,30 @@ class SentenceHead(nn.Module):
         return self.classifier(torch.tanh(self.pooler(h[:, 0])))
 
 
+_SKIP_INIT = False
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Models built inside keep their parameters as allocated: for a model whose every parameter is read from a
+    checkpoint next (pretrain.generate), so that init_weights' gather of each module (a full pass over the model
+    under ZeRO-3) is not spent on values about to be overwritten."""
+    global _SKIP_INIT
+    previous, _SKIP_INIT = _SKIP_INIT, True
+    try:
+        yield
+    finally:
+        _SKIP_INIT = previous
+
+
 def init_weights(module: nn.Module, std: float) -> None:
-    """BERT initialisation, one module at a time.
+    """BERT initialisation, one module at a time (none inside skip_init).
 
     Under `deepspeed.zero.Init` each parameter is partitioned as soon as its module is built, so it is
     gathered here (only its own module's, never the whole model), set on rank 0 and re-partitioned.
     """
+    if _SKIP_INIT:
+        return
     import deepspeed  # imported here so that config errors surface before DeepSpeed's start-up noise
 
     for m in module.modules():

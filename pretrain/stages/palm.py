@@ -103,8 +103,6 @@ class PalmStage(Stage):
         """The model FLOPs of training on a host batch (training/flops.py)."""
         return flops.palm_train_flops(self.model_cfg, batch)
 
-
-
     def sample_row(self, data: PalmDataset, g: int) -> dict:
         """The encoder input and its MLM targets, the decoder input and labels (null where a position predicts
         nothing), the drawn and realised lengths, whether the target ends its document, whether masked LM is

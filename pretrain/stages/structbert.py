@@ -70,7 +70,6 @@ class StructBertStage(Stage):
         return flops.structbert_train_flops(self.model_cfg, batch)
 
 
-
     def sample_row(self, data: StructBertDataset, g: int) -> dict:
         """The input as ids and tokens, the token types, the MLM and word-structure (WSO) targets, the SSO label and
         name, and A and B as the corpus has them."""

@@ -279,13 +279,13 @@ class GenerationTask(_Task):
         return int(enc.sum() + dec.sum()), enc.numel() + dec.numel()
 
     def predict(self, model, split, micro, world, rank):
-        from pretrain.models.decoding import generate
+        from pretrain.models.decoding import generate, row_generator
 
         e, out, device = self.splits[split], [], next(model.parameters()).device
         for i in range(rank, len(e), world):
-            generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + i)  # sampling: a function of the example
             new = generate(model, torch.from_numpy(e.samples[i]["enc_input_ids"])[None].to(device), bos_id=self.tok.cls_id,
-                           eos_id=self.tok.sep_id, generator=generator, **self.decoding)  # fmt: skip
+                           eos_id=self.tok.sep_id, generator=row_generator(self.seed, i, device),
+                           vocab_tokens=self.tok.vocab_size, **self.decoding)  # fmt: skip
             out.append((i, self.tok.decode(new)))
         return out
 

@@ -126,13 +126,14 @@ def throughput_columns(reduced: dict, peak_tflops: float | None) -> dict:
             "peak_mem_gb": max(per_rank), "peak_mem_gb_per_rank": per_rank}  # fmt: skip
 
 
-def peak_memory_gb() -> float:
+def peak_memory_gb(device_type: str | None = None) -> float:
     """This process's peak memory since it started, in GiB (2**30 bytes): on a GPU the most the caching allocator
     had allocated (torch.cuda.max_memory_allocated: tensors, not the allocator's reserve nor the CUDA context); on
-    CPU the peak resident set size (ru_maxrss, kB on Linux), which includes the Python process itself."""
+    CPU the peak resident set size (ru_maxrss, kB on Linux), which includes the Python process itself.
+    device_type: where the work ran ("cuda" or "cpu"); None: the GPU when there is one."""
     import torch
 
-    if torch.cuda.is_available():
+    if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
 

@@ -45,16 +45,27 @@ def read_model_record(run_dir: str) -> ModelRecord:
     for name in ("model.json", "vocab.txt"):
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise UserError(f"run.dir={run_dir}: no {name} (not a training run directory)")
-    with open(os.path.join(run_dir, "model.json")) as f:
-        saved = json.load(f)
-    stage = saved.pop("stage")
+    path = os.path.join(run_dir, "model.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        stage = saved.pop("stage")
+    except (ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"{path}: not a model record ({type(e).__name__}: {e})") from None
     if "task" not in saved:  # written before the record had `task`: a fine-tuning run wrote its task as the stage
         from pretrain.stages import STAGES
         from pretrain.tasks.task import TASK_TYPES
 
         if stage not in STAGES and stage in TASK_TYPES:
             stage, saved["task"] = TASK_TYPES[stage].stage, stage
-    return ModelRecord(stage, saved.pop("task", None), ModelConfig(**saved))
+    task = saved.pop("task", None)
+    fields = set(ModelConfig.__dataclass_fields__)
+    if set(saved) - fields:
+        raise UserError(f"{path}: unknown model fields {sorted(set(saved) - fields)} (written by a newer version?)")
+    try:
+        return ModelRecord(stage, task, ModelConfig(**saved))
+    except TypeError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def stage_model_record(run_dir: str, command: str) -> ModelRecord:
