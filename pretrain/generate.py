@@ -42,8 +42,6 @@ DEFAULTS = {
     "trust_checkpoint": False, "batch_size": 8, "timeout_s": 1800, "max_live_parameters": 10**9,
 }  # fmt: skip
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DECODING = ("strategy", "top_k", "top_p", "temperature", "num_beams", "length_penalty", "max_new_tokens",
-            "min_new_tokens", "no_repeat_ngram_size")  # fmt: skip
 
 
 def placement(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
@@ -198,7 +196,7 @@ def main(argv: list[str]) -> None:
     import numpy as np
 
     from pretrain.data.sampling import pad_side
-    from pretrain.models.decoding import check_args, generate_batch, row_generator
+    from pretrain.models.decoding import decoding_settings, generate_batch, row_generator
     from pretrain.training.engine import local_partition_numel
     from pretrain.training.metrics import peak_memory_gb
 
@@ -209,10 +207,8 @@ def main(argv: list[str]) -> None:
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed  # noqa: F401
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    decoding = {k: cfg[k] for k in DECODING}
     try:
-        check_args(*(decoding[k] for k in ("strategy", "top_k", "top_p", "temperature", "num_beams",
-                                           "min_new_tokens", "no_repeat_ngram_size")))  # fmt: skip
+        decoding = decoding_settings(cfg)
     except ValueError as e:
         raise UserError(str(e)) from None
     prompts = read_prompts(cfg)

@@ -84,11 +84,6 @@ class Entry:
         return "layernorm" in self.plug.lower()
 
 
-def embedding_norm(cfg: ModelConfig) -> bool:
-    """Whether our encoder normalises its embeddings: post-LN always, pre-LN with model.embedding_norm."""
-    return not cfg.pre_ln or cfg.embedding_norm
-
-
 def _linear(plug: str, ours: str, split: str = WHOLE, stride: int = 1) -> list[Entry]:
     """An nn.Linear, ColumnParallelLinear (split with its bias) or RowParallelLinear (its bias whole)."""
     return [Entry(f"{plug}.weight", f"{ours}.weight", split, stride),
@@ -120,7 +115,7 @@ def layout(cfg: ModelConfig, stage: str) -> list[Entry]:
         Entry(WORD, "encoder.embeddings.word.weight", VOCAB),
         Entry(f"{e}position_embeddings.weight", "encoder.embeddings.position.weight"),
         Entry(f"{e}token_type_embeddings.weight", "encoder.embeddings.token_type.weight"),
-        *_norm(f"{e}LayerNorm", "encoder.embeddings.norm" if embedding_norm(cfg) else None),
+        *_norm(f"{e}LayerNorm", "encoder.embeddings.norm" if cfg.normed_embeddings else None),
     ]
     for i in range(cfg.layers):
         p, o = f"bert.encoder.layer.{i}.", f"encoder.layers.{i}."
@@ -212,7 +207,9 @@ def write_shards(state, cfg: ModelConfig, stage: str, tokens: int, out_dir: str,
     """Write `state` (our names: tensors, or DeepSpeed's lazy consolidated ones) as PLUG's tp shards into out_dir.
 
     One shard at a time, one parameter at a time: each full tensor is assembled, its rank's piece copied out, and
-    only that shard's pieces are held (1/tp of the model). dtype fp16: the LayerNorms stay fp32, as in PLUG's
+    only that shard's pieces are held (1/tp of the model). The price is reading: every full tensor is assembled
+    once per shard, tp times in all (at tp 8, PLUG-27B's 104 GB of fp32 partitions read 8 times), for a peak of
+    one shard (7 GB in fp16) where writing every shard in one pass would hold the whole model. dtype fp16: the LayerNorms stay fp32, as in PLUG's
     model under fp32_layernorm; everything else fp16 (what PLUG's loader casts to anyway; half the disk)."""
     check_export(cfg, stage, tp, dtype, "the model")
     entries = layout(cfg, stage)
@@ -258,7 +255,7 @@ def plug_config(cfg: ModelConfig, stage: str, tokens: int, tp: int, dtype: str, 
         "model_type": "plugNLG" if _has_decoder(stage) else "plugNLU",
         "pretrain_export": {
             "stage": stage, "tensor_parallel": tp, "dtype": dtype, "vocab_tokens": tokens, "checkpoint": tag_dir,
-            "embedding_layernorm": "ours" if embedding_norm(cfg) else
+            "embedding_layernorm": "ours" if cfg.normed_embeddings else
             "identity: the model has none, and PLUG's forward normalises the embeddings (it differs from ours)",
         },
     }  # fmt: skip
@@ -419,7 +416,7 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
     # shards of our own export say whether their model had an embedding LayerNorm: one at weight 1 and bias 0 (its
     # init, or the identity written for a model without one) still normalises, so neither way is it the same model
     recorded = (their.get("pretrain_export") or {}).get("embedding_layernorm") if isinstance(their, dict) else None
-    if isinstance(recorded, str) and (recorded == "ours") != embedding_norm(cfg):
+    if isinstance(recorded, str) and (recorded == "ours") != cfg.normed_embeddings:
         had = recorded == "ours"
         raise UserError(f"{where}: config.json says the shards were exported from a model {'with' if had else 'without'}"
                         f" an embedding LayerNorm; set model.embedding_norm={str(had).lower()}")  # fmt: skip

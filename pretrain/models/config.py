@@ -32,5 +32,10 @@ class ModelConfig:
     unpad: bool | None = None  # position-wise work on real tokens only (fast_paths.Packing); None: by device type
 
     @property
+    def normed_embeddings(self) -> bool:
+        """Whether the encoder normalises its embedding sum: post-LN always, pre-LN with embedding_norm."""
+        return not self.pre_ln or self.embedding_norm
+
+    @property
     def head_dim(self) -> int:
         return self.hidden // self.heads

@@ -37,6 +37,18 @@ def check_args(strategy: str, top_k: int, top_p: float, temperature: float, num_
         raise ValueError(f"num_beams={num_beams}: must be >= 1")
 
 
+SETTINGS = ("strategy", "num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
+            "top_k", "top_p", "temperature")  # what generate takes besides the model, the source and the ids
+
+
+def decoding_settings(config) -> dict:
+    """The SETTINGS of a config (pretrain.generate's, a task's task.decoding), checked: ValueError on a bad one."""
+    settings = {k: config[k] for k in SETTINGS}
+    check_args(*(settings[k] for k in ("strategy", "top_k", "top_p", "temperature", "num_beams", "min_new_tokens",
+                                       "no_repeat_ngram_size")))  # fmt: skip
+    return settings
+
+
 def _check_input(max_new_tokens: int, max_positions: int, enc_input_ids: torch.Tensor) -> None:
     if not 1 <= max_new_tokens <= max_positions:  # the decoder's last input is bos + max_new_tokens - 1 tokens
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be in [1, max_positions={max_positions}]")

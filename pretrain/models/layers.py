@@ -26,7 +26,7 @@ class Embeddings(nn.Module):
         self.token_type = nn.Embedding(cfg.type_vocab, cfg.hidden)
         # Post-LN BERT normalises the embeddings; pre-LN normalises at the input of every block instead, unless
         # model.embedding_norm asks for this one too (PLUG's released model has it).
-        normed = not cfg.pre_ln or cfg.embedding_norm
+        normed = cfg.normed_embeddings
         self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps) if normed else nn.Identity()
         self.drop = Dropout(cfg.dropout)
 

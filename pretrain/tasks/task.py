@@ -254,13 +254,10 @@ class GenerationTask(_Task):
         return partial(collate_palm, pad_id=self.tok.pad_id, enc_max_len=self.src_max_len, dec_max_len=self.tgt_max_len)
 
     def set_decoding(self, d: DictConfig) -> None:
-        from pretrain.models.decoding import check_args
+        from pretrain.models.decoding import decoding_settings
 
-        self.decoding = {k: d[k] for k in ("strategy", "num_beams", "max_new_tokens", "min_new_tokens", "length_penalty",
-                                           "no_repeat_ngram_size", "top_k", "top_p", "temperature")}  # fmt: skip
         try:
-            check_args(*(self.decoding[k] for k in ("strategy", "top_k", "top_p", "temperature", "num_beams",
-                                                    "min_new_tokens", "no_repeat_ngram_size")))  # fmt: skip
+            self.decoding = decoding_settings(d)
         except ValueError as e:
             raise UserError(f"task.decoding: {e}") from None
         if not 1 <= int(d.max_new_tokens) <= self.model_cfg.max_positions:
