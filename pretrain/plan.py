@@ -196,18 +196,28 @@ def generation_plan(args: dict, cfg: ModelConfig) -> dict:
     }  # fmt: skip
 
 
+def _gib(x: int) -> str:
+    return f"{x / GiB:.2f} GiB"
+
+
+def _head(p: dict, what: str = "") -> list[str]:
+    """The lines both plans open with: the model, its parameters, the GPUs."""
+    return [
+        f"model             {p['model']}, stage {p['stage']} ({p['model_class']}), vocab {p['vocab_size']}{what}",
+        f"parameters        {p['total_params']:,} (largest layer {p['largest_layer_params']:,})",
+        f"GPUs              {p['nodes']} nodes x {p['gpus_per_node']} x {p['gpu_mem_gb']:g} GiB;"
+        f" usable {_gib(p['usable_bytes'])} ({RESERVE_FRACTION:.0%} + {CUDA_CONTEXT_GB:g} GiB reserved)",
+    ]  # fmt: skip
+
+
 def render_generation(p: dict) -> str:
-    gib = lambda x: f"{x / GiB:.2f} GiB"  # noqa: E731
     parts, n = p["per_rank_bytes"], p["min_nodes"]
     smallest = "none" if n is None else f"{n} ({n * p['gpus_per_node']} GPUs)"
     return "\n".join([
-        f"model             {p['model']}, stage {p['stage']} ({p['model_class']}), vocab {p['vocab_size']}: generation",
-        f"parameters        {p['total_params']:,} (largest layer {p['largest_layer_params']:,})",
-        f"GPUs              {p['nodes']} nodes x {p['gpus_per_node']} x {p['gpu_mem_gb']:g} GiB;"
-        f" usable {gib(p['usable_bytes'])} ({RESERVE_FRACTION:.0%} + {CUDA_CONTEXT_GB:g} GiB reserved)",
-        f"per rank          weights {gib(parts['weights'])} ({p['precision']} partition), gathered {gib(parts['gathered'])},"
-        f" cache {gib(parts['cache'])}, working {gib(parts['working'])}",
-        f"total/GPU         {gib(parts['total'])} at batch {p['micro_batch']} x beams {p['num_beams']}, source"
+        *_head(p, ": generation"),
+        f"per rank          weights {_gib(parts['weights'])} ({p['precision']} partition), gathered {_gib(parts['gathered'])},"
+        f" cache {_gib(parts['cache'])}, working {_gib(parts['working'])}",
+        f"total/GPU         {_gib(parts['total'])} at batch {p['micro_batch']} x beams {p['num_beams']}, source"
         f" {p['seq_len']}, {p['new_tokens']} new tokens: {'fits' if p['fits'] else 'does NOT fit'}",
         f"smallest nodes    {smallest} (of 1..{p['max_nodes']})",
     ])  # fmt: skip
@@ -234,20 +244,16 @@ def plan(argv: list[str]) -> dict:
 
 
 def render(p: dict) -> str:
-    gib = lambda x: f"{x / GiB:.2f} GiB"  # noqa: E731
     ck = "on" if p["activation_checkpointing"] else "off"
     n = p["min_nodes"]
     smallest = "none" if n is None else f"{n} ({n * p['gpus_per_node']} GPUs)"
     return "\n".join([
-        f"model             {p['model']}, stage {p['stage']} ({p['model_class']}), vocab {p['vocab_size']}",
-        f"parameters        {p['total_params']:,} (largest layer {p['largest_layer_params']:,})",
-        f"GPUs              {p['nodes']} nodes x {p['gpus_per_node']} x {p['gpu_mem_gb']:g} GiB;"
-        f" usable {gib(p['usable_bytes'])} ({RESERVE_FRACTION:.0%} + {CUDA_CONTEXT_GB:g} GiB reserved)",
-        f"model states/GPU  {gib(p['model_states_bytes'])} (DeepSpeed ZeRO-3 estimator, no offload)",
-        f"activations/GPU   {gib(p['activation_bytes'])} without checkpointing,"
-        f" {gib(p['activation_bytes_checkpointed'])} with (fp16, micro_batch {p['micro_batch']} x seq_len"
+        *_head(p),
+        f"model states/GPU  {_gib(p['model_states_bytes'])} (DeepSpeed ZeRO-3 estimator, no offload)",
+        f"activations/GPU   {_gib(p['activation_bytes'])} without checkpointing,"
+        f" {_gib(p['activation_bytes_checkpointed'])} with (fp16, micro_batch {p['micro_batch']} x seq_len"
         f" {p['seq_len']}, {p['attention']} attention)",
-        f"total/GPU         {gib(p['need_bytes'])} with checkpointing {ck}: {'fits' if p['fits'] else 'does NOT fit'}",
+        f"total/GPU         {_gib(p['need_bytes'])} with checkpointing {ck}: {'fits' if p['fits'] else 'does NOT fit'}",
         f"smallest nodes    {smallest} (of 1..{p['max_nodes']}) at micro_batch {p['micro_batch']}, checkpointing {ck}",
     ])  # fmt: skip
 
