@@ -405,7 +405,7 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
     """The InitSource of a directory of PLUG shards, checked against our model before any rank starts: its ranks,
     layout, dimensions and vocab. Our parameters take PLUG's by name (`layout`), the decoder too where the shards
     have one (else it is fresh, or the top encoder layers' with model.decoder_init=encoder_top)."""
-    from pretrain.training.init_from import InitSource, likely_cause, source_names
+    from pretrain.training.init_from import InitSource, map_by_name, source_names
 
     path, where = init_from[len(PLUG):], f"init_from={init_from}"
     shards = ShardSet(path, where)
@@ -462,20 +462,11 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
     wanted = source_names(list(target_shapes), cfg)  # the pooler of a fine-tuned classifier, encoder_top
     if their_decoder:
         wanted.update({n: n for n in target_shapes if n.startswith("decoder.")})
-    mapping, fresh = {}, []
-    for name, shape in target_shapes.items():
-        source = wanted.get(name)
-        theirs = have.get(source) if source else None
-        if theirs is None:  # the decoder of encoder-only shards, the copy gate, a task's new layer
-            fresh.append(name)
-            continue
-        rows = source in ("encoder.embeddings.word.weight", "mlm_head.bias")  # PLUG's padding rows: cut or grown
-        grows = source == "encoder.embeddings.token_type.weight" and theirs[1:] == shape[1:] and theirs[0] <= shape[0]
-        shorter = source == "encoder.embeddings.position.weight" and theirs[1:] == shape[1:] and theirs[0] >= shape[0]
-        if theirs != shape and not ((rows and theirs[1:] == shape[1:]) or grows or shorter):
-            raise UserError(f"{where}: {source} is {list(theirs)} there, {list(shape)} in this model"
-                            f" ({likely_cause(source, theirs, shape, cfg)})")  # fmt: skip
-        mapping[name] = source
+    # the decoder of encoder-only shards, the copy gate, a task's new layer stay fresh; PLUG's padding rows of the
+    # vocab are cut or kept fresh on load
+    mapping, fresh = map_by_name(target_shapes, wanted, have, cfg, where,
+                                 ("encoder.embeddings.word.weight", "mlm_head.bias"),
+                                 ("encoder.embeddings.token_type.weight",))  # fmt: skip
     return InitSource(init_from, mapping, tuple(fresh), cfg)
 
 

@@ -13,7 +13,7 @@ import torch
 from pretrain.errors import UserError
 from pretrain.hf.layout import from_hf
 from pretrain.models.config import ModelConfig
-from pretrain.training.init_from import HF, InitSource, likely_cause, source_names
+from pretrain.training.init_from import HF, InitSource, map_by_name, source_names
 
 _ROWS_MAY_GROW = ("encoder.embeddings.word.weight", "mlm_head.bias", "encoder.embeddings.token_type.weight")
 
@@ -46,20 +46,9 @@ def hf_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: Mo
     if vocab_path is not None:
         _check_vocab(path, vocab_path, where)
     shapes = {name: tuple(t.shape) for name, t in _from_hf_meta(path, cfg, where).items()}
-    mapping, fresh = {}, []
     wanted = source_names(list(target_shapes), cfg)  # stage two's decoder may come from the top encoder layers
-    for name, shape in target_shapes.items():
-        source = wanted.get(name)
-        have = shapes.get(source) if source else None
-        if have is None:  # the decoder, or a head the directory lacks (a plain BertModel has no MLM head)
-            fresh.append(name)
-            continue
-        grows = source in _ROWS_MAY_GROW and have[1:] == shape[1:] and have[0] <= shape[0]
-        shorter = source == "encoder.embeddings.position.weight" and have[1:] == shape[1:] and have[0] >= shape[0]
-        if have != shape and not (grows or shorter):
-            raise UserError(f"{where}: {source} is {list(have)} there, {list(shape)} in this model"
-                            f" ({likely_cause(source, have, shape, cfg)})")  # fmt: skip
-        mapping[name] = source
+    # the decoder, or a head the directory lacks (a plain BertModel has no MLM head), stays fresh
+    mapping, fresh = map_by_name(target_shapes, wanted, shapes, cfg, where, (), _ROWS_MAY_GROW)
     if not any(n.startswith("encoder.layers.") for n in mapping):
         raise UserError(f"{where}: no encoder layer found in model.safetensors")
     return InitSource(init_from, mapping, tuple(fresh), cfg)

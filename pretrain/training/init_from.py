@@ -180,6 +180,29 @@ def run_vocab(init_from: str) -> str | None:
     return None
 
 
+def map_by_name(target_shapes: dict[str, tuple[int, ...]], wanted: dict[str, str], have: dict[str, tuple[int, ...]],
+                cfg: ModelConfig, where: str, rows_any: tuple[str, ...], rows_grow: tuple[str, ...],
+                ) -> tuple[dict[str, str], list[str]]:  # fmt: skip
+    """(our parameter -> the source's, our fresh parameters) of a source directory whose tensors have the shapes
+    `have` (hf:, plug:): each of ours takes `wanted`'s source where the directory has it, else stays fresh. Shapes
+    must be equal, but for tables with other rows: those of rows_any (vocab padding, cut or kept fresh on load),
+    those of rows_grow with fewer rows there, and a position table with more (cut)."""
+    mapping, fresh = {}, []
+    for name, shape in target_shapes.items():
+        source = wanted.get(name)
+        theirs = have.get(source) if source else None
+        if theirs is None:  # the decoder of an encoder, a head the directory lacks, a task's new layer
+            fresh.append(name)
+            continue
+        rows = theirs[1:] == shape[1:] and (source in rows_any or (source in rows_grow and theirs[0] <= shape[0])
+                                            or (source == "encoder.embeddings.position.weight" and theirs[0] >= shape[0]))
+        if theirs != shape and not rows:
+            raise UserError(f"{where}: {source} is {list(theirs)} there, {list(shape)} in this model"
+                            f" ({likely_cause(source, theirs, shape, cfg)})")  # fmt: skip
+        mapping[name] = source
+    return mapping, fresh
+
+
 def likely_cause(name: str, theirs: tuple, ours: tuple, cfg: ModelConfig) -> str:
     if name == "encoder.embeddings.word.weight" and theirs[0] != ours[0]:
         return f"vocab size {theirs[0]} vs {ours[0]}: the data or model.vocab_size differ"
