@@ -59,6 +59,7 @@ PARTS = (
     ("generate", 60, ("stage2-bf16",)),
     ("throughput-base", 75, ("corpus",)),
     ("stage2-fp16", 75, ("corpus",)),
+    ("check-cost", 75, ("stage1-bf16",)),
 )
 # Where FusedAdam could not be built (the ops part failed), the training parts run torch's AdamW instead, and say so.
 TORCH_ADAM_ENV = "GPU_CHECK_TORCH_ADAM"
@@ -210,11 +211,11 @@ def _train_args(a, stage: str, precision: str, run_dir: str) -> list[str]:
     return args
 
 
-def part_train(a, stage: str, precision: str) -> dict:
+def part_train(a, stage: str, precision: str, extra: tuple[str, ...] = (), suffix: str = "") -> dict:
     import torch
 
-    run_dir = os.path.join(a.work, "runs", f"{stage}-{precision}")
-    args = _train_args(a, stage, precision, run_dir)
+    run_dir = os.path.join(a.work, "runs", f"{stage}-{precision}{suffix}")
+    args = _train_args(a, stage, precision, run_dir) + list(extra)
     if stage == "palm":  # from stage one's checkpoint when it was trained (init_from on the GPU too), else random
         first = os.path.join(a.work, "runs", "structbert-bf16")
         args.append(f"init_from={first}" if os.path.isfile(os.path.join(first, "checkpoints", "latest")) else "init_from=null")
@@ -241,6 +242,18 @@ def part_train(a, stage: str, precision: str) -> dict:
     if not finite or (not out["loss_falls"] and not a.dry_run):  # a dry run's 4 steps need not lower the loss
         raise PartFailed(out)
     return out
+
+
+def part_check_cost(a) -> dict:
+    """What the divergence checks (training/health.py) cost a step: stage one in bf16 again with
+    train.on_divergence=off, beside stage1-bf16's step time (checks on, the default)."""
+    off = part_train(a, "structbert", "bf16", ("train.on_divergence=off",), "-nochecks")
+    with open(os.path.join(a.work, "runs", "structbert-bf16", "metrics.jsonl")) as f:
+        on = [json.loads(line) for line in f]
+    steady = [r["step_time_s"] for r in on if r["split"] == "train"][1:]
+    on_s = statistics.median(steady) if steady else None
+    return {"step_time_s_checks_on": on_s, "step_time_s_checks_off": off["step_time_s"],
+            "overhead": None if on_s is None else round(on_s / off["step_time_s"] - 1, 4)}  # fmt: skip
 
 
 def part_generate(a) -> dict:
@@ -476,7 +489,7 @@ RUNNERS = {
     "env": part_env, "ops": part_ops, "corpus": part_corpus, "tests": part_tests,
     "stage1-bf16": lambda a: part_train(a, "structbert", "bf16"), "stage1-fp16": lambda a: part_train(a, "structbert", "fp16"),
     "stage2-bf16": lambda a: part_train(a, "palm", "bf16"), "stage2-fp16": lambda a: part_train(a, "palm", "fp16"),
-    "generate": part_generate,
+    "generate": part_generate, "check-cost": part_check_cost,
     "throughput-1b": lambda a: part_throughput(a, "1b"), "throughput-base": lambda a: part_throughput(a, "base"),
     "peer": part_peer,
 }  # fmt: skip
@@ -641,6 +654,9 @@ def summary(report: dict) -> str:
             head += ", ".join(f"{v} {k}" for k, v in r["counts"].items()) + "".join(f"\n    {f}" for f in r.get("failed", []))
         elif name == "generate":
             head += "; ".join(f"{k} {v['seconds']} s, {v['memory']}" for k, v in r.items() if isinstance(v, dict))
+        elif name == "check-cost" and "overhead" in r:
+            head += (f"divergence checks: {_fmt(r['step_time_s_checks_on'], 4)} s/step on, "
+                     f"{_fmt(r['step_time_s_checks_off'], 4)} off ({_fmt(r['overhead'], 4)})")  # fmt: skip
         elif name == "ops":
             head += ", ".join(f"{k} {v}" for k, v in r.items())
         if p.get("error") or p.get("why"):

@@ -127,8 +127,8 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     protect_best()
 
     # 3. Train; score valid and save at each eval step.
-    loader = task.train_loader(geometry, info.rank, started.step, s.max_steps)
-    step = loop.train(job, started, loader, s, geometry, info.rank, log, checkpoints, "pretrain.finetune",
+    make_loader = lambda data_step, end: task.train_loader(geometry, info.rank, data_step, end)  # noqa: E731
+    step = loop.train(job, started, make_loader, s, geometry, info.rank, log, checkpoints, "pretrain.finetune",
                       f"finetune {task.name}", after_eval=protect_best)  # fmt: skip
     train_s = time.perf_counter() - began
 

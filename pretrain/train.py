@@ -87,16 +87,17 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     started = loop.start(s, info, checkpoints, resume_from, stage.make_model, run.ds_config, run.init, "pretrain.train",
                          before_model=index, elastic=True)  # fmt: skip
     step = started.step
-    # Every sample is a pure function of (seed, epoch, index), so the loader restarts at `step`.
-    loader = stage.train_loader(geometry, info.rank, start_step=step)
-    data_stats = loader.dataset.stats() if info.rank == 0 else {}
+    # Every sample is a pure function of (seed, epoch, index), so the loader restarts at any data step.
+    data = stage.train_dataset(geometry)
+    make_loader = lambda data_step, end: stage.train_loader(geometry, info.rank, data_step, end, data)  # noqa: E731
+    data_stats = data.stats() if info.rank == 0 else {}
     write_run_files(s.run_dir, cfg, info, started.model, geometry, step, run.init, run.ds_config,
                     ModelRecord(stage.name, None, stage.model_cfg), stage.tokenizer.vocab_path,
                     data_sources=describe(stage.sources), train_data=data_stats)  # fmt: skip
     log = MetricsLog(s.run_dir, info.rank, s.wandb, OmegaConf.to_container(cfg, resolve=True), step)
 
     # 3. Train.
-    loop.train(StageJob(stage, geometry, info.rank), started, loader, s, geometry, info.rank, log, checkpoints,
+    loop.train(StageJob(stage, geometry, info.rank), started, make_loader, s, geometry, info.rank, log, checkpoints,
                "pretrain.train", "train")  # fmt: skip
     log.close()
     distributed.barrier()

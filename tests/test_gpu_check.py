@@ -11,7 +11,7 @@ pytestmark = pytest.mark.e2e  # every test here starts processes (pyproject.toml
 
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.sh")
 PARTS = ["env", "ops", "corpus", "tests", "stage1-bf16", "throughput-1b", "peer", "stage1-fp16", "stage2-bf16",
-         "generate", "throughput-base", "stage2-fp16"]  # fmt: skip
+         "generate", "throughput-base", "stage2-fp16", "check-cost"]  # fmt: skip
 
 
 def run(out, *args, timeout=900):
@@ -44,6 +44,8 @@ def test_dry_run_runs_every_part_and_writes_its_figures(tmp_path):
     packing = parts["throughput-base"]["packing"]
     assert [r["unpad"] for r in packing] == [True, False, True] and all(r["padding"] > 0 for r in packing)
     assert parts["peer"]["ratio"] > 0 and parts["peer"]["padding"] > 0  # the corpus gives padded batches
+    cost = parts["check-cost"]
+    assert cost["step_time_s_checks_on"] > 0 and cost["step_time_s_checks_off"] > 0 and cost["overhead"] is not None
     assert parts["generate"]["fp32"]["rc"] == 0 and "weights held per rank (GiB): [" in parts["generate"]["fp32"]["memory"]
     summary = open(tmp_path / "out" / "summary.txt").read()
     assert summary.startswith("gpu_check (dry run, CPU)") and all(f"\n{name} " in summary for name in PARTS)

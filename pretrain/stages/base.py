@@ -119,9 +119,11 @@ class Stage:
         return StepSampler(micro_batch=geometry.micro, grad_accum=geometry.accum, world_size=geometry.world, rank=rank,
                            start_step=start_step, max_steps=self.max_steps if max_steps is None else max_steps)  # fmt: skip
 
-    def train_loader(self, geometry: BatchGeometry, rank: int, start_step: int) -> DataLoader:
-        data = self.train_dataset(geometry)
-        return self._loader(data, self.train_sampler(data, geometry, rank, start_step), self.num_workers)
+    def train_loader(self, geometry: BatchGeometry, rank: int, start_step: int, max_steps: int | None = None,
+                     data=None) -> DataLoader:  # fmt: skip
+        """data: the train dataset when the caller has built it already (a rollback restarts the loader)."""
+        data = self.train_dataset(geometry) if data is None else data
+        return self._loader(data, self.train_sampler(data, geometry, rank, start_step, max_steps), self.num_workers)
 
     def _token_ids(self) -> dict:
         t = self.tokenizer

@@ -84,19 +84,26 @@ class Checkpoints:
         self.dir = os.path.join(run_dir, "checkpoints")
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.protected: set[str] = set()  # tags never pruned (fine-tuning: the checkpoint the valid metric picked)
+        self._health: dict[str, bool] = {}  # tag -> its recorded health, read once
+        self.loaded_state: dict = {}  # the client state of the checkpoint `load` restored
 
-    def save(self, engine, step: int, stage: str, global_batch: int) -> None:
+    def save(self, engine, step: int, stage: str, global_batch: int, healthy: bool = True,
+             health: dict | None = None) -> None:  # fmt: skip
+        """healthy: the run saw no divergence since its previous checkpoint (training/health.py), which `_prune`
+        and a rollback read back; health: the monitor's state, so a resumed run judges as the straight one would."""
         tag = f"step{step}"
         os.makedirs(os.path.join(self.dir, tag), exist_ok=True)
         torch.save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt"))
         _fault_point(step, self.rank)
-        client_state = {"step": step, "stage": stage, "global_batch": global_batch}
+        client_state = {"step": step, "stage": stage, "global_batch": global_batch, "healthy": healthy,
+                        "health": health or {}}  # fmt: skip
         engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)  # ends in a barrier
         if self.rank == 0:
             tmp = os.path.join(self.dir, "latest.tmp")
             with open(tmp, "w") as f:
                 f.write(tag)
             os.replace(tmp, os.path.join(self.dir, "latest"))
+            self._health[tag] = healthy
             self._prune(keep=tag)
         distributed.barrier()
 
@@ -114,10 +121,34 @@ class Checkpoints:
                 print(f"pretrain.train: removing {os.path.join(self.dir, name)}: an unfinished checkpoint", file=sys.stderr)
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
+    def healthy(self, tag: str) -> bool:
+        """Whether checkpoint `tag` was written by a healthy run (one written before the record existed: yes)."""
+        if tag not in self._health:
+            self._health[tag] = saved_state(os.path.join(self.dir, tag)).get("healthy", True) is not False
+        return self._health[tag]
+
+    def committed_tags(self) -> list[str]:
+        """The complete checkpoints, oldest first: step directories up to the one `latest` names."""
+        latest = read_latest(self.dir) if os.path.isdir(self.dir) else None
+        if latest is None or not _STEP_DIR.match(latest):
+            return []
+        newest = int(_STEP_DIR.match(latest).group(1))
+        steps = sorted(int(m.group(1)) for n in os.listdir(self.dir) if (m := _STEP_DIR.match(n)))
+        return [f"step{k}" for k in steps if k <= newest]
+
+    def newest_healthy(self) -> str | None:
+        """The directory of the newest complete checkpoint written by a healthy run; None when there is none."""
+        for tag in reversed(self.committed_tags()):
+            if self.healthy(tag):
+                return os.path.join(self.dir, tag)
+        return None
+
     def _prune(self, keep: str) -> None:
         tags = sorted((int(m.group(1)), n) for n in os.listdir(self.dir) if (m := _STEP_DIR.match(n)))
+        # A long unhealthy stretch (train.on_divergence=warn) must not age the last healthy checkpoint out.
+        newest_healthy = next((n for _, n in reversed(tags) if self.healthy(n)), None)
         for _, name in tags[: -self.keep_last]:
-            if name != keep and name not in self.protected:
+            if name != keep and name not in self.protected and name != newest_healthy:
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
                 shutil.rmtree(os.path.join(self.dir, name + UNIVERSAL), ignore_errors=True)
 
@@ -175,6 +206,7 @@ class Checkpoints:
         path, client_state = engine.load_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
         if path is None:
             raise UserError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+        self.loaded_state = client_state
         step = int(client_state["step"])
         if tag_dir.endswith(UNIVERSAL):
             complete_universal_load(engine, tag_dir, self.rank, self.world_size)

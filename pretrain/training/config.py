@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.errors import UserError
 from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
+from pretrain.training.health import HealthSettings, health_settings
 from pretrain.training.optim import OPTIMIZERS, fused_lamb_status
 from pretrain.training.safe_load import trust_setting
 
@@ -70,6 +71,8 @@ class RunSettings:
     precision: str
     peak_tflops: float | None  # train.peak_tflops: the device's peak for the mfu column; None = training/flops.py's table
     trust_checkpoint: bool  # load checkpoint files whatever types they name (training/safe_load.py)
+    health: HealthSettings  # what a divergence does (training/health.py)
+    min_loss_scale: float | None  # fp16: the dynamic loss scale's floor; None under bf16 and fp32
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
@@ -114,7 +117,8 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         keep_last=int(t.keep_last), resume=str(t.resume), elastic=elastic, stop_file=str(t.stop_file),
         weight_decay=float(t.weight_decay), timeout_s=float(cfg.dist.timeout_s), progress=bool(cfg.logger.progress),
         wandb=WandbSettings(str(w.mode), str(w.project), w.name), hardware=str(ds.name), precision=str(ds.precision),
-        peak_tflops=peak, trust_checkpoint=trust,
+        peak_tflops=peak, trust_checkpoint=trust, health=health_settings(t),
+        min_loss_scale=float(ds.fp16.min_loss_scale) if ds.precision == "fp16" and "fp16" in ds else None,
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 from tqdm import tqdm
@@ -27,7 +27,12 @@ from pretrain.training.rng import seed_rng
 from pretrain.training.config import BatchGeometry, RunSettings
 from pretrain.training.engine import build_model, initialize, to_device
 from pretrain.training.flops import peak_tflops
-from pretrain.training.metrics import MetricsLog, Window, engine_columns, metrics_row, throughput_columns
+from pretrain.training.health import (
+    DataSkips, Event, HealthMonitor, StepLoss, diverged, injected_loss_factor, stop_line, weights_finite,
+)  # fmt: skip
+from pretrain.training.metrics import (
+    MetricsLog, Window, engine_columns, fp16_columns, metrics_row, throughput_columns,
+)  # fmt: skip
 from pretrain.training.stopping import StopRequest
 
 
@@ -95,31 +100,55 @@ def start(s: RunSettings, info: distributed.DistInfo, checkpoints: Checkpoints, 
     return Started(engine, model, step, stop)
 
 
-def train(job: Job, run: Started, loader, s: RunSettings, geometry: BatchGeometry, rank: int, log: MetricsLog,
-          checkpoints: Checkpoints, command: str, desc: str, after_eval: Callable[[], None] = lambda: None) -> int:  # fmt: skip
-    """Step from run.step to s.stop_at (or a stop request) over `loader`, the job's train batches from run.step on;
-    returns the last step trained. after_eval: what the run does after each evaluation, before its checkpoint
-    (fine-tuning protects its best one from pruning)."""
+def train(job: Job, run: Started, make_loader: Callable[[int, int], Iterable], s: RunSettings, geometry: BatchGeometry,
+          rank: int, log: MetricsLog, checkpoints: Checkpoints, command: str, desc: str,
+          after_eval: Callable[[], None] = lambda: None) -> int:  # fmt: skip
+    """Step from run.step to s.stop_at (or a stop request) over the job's train batches; returns the last step
+    trained. make_loader(data_step, end): the batches from data step `data_step` on, ending before `end` (data steps
+    run ahead of training steps by the batches rollbacks skipped, training/health.py). after_eval: what the run does
+    after each evaluation, before its checkpoint (fine-tuning protects its best one from pruning)."""
     engine, step = run.engine, run.step
-    batches = iter(loader)
+    skips = DataSkips(s.run_dir)
+    batches = iter(make_loader(step + skips.offset(step), s.max_steps + skips.offset(s.max_steps)))
     window = Window(job.objectives)
+    monitor = HealthMonitor(s.health, s.precision, s.min_loss_scale, checkpoints.loaded_state.get("health"))
+    losses = StepLoss(geometry.accum, engine.device)
     peak = peak_tflops(s.peak_tflops) if job.counts_flops else None  # None: no mfu (CPU, or a GPU the table lacks)
     bar = tqdm(total=s.max_steps, initial=step, disable=rank != 0 or not s.progress, desc=desc)
     engine.train()
     while step < s.stop_at:
         lr = engine.get_lr()[0]  # the rate this step applies
-        for _ in range(geometry.accum):
+        poison = injected_loss_factor(step + skips.offset(step))
+        for micro in range(geometry.accum):
             host_batch = next(batches)
             counts = job.token_counts(host_batch)  # counted on the host: no device sync
             flops = job.train_flops(host_batch)  # from the host batch's shapes and labels, likewise
             loss, stats = job.forward(engine, to_device(host_batch, engine.device))
+            if poison != 1.0:
+                loss = loss * poison
+            losses.record(micro, loss)
             engine.backward(loss)
             engine.step()  # DeepSpeed updates only at the accumulation boundary
             window.add(stats, *counts, flops=flops)
         step += 1
         window.mark_step()
         bar.update(1)
-        stopping = step < s.stop_at and run.stop.requested()  # collective: every rank agrees on the step
+        # One collective, as before the checks: the stop request, and the step's loss summed over the ranks.
+        stop_asked, (loss_sum,) = run.stop.requested([losses.total() / geometry.accum])
+        stopping = step < s.stop_at and stop_asked  # every rank agrees on the step
+        event = monitor.observe(step, loss_sum / geometry.world, overflowed(engine), loss_scale(engine))
+        if event is not None:
+            if event.action == "rollback" and len(skips.records) < s.health.max_rollbacks:
+                step, batches = _roll_back(event, engine, checkpoints, skips, monitor, make_loader, s, rank, log, command)
+                window.reset()
+                bar.n = step
+                continue
+            log.write(event.row(action="warn" if event.action == "warn" else "stop"))
+            healthy = checkpoints.newest_healthy()
+            if event.action != "warn":
+                raise diverged(event, healthy)
+            if rank == 0:
+                print(f"{command}: warning: {stop_line(event, healthy)}", file=sys.stderr)
         if step % s.log_every == 0 or step == s.stop_at or stopping:  # every rank: the columns are collectives
             reduced = window.reduce()
             columns = engine_columns(engine, lr)
@@ -134,10 +163,54 @@ def train(job: Job, run: Started, loader, s: RunSettings, geometry: BatchGeometr
                 log.write(row)
             after_eval()
         if (evaluated and job.saves_at_eval) or step % s.save_every == 0 or step == s.stop_at or stopping:
-            checkpoints.save(engine, step, job.kind, geometry.global_batch)
+            _save(engine, step, job, geometry, checkpoints, monitor, log, rank, command)
         if stopping:
             if rank == 0:
                 print(f"{command}: stop requested: checkpoint of step {step} saved, exiting", file=sys.stderr)
             break
     bar.close()
     return step
+
+
+def overflowed(engine) -> bool:
+    """DeepSpeed skipped this step's update: ZeRO-3 sets the flag (on the host, after its own check) when the
+    gradient norm is not finite, in any precision, and on fp16's overflows."""
+    return bool(getattr(engine.optimizer, "overflow", False))
+
+
+def loss_scale(engine) -> float | None:
+    scale = fp16_columns(engine).get("loss_scale")
+    return None if scale is None else float(scale)
+
+
+def _save(engine, step: int, job: Job, geometry: BatchGeometry, checkpoints: Checkpoints, monitor: HealthMonitor,
+          log: MetricsLog, rank: int, command: str) -> None:  # fmt: skip
+    """A checkpoint, never of non-finite weights (checked on every rank's partition: a pass over memory, small
+    beside the write)."""
+    if monitor.enabled and not all(distributed.gather_objects(weights_finite(engine))):
+        event = Event(step, "nonfinite_weights", "weights not finite at a save", None, "stop")
+        log.write(event.row())
+        raise diverged(event, checkpoints.newest_healthy())
+    checkpoints.save(engine, step, job.kind, geometry.global_batch, healthy=monitor.events_since_save == 0,
+                     health=monitor.state())  # fmt: skip
+    monitor.saved()
+
+
+def _roll_back(event: Event, engine, checkpoints: Checkpoints, skips: DataSkips, monitor: HealthMonitor, make_loader,
+               s: RunSettings, rank: int, log: MetricsLog, command: str):  # fmt: skip
+    """Reload the newest healthy checkpoint and skip the data steps that led from it to the event; returns the
+    step it goes on from and the batches from there."""
+    target = checkpoints.newest_healthy()
+    if target is None:
+        raise diverged(event, None)
+    step = checkpoints.load(engine, target, s.seed)
+    skips.add(step, event.step - step, event, rank)
+    monitor.after_rollback(checkpoints.loaded_state.get("health") or {})
+    log.truncate_after(step)  # the rows of the steps trained again; event rows stay
+    log.write(event.row(to_step=step, skipped_data_steps=event.step - step, rollbacks=len(skips.records)))
+    if rank == 0:
+        print(f"{command}: step {event.step}: {event.what}: rolled back to {target}, skipping the {event.step - step}"
+              f" steps of data that led here (rollback {len(skips.records)} of {s.health.max_rollbacks})",
+              file=sys.stderr)  # fmt: skip
+    offset = skips.offset(step)
+    return step, iter(make_loader(step + offset, s.max_steps + skips.offset(s.max_steps)))

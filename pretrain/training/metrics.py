@@ -161,16 +161,19 @@ class MetricsLog:
         self.wandb = None
         if rank != 0:
             return
-        self._truncate_after(resumed_step, rewritten_splits)
+        self.truncate_after(resumed_step, rewritten_splits)
         if wandb_cfg.mode != "disabled":
             self.wandb = _start_wandb(run_dir, wandb_cfg, config)
 
-    def _truncate_after(self, step: int, rewritten_splits: tuple[str, ...]) -> None:
-        if not os.path.exists(self.path):
+    def truncate_after(self, step: int, rewritten_splits: tuple[str, ...] = ()) -> None:
+        """Rank 0: drop the rows past `step` (the run trains those steps again), except event rows
+        (training/health.py): what happened to the run stays in its history."""
+        if self.rank != 0 or not os.path.exists(self.path):
             return
         with open(self.path, encoding="utf-8") as f:
             rows = [(line, json.loads(line)) for line in f if line.strip()]
-        kept = [line for line, r in rows if r["step"] <= step and r["split"] not in rewritten_splits]
+        kept = [line for line, r in rows
+                if (r["step"] <= step or r["split"] == "event") and r["split"] not in rewritten_splits]  # fmt: skip
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)

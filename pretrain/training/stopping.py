@@ -29,7 +29,9 @@ class StopRequest:
             print(f"pretrain.train: removing {self.path}, left from an earlier run", file=sys.stderr)
             os.remove(self.path)
 
-    def requested(self) -> bool:
-        """Collective: True on every rank if any rank was signalled or sees the stop file."""
+    def requested(self, also: list[float] = ()) -> tuple[bool, list[float]]:
+        """Collective: True on every rank if any rank was signalled or sees the stop file; `also`, host numbers
+        summed over the ranks in the same all-reduce (the step's loss for training/health.py: no second one)."""
         local = self._signalled or os.path.exists(self.path)
-        return all_reduce_sum([float(local)])[0] > 0
+        stop, *sums = all_reduce_sum([float(local), *also])
+        return stop > 0, sums
