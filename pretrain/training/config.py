@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.errors import UserError
 from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
+from pretrain.training.memory import zero_sizes
 from pretrain.training.optim import OPTIMIZERS, fused_lamb_status
 from pretrain.training.safe_load import trust_setting
 
@@ -70,6 +71,7 @@ class RunSettings:
     precision: str
     peak_tflops: float | None  # train.peak_tflops: the device's peak for the mfu column; None = training/flops.py's table
     trust_checkpoint: bool  # load checkpoint files whatever types they name (training/safe_load.py)
+    memory_check: bool  # train.memory_check: refuse a run whose memory estimate exceeds the device (training/memory.py)
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
@@ -115,6 +117,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         weight_decay=float(t.weight_decay), timeout_s=float(cfg.dist.timeout_s), progress=bool(cfg.logger.progress),
         wandb=WandbSettings(str(w.mode), str(w.project), w.name), hardware=str(ds.name), precision=str(ds.precision),
         peak_tflops=peak, trust_checkpoint=trust,
+        memory_check=t.memory_check,  # checked by training/memory.py check
     )  # fmt: skip
 
 
@@ -205,7 +208,7 @@ def deepspeed_config(cfg: DictConfig, geometry: BatchGeometry) -> dict:
                 "warmup_type": "linear",
             },
         },
-        "zero_optimization": dict(ds.zero),
+        "zero_optimization": zero_sizes(OmegaConf.to_container(ds.zero), int(cfg.model.hidden)),  # "auto": from h
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         **optimizer_config(t, ds),
