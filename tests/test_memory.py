@@ -15,7 +15,8 @@ from pretrain.errors import UserError
 from pretrain.models.structbert import StructBert
 from pretrain.train import setup
 from pretrain.training import memory
-from runs import PYTHON, REPO, TINY, launch
+from runs import FINETUNE_TINY, PYTHON, REPO, TINY, launch
+from test_finetune import tasks  # noqa: F401 (a fixture: tiny task directories)
 
 GiB = 2**30
 
@@ -170,6 +171,23 @@ def test_memory_check_false_overrides_the_refusal(prepared, tmp_path):
     assert (run / "checkpoints" / "step2").is_dir()
     bad = launch(PYTHON, args + [f"run.dir={tmp_path / 'bad'}", "train.memory_check=maybe"], expect_rc=2)
     assert "train.memory_check=maybe: must be true or false" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.e2e
+def test_finetune_is_checked_too(prepared, tasks, tmp_path):  # noqa: F811
+    """pretrain.finetune runs the same check before its model: a generation task (a decoder) on a machine with
+    1 MB per rank is refused in one line naming the plan command, run.dir unwritten."""
+    run = tmp_path / "run"
+    args = FINETUNE_TINY + ["task=generation", f"data.dir={tasks['gen']}", f"run.dir={run}", f"vocab={prepared}/vocab.txt"]
+    os.environ["PRETRAIN_MEMORY_AVAILABLE"] = str(2**20)
+    try:
+        refused = launch([sys.executable, "-m", "pretrain.finetune"], args, expect_rc=2)
+    finally:
+        del os.environ["PRETRAIN_MEMORY_AVAILABLE"]
+    line = [x for x in refused.stderr.splitlines() if "[WARNING]" not in x]
+    assert len(line) == 1 and line[0].startswith("pretrain.finetune: error: this run needs about "), refused.stderr
+    assert "python -m pretrain.plan model=toy model.hidden=64" in line[0] and "stage=palm" in line[0]
+    assert not run.exists()
 
 
 if __name__ == "__main__":
