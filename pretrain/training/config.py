@@ -208,7 +208,7 @@ def deepspeed_config(cfg: DictConfig, geometry: BatchGeometry) -> dict:
                 "warmup_type": "linear",
             },
         },
-        "zero_optimization": zero_sizes(OmegaConf.to_container(ds.zero), int(cfg.model.hidden)),  # "auto": from h
+        "zero_optimization": zero_sizes(dict(ds.zero), int(cfg.model.hidden)),  # "auto": from h
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         **optimizer_config(t, ds),
