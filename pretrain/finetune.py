@@ -24,7 +24,7 @@ from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
-from pretrain.training import distributed, init_from, loop, safe_load
+from pretrain.training import distributed, init_from, loop, memory, safe_load
 from pretrain.training.checkpoint import Checkpoints
 from pretrain.training.run_dir import ModelRecord, load_weights, write_atomic, write_run_files
 from pretrain.training.config import (
@@ -113,6 +113,10 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     job = TaskJob(task, geometry, info)
     checkpoints = Checkpoints(s.run_dir, info.rank, info.world_size, s.keep_last)
     resume_from = checkpoints.resolve(s.resume, job.kind, geometry.global_batch)
+    generation = task.kind == "generation"  # a decoder and its vocabulary projection; the others project no vocab
+    shape = memory.run_shape(task.model_cfg, generation, int(generation), task.seq_len, geometry.micro, run.ds_config,
+                             s.precision, info.world_size)  # fmt: skip
+    memory.check(s.memory_check, shape, task.make_model, info.local_rank, info.world_size, task.stage, s.hardware)
 
     # 2. Join the ranks, build the partitioned model with the pre-trained weights, restore the newest checkpoint.
     started = loop.start(s, info, checkpoints, resume_from, task.make_model, run.ds_config, run.init, "pretrain.finetune",

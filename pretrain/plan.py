@@ -3,118 +3,72 @@
     python -m pretrain.plan model=plug nodes=4 gpus_per_node=8 gpu_mem_gb=32 seq_len=512 micro_batch=1 \
         [stage=structbert|palm] [activation_checkpointing=true] [vocab_size=N] [max_nodes=1024] [json=true] \
         [model.<field>=...]   (e.g. model.attention=math: the plain attention, which keeps the s x s scores)
+        [deepspeed=zero3_v100|zero3_bf16|zero3_cpu] [precision=fp16|bf16|fp32]  (the hardware profile whose ZeRO-3
+        buffers are counted, "auto" sizes filled from the model's width; precision: the profile's unless given)
     python -m pretrain.plan model=plug stage=palm generate=true nodes=1 gpus_per_node=8 gpu_mem_gb=16 \
         seq_len=512 micro_batch=8 new_tokens=128 [num_beams=1] [precision=bf16|fp16|fp32] [max_live_parameters=1e9]
         (pretrain.generate's memory per rank, as it runs with those settings: generation_plan)
 
 Parameters: the model the trainer would build, on the meta device. Model states per GPU: DeepSpeed's own
-ZeRO-3 estimator. Activations: activation_bytes' formula. GiB (2**30 bytes) throughout, as DeepSpeed prints.
+ZeRO-3 estimator. Activations: activation_bytes' formula. ZeRO-3 buffers: buffer_bytes'. The model lives in
+pretrain/training/memory.py, where the trainer's check before the model is built (train.memory_check) uses it too.
+GiB (2**30 bytes) throughout, as DeepSpeed prints.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import sys
 
-import torch
 from omegaconf import OmegaConf
 
 from pretrain import cli
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
-from pretrain.models.layers import count_parameters
 from pretrain.stages import STAGES, stage_class
+from pretrain.training import memory
 from pretrain.training.config import model_config
+from pretrain.training.memory import BYTES, CUDA_CONTEXT_GB, GiB, RESERVE_FRACTION
 
-GiB = 2**30
-MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "model")
-# Kept free on every GPU: 10% for allocator fragmentation and ZeRO-3's prefetch/reduce buckets (which the
-# estimator leaves out), and about 1 GiB that the CUDA context and kernels take before the first tensor.
-RESERVE_FRACTION, CUDA_CONTEXT_GB = 0.10, 1.0
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+MODEL_DIR, DEEPSPEED_DIR = os.path.join(CONF_DIR, "model"), os.path.join(CONF_DIR, "deepspeed")
 DEFAULTS = {"model": None, "stage": next(iter(STAGES)), "nodes": 1, "gpus_per_node": 8, "gpu_mem_gb": 32.0,
             "seq_len": 512, "micro_batch": 1, "activation_checkpointing": False, "vocab_size": None,
             "max_nodes": 1024, "json": False, "generate": False, "new_tokens": 128, "num_beams": 1,
-            "precision": "bf16", "max_live_parameters": 10**9}  # fmt: skip
+            "precision": None, "max_live_parameters": 10**9, "deepspeed": "zero3_v100"}  # fmt: skip
 # generate=true's own keys (its plan: generation_plan), as pretrain.generate takes them. max_live_parameters: ZeRO-3
 # gathers a module's parameters as it runs it, prefetching the next ones, and keeps at most this many gathered
 # (DeepSpeed's stage3_max_live_parameters; its default, 1e9, is pretrain.generate's).
+# precision: generation's, bf16 unless given; a training plan's, the deepspeed profile's unless given.
 GENERATION_KEYS = ("generate", "new_tokens", "num_beams", "precision", "max_live_parameters")
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-def _stage3():
-    """deepspeed.runtime.zero.stage3, imported with stdout sent to stderr: DeepSpeed's logger, created on
-    import, announces the accelerator on stdout, which would spoil json=true."""
-    with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.runtime.zero import stage3
-    return stage3
 
 
 @functools.lru_cache(maxsize=8)
-def count_model(cfg: ModelConfig, stage: str) -> tuple[int, int]:
-    """(total parameters, largest layer's parameters) of the model the trainer builds for this stage, built on
-    the meta device (shapes, no storage: PLUG-27B costs nothing). Not under deepspeed.zero.Init as the trainer
-    does: that needs a process group (it calls init_distributed), which a planner has not got; the parameters are
-    the same. init_weights works on meta tensors (its GatheredParameters is a no-op without ZeRO parameters)."""
-    stage3 = _stage3()  # before init_weights imports deepspeed, whose import would print on stdout
-    with torch.device("meta"):
-        model = stage_class(stage).model_class()(cfg)
-    # DeepSpeed's largest layer (model_to_params): the most parameters one module owns itself (recurse=False): PLUG's
-    # FFN up-projection, small models' word embeddings. Its total dedups by data_ptr(), 0 on meta: not used.
-    return count_parameters(model), stage3.model_to_params(model)[1]
+def count_model(cfg: ModelConfig, stage: str) -> memory.ModelCount:
+    """The model the trainer builds for this stage, counted on the meta device (training/memory.py count_model)."""
+    return memory.count_model(lambda: stage_class(stage).model_class()(cfg))
 
 
-def model_states_bytes(total: int, largest: int, nodes: int, gpus_per_node: int) -> int:
-    """DeepSpeed's per-GPU estimate, ZeRO-3 with parameters and optimizer on the GPU, built under zero.Init:
-    18 bytes/param / GPUs (fp16 params and grads, fp32 master and Adam m, v, and a margin) + 4 x largest layer."""
-    _, gpu, _ = _stage3().estimate_zero3_model_states_mem_needs(
-        total, largest, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
-        cpu_offload=False, cpu_offload_params=False, zero_init=True,
-    )  # fmt: skip
-    return gpu
+def model_states_bytes(total: int, largest: int, nodes: int, gpus_per_node: int, element: int = 2) -> int:
+    return memory.model_states_bytes(total, largest, nodes, gpus_per_node, element)
 
 
 def activation_bytes(cfg: ModelConfig, stage: str, seq_len: int, micro_batch: int, checkpointing: bool) -> int:
-    """fp16 activations kept for backward per GPU, after Korthikanti et al. 2022, sec. 4.1 (s tokens, b samples,
-    h hidden, a heads, f FFN width; 2 bytes per fp16 element, 1 per dropout-mask element):
-      attention 11sbh + 5as^2b: QKV input 2, Q and K 4, V 2, out-projection input 2, dropout mask 1 (x sbh);
-                softmax output 2, its dropout mask 1, the dropped-out probabilities 2 (x as^2b)
-      FFN 3sbh + 4sbf: up-projection input 2 and dropout mask 1 (x sbh); GELU input and output 2 each (x sbf)
-      LayerNorm 2sbh each
-    Encoder layer 18sbh + 4sbf + 5as^2b = sbh(34 + 5as/h) at f = 4h, the paper's figure. A decoder layer adds
-    cross-attention (decoder length taken = s; the encoder output its keys and values come from is one tensor
-    shared by all layers) and a LayerNorm: 31sbh + 4sbf + 10as^2b. That is model.attention=math; with sdpa
-    PyTorch runs the memory-efficient kernel on V100 (FlashAttention on sm80+), which keeps no s x s matrix, only
-    a fp32 log-sum-exp: 4asb in place of each 5as^2b (the copy mechanism's one hand-computed layer aside).
-    Checkpointing as the model does it (each layer wrapped): every layer's fp16 input (2sbh) is kept, plus one
-    layer's full activations while it is recomputed. Vocabulary projections: fp16 logits (2) + the fp32
-    log-softmax that cross-entropy keeps (4), at all s positions (an upper bound: the heads project predicted
-    positions only); stage two has two (encoder masked LM, decoder). Left out, each below one layer's share:
-    embeddings, final LayerNorms, head transforms, the encoder output."""
-    s, b, h, f, a, v = seq_len, micro_batch, cfg.hidden, cfg.ffn, cfg.heads, cfg.vocab_size
-    plain = getattr(cfg, "attention", "sdpa") == "math"  # model.attention: sdpa | math (older configs: SDPA)
-    scores = 5 * a * s * s * b if plain else 4 * a * s * b
-    encoder_layer = 18 * s * b * h + 4 * s * b * f + scores
-    decoder_layer = 31 * s * b * h + 4 * s * b * f + 2 * scores
+    """16-bit activations per GPU of this stage's model (training/memory.py activation_bytes has the formula)."""
     stage_cls = stage_class(stage)
-    n_dec = cfg.decoder_layers if stage_cls.generates else 0  # a model without a decoder ignores decoder_layers
-    logits = 6 * s * b * v * stage_cls.vocab_projections
-    if not checkpointing:
-        return cfg.layers * encoder_layer + n_dec * decoder_layer + logits
-    return 2 * s * b * h * (cfg.layers + n_dec) + (decoder_layer if n_dec else encoder_layer) + logits
+    return memory.activation_bytes(cfg, stage_cls.generates, stage_cls.vocab_projections, seq_len, micro_batch,
+                                   checkpointing)  # fmt: skip
 
 
-def usable_bytes(gpu_mem_gb: float) -> int:
-    return int(gpu_mem_gb * GiB * (1 - RESERVE_FRACTION) - CUDA_CONTEXT_GB * GiB)
+usable_bytes = memory.usable_bytes
 
 
-def smallest_nodes(total: int, largest: int, gpus_per_node: int, act: int, usable: int, max_nodes: int):
-    """Fewest nodes whose per-GPU model states + activations fit, or None up to max_nodes. Model states only
-    shrink as nodes are added and activations do not depend on them, so the first fit is the answer."""
-    fits = (n for n in range(1, max_nodes + 1) if model_states_bytes(total, largest, n, gpus_per_node) + act <= usable)
-    return next(fits, None)
+def smallest_nodes(need, usable: int, max_nodes: int):
+    """Fewest nodes whose per-GPU need(nodes) (model states + activations + ZeRO-3 buffers) fits, or None up to
+    max_nodes. Model states only shrink as nodes are added, activations do not depend on them, and the buffers grow
+    only from one rank to several: so the first fit is the answer."""
+    return next((n for n in range(1, max_nodes + 1) if need(n) <= usable), None)
 
 
 def _check(key: str, value, ok: bool, want: str) -> None:
@@ -138,7 +92,9 @@ def parse(argv: list[str]) -> tuple[dict, ModelConfig]:
     for key in ("activation_checkpointing", "json", "generate"):
         _check(key, args[key], isinstance(args[key], bool), "true or false")
     _check("stage", args["stage"], args["stage"] in STAGES, " or ".join(STAGES))
-    _check("precision", args["precision"], args["precision"] in BYTES, " or ".join(BYTES))
+    _check("precision", args["precision"], args["precision"] is None or args["precision"] in BYTES, " or ".join(BYTES))
+    profiles = sorted(n[: -len(".yaml")] for n in os.listdir(DEEPSPEED_DIR) if n.endswith(".yaml"))
+    _check("deepspeed", args["deepspeed"], args["deepspeed"] in profiles, f"one of {', '.join(profiles)} (conf/deepspeed/)")
     m = OmegaConf.load(os.path.join(MODEL_DIR, f"{args['model']}.yaml"))
     for key, value in overrides.items():
         _check(f"model.{key}", value, key in m, f"a field of conf/model/{args['model']}.yaml")
@@ -183,14 +139,16 @@ def generation_plan(args: dict, cfg: ModelConfig) -> dict:
         raise UserError(f"generate=true: stage={args['stage']} does not generate (its model has no decoder)")
     _check("new_tokens", args["new_tokens"], args["new_tokens"] <= cfg.max_positions,
            f"at most model.max_positions={cfg.max_positions}")  # fmt: skip
-    (total, largest), per_node = count_model(cfg, args["stage"]), args["gpus_per_node"]
+    counted, per_node = count_model(cfg, args["stage"]), args["gpus_per_node"]
+    total, largest = counted.total, counted.largest
+    args = {**args, "precision": args["precision"] or "bf16"}
     need = lambda nodes: generation_bytes(cfg, total, largest, nodes * per_node, args["seq_len"], args["new_tokens"],  # noqa: E731
                                           args["micro_batch"], args["num_beams"], BYTES[args["precision"]],
                                           args["max_live_parameters"])  # fmt: skip
     usable, parts = usable_bytes(args["gpu_mem_gb"]), need(args["nodes"])
     fits = (n for n in range(1, args["max_nodes"] + 1) if need(n)["total"] <= usable)
     return {
-        **{k: args[k] for k in DEFAULTS if k != "json"}, "model_class": stage.model_class().__name__,
+        **{k: args[k] for k in DEFAULTS if k not in ("json", "deepspeed")}, "model_class": stage.model_class().__name__,
         "vocab_size": cfg.vocab_size, "total_params": total, "largest_layer_params": largest,
         "per_rank_bytes": parts, "usable_bytes": usable, "fits": parts["total"] <= usable, "min_nodes": next(fits, None),
     }  # fmt: skip
@@ -228,31 +186,40 @@ def plan(argv: list[str]) -> dict:
     args, cfg = parse(argv)
     if args["generate"]:
         return generation_plan(args, cfg)
-    (total, largest), per_node = count_model(cfg, args["stage"]), args["gpus_per_node"]
-    act = [activation_bytes(cfg, args["stage"], args["seq_len"], args["micro_batch"], ck) for ck in (False, True)]
-    used = act[args["activation_checkpointing"]]  # False/True index 0/1
-    states, usable = model_states_bytes(total, largest, args["nodes"], per_node), usable_bytes(args["gpu_mem_gb"])
+    counted, stage = count_model(cfg, args["stage"]), stage_class(args["stage"])
+    profile = OmegaConf.load(os.path.join(DEEPSPEED_DIR, f"{args['deepspeed']}.yaml"))
+    precision = args["precision"] or str(profile.precision)
+    zero = memory.zero_sizes(OmegaConf.to_container(profile.zero), cfg.hidden, f"conf/deepspeed/{args['deepspeed']}.yaml zero")
+    shape = lambda nodes: memory.RunShape(cfg, stage.generates, stage.vocab_projections, args["seq_len"],  # noqa: E731
+                                          args["micro_batch"], zero, precision, nodes, args["gpus_per_node"])  # fmt: skip
+    act = [activation_bytes(cfg, args["stage"], args["seq_len"], args["micro_batch"], ck) * BYTES[precision] // 2
+           for ck in (False, True)]  # fmt: skip
+    need, usable = memory.need_bytes(shape(args["nodes"]), counted), usable_bytes(args["gpu_mem_gb"])
     return {
-        **{k: args[k] for k in DEFAULTS if k not in ("json", "vocab_size", *GENERATION_KEYS)},
-        "model_class": stage_class(args["stage"]).model_class().__name__, "vocab_size": cfg.vocab_size,
+        **{k: args[k] for k in DEFAULTS if k not in ("json", "vocab_size", *GENERATION_KEYS)}, "precision": precision,
+        "model_class": stage.model_class().__name__, "vocab_size": cfg.vocab_size,
         "attention": getattr(cfg, "attention", "sdpa"),
-        "total_params": total, "largest_layer_params": largest,
-        "model_states_bytes": states, "activation_bytes": act[False], "activation_bytes_checkpointed": act[True],
-        "usable_bytes": usable, "need_bytes": states + used, "fits": states + used <= usable,
-        "min_nodes": smallest_nodes(total, largest, per_node, used, usable, args["max_nodes"]),
+        "total_params": counted.total, "largest_layer_params": counted.largest,
+        "model_states_bytes": need["model_states"], "activation_bytes": act[False], "activation_bytes_checkpointed": act[True],
+        "zero_buffer_bytes": need["buffers"], "zero_sizes": {k: zero[k] for k in memory.AUTO_SIZES if k in zero},
+        "usable_bytes": usable, "need_bytes": need["total"], "fits": need["total"] <= usable,
+        "min_nodes": smallest_nodes(lambda n: memory.need_bytes(shape(n), counted)["total"], usable, args["max_nodes"]),
     }  # fmt: skip
 
 
 def render(p: dict) -> str:
-    ck = "on" if p["activation_checkpointing"] else "off"
+    ck, sizes = "on" if p["activation_checkpointing"] else "off", p["zero_sizes"]
     n = p["min_nodes"]
     smallest = "none" if n is None else f"{n} ({n * p['gpus_per_node']} GPUs)"
     return "\n".join([
         *_head(p),
         f"model states/GPU  {_gib(p['model_states_bytes'])} (DeepSpeed ZeRO-3 estimator, no offload)",
         f"activations/GPU   {_gib(p['activation_bytes'])} without checkpointing,"
-        f" {_gib(p['activation_bytes_checkpointed'])} with (fp16, micro_batch {p['micro_batch']} x seq_len"
+        f" {_gib(p['activation_bytes_checkpointed'])} with ({p['precision']}, micro_batch {p['micro_batch']} x seq_len"
         f" {p['seq_len']}, {p['attention']} attention)",
+        f"ZeRO buffers/GPU  {_gib(p['zero_buffer_bytes'])} (deepspeed={p['deepspeed']}: reduce bucket"
+        f" {sizes['reduce_bucket_size']:,}, prefetch {sizes['stage3_prefetch_bucket_size']:,}, persistent up to"
+        f" {sizes['stage3_param_persistence_threshold']:,} elements)",
         f"total/GPU         {_gib(p['need_bytes'])} with checkpointing {ck}: {'fits' if p['fits'] else 'does NOT fit'}",
         f"smallest nodes    {smallest} (of 1..{p['max_nodes']}) at micro_batch {p['micro_batch']}, checkpointing {ck}",
     ])  # fmt: skip

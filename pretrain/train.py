@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.data.sources import describe
 from pretrain.errors import exit_on_user_error
-from pretrain.training import distributed, init_from, loop, safe_load
+from pretrain.training import distributed, init_from, loop, memory, safe_load
 from pretrain.training.checkpoint import Checkpoints
 from pretrain.training.run_dir import ModelRecord, write_run_files
 from pretrain.training.config import (
@@ -77,6 +77,9 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     loop.check_precision(s)
     checkpoints = Checkpoints(s.run_dir, info.rank, info.world_size, s.keep_last)
     resume_from = checkpoints.resolve(s.resume, stage.name, geometry.global_batch, s.elastic)
+    shape = memory.run_shape(stage.model_cfg, stage.generates, stage.vocab_projections, stage.seq_len, geometry.micro,
+                             run.ds_config, s.precision, info.world_size)  # fmt: skip
+    memory.check(s.memory_check, shape, stage.make_model, info.local_rank, info.world_size, stage.name, s.hardware)
 
     # 2. Join the ranks, index the data (once per node), build the partitioned model, restore the newest checkpoint.
     def index() -> None:

@@ -34,6 +34,7 @@ class PalmStage(Stage):
         # checked here, not only in the dataset, so that a bad range fails before any rank starts
         self.src_len, self.tgt_len = check_range("src_len", p.src_len), check_range("tgt_len", p.tgt_len)
         longest, key = max((self.src_len[1], "palm.src_len"), (self.tgt_len[1], "palm.tgt_len"))
+        self.seq_len = longest  # the longest sequence a batch holds: the memory check's activations
         self.model_cfg = model_config(cfg.model, self.vocab_size, longest, self.activation_checkpointing,
                                       seq_len_key=f"{key}[1]")  # fmt: skip
         if self.model_cfg.decoder_layers < self.min_decoder_layers:

@@ -85,7 +85,8 @@ class _Task:
         raw = {s: data.read_jsonl(self.paths[s], self.fields) for s in SPLITS}
         self.labels = self._labels(raw["train"], t)
         self.splits = {s: self._encode(s, raw[s], t) for s in SPLITS}
-        self.model_cfg = model_config(cfg.model, tok.vocab_size, self._longest(t), bool(cfg.deepspeed.activation_checkpointing),
+        self.seq_len = self._longest(t)  # the longest sequence a batch holds: the memory check's activations
+        self.model_cfg = model_config(cfg.model, tok.vocab_size, self.seq_len, bool(cfg.deepspeed.activation_checkpointing),
                                       seq_len_key=self._length_key)  # fmt: skip
         self.num_workers = int(cfg.data.num_workers)
         self.weights = {name: 1.0 for name in self.objectives}

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pretrain.errors import UserError
 from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
 from pretrain.training.health import HealthSettings, health_settings
+from pretrain.training.memory import zero_sizes
 from pretrain.training.optim import OPTIMIZERS, fused_lamb_status
 from pretrain.training.safe_load import trust_setting
 
@@ -73,6 +74,7 @@ class RunSettings:
     trust_checkpoint: bool  # load checkpoint files whatever types they name (training/safe_load.py)
     health: HealthSettings  # what a divergence does (training/health.py)
     min_loss_scale: float | None  # fp16: the dynamic loss scale's floor; None under bf16 and fp32
+    memory_check: bool  # train.memory_check: refuse a run whose memory estimate exceeds the device (training/memory.py)
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
@@ -119,6 +121,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         wandb=WandbSettings(str(w.mode), str(w.project), w.name), hardware=str(ds.name), precision=str(ds.precision),
         peak_tflops=peak, trust_checkpoint=trust, health=health_settings(t),
         min_loss_scale=float(ds.fp16.min_loss_scale) if ds.precision == "fp16" and "fp16" in ds else None,
+        memory_check=t.memory_check,  # checked by training/memory.py check
     )  # fmt: skip
 
 
@@ -209,7 +212,7 @@ def deepspeed_config(cfg: DictConfig, geometry: BatchGeometry) -> dict:
                 "warmup_type": "linear",
             },
         },
-        "zero_optimization": dict(ds.zero),
+        "zero_optimization": zero_sizes(dict(ds.zero), int(cfg.model.hidden)),  # "auto": from h
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         **optimizer_config(t, ds),
