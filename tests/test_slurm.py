@@ -1,7 +1,8 @@
 """The Slurm job scripts under a real Slurm: a throwaway cluster of two nodes on this machine (tests/slurm_cluster.py);
 launch/slurm/prepare.sbatch as a job array over the shards of a corpus, and
-launch/slurm/train.sbatch in both launch modes and both stages, preemption with requeue, a killed rank, and a
-crash mid-checkpoint. Every training run is 2 ranks, one per node, CPU fp32, so resumed runs must match an uninterrupted
+launch/slurm/train.sbatch in both launch modes and both stages, preemption with requeue, a killed rank (requeued), a
+crash mid-checkpoint (requeued up to MAX_REQUEUES), and a configuration error or a divergence stop (never requeued,
+in both modes). Every training run is 2 ranks, one per node, CPU fp32, so resumed runs must match an uninterrupted
 one bitwise. Skips when Slurm/munge are missing or the daemons cannot start (`make install-test` installs them)."""
 import json
 import os
@@ -175,41 +176,55 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, prepared, 
     print(f"USR1 after step 3: checkpoint of step {resumed}, requeued, finished")
     assert 3 <= resumed < 40, resumed
     assert latest(run) == "step40" and not os.path.exists(os.path.join(run, "STOP"))
+    assert "a crash" not in out and not os.path.exists(os.path.join(run, "slurm"))
     assert [r["step"] for r in rows(run, "train")] == list(range(1, 41))
     assert losses(run) == losses(reference)  # bitwise
 
 
-# ---- c. a rank killed: the job fails fast, the checkpoint is whole, resubmission resumes ------------------------
-def test_killed_rank_fails_the_job_and_resubmission_resumes(cluster, prepared, reference, tmp_path):
+# ---- c. a rank killed: the job requeues itself and resumes from the newest complete checkpoint ---------------------
+def decision(out: str, job: int, attempt: int) -> str:
+    """The job script's one line about how `attempt` of `job` ended."""
+    lines = [line for line in out.splitlines() if line.startswith(f"train.sbatch: job {job} attempt {attempt}: ")]
+    assert len(lines) == 1, out[-6000:]
+    return lines[0]
+
+
+def test_killed_rank_is_requeued_and_resumes_exactly(cluster, prepared, reference, tmp_path):
     run = str(tmp_path / "killed")
-    args = stage_one(prepared, run)
-    job = cluster.submit(SCRIPT, args, env=SRUN, sbatch_args=TWO_NODES)
+    job = cluster.submit(SCRIPT, stage_one(prepared, run), env=SRUN, sbatch_args=TWO_NODES)
     wait_for_step(cluster, job, run, 12)  # step 10 is saved by now
     os.kill(rank_pid(run, 1), signal.SIGKILL)
     killed_at = time.time()
-    cluster.wait_for(job, "FAILED", 20 + 60, poll=0.2)  # dist.timeout_s + slack
-    print(f"rank 1 killed: job {job} FAILED {time.time() - killed_at:.1f} s later, exit code {cluster.job_exit_code(job)}")
-    assert cluster.job_exit_code(job)[0] != 0
-    assert "training failed with status" in cluster.output(job)
-    tag = assert_complete_checkpoint(run)
-    assert int(tag.removeprefix("step")) >= 10, tag
-
-    again = cluster.submit(SCRIPT, args, env=SRUN, sbatch_args=TWO_NODES)
-    cluster.wait_for(again, "COMPLETED", JOB_TIMEOUT)
-    assert run_info(run)["resumed_from_step"] == int(tag.removeprefix("step"))
+    cluster.wait_for(job, "COMPLETED", JOB_TIMEOUT)
+    out = cluster.output(job)
+    line = decision(out, job, 1)
+    print(f"rank 1 killed: job {job} finished {time.time() - killed_at:.1f} s later; {line}")
+    assert re.search(r"training failed \(srun status \d+; failed ranks:.* rank1=137\b.*\); a crash: requeue 1 of "
+                     r"MAX_REQUEUES=3, to resume from the newest intact checkpoint$", line), line
+    assert cluster.restarts(job) == 1 and cluster.job_exit_code(job) == (0, 0), cluster.describe(job)
+    resumed = run_info(run)["resumed_from_step"]
+    assert resumed >= 10 and resumed % 5 == 0, resumed
     assert latest(run) == "step40"
     assert losses(run) == losses(reference)
+    assert not os.path.exists(os.path.join(run, "slurm"))  # the job's record goes with a job that ended well
 
 
-# ---- d. a rank dies while saving: latest still names the previous checkpoint ------------------------------------
-def test_crash_mid_checkpoint_keeps_the_previous_one(cluster, prepared, reference, tmp_path):
+# ---- d. a rank dies while saving, every time: requeued up to MAX_REQUEUES, the previous checkpoint kept ----------
+def test_crash_mid_checkpoint_is_requeued_up_to_the_limit(cluster, prepared, reference, tmp_path):
     run = str(tmp_path / "crashed")
     args = stage_one(prepared, run)
-    job = cluster.submit(SCRIPT, args, env=dict(SRUN, PRETRAIN_CRASH_IN_SAVE="10:1"), sbatch_args=TWO_NODES)
-    cluster.wait_for(job, "FAILED", JOB_TIMEOUT)
-    assert "PRETRAIN_CRASH_IN_SAVE=10:1: rank 1 dies while saving step 10" in cluster.output(job)
+    job = cluster.submit(SCRIPT, args, env=dict(SRUN, PRETRAIN_CRASH_IN_SAVE="10:1", MAX_REQUEUES="1"),
+                         sbatch_args=TWO_NODES)
+    cluster.wait_for(job, "FAILED", 2 * JOB_TIMEOUT)
+    out = cluster.output(job)
+    assert out.count("PRETRAIN_CRASH_IN_SAVE=10:1: rank 1 dies while saving step 10") == 2, out[-6000:]
+    assert re.search(r"failed ranks:.* rank1=113\b.*; a crash: requeue 1 of MAX_REQUEUES=1, ", decision(out, job, 1))
+    assert re.search(r"failed ranks:.* rank1=113\b.*; a crash, not requeued: all MAX_REQUEUES=1 requeues used; "
+                     r"resubmit the same command to resume from the newest intact checkpoint$", decision(out, job, 2))
+    assert cluster.restarts(job) == 1 and cluster.job_exit_code(job)[0] != 0, cluster.describe(job)
     assert assert_complete_checkpoint(run) == "step5"
     assert os.path.isdir(os.path.join(run, "checkpoints", "step10"))  # the unfinished one, still there
+    assert not os.path.exists(os.path.join(run, "slurm"))
 
     again = cluster.submit(SCRIPT, args, env=SRUN, sbatch_args=TWO_NODES)
     cluster.wait_for(again, "COMPLETED", JOB_TIMEOUT)
@@ -220,7 +235,47 @@ def test_crash_mid_checkpoint_keeps_the_previous_one(cluster, prepared, referenc
     assert losses(run) == losses(reference)
 
 
-# ---- e. prepare.sbatch: a job array of shards that together are the whole corpus --------------------------------
+# ---- e. a configuration error or a divergence stop: never requeued, whatever srun reports -----------------------
+# One rank exits 2 or 3 while the other is still running: srun terminates that one and reports 143 (or a peer's own
+# status), so only the statuses the ranks record tell the job script what happened. The divergence stop here is
+# the fault point's: rank 1 exits 3 in the middle of saving step 1. The configuration error is real (train.lr=0), in
+# both modes (in deepspeed mode each node's launcher records its status); the status 3 in srun mode.
+@pytest.mark.parametrize("mode, fault", [("srun", "configuration"), ("deepspeed", "configuration"),
+                                         ("srun", "divergence")])
+def test_configuration_error_or_divergence_stop_is_never_requeued(cluster, prepared, tmp_path, mode, fault):
+    run = str(tmp_path / "run")
+    args = TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=2", "train.save_every=1",
+                   "dist.timeout_s=20"]  # fmt: skip
+    env = {"LAUNCH_MODE": mode, "GPUS_PER_NODE": "1"}
+    if fault == "configuration":
+        args.append("train.lr=0")
+    else:
+        env["PRETRAIN_CRASH_IN_SAVE"] = "1:1:3"
+    job = cluster.submit(SCRIPT, args, env=env, sbatch_args=TWO_NODES)
+    cluster.wait_for(job, "FAILED", JOB_TIMEOUT)
+    out = cluster.output(job)
+    line = decision(out, job, 1)
+    print(f"{mode} mode, {fault}: {line}")
+    who = "rank" if mode == "srun" else "node"
+    if fault == "configuration":
+        assert "train.lr=0: must be > 0" in out
+        expected = (2, rf"not requeued:( {who}[01]=2)+ is a configuration error: the same command would fail again")
+    else:
+        expected = (3, rf"not requeued: {who}1=3 is a divergence stop: the same run would diverge again")
+    assert re.search(rf"training failed \(srun status \d+; failed {who}s:.*\); {expected[1]}", line), line
+    assert cluster.job_exit_code(job) == (expected[0], 0) and cluster.restarts(job) == 0, cluster.describe(job)
+    assert not os.path.exists(os.path.join(run, "slurm"))
+
+
+def test_max_requeues_must_be_a_whole_number(cluster, prepared, tmp_path):
+    args = TINY + [f"data.dir={prepared}", f"run.dir={tmp_path / 'run'}"]
+    job = cluster.submit(SCRIPT, args, env=dict(SRUN, MAX_REQUEUES="three"), sbatch_args=TWO_NODES)
+    cluster.wait_for(job, "FAILED", 60)
+    assert cluster.job_exit_code(job) == (2, 0)
+    assert "train.sbatch: error: MAX_REQUEUES=three: must be a whole number" in cluster.output(job)
+
+
+# ---- f. prepare.sbatch: a job array of shards that together are the whole corpus --------------------------------
 def array_states(cluster: SlurmCluster, job: int) -> dict[str, str]:
     """{array task id: JobState} of a job array (one `scontrol -o show job` line per task once they are split)."""
     proc = subprocess.run(["scontrol", "-o", "show", "job", str(job)], env=cluster.env, capture_output=True, text=True,

@@ -217,9 +217,12 @@ class Checkpoints:
 
 
 def _fault_point(step: int, rank: int) -> None:
-    """Fault injection for the tests of a crash mid-save: PRETRAIN_CRASH_IN_SAVE=<step>:<rank> kills that rank
-    after its RNG file is written and before its model and optimizer partitions are."""
+    """Fault injection for the tests of a crash mid-save: PRETRAIN_CRASH_IN_SAVE=<step>:<rank>[:<status>] kills that
+    rank after its RNG file is written and before its model and optimizer partitions are. It exits with status 113
+    (a crash), or with <status>: the Slurm tests make one rank exit as a configuration error (2) or a divergence
+    stop (3) would, while the others are still running, and check that the job script never requeues it."""
     spec = os.environ.get("PRETRAIN_CRASH_IN_SAVE")
-    if spec and spec == f"{step}:{rank}":
+    if spec and spec.split(":")[:2] == [str(step), str(rank)]:
+        status = int(spec.split(":")[2]) if spec.count(":") == 2 else 113
         print(f"pretrain.train: PRETRAIN_CRASH_IN_SAVE={spec}: rank {rank} dies while saving step {step}", file=sys.stderr)
-        os._exit(113)
+        os._exit(status)
