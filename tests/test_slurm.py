@@ -237,9 +237,10 @@ def test_crash_mid_checkpoint_is_requeued_up_to_the_limit(cluster, prepared, ref
 
 # ---- e. a configuration error or a divergence stop: never requeued, whatever srun reports -----------------------
 # One rank exits 2 or 3 while the other is still running: srun terminates that one and reports 143 (or a peer's own
-# status), so only the statuses the ranks record tell the job script what happened. The divergence stop here is
-# the fault point's: rank 1 exits 3 in the middle of saving step 1. The configuration error is real (train.lr=0), in
-# both modes (in deepspeed mode each node's launcher records its status); the status 3 in srun mode.
+# status), so only the statuses the ranks record tell the job script what happened. The divergence stop is real:
+# a NaN injected into the loss of the first batch (PRETRAIN_INJECT_LOSS, training/health.py) stops every rank with
+# status 3. The configuration error is real too (train.lr=0), in both modes (in deepspeed mode each node's launcher
+# records its status); the status 3 in srun mode.
 @pytest.mark.parametrize("mode, fault", [("srun", "configuration"), ("deepspeed", "configuration"),
                                          ("srun", "divergence")])
 def test_configuration_error_or_divergence_stop_is_never_requeued(cluster, prepared, tmp_path, mode, fault):
@@ -250,7 +251,7 @@ def test_configuration_error_or_divergence_stop_is_never_requeued(cluster, prepa
     if fault == "configuration":
         args.append("train.lr=0")
     else:
-        env["PRETRAIN_CRASH_IN_SAVE"] = "1:1:3"
+        env["PRETRAIN_INJECT_LOSS"] = "0:nan"
     job = cluster.submit(SCRIPT, args, env=env, sbatch_args=TWO_NODES)
     cluster.wait_for(job, "FAILED", JOB_TIMEOUT)
     out = cluster.output(job)
@@ -261,7 +262,8 @@ def test_configuration_error_or_divergence_stop_is_never_requeued(cluster, prepa
         assert "train.lr=0: must be > 0" in out
         expected = (2, rf"not requeued:( {who}[01]=2)+ is a configuration error: the same command would fail again")
     else:
-        expected = (3, rf"not requeued: {who}1=3 is a divergence stop: the same run would diverge again")
+        assert "step 1: loss nan; no healthy checkpoint yet" in out
+        expected = (3, rf"not requeued:( {who}[01]=3)+ is a divergence stop: the same run would diverge again")
     assert re.search(rf"training failed \(srun status \d+; failed {who}s:.*\); {expected[1]}", line), line
     assert cluster.job_exit_code(job) == (expected[0], 0) and cluster.restarts(job) == 0, cluster.describe(job)
     assert not os.path.exists(os.path.join(run, "slurm"))
