@@ -26,7 +26,7 @@ import sys
 import torch
 
 from pretrain.errors import UserError
-from pretrain.training import distributed, safe_load
+from pretrain.training import distributed, safe_load, watchdog
 from pretrain.training.elastic import UNIVERSAL, complete_universal_load, convert_universal, elastic_seed
 from pretrain.training.rng import rng_state, seed_rng, set_rng_state
 
@@ -85,6 +85,7 @@ class Checkpoints:
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.protected: set[str] = set()  # tags never pruned (fine-tuning: the checkpoint the valid metric picked)
 
+    @watchdog.long_phase("a checkpoint save")
     def save(self, engine, step: int, stage: str, global_batch: int) -> None:
         tag = f"step{step}"
         os.makedirs(os.path.join(self.dir, tag), exist_ok=True)
@@ -167,6 +168,7 @@ class Checkpoints:
         distributed.barrier()
         return out
 
+    @watchdog.long_phase("a checkpoint load")
     def load(self, engine, tag_dir: str, seed: int = 0) -> int:
         """Restore model, optimizer, scheduler and this rank's RNG; returns the step the checkpoint ended.
         A universal copy (another world size) is re-split by DeepSpeed (the engine was built with

@@ -8,6 +8,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from pretrain.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -68,15 +70,57 @@ def init(info: DistInfo, timeout_s: float) -> None:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(
-        dist_backend=accelerator.communication_backend_name(),
-        auto_mpi_discovery=False,
-        timeout=timedelta(seconds=timeout_s),
-        rank=info.rank,
-        world_size=info.world_size,
-    )
+    backend, timeout = accelerator.communication_backend_name(), timedelta(seconds=timeout_s)
+    _join(info, backend, timeout)  # before DeepSpeed's init: it maps its /dev/shm segment as soon as it has joined
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, rank=info.rank,
+                               world_size=info.world_size)  # fmt: skip
     _unlink_shm_segment(info)
     _make_host_group()
+
+
+LAUNCH_SKEW_S = 300.0  # ranks of one launch start within this of each other (srun, deepspeed, torchrun: seconds)
+_RANK0_STARTED = "pretrain/rank0_started"
+
+
+def _join(info: DistInfo, backend: str, timeout: timedelta) -> None:
+    """torch.distributed's init as DeepSpeed's does it, with a port in use as one line, and a check that the
+    rendezvous is this launch's. A second run on a port in use fails in rank 0 (the store cannot listen), but its
+    other ranks find the first run's store there and join it: DeepSpeed would then map a 66 MB /dev/shm segment
+    per rank that nothing unlinks once the launcher kills them. So every rank waits for rank 0's start time in the
+    store and compares it with its own: another run's rank 0 started earlier; this launch's own at about the same
+    time (the launcher kills a rank waiting for a rank 0 that failed)."""
+    import inspect
+
+    import psutil
+    import torch
+    from packaging import version
+
+    kwargs = dict(timeout=timeout, rank=info.rank, world_size=info.world_size)
+    newer = not version.parse("2.6.0") < version.parse(torch.__version__.split("+")[0]) < version.parse("2.7.1")
+    if (backend == "nccl" and info.world_size > 1 and newer
+            and "device_id" in inspect.signature(dist.init_process_group).parameters):  # fmt: skip
+        kwargs["device_id"] = torch.device("cuda", info.local_rank)  # as DeepSpeed's init passes it (its reasons)
+    port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
+    try:
+        dist.init_process_group(backend, **kwargs)
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e):
+            raise
+        raise UserError(f"MASTER_PORT={port}: the rendezvous port is in use on {addr} (another run?); give this run "
+                        "a free port: deepspeed --master_port=<port> (torchrun --master_port=<port>, srun: "
+                        "MASTER_PORT=<port>)") from None  # fmt: skip
+    if info.world_size == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    mine = psutil.Process().create_time()
+    if info.rank == 0:
+        store.set(_RANK0_STARTED, repr(mine))
+    store.wait([_RANK0_STARTED], timeout)
+    theirs = float(store.get(_RANK0_STARTED).decode())
+    if abs(theirs - mine) > LAUNCH_SKEW_S:
+        raise UserError(f"MASTER_PORT={port}: the rendezvous on {addr} is another run's (its rank 0 started "
+                        f"{mine - theirs:.0f} s before this rank); give this run a free port: deepspeed "
+                        "--master_port=<port>")  # fmt: skip
 
 
 def shm_segment(rank: int) -> str:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from pretrain.errors import UserError
-from pretrain.training import distributed, init_from
+from pretrain.training import distributed, init_from, peers, run_lock, watchdog
 from pretrain.training.checkpoint import Checkpoints
 from pretrain.training.rng import seed_rng
 from pretrain.training.config import BatchGeometry, RunSettings
@@ -70,8 +70,11 @@ def start(s: RunSettings, info: distributed.DistInfo, checkpoints: Checkpoints, 
     data there). elastic: a resume_from of another world size is re-sharded through a universal copy."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     stop = StopRequest(os.path.join(s.run_dir, s.stop_file))
-    stop.clear_stale(info.rank)
+    peers.watch_launcher(command, info.rank)  # a rank outlives no launcher (training/peers.py)
+    refusal = run_lock.take(s.run_dir, command, s.lock_lease_s, info.rank)  # one writer per run.dir: rank 0 locks
     distributed.init(info, s.timeout_s)
+    run_lock.agree(refusal)  # every rank stops if rank 0 was refused, before anything is written
+    stop.clear_stale(info.rank)
     os.makedirs(s.run_dir, exist_ok=True)
     checkpoints.discard_uncommitted()
     if elastic and checkpoints.resharded_from:  # another world size: DeepSpeed re-splits a universal copy on load
@@ -92,6 +95,7 @@ def start(s: RunSettings, info: distributed.DistInfo, checkpoints: Checkpoints, 
         if checkpoints.resharded_from and info.rank == 0:
             print(f"{command}: resumed step {step} of {resume_from}: re-sharded from {checkpoints.resharded_from}"
                   f" to {info.world_size} ranks", file=sys.stderr)  # fmt: skip
+    watchdog.arm(s.run_dir, info.rank, command, s.watchdog_s, s.timeout_s)  # the first step is timed from here
     return Started(engine, model, step, stop)
 
 
@@ -139,5 +143,6 @@ def train(job: Job, run: Started, loader, s: RunSettings, geometry: BatchGeometr
             if rank == 0:
                 print(f"{command}: stop requested: checkpoint of step {step} saved, exiting", file=sys.stderr)
             break
+        watchdog.beat(step)  # the hang watchdog (training/watchdog.py): this step is over
     bar.close()
     return step
