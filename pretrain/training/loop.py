@@ -72,8 +72,7 @@ def start(s: RunSettings, info: distributed.DistInfo, checkpoints: Checkpoints, 
     stop = StopRequest(os.path.join(s.run_dir, s.stop_file))
     peers.watch_launcher(command, info.rank)  # a rank outlives no launcher (training/peers.py)
     refusal = run_lock.take(s.run_dir, command, s.lock_lease_s, info.rank)  # one writer per run.dir: rank 0 locks
-    distributed.init(info, s.timeout_s)
-    run_lock.agree(refusal)  # every rank stops if rank 0 was refused, before anything is written
+    run_lock.join_agreeing(refusal, info.world_size, lambda: distributed.init(info, s.timeout_s))  # all stop if refused
     stop.clear_stale(info.rank)
     os.makedirs(s.run_dir, exist_ok=True)
     checkpoints.discard_uncommitted()

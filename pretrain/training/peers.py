@@ -69,7 +69,7 @@ def watch_launcher(command: str, rank: int) -> None:
 
         while True:
             time.sleep(POLL_S)
-            gone = next((p for p in chain if not p.is_running()), None)
+            gone = next((p for p in chain if not _alive(p)), None)
             if gone is None and os.getppid() == ppid:
                 continue
             gone = gone or chain[0]
@@ -82,6 +82,16 @@ def watch_launcher(command: str, rank: int) -> None:
             os._exit(EXIT_PEER_LOST)
 
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def _alive(proc) -> bool:
+    """Running, and not a zombie (a dead launcher whose parent has not reaped it yet)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _cmdline(proc) -> list[str]:
@@ -106,9 +116,14 @@ def _is_peer_error(e: BaseException) -> bool:
 
 @contextlib.contextmanager
 def lost_peers_as_one_line(command: str, rank: int):
-    """At an entry point: a collective that failed because a peer is gone becomes one line and status 5."""
+    """At an entry point: a collective that failed because a peer is gone becomes one line and status 5; Ctrl-C
+    one line and 130."""
     try:
         yield
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's process group: one line each, no trace
+        print(f"{command}: interrupted (rank {rank}): a rerun resumes from the newest complete checkpoint",
+              file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(130)
     except Exception as e:
         if not _is_peer_error(e):
             raise

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from pretrain.errors import UserError
 
@@ -204,7 +205,7 @@ def release_held() -> None:
 
 def take(run_dir: str, command: str, lease_s: float, rank: int) -> str | None:
     """Rank 0 takes the lock before the ranks join; returns its refusal (None: taken, or not rank 0), which
-    `agree` hands to every rank once they have joined."""
+    `join_agreeing` hands to every rank once they have joined."""
     if rank != 0:
         return None
     try:
@@ -214,10 +215,19 @@ def take(run_dir: str, command: str, lease_s: float, rank: int) -> str | None:
     return None
 
 
-def agree(refusal: str | None) -> None:
-    """Collective, once the ranks have joined: every rank stops with rank 0's refusal, before anything is written."""
+def join_agreeing(refusal: str | None, world_size: int, join: Callable[[], None]) -> None:
+    """Join the ranks (`join`), then stop every rank with rank 0's refusal (a broadcast), before anything is
+    written. A refusal comes first: a second run on the first one's run.dir and port hears about the run.dir."""
     from pretrain.training import distributed
 
+    if refusal is not None and world_size == 1:
+        raise UserError(refusal)
+    try:
+        join()
+    except UserError:
+        if refusal is not None:
+            raise UserError(refusal) from None
+        raise
     refusal = distributed.broadcast_object(refusal)
     if refusal is not None:
         raise UserError(refusal)

@@ -102,13 +102,14 @@ class Watchdog:
         os.makedirs(stacks, exist_ok=True)
         path = os.path.join(stacks, f"rank{self.rank}.txt")
         after = "" if self.last_step is None else f" after step {self.last_step}"
+        limit_s = f"{limit:.1f}".rstrip("0").rstrip(".")
         with open(path, "w") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank {self.rank}, pid {os.getpid()}: {what} did not "
-                    f"finish in {limit:.0f} s{after}\n")  # fmt: skip
+                    f"finish in {limit_s} s{after}\n")  # fmt: skip
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
         if self.rank == 0:
-            print(f"{self.command}: error: hung: {what} did not finish in {limit:.0f} s{after} (watchdog, "
+            print(f"{self.command}: error: hung: {what} did not finish in {limit_s} s{after} (watchdog, "
                   f"dist.watchdog_s); every rank's Python stacks are in {stacks}/; exiting {EXIT_HUNG} (a requeue "
                   "resumes from the newest complete checkpoint)", file=sys.stderr, flush=True)  # fmt: skip
         time.sleep(GRACE_S)
