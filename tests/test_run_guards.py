@@ -174,7 +174,7 @@ def test_killing_the_launcher_stops_every_rank_and_a_rerun_resumes(prepared, tmp
     finally:
         _kill_all(proc, run)
     err = _read(log)
-    assert "its launcher (pid" in err and "is gone; stopping (exit 5)" in err, err[-3000:]
+    assert f"rank 0: its launcher (pid {proc.pid}, deepspeed) is gone; stopping (exit 5)" in err, err[-3000:]
     assert stopped_after < 5, stopped_after
     assert not os.path.exists(os.path.join(run, run_lock.LOCK_NAME))  # rank 0 let go of it on the way out
     with open(latest) as f:

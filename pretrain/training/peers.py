@@ -63,6 +63,7 @@ def watch_launcher(command: str, rank: int) -> None:
     if not chain or _launcher_name(_cmdline(chain[0])) is None:
         return  # not started by a launcher we know: nothing above it to outlive
     ppid = os.getppid()
+    names = {p.pid: _launcher_name(_cmdline(p)) or "its parent" for p in chain}  # a dead one's cmdline is empty
 
     def watch() -> None:
         import time
@@ -73,7 +74,7 @@ def watch_launcher(command: str, rank: int) -> None:
             if gone is None and os.getppid() == ppid:
                 continue
             gone = gone or chain[0]
-            print(f"{command}: error: rank {rank}: its launcher (pid {gone.pid}, {_launcher_name(_cmdline(gone))})"
+            print(f"{command}: error: rank {rank}: its launcher (pid {gone.pid}, {names[gone.pid]})"
                   f" is gone; stopping (exit {EXIT_PEER_LOST}): a rerun resumes from the newest complete checkpoint",
                   file=sys.stderr, flush=True)  # fmt: skip
             from pretrain.training import run_lock

@@ -19,6 +19,7 @@ fcntl/flock locks are unreliable (or off), so it relies only on what those file 
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import os
 import socket
@@ -122,8 +123,25 @@ class RunLock:
             return True
         except FileExistsError:
             return os.stat(tmp).st_nlink == 2  # NFS: the link was made and the retried call's reply says EEXIST
+        except OSError as e:  # a file system without hard links (some FUSE mounts): exclusive create instead
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            return self._create_exclusive(tmp)
         finally:
             os.unlink(tmp)
+
+    def _create_exclusive(self, tmp: str) -> bool:
+        """O_CREAT|O_EXCL, then our content: a reader may meet the file empty for a moment (read_holder gives
+        None, and acquire looks again)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with open(tmp, "rb") as src, os.fdopen(fd, "wb") as dst:
+            dst.write(src.read())
+            dst.flush()
+            os.fsync(dst.fileno())
+        return True
 
     def _take_over(self, seen: Holder) -> None:
         """Remove the stale lock `seen`, unless another starter already replaced it (then leave theirs)."""
@@ -140,6 +158,18 @@ class RunLock:
                 pass
         os.unlink(aside)
 
+    def _remove_if_unreadable_and_old(self) -> None:
+        try:
+            age = time.time() - os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            return
+        if age > self.lease_s and read_holder(self.path) is None:
+            print(f"{self.command}: removing {self.path}: unreadable and {age:.0f} s old", file=sys.stderr)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
     def acquire(self) -> None:
         """Take the lock, or raise UserError naming its live holder (nothing else is written)."""
         os.makedirs(self.run_dir, exist_ok=True)
@@ -147,7 +177,9 @@ class RunLock:
             if self._create():
                 break
             holder = read_holder(self.path)
-            if holder is None:  # removed between our create and read: try again
+            if holder is None:  # removed since, being written (O_EXCL fallback), or unreadable (a damaged disk)
+                self._remove_if_unreadable_and_old()
+                time.sleep(0.2)
                 continue
             why = stale_reason(holder, self.lease_s)
             if why is None:
