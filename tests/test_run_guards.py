@@ -24,11 +24,14 @@ def _env(**extra) -> dict:
 
 def _start(args: list[str], log: str, port: int | None = None) -> subprocess.Popen:
     """A 2-rank `deepspeed` run in the background, in its own session (so a test can kill it all); its output
-    goes to `log` (a pipe nobody reads would fill and stall the ranks)."""
-    cmd = DEEPSPEED[:1] + [f"--master_port={port or free_port()}"] + DEEPSPEED[1:] + args
+    goes to `log` (a pipe nobody reads would fill and stall the ranks). Its port is proc.port."""
+    port = port or free_port()
+    cmd = DEEPSPEED[:1] + [f"--master_port={port}"] + DEEPSPEED[1:] + args
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
+    proc.port = port
+    return proc
 
 
 def _read(path: str) -> str:
@@ -140,6 +143,15 @@ def test_a_second_run_into_a_run_dir_in_use_is_refused_and_the_first_is_untouche
         assert len(lines) == 1, second.stderr[-3000:]
         assert f"run.dir={run} is in use by pretrain.train on host {holder.host}, pid {holder.pid}, since" in lines[0]
         assert "Traceback" not in second.stderr
+        # A third run, into a run.dir of its own but on the first run's port: its rank 1 finds the first run's
+        # rendezvous there, and must not map a /dev/shm segment (nothing would unlink it).
+        log3 = str(tmp_path / "third.log")
+        third = _start(TINY + [f"data.dir={prepared}", f"run.dir={tmp_path / 'third'}", "train.max_steps=2"], log3,
+                       port=first.port)  # fmt: skip
+        assert third.wait(timeout=300) == 2, _read(log3)[-3000:]
+        lines = _error_lines(_read(log3))
+        assert len(lines) == 1 and f"MASTER_PORT={first.port}: the rendezvous port is in use" in lines[0], lines
+        assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{first.port}_*")
         open(os.path.join(run, "STOP"), "w").close()  # the first run saves and exits 0
         assert first.wait(timeout=300) == 0, _read(log)[-3000:]
     finally:
@@ -175,6 +187,7 @@ def test_killing_the_launcher_stops_every_rank_and_a_rerun_resumes(prepared, tmp
         _kill_all(proc, run)
     err = _read(log)
     assert f"rank 0: its launcher (pid {proc.pid}, deepspeed) is gone; stopping (exit 5)" in err, err[-3000:]
+    print(f"kill -9 of the top deepspeed: both ranks gone {stopped_after:.1f} s later")
     assert stopped_after < 5, stopped_after
     assert not os.path.exists(os.path.join(run, run_lock.LOCK_NAME))  # rank 0 let go of it on the way out
     with open(latest) as f:
@@ -203,6 +216,8 @@ def test_a_stalled_rank_makes_every_rank_write_its_stacks_and_the_job_exit_4(pre
     assert len(lines) == 1 and "hung: step 4 did not finish in 3 s after step 3" in lines[0], proc.stderr[-3000:]
     last_row = os.path.getmtime(os.path.join(run, "metrics.jsonl"))  # step 3's, just before the stall
     stacks = os.path.getmtime(os.path.join(run, "stacks", "rank0.txt"))
+    print(f"watchdog_s=3: stacks {stacks - last_row:.1f} s after step 3's row; launcher exited {ended - stacks:.1f} s "
+          "after the stacks")  # fmt: skip
     assert 2.5 < stacks - last_row < 8, stacks - last_row
     assert ended - stacks < 15, ended - stacks  # the grace for the peers, the launcher's poll and teardown
 
@@ -280,3 +295,29 @@ def test_the_watchdog_spares_the_first_step_and_phases_and_fires_on_a_hung_step(
     with open(tmp_path / "stacks" / "rank0.txt") as f:
         assert 'File "<string>", line 15 in <module>' in f.read()  # the main thread's sleep(30): where it hung
     assert took < 15
+
+
+@pytest.mark.e2e
+def test_a_rank_whose_peer_is_killed_exits_5_with_one_line(prepared, tmp_path):
+    """Two ranks started by hand, as srun starts them (no launcher to tear the survivor down): a lost node."""
+    run, port = str(tmp_path / "run"), free_port()
+    args = TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=100000", "train.save_every=100000",
+                   "train.eval_every=100000", "train.log_every=1"]  # fmt: skip
+    ranks, logs = [], []
+    for rank in (0, 1):
+        logs.append(str(tmp_path / f"rank{rank}.log"))
+        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        with open(logs[-1], "w") as out:
+            ranks.append(subprocess.Popen([sys.executable, "-m", "pretrain.train"] + args, cwd=REPO, env=env,
+                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+    try:
+        _wait_for(lambda: os.path.isfile(os.path.join(run, "metrics.jsonl")), 300, "a first row", ranks[0], logs[0])
+        ranks[1].kill()
+        assert ranks[0].wait(timeout=120) == 5, _read(logs[0])[-3000:]
+    finally:
+        for proc in ranks:
+            proc.kill()
+    err = _read(logs[0])
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "rank 0 lost its peers (" in lines[0], err[-3000:]
+    assert "Traceback" not in err

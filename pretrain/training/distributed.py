@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -78,17 +79,18 @@ def init(info: DistInfo, timeout_s: float) -> None:
     _make_host_group()
 
 
-LAUNCH_SKEW_S = 300.0  # ranks of one launch start within this of each other (srun, deepspeed, torchrun: seconds)
-_RANK0_STARTED = "pretrain/rank0_started"
+CLOCK_SKEW_S = 30.0  # between the nodes' clocks, with a wide margin (NTP keeps them within milliseconds)
+_RANK0_JOINED = "pretrain/rank0_joined"
 
 
 def _join(info: DistInfo, backend: str, timeout: timedelta) -> None:
     """torch.distributed's init as DeepSpeed's does it, with a port in use as one line, and a check that the
     rendezvous is this launch's. A second run on a port in use fails in rank 0 (the store cannot listen), but its
     other ranks find the first run's store there and join it: DeepSpeed would then map a 66 MB /dev/shm segment
-    per rank that nothing unlinks once the launcher kills them. So every rank waits for rank 0's start time in the
-    store and compares it with its own: another run's rank 0 started earlier; this launch's own at about the same
-    time (the launcher kills a rank waiting for a rank 0 that failed)."""
+    per rank that nothing unlinks once the launcher kills them. So rank 0 records in the store when it joined,
+    and every other rank compares that with its own start: this launch's rank 0 cannot have joined before this
+    rank existed (joining waits for every rank); another run's did. A rank waiting for a rank 0 that failed is
+    killed by its launcher (or gives up after dist.timeout_s) before it maps anything."""
     import inspect
 
     import psutil
@@ -112,14 +114,13 @@ def _join(info: DistInfo, backend: str, timeout: timedelta) -> None:
     if info.world_size == 1:
         return
     store = dist.distributed_c10d._get_default_store()
-    mine = psutil.Process().create_time()
     if info.rank == 0:
-        store.set(_RANK0_STARTED, repr(mine))
-    store.wait([_RANK0_STARTED], timeout)
-    theirs = float(store.get(_RANK0_STARTED).decode())
-    if abs(theirs - mine) > LAUNCH_SKEW_S:
-        raise UserError(f"MASTER_PORT={port}: the rendezvous on {addr} is another run's (its rank 0 started "
-                        f"{mine - theirs:.0f} s before this rank); give this run a free port: deepspeed "
+        store.set(_RANK0_JOINED, repr(time.time()))
+    store.wait([_RANK0_JOINED], timeout)
+    joined, started = float(store.get(_RANK0_JOINED).decode()), psutil.Process().create_time()
+    if joined < started - CLOCK_SKEW_S:
+        raise UserError(f"MASTER_PORT={port}: the rendezvous on {addr} is another run's (its rank 0 joined "
+                        f"{started - joined:.0f} s before this rank started); give this run a free port: deepspeed "
                         "--master_port=<port>")  # fmt: skip
 
 
