@@ -1,6 +1,7 @@
 """Process-group setup that works the same under `deepspeed`, `torchrun`, Slurm `srun` and plain `python`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -72,9 +73,11 @@ def init(info: DistInfo, timeout_s: float) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
     backend, timeout = accelerator.communication_backend_name(), timedelta(seconds=timeout_s)
-    _join(info, backend, timeout)  # before DeepSpeed's init: it maps its /dev/shm segment as soon as it has joined
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, rank=info.rank,
-                               world_size=info.world_size)  # fmt: skip
+    with _port_in_use_as_one_line():
+        if backend == "gloo":  # DeepSpeed's CPU all-reduce maps its /dev/shm segment as soon as it has joined
+            _join_checked(info, backend, timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, rank=info.rank,
+                                   world_size=info.world_size)  # fmt: skip
     _unlink_shm_segment(info)
     _make_host_group()
 
@@ -83,34 +86,31 @@ CLOCK_SKEW_S = 30.0  # between the nodes' clocks, with a wide margin (NTP keeps 
 _RANK0_JOINED = "pretrain/rank0_joined"
 
 
-def _join(info: DistInfo, backend: str, timeout: timedelta) -> None:
-    """torch.distributed's init as DeepSpeed's does it, with a port in use as one line, and a check that the
-    rendezvous is this launch's. A second run on a port in use fails in rank 0 (the store cannot listen), but its
-    other ranks find the first run's store there and join it: DeepSpeed would then map a 66 MB /dev/shm segment
-    per rank that nothing unlinks once the launcher kills them. So rank 0 records in the store when it joined,
-    and every other rank compares that with its own start: this launch's rank 0 cannot have joined before this
-    rank existed (joining waits for every rank); another run's did. A rank waiting for a rank 0 that failed is
-    killed by its launcher (or gives up after dist.timeout_s) before it maps anything."""
-    import inspect
-
-    import psutil
-    import torch
-    from packaging import version
-
-    kwargs = dict(timeout=timeout, rank=info.rank, world_size=info.world_size)
-    newer = not version.parse("2.6.0") < version.parse(torch.__version__.split("+")[0]) < version.parse("2.7.1")
-    if (backend == "nccl" and info.world_size > 1 and newer
-            and "device_id" in inspect.signature(dist.init_process_group).parameters):  # fmt: skip
-        kwargs["device_id"] = torch.device("cuda", info.local_rank)  # as DeepSpeed's init passes it (its reasons)
-    port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
+@contextlib.contextmanager
+def _port_in_use_as_one_line():
+    """The rendezvous port in use (rank 0's store cannot listen): one line naming it, not DistNetworkError's trace."""
     try:
-        dist.init_process_group(backend, **kwargs)
+        yield
     except dist.DistNetworkError as e:
         if "EADDRINUSE" not in str(e) and "address already in use" not in str(e):
             raise
+        port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
         raise UserError(f"MASTER_PORT={port}: the rendezvous port is in use on {addr} (another run?); give this run "
                         "a free port: deepspeed --master_port=<port> (torchrun --master_port=<port>, srun: "
                         "MASTER_PORT=<port>)") from None  # fmt: skip
+
+
+def _join_checked(info: DistInfo, backend: str, timeout: timedelta) -> None:
+    """Join the process group (DeepSpeed's init then wraps it), and check that the rendezvous is this launch's.
+    A second run on a port in use fails in rank 0 (the store cannot listen), but its other ranks find the first
+    run's store there and join it: DeepSpeed would then map a 66 MB /dev/shm segment per rank that nothing unlinks
+    once the launcher kills them. So rank 0 records in the store when it joined, and every other rank compares
+    that with its own start: this launch's rank 0 cannot have joined before this rank existed (joining waits for
+    every rank); another run's did. A rank waiting for a rank 0 that failed is killed by its launcher (or gives up
+    after dist.timeout_s) before it maps anything."""
+    import psutil
+
+    dist.init_process_group(backend, timeout=timeout, rank=info.rank, world_size=info.world_size)
     if info.world_size == 1:
         return
     store = dist.distributed_c10d._get_default_store()
@@ -119,6 +119,7 @@ def _join(info: DistInfo, backend: str, timeout: timedelta) -> None:
     store.wait([_RANK0_JOINED], timeout)
     joined, started = float(store.get(_RANK0_JOINED).decode()), psutil.Process().create_time()
     if joined < started - CLOCK_SKEW_S:
+        port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
         raise UserError(f"MASTER_PORT={port}: the rendezvous on {addr} is another run's (its rank 0 joined "
                         f"{started - joined:.0f} s before this rank started); give this run a free port: deepspeed "
                         "--master_port=<port>")  # fmt: skip
