@@ -112,9 +112,9 @@ def test_a_lock_of_another_node_is_stale_after_its_lease_or_for_its_own_requeued
 
 @pytest.mark.e2e
 def test_a_lock_left_by_a_killed_holder_is_taken_over(tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import os, signal, sys; from pretrain.training import run_lock; "
-                               f"run_lock.acquire({str(tmp_path)!r}, 'pretrain.train', 60); print('held', flush=True); "
-                               "os.kill(os.getpid(), signal.SIGKILL)"], env=_env(), stdout=subprocess.PIPE, text=True)  # fmt: skip
+    script = (f"import os, signal; from pretrain.training import run_lock; run_lock.acquire({str(tmp_path)!r}, "
+              "'pretrain.train', 60); print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    holder = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     assert holder.wait() == -signal.SIGKILL
     assert run_lock.read_holder(str(tmp_path / run_lock.LOCK_NAME)).pid == holder.pid  # left behind

@@ -71,7 +71,7 @@ class RunSettings:
     peak_tflops: float | None  # train.peak_tflops: the device's peak for the mfu column; None = training/flops.py's table
     trust_checkpoint: bool  # load checkpoint files whatever types they name (training/safe_load.py)
     lock_lease_s: float  # run.lock_lease_s: a run.lock not refreshed for this long is stale (training/run_lock.py)
-    watchdog_s: float | None  # dist.watchdog_s: the hang limit of a step; None = from the step time (training/watchdog.py)
+    watchdog_s: float | None  # dist.watchdog_s: a step's hang limit; None = from the step time (training/watchdog.py)
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
