@@ -24,7 +24,7 @@ from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
-from pretrain.training import distributed, init_from, loop, memory, safe_load
+from pretrain.training import distributed, init_from, loop, memory, peers, safe_load, watchdog
 from pretrain.training.checkpoint import Checkpoints
 from pretrain.training.run_dir import ModelRecord, load_weights, write_atomic, write_run_files
 from pretrain.training.config import (
@@ -134,6 +134,7 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     make_loader = lambda data_step, end: task.train_loader(geometry, info.rank, data_step, end)  # noqa: E731
     step = loop.train(job, started, make_loader, s, geometry, info.rank, log, checkpoints, "pretrain.finetune",
                       f"finetune {task.name}", after_eval=protect_best)  # fmt: skip
+    watchdog.disarm()  # no more steps to time
     train_s = time.perf_counter() - began
 
     # 4. The test split, once, with the checkpoint the valid metric picked.
@@ -143,6 +144,7 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     distributed.barrier()
 
 
+@watchdog.long_phase("an evaluation")
 @torch.no_grad()
 def evaluate(engine, task, geometry: BatchGeometry, info, step: int) -> dict:
     """The valid row: the loss (every task) and, for the understanding tasks, the metric of the predictions."""
@@ -225,7 +227,8 @@ def _metric_keys(task, row: dict) -> list[str]:
 @hydra.main(config_path="../conf", config_name="finetune", version_base=None)
 def main(cfg: DictConfig) -> None:
     info = distributed.read_env()
-    with exit_on_user_error("pretrain.finetune", quiet=info.rank != 0):
+    with (exit_on_user_error("pretrain.finetune", quiet=info.rank != 0),
+          peers.lost_peers_as_one_line("pretrain.finetune", info.rank)):  # fmt: skip
         finetune(cfg, info)
 
 

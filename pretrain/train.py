@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.data.sources import describe
 from pretrain.errors import exit_on_user_error
-from pretrain.training import distributed, init_from, loop, memory, safe_load
+from pretrain.training import distributed, init_from, loop, memory, peers, safe_load, watchdog
 from pretrain.training.checkpoint import Checkpoints
 from pretrain.training.run_dir import ModelRecord, write_run_files
 from pretrain.training.config import (
@@ -102,10 +102,12 @@ def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # 3. Train.
     loop.train(StageJob(stage, geometry, info.rank), started, make_loader, s, geometry, info.rank, log, checkpoints,
                "pretrain.train", "train")  # fmt: skip
+    watchdog.disarm()  # no more steps to time
     log.close()
     distributed.barrier()
 
 
+@watchdog.long_phase("an evaluation")
 @torch.no_grad()
 def evaluate(engine, stage, loaders: dict, step: int) -> list[dict]:
     """One row per loader (split name -> loader); with several (one per data source), a "valid" row over them all."""
@@ -125,7 +127,8 @@ def evaluate(engine, stage, loaders: dict, step: int) -> list[dict]:
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     info = distributed.read_env()
-    with exit_on_user_error("pretrain.train", quiet=info.rank != 0):
+    with (exit_on_user_error("pretrain.train", quiet=info.rank != 0),
+          peers.lost_peers_as_one_line("pretrain.train", info.rank)):  # fmt: skip
         train(cfg, info)
 
 

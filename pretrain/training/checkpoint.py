@@ -26,7 +26,7 @@ import sys
 import torch
 
 from pretrain.errors import UserError
-from pretrain.training import distributed, safe_load
+from pretrain.training import distributed, safe_load, watchdog
 from pretrain.training.elastic import UNIVERSAL, complete_universal_load, convert_universal, elastic_seed
 from pretrain.training.rng import rng_state, seed_rng, set_rng_state
 
@@ -87,6 +87,7 @@ class Checkpoints:
         self._health: dict[str, bool] = {}  # tag -> its recorded health, read once
         self.loaded_state: dict = {}  # the client state of the checkpoint `load` restored
 
+    @watchdog.long_phase("a checkpoint save")
     def save(self, engine, step: int, stage: str, global_batch: int, healthy: bool = True,
              health: dict | None = None) -> None:  # fmt: skip
         """healthy: the run saw no divergence since its previous checkpoint (training/health.py), which `_prune`
@@ -198,6 +199,7 @@ class Checkpoints:
         distributed.barrier()
         return out
 
+    @watchdog.long_phase("a checkpoint load")
     def load(self, engine, tag_dir: str, seed: int = 0) -> int:
         """Restore model, optimizer, scheduler and this rank's RNG; returns the step the checkpoint ended.
         A universal copy (another world size) is re-split by DeepSpeed (the engine was built with

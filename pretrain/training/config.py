@@ -75,6 +75,8 @@ class RunSettings:
     health: HealthSettings  # what a divergence does (training/health.py)
     min_loss_scale: float | None  # fp16: the dynamic loss scale's floor; None under bf16 and fp32
     memory_check: bool  # train.memory_check: refuse a run whose memory estimate exceeds the device (training/memory.py)
+    lock_lease_s: float  # run.lock_lease_s: a run.lock not refreshed for this long is stale (training/run_lock.py)
+    watchdog_s: float | None  # dist.watchdog_s: a step's hang limit; None = from the step time (training/watchdog.py)
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
@@ -111,18 +113,38 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         if not peak > 0 or math.isinf(peak):
             raise UserError(f"train.peak_tflops={t.peak_tflops}: must be a number > 0 (TFLOP/s) or null")
     trust = trust_setting(cfg.trust_checkpoint)
+    lease, timeout, watchdog = _seconds(cfg.run, "run.lock_lease_s"), _seconds(cfg.dist, "dist.timeout_s"), None
+    if cfg.dist.watchdog_s is not None:
+        watchdog = _seconds(cfg.dist, "dist.watchdog_s")
+        if watchdog >= timeout:  # a hang must give stacks (exit 4) before a collective gives up (exit 5)
+            raise UserError(f"dist.watchdog_s={watchdog:g}: must be below dist.timeout_s={timeout:g}")
     ds = cfg.deepspeed  # its precision is checked by deepspeed_config
     return RunSettings(
         run_dir=str(cfg.run.dir), seed=int(cfg.seed), max_steps=int(t.max_steps),
         stop_at=int(t.exit_at_step) if t.exit_at_step is not None else int(t.max_steps),
         log_every=int(t.log_every), eval_every=int(t.eval_every), save_every=int(t.save_every),
         keep_last=int(t.keep_last), resume=str(t.resume), elastic=elastic, stop_file=str(t.stop_file),
-        weight_decay=float(t.weight_decay), timeout_s=float(cfg.dist.timeout_s), progress=bool(cfg.logger.progress),
+        weight_decay=float(t.weight_decay), timeout_s=timeout, progress=bool(cfg.logger.progress),
         wandb=WandbSettings(str(w.mode), str(w.project), w.name), hardware=str(ds.name), precision=str(ds.precision),
         peak_tflops=peak, trust_checkpoint=trust, health=health_settings(t),
         min_loss_scale=float(ds.fp16.min_loss_scale) if ds.precision == "fp16" and "fp16" in ds else None,
         memory_check=t.memory_check,  # checked by training/memory.py check
+        lock_lease_s=lease, watchdog_s=watchdog,
     )  # fmt: skip
+
+
+def _seconds(group: DictConfig, key: str) -> float:
+    """A duration setting: a number of seconds > 0 (`key` is its full name, for the message)."""
+    value = group[key.split(".")[-1]]
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}={value}: must be a number of seconds > 0") from None
+    if not 0 < seconds < math.inf:
+        raise UserError(f"{key}={value}: must be a number of seconds > 0")
+    return seconds
 
 
 def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_checkpointing: bool = False,

@@ -1,12 +1,16 @@
 """Process-group setup that works the same under `deepspeed`, `torchrun`, Slurm `srun` and plain `python`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
+
+from pretrain.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -68,15 +72,57 @@ def init(info: DistInfo, timeout_s: float) -> None:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(
-        dist_backend=accelerator.communication_backend_name(),
-        auto_mpi_discovery=False,
-        timeout=timedelta(seconds=timeout_s),
-        rank=info.rank,
-        world_size=info.world_size,
-    )
+    backend, timeout = accelerator.communication_backend_name(), timedelta(seconds=timeout_s)
+    with _port_in_use_as_one_line():
+        if backend == "gloo":  # DeepSpeed's CPU all-reduce maps its /dev/shm segment as soon as it has joined
+            _join_checked(info, backend, timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, rank=info.rank,
+                                   world_size=info.world_size)  # fmt: skip
     _unlink_shm_segment(info)
     _make_host_group()
+
+
+CLOCK_SKEW_S = 30.0  # between the nodes' clocks, with a wide margin (NTP keeps them within milliseconds)
+_RANK0_JOINED = "pretrain/rank0_joined"
+
+
+@contextlib.contextmanager
+def _port_in_use_as_one_line():
+    """The rendezvous port in use (rank 0's store cannot listen): one line naming it, not DistNetworkError's trace."""
+    try:
+        yield
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e):
+            raise
+        port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
+        raise UserError(f"MASTER_PORT={port}: the rendezvous port is in use on {addr} (another run?); give this run "
+                        "a free port: deepspeed --master_port=<port> (torchrun --master_port=<port>, srun: "
+                        "MASTER_PORT=<port>)") from None  # fmt: skip
+
+
+def _join_checked(info: DistInfo, backend: str, timeout: timedelta) -> None:
+    """Join the process group (DeepSpeed's init then wraps it), and check that the rendezvous is this launch's.
+    A second run on a port in use fails in rank 0 (the store cannot listen), but its other ranks find the first
+    run's store there and join it: DeepSpeed would then map a 66 MB /dev/shm segment per rank that nothing unlinks
+    once the launcher kills them. So rank 0 records in the store when it joined, and every other rank compares
+    that with its own start: this launch's rank 0 cannot have joined before this rank existed (joining waits for
+    every rank); another run's did. A rank waiting for a rank 0 that failed is killed by its launcher (or gives up
+    after dist.timeout_s) before it maps anything."""
+    import psutil
+
+    dist.init_process_group(backend, timeout=timeout, rank=info.rank, world_size=info.world_size)
+    if info.world_size == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    if info.rank == 0:
+        store.set(_RANK0_JOINED, repr(time.time()))
+    store.wait([_RANK0_JOINED], timeout)
+    joined, started = float(store.get(_RANK0_JOINED).decode()), psutil.Process().create_time()
+    if joined < started - CLOCK_SKEW_S:
+        port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
+        raise UserError(f"MASTER_PORT={port}: the rendezvous on {addr} is another run's (its rank 0 joined "
+                        f"{started - joined:.0f} s before this rank started); give this run a free port: deepspeed "
+                        "--master_port=<port>")  # fmt: skip
 
 
 def shm_segment(rank: int) -> str:

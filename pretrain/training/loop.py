@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from pretrain.errors import UserError
-from pretrain.training import distributed, init_from
+from pretrain.training import distributed, init_from, peers, run_lock, watchdog
 from pretrain.training.checkpoint import Checkpoints
 from pretrain.training.rng import seed_rng
 from pretrain.training.config import BatchGeometry, RunSettings
@@ -75,8 +75,10 @@ def start(s: RunSettings, info: distributed.DistInfo, checkpoints: Checkpoints, 
     data there). elastic: a resume_from of another world size is re-sharded through a universal copy."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     stop = StopRequest(os.path.join(s.run_dir, s.stop_file))
+    peers.watch_launcher(command, info.rank)  # a rank outlives no launcher (training/peers.py)
+    refusal = run_lock.take(s.run_dir, command, s.lock_lease_s, info.rank)  # one writer per run.dir: rank 0 locks
+    run_lock.join_agreeing(refusal, info.world_size, lambda: distributed.init(info, s.timeout_s))  # all stop if refused
     stop.clear_stale(info.rank)
-    distributed.init(info, s.timeout_s)
     os.makedirs(s.run_dir, exist_ok=True)
     checkpoints.discard_uncommitted()
     if elastic and checkpoints.resharded_from:  # another world size: DeepSpeed re-splits a universal copy on load
@@ -97,6 +99,7 @@ def start(s: RunSettings, info: distributed.DistInfo, checkpoints: Checkpoints, 
         if checkpoints.resharded_from and info.rank == 0:
             print(f"{command}: resumed step {step} of {resume_from}: re-sharded from {checkpoints.resharded_from}"
                   f" to {info.world_size} ranks", file=sys.stderr)  # fmt: skip
+    watchdog.arm(s.run_dir, info.rank, command, s.watchdog_s, s.timeout_s)  # the first step is timed from here
     return Started(engine, model, step, stop)
 
 
@@ -168,6 +171,7 @@ def train(job: Job, run: Started, make_loader: Callable[[int, int], Iterable], s
             if rank == 0:
                 print(f"{command}: stop requested: checkpoint of step {step} saved, exiting", file=sys.stderr)
             break
+        watchdog.beat(step)  # the hang watchdog (training/watchdog.py): this step is over
     bar.close()
     return step
 
