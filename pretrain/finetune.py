@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
+from pretrain.overrides import check_command_line
 from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
 from pretrain.training import distributed, init_from, loop, safe_load
@@ -227,4 +228,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = distributed.strip_local_rank(sys.argv)
+    with exit_on_user_error("pretrain.finetune", quiet=distributed.read_env().rank != 0):  # before Hydra composes
+        check_command_line(sys.argv[1:], "finetune", "pretrain.finetune")
     main()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.data.sources import describe
 from pretrain.errors import exit_on_user_error
+from pretrain.overrides import check_command_line
 from pretrain.training import distributed, init_from, loop, safe_load
 from pretrain.training.checkpoint import Checkpoints
 from pretrain.training.run_dir import ModelRecord, write_run_files
@@ -127,4 +128,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = distributed.strip_local_rank(sys.argv)
+    with exit_on_user_error("pretrain.train", quiet=distributed.read_env().rank != 0):  # before Hydra composes
+        check_command_line(sys.argv[1:], "config", "pretrain.train")
     main()

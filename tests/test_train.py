@@ -86,6 +86,11 @@ def test_summary_prints_final_metrics(straight_run):
         ("train.global_batch_size=6", "train.global_batch_size=6 is not a positive multiple"),
         ("deepspeed=zero3_v100", "fp16 needs a GPU"),
         ("init_from=/tmp", "init_from=/tmp: stage one starts from random weights"),
+        # a value of the wrong type, a key that no setting has (pretrain/overrides.py, before Hydra composes)
+        ("train.lr=abc", "train.lr=abc: must be a number"),
+        ("train.max_steps=ten", "train.max_steps=ten: must be an integer"),
+        ("seed=x", "seed=x: must be an integer"),
+        ("+train.max_step=10", "train.max_step: no such setting; did you mean train.max_steps?"),
     ],
 )
 def test_bad_config_fails_with_one_line_and_writes_nothing(prepared, tmp_path, override, message):
