@@ -49,13 +49,15 @@ class Setup:
     vocab_path: str
     init: init_from.InitSource | None
     ds_config: dict
+    checkpoints: Checkpoints
+    resume_from: str | None  # the checkpoint the run resumes; None: it starts afresh
 
 
-def setup(cfg: DictConfig, world_size: int) -> Setup:
-    """Read every setting and every task file, and check them, before any rank writes a byte."""
+def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
+    """Read every setting and every task file, and check them, and the checkpoint the run resumes, before any
+    rank writes a byte."""
     settings = run_settings(cfg)
     safe_load.trust(settings.trust_checkpoint)  # before init_from's checkpoint is read
-    geometry = batch_geometry(cfg.train, world_size)
     source = None if cfg.init_from is None else str(cfg.init_from)
     vocab_path = None if cfg.vocab is None else str(cfg.vocab)
     if vocab_path is None:
@@ -77,7 +79,10 @@ def setup(cfg: DictConfig, world_size: int) -> Setup:
         theirs = init_from.run_vocab(source)  # the ids must mean what the model learnt (hf: checked above)
         if theirs is not None and read_vocab(theirs) != read_vocab(vocab_path):
             raise UserError(f"vocab={vocab_path} differs from {theirs}, the vocab init_from={source} was trained with")
-    return Setup(settings, geometry, task, vocab_path, init, deepspeed_config(cfg, geometry))
+    checkpoints = Checkpoints(settings.run_dir, rank, world_size, settings.keep_last)
+    resume_from = checkpoints.resolve(settings.resume, TaskJob.kind_of(task))
+    geometry = batch_geometry(cfg.train, world_size, resume_from, checkpoints.global_batch)
+    return Setup(settings, geometry, task, vocab_path, init, deepspeed_config(cfg, geometry), checkpoints, resume_from)
 
 
 class TaskJob:
@@ -88,8 +93,13 @@ class TaskJob:
 
     def __init__(self, task, geometry: BatchGeometry, info: distributed.DistInfo):
         self.task, self.geometry, self.info = task, geometry, info
-        self.kind, self.objectives, self.weights = f"finetune:{task.kind}", task.objectives, task.weights
+        self.kind, self.objectives, self.weights = self.kind_of(task), task.objectives, task.weights
         self.token_counts = task.token_counts
+
+    @staticmethod
+    def kind_of(task) -> str:
+        """What the checkpoints of the task's runs record as their stage."""
+        return f"finetune:{task.kind}"
 
     def forward(self, engine, batch):
         loss, stats, _ = self.task.forward(engine, batch, predict=False)
@@ -108,12 +118,11 @@ class TaskJob:
 def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # 1. Check everything before any rank writes a byte.
     began = time.perf_counter()
-    run = setup(cfg, info.world_size)
+    run = setup(cfg, info.world_size, info.rank)
     s, geometry, task = run.settings, run.geometry, run.task
+    checkpoints, resume_from = run.checkpoints, run.resume_from
     loop.check_precision(s)
     job = TaskJob(task, geometry, info)
-    checkpoints = Checkpoints(s.run_dir, info.rank, info.world_size, s.keep_last)
-    resume_from = checkpoints.resolve(s.resume, job.kind, geometry.global_batch)
 
     # 2. Join the ranks, build the partitioned model with the pre-trained weights, restore the newest checkpoint.
     started = loop.start(s, info, checkpoints, resume_from, task.make_model, run.ds_config, run.init, "pretrain.finetune",

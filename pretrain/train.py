@@ -43,15 +43,21 @@ class Setup:
     stage: Stage
     init: init_from.InitSource | None  # stage two: the stage-one checkpoint and its parameter mapping
     ds_config: dict
+    checkpoints: Checkpoints
+    resume_from: str | None  # the checkpoint the run resumes; None: it starts afresh
 
 
-def setup(cfg: DictConfig, world_size: int) -> Setup:
-    """Read every setting of the config (the test of conf/ checks that each key is read here) and check it."""
+def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
+    """Read every setting of the config (the test of conf/ checks that each key is read here) and check it, and
+    the checkpoint the run resumes (whose global batch a resume keeps: the geometry follows it)."""
     settings = run_settings(cfg)
     safe_load.trust(settings.trust_checkpoint)  # before the stage reads init_from's checkpoint
-    geometry = batch_geometry(cfg.train, world_size)
     stage = build_stage(cfg)
-    return Setup(settings, geometry, stage, stage.init_source(), deepspeed_config(cfg, geometry))
+    checkpoints = Checkpoints(settings.run_dir, rank, world_size, settings.keep_last)
+    resume_from = checkpoints.resolve(settings.resume, stage.name, settings.elastic)
+    geometry = batch_geometry(cfg.train, world_size, resume_from, checkpoints.global_batch)
+    return Setup(settings, geometry, stage, stage.init_source(), deepspeed_config(cfg, geometry), checkpoints,
+                 resume_from)  # fmt: skip
 
 
 class StageJob:
@@ -73,11 +79,14 @@ class StageJob:
 
 def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # 1. Check everything before any rank writes a byte.
-    run = setup(cfg, info.world_size)
+    run = setup(cfg, info.world_size, info.rank)
     s, geometry, stage = run.settings, run.geometry, run.stage
+    checkpoints, resume_from = run.checkpoints, run.resume_from
     loop.check_precision(s)
-    checkpoints = Checkpoints(s.run_dir, info.rank, info.world_size, s.keep_last)
-    resume_from = checkpoints.resolve(s.resume, stage.name, geometry.global_batch, s.elastic)
+    if checkpoints.resharded_from and cfg.train.global_batch_size is None and info.rank == 0:
+        g = geometry
+        print(f"pretrain.train: keeping the checkpoint's global batch of {g.global_batch}: micro batch {g.micro} x"
+              f" accumulation {g.accum} x {g.world} rank{'s' if g.world > 1 else ''}", file=sys.stderr)  # fmt: skip
 
     # 2. Join the ranks, index the data (once per node), build the partitioned model, restore the newest checkpoint.
     def index() -> None:

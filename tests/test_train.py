@@ -118,11 +118,11 @@ def test_vocab_that_does_not_match_the_prepared_data(prepared, tmp_path):
 
 
 def test_resume_from_a_checkpoint_of_another_world_size_needs_the_opt_in(prepared, straight_run, tmp_path):
-    """Refused before anything is written, with the opt-in offered (tests/test_elastic.py resumes with it)."""
+    """Refused before anything is written, with the opt-in offered (tests/test_elastic.py resumes with it), and
+    named first: not the global batch, which the user did not set (and which follows the world size)."""
     step40 = os.path.join(straight_run, "checkpoints", "step40")
     run = tmp_path / "run"
-    proc = launch(PYTHON, TINY + [f"data.dir={prepared}", f"run.dir={run}", f"train.resume={step40}",
-                                  "train.global_batch_size=8"], expect_rc=2)  # fmt: skip
+    proc = launch(PYTHON, TINY + [f"data.dir={prepared}", f"run.dir={run}", f"train.resume={step40}"], expect_rc=2)
     assert proc.stderr.strip() == (
         f"pretrain.train: error: {step40}: written by 2 ranks, this run has 1;"
         " add train.elastic=true to resume it re-sharded onto 1 rank"
