@@ -86,6 +86,11 @@ def check_command_line(argv: list[str], config_name: str, command: str) -> None:
 
 def config_groups(config_name: str) -> dict[str, str]:
     """{group: default option} of conf/<config_name>.yaml's defaults list (Hydra's own groups left out)."""
+    return dict(_config_groups(config_name))
+
+
+@functools.lru_cache(maxsize=8)
+def _config_groups(config_name: str) -> dict[str, str]:
     from omegaconf import OmegaConf
 
     out = {}
