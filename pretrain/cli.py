@@ -8,6 +8,7 @@ missing required keys (MISSING in the schema). `-h` or `--help` prints the comma
 """
 from __future__ import annotations
 
+import difflib
 import sys
 from dataclasses import is_dataclass
 
@@ -44,12 +45,15 @@ def parse(argv: list[str], schema, *, command: str, doc: str | None = None, verb
             plain.append(arg)
     cfg = OmegaConf.structured(schema) if is_dataclass(schema) else OmegaConf.create(schema)
     OmegaConf.set_struct(cfg, True)
-    known = ", ".join(sorted(_leaf_keys(OmegaConf.to_container(cfg))))
+    leaves = sorted(_leaf_keys(OmegaConf.to_container(cfg)))
+    known = ", ".join(leaves)
     try:
         for arg in plain:
             key = arg.split("=", 1)[0]
             if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-                raise UserError(f"bad argument {arg}: unknown key {key} (keys: {known})")
+                near = difflib.get_close_matches(key, leaves, n=1, cutoff=0.7)  # as pretrain/overrides.py
+                meant = f"; did you mean {near[0]}?" if near else ""
+                raise UserError(f"bad argument {arg}: unknown key {key}{meant} (keys: {known})")
             cfg.merge_with(OmegaConf.from_dotlist([arg]))
         for key, value in {**literal, **lists}.items():
             OmegaConf.update(cfg, key, value, merge=False)

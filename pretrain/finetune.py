@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
+from pretrain.overrides import check_command_line
 from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
 from pretrain.training import distributed, init_from, loop, memory, peers, safe_load, watchdog
@@ -48,13 +49,15 @@ class Setup:
     vocab_path: str
     init: init_from.InitSource | None
     ds_config: dict
+    checkpoints: Checkpoints
+    resume_from: str | None  # the checkpoint the run resumes; None: it starts afresh
 
 
-def setup(cfg: DictConfig, world_size: int) -> Setup:
-    """Read every setting and every task file, and check them, before any rank writes a byte."""
+def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
+    """Read every setting and every task file, and check them, and the checkpoint the run resumes, before any
+    rank writes a byte."""
     settings = run_settings(cfg)
     safe_load.trust(settings.trust_checkpoint)  # before init_from's checkpoint is read
-    geometry = batch_geometry(cfg.train, world_size)
     source = None if cfg.init_from is None else str(cfg.init_from)
     vocab_path = None if cfg.vocab is None else str(cfg.vocab)
     if vocab_path is None:
@@ -76,7 +79,10 @@ def setup(cfg: DictConfig, world_size: int) -> Setup:
         theirs = init_from.run_vocab(source)  # the ids must mean what the model learnt (hf: checked above)
         if theirs is not None and read_vocab(theirs) != read_vocab(vocab_path):
             raise UserError(f"vocab={vocab_path} differs from {theirs}, the vocab init_from={source} was trained with")
-    return Setup(settings, geometry, task, vocab_path, init, deepspeed_config(cfg, geometry))
+    checkpoints = Checkpoints(settings.run_dir, rank, world_size, settings.keep_last)
+    resume_from = checkpoints.resolve(settings.resume, TaskJob.kind_of(task))
+    geometry = batch_geometry(cfg.train, world_size, resume_from, checkpoints.global_batch)
+    return Setup(settings, geometry, task, vocab_path, init, deepspeed_config(cfg, geometry), checkpoints, resume_from)
 
 
 class TaskJob:
@@ -87,8 +93,13 @@ class TaskJob:
 
     def __init__(self, task, geometry: BatchGeometry, info: distributed.DistInfo):
         self.task, self.geometry, self.info = task, geometry, info
-        self.kind, self.objectives, self.weights = f"finetune:{task.kind}", task.objectives, task.weights
+        self.kind, self.objectives, self.weights = self.kind_of(task), task.objectives, task.weights
         self.token_counts = task.token_counts
+
+    @staticmethod
+    def kind_of(task) -> str:
+        """What the checkpoints of the task's runs record as their stage."""
+        return f"finetune:{task.kind}"
 
     def forward(self, engine, batch):
         loss, stats, _ = self.task.forward(engine, batch, predict=False)
@@ -107,12 +118,11 @@ class TaskJob:
 def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # 1. Check everything before any rank writes a byte.
     began = time.perf_counter()
-    run = setup(cfg, info.world_size)
+    run = setup(cfg, info.world_size, info.rank)
     s, geometry, task = run.settings, run.geometry, run.task
+    checkpoints, resume_from = run.checkpoints, run.resume_from
     loop.check_precision(s)
     job = TaskJob(task, geometry, info)
-    checkpoints = Checkpoints(s.run_dir, info.rank, info.world_size, s.keep_last)
-    resume_from = checkpoints.resolve(s.resume, job.kind, geometry.global_batch)
     generation = task.kind == "generation"  # a decoder and its vocabulary projection; the others project no vocab
     shape = memory.run_shape(task.model_cfg, generation, int(generation), task.seq_len, geometry.micro, run.ds_config,
                              s.precision, info.world_size)  # fmt: skip
@@ -234,4 +244,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = distributed.strip_local_rank(sys.argv)
+    with exit_on_user_error("pretrain.finetune", quiet=distributed.read_env().rank != 0):  # before Hydra composes
+        check_command_line(sys.argv[1:], "finetune", "pretrain.finetune")
     main()

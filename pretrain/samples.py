@@ -20,6 +20,7 @@ import sys
 
 from pretrain.cli import parse
 from pretrain.errors import UserError, exit_on_user_error
+from pretrain.overrides import check_command_line
 from pretrain.training.config import BatchGeometry, batch_geometry
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -54,10 +55,13 @@ def main(argv: list[str]) -> None:
         return
     own = [a for a in argv if a.split("=", 1)[0] in OWN_KEYS]
     args, _ = parse(own, {"n": 16, "out": "???", "world_size": 1}, command="pretrain.samples", verbatim=("out",))
+    for key in ("n", "world_size"):
+        if not isinstance(args[key], int) or isinstance(args[key], bool) or args[key] < 1:
+            raise UserError(f"{key}={args[key]}: must be an integer >= 1")
     n, world = int(args.n), int(args.world_size)
-    if n < 1:
-        raise UserError(f"n={n}: must be >= 1")
-    cfg = compose_config([a for a in argv if a.split("=", 1)[0] not in OWN_KEYS])
+    trainer = [a for a in argv if a.split("=", 1)[0] not in OWN_KEYS]
+    check_command_line(trainer, "config", "pretrain.samples")  # the trainer's keys, held as the trainer holds them
+    cfg = compose_config(trainer)
     if cfg.data.dir is None:  # one corpus at a time (a blend's sources each have their own data.dir)
         raise UserError("data.dir is required (python -m pretrain.samples stage=... data.dir=<prepared dir> n=... out=...)")
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.data.sources import describe
 from pretrain.errors import exit_on_user_error
+from pretrain.overrides import check_command_line
 from pretrain.training import distributed, init_from, loop, memory, peers, safe_load, watchdog
 from pretrain.training.checkpoint import Checkpoints
 from pretrain.training.run_dir import ModelRecord, write_run_files
@@ -42,15 +43,21 @@ class Setup:
     stage: Stage
     init: init_from.InitSource | None  # stage two: the stage-one checkpoint and its parameter mapping
     ds_config: dict
+    checkpoints: Checkpoints
+    resume_from: str | None  # the checkpoint the run resumes; None: it starts afresh
 
 
-def setup(cfg: DictConfig, world_size: int) -> Setup:
-    """Read every setting of the config (the test of conf/ checks that each key is read here) and check it."""
+def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
+    """Read every setting of the config (the test of conf/ checks that each key is read here) and check it, and
+    the checkpoint the run resumes (whose global batch a resume keeps: the geometry follows it)."""
     settings = run_settings(cfg)
     safe_load.trust(settings.trust_checkpoint)  # before the stage reads init_from's checkpoint
-    geometry = batch_geometry(cfg.train, world_size)
     stage = build_stage(cfg)
-    return Setup(settings, geometry, stage, stage.init_source(), deepspeed_config(cfg, geometry))
+    checkpoints = Checkpoints(settings.run_dir, rank, world_size, settings.keep_last)
+    resume_from = checkpoints.resolve(settings.resume, stage.name, settings.elastic)
+    geometry = batch_geometry(cfg.train, world_size, resume_from, checkpoints.global_batch)
+    return Setup(settings, geometry, stage, stage.init_source(), deepspeed_config(cfg, geometry), checkpoints,
+                 resume_from)  # fmt: skip
 
 
 class StageJob:
@@ -72,14 +79,17 @@ class StageJob:
 
 def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # 1. Check everything before any rank writes a byte.
-    run = setup(cfg, info.world_size)
+    run = setup(cfg, info.world_size, info.rank)
     s, geometry, stage = run.settings, run.geometry, run.stage
+    checkpoints, resume_from = run.checkpoints, run.resume_from
     loop.check_precision(s)
-    checkpoints = Checkpoints(s.run_dir, info.rank, info.world_size, s.keep_last)
-    resume_from = checkpoints.resolve(s.resume, stage.name, geometry.global_batch, s.elastic)
     shape = memory.run_shape(stage.model_cfg, stage.generates, stage.vocab_projections, stage.seq_len, geometry.micro,
                              run.ds_config, s.precision, info.world_size)  # fmt: skip
     memory.check(s.memory_check, shape, stage.make_model, info.local_rank, info.world_size, stage.name, s.hardware)
+    if checkpoints.resharded_from and cfg.train.global_batch_size is None and info.rank == 0:
+        g = geometry
+        print(f"pretrain.train: keeping the checkpoint's global batch of {g.global_batch}: micro batch {g.micro} x"
+              f" accumulation {g.accum} x {g.world} rank{'s' if g.world > 1 else ''}", file=sys.stderr)  # fmt: skip
 
     # 2. Join the ranks, index the data (once per node), build the partitioned model, restore the newest checkpoint.
     def index() -> None:
@@ -134,4 +144,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = distributed.strip_local_rank(sys.argv)
+    with exit_on_user_error("pretrain.train", quiet=distributed.read_env().rank != 0):  # before Hydra composes
+        check_command_line(sys.argv[1:], "config", "pretrain.train")
     main()

@@ -25,5 +25,9 @@ def test_the_same_errors_from_every_command(command):
     not_a_pair = run(command, "colour")
     assert not_a_pair.returncode == 2
     assert not_a_pair.stderr == f"{command}: error: bad argument colour: expected key=value (see python -m {command} --help)\n"
+    key, meant = {"pretrain.prepare": ("outt", "out"), "pretrain.plan": ("seq_lenn", "seq_len")}.get(command, ("run.dirr", "run.dir"))
+    misspelled = run(command, f"{key}=1")
+    assert misspelled.returncode == 2 and misspelled.stderr.count("\n") == 1, misspelled.stderr
+    assert misspelled.stderr.startswith(f"{command}: error: bad argument {key}=1: unknown key {key}; did you mean {meant}? (keys: ")
     helped = run(command, "--help")
     assert helped.returncode == 0 and f"python -m {command}" in helped.stdout and helped.stderr == ""

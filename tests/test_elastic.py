@@ -29,6 +29,8 @@ ARGS = [a for a in TINY if not a.startswith(("train.micro_batch_size=", "train.e
     "train.eval_samples=12", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100",
     "train.save_every=100",
 ]  # fmt: skip
+# A resume that leaves the global batch out keeps the checkpoint's (12) and derives the accumulation.
+KEPT = [a for a in ARGS if a != "train.global_batch_size=12"]
 
 
 def deepspeed(ranks: int) -> list[str]:
@@ -64,9 +66,9 @@ def stopped(prepared, tmp_path_factory) -> dict[int, str]:
     return {ranks: str(root / str(ranks)) for ranks in (1, 2)}
 
 
-def resume_elsewhere(prepared, stopped_run: str, run: str, ranks: int) -> str:
+def resume_elsewhere(prepared, stopped_run: str, run: str, ranks: int, args: list[str] = ARGS) -> str:
     shutil.copytree(stopped_run, run)
-    proc = launch(deepspeed(ranks), ARGS + [f"data.dir={prepared}", f"run.dir={run}", "train.elastic=true"])
+    proc = launch(deepspeed(ranks), args + [f"data.dir={prepared}", f"run.dir={run}", "train.elastic=true"])
     return proc.stderr
 
 
@@ -104,13 +106,19 @@ def test_uninterrupted_runs_on_one_and_two_ranks_agree(straight):
 @pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2), (2, 3)])
 def test_resume_on_another_number_of_ranks_follows_the_uninterrupted_run(prepared, straight, stopped, tmp_path,
                                                                          saved, resumed):  # fmt: skip
+    """From 2 ranks the resume leaves train.global_batch_size out: the checkpoint's is kept (run.json's 12 below)."""
     run = str(tmp_path / "run")
-    stderr = resume_elsewhere(prepared, stopped[saved], run, resumed)
+    stderr = resume_elsewhere(prepared, stopped[saved], run, resumed, KEPT if saved == 2 else ARGS)
     step_dir = os.path.join(run, "checkpoints", f"step{STOP}")
     assert stderr.count("re-sharded") == 1, stderr
+    if saved == 2:
+        accum = 12 // (2 * resumed)
+        assert (f"keeping the checkpoint's global batch of 12: micro batch 2 x accumulation {accum} x {resumed} rank"
+                in stderr), stderr  # fmt: skip
     assert f"resumed step {STOP} of {step_dir}.universal: re-sharded from {saved} to {resumed} ranks" in stderr
     info = json.load(open(os.path.join(run, "run.json")))
     assert info["world_size"] == resumed and info["resumed_from_step"] == STOP and info["global_batch"] == 12
+    assert info["grad_accum"] == 12 // (2 * resumed)
     assert os.path.isdir(step_dir + ".universal") and not glob.glob(os.path.join(run, "checkpoints", "*.tmp"))
     assert open(os.path.join(run, "checkpoints", "latest")).read().strip() == f"step{STEPS}"
     assert len(glob.glob(os.path.join(run, "checkpoints", f"step{STEPS}", "rng_rank*.pt"))) == resumed
@@ -157,9 +165,13 @@ def test_new_ranks_seed_their_generators_from_seed_step_and_rank():
 @pytest.mark.parametrize(
     "extra, message",
     [
+        # the opt-in is named first, not the global batch, which the user did not set
         ([], "{step}: written by 2 ranks, this run has 1; add train.elastic=true to resume it re-sharded onto 1 rank"),
-        (["train.elastic=true", "train.global_batch_size=null"],
-         "train.global_batch_size=2 differs from the checkpoint's 12"),
+        (["train.elastic=true", "train.global_batch_size=6"],
+         "train.global_batch_size=6 differs from the checkpoint's 12 ({step}); leave it out to keep the checkpoint's"),
+        (["train.elastic=true", "train.micro_batch_size=5"],
+         "{step}: its global batch of 12 is not a multiple of train.micro_batch_size=5 x 1 rank; add"
+         " train.micro_batch_size=4 (a divisor of 12, its samples per rank and step)"),
         (["train.elastic=yes"], "train.elastic=yes: must be true or false"),
     ],
 )  # fmt: skip
@@ -167,7 +179,7 @@ def test_another_world_size_without_the_opt_in_fails_before_writing(prepared, st
     run = tmp_path / "run"
     shutil.copytree(stopped[2], run)
     before = tree(run)
-    proc = launch(PYTHON, ARGS + [f"data.dir={prepared}", f"run.dir={run}"] + extra, expect_rc=2)
+    proc = launch(PYTHON, KEPT + [f"data.dir={prepared}", f"run.dir={run}"] + extra, expect_rc=2)
     step = os.path.join(str(run), "checkpoints", f"step{STOP}")
     assert proc.stderr.strip() == "pretrain.train: error: " + message.format(step=step), proc.stderr
     assert tree(run) == before

@@ -70,8 +70,12 @@ def test_palm_samples_follow_the_grouped_step_order_and_the_mlm_switch(prepared,
 
 @pytest.mark.parametrize("args, message", [
     (["stage=structbert", "n=2"], "data.dir is required"),
-    (["stage=nope", "data.dir=PREPARED", "n=2"], "Could not find 'stage/nope'"),
-    (["stage=structbert", "data.dir=PREPARED", "n=0"], "n=0: must be >= 1"),
+    (["stage=nope", "data.dir=PREPARED", "n=2"], "stage=nope: no such option of stage (palm, structbert)"),
+    (["stage=structbert", "data.dir=PREPARED", "n=0"], "n=0: must be an integer >= 1"),
+    (["stage=structbert", "data.dir=PREPARED", "n=abc"], "n=abc: must be an integer >= 1"),
+    (["stage=structbert", "data.dir=PREPARED", "train.lr=abc"], "train.lr=abc: must be a number"),
+    (["stage=structbert", "data.dir=PREPARED", "+train.max_step=3"],
+     "train.max_step: no such setting; did you mean train.max_steps?"),
     (["stage=structbert", "data.dir=PREPARED", "data.seq_len=3"], "seq_len=3"),
     (["stage=structbert", "data.dir=/nonexistent"], "data.dir=/nonexistent: no such directory"),
 ])

@@ -86,6 +86,11 @@ def test_summary_prints_final_metrics(straight_run):
         ("train.global_batch_size=6", "train.global_batch_size=6 is not a positive multiple"),
         ("deepspeed=zero3_v100", "fp16 needs a GPU"),
         ("init_from=/tmp", "init_from=/tmp: stage one starts from random weights"),
+        # a value of the wrong type, a key that no setting has (pretrain/overrides.py, before Hydra composes)
+        ("train.lr=abc", "train.lr=abc: must be a number"),
+        ("train.max_steps=ten", "train.max_steps=ten: must be an integer"),
+        ("seed=x", "seed=x: must be an integer"),
+        ("+train.max_step=10", "train.max_step: no such setting; did you mean train.max_steps?"),
     ],
 )
 def test_bad_config_fails_with_one_line_and_writes_nothing(prepared, tmp_path, override, message):
@@ -113,11 +118,11 @@ def test_vocab_that_does_not_match_the_prepared_data(prepared, tmp_path):
 
 
 def test_resume_from_a_checkpoint_of_another_world_size_needs_the_opt_in(prepared, straight_run, tmp_path):
-    """Refused before anything is written, with the opt-in offered (tests/test_elastic.py resumes with it)."""
+    """Refused before anything is written, with the opt-in offered (tests/test_elastic.py resumes with it), and
+    named first: not the global batch, which the user did not set (and which follows the world size)."""
     step40 = os.path.join(straight_run, "checkpoints", "step40")
     run = tmp_path / "run"
-    proc = launch(PYTHON, TINY + [f"data.dir={prepared}", f"run.dir={run}", f"train.resume={step40}",
-                                  "train.global_batch_size=8"], expect_rc=2)  # fmt: skip
+    proc = launch(PYTHON, TINY + [f"data.dir={prepared}", f"run.dir={run}", f"train.resume={step40}"], expect_rc=2)
     assert proc.stderr.strip() == (
         f"pretrain.train: error: {step40}: written by 2 ranks, this run has 1;"
         " add train.elastic=true to resume it re-sharded onto 1 rank"

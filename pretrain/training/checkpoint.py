@@ -86,6 +86,7 @@ class Checkpoints:
         self.protected: set[str] = set()  # tags never pruned (fine-tuning: the checkpoint the valid metric picked)
         self._health: dict[str, bool] = {}  # tag -> its recorded health, read once
         self.loaded_state: dict = {}  # the client state of the checkpoint `load` restored
+        self.resharded_from, self.global_batch = None, None  # set by resolve
 
     @watchdog.long_phase("a checkpoint save")
     def save(self, engine, step: int, stage: str, global_batch: int, healthy: bool = True,
@@ -153,12 +154,13 @@ class Checkpoints:
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
                 shutil.rmtree(os.path.join(self.dir, name + UNIVERSAL), ignore_errors=True)
 
-    def resolve(self, resume: str, stage: str, global_batch: int, elastic: bool | None = None) -> str | None:
+    def resolve(self, resume: str, stage: str, elastic: bool | None = None) -> str | None:
         """The checkpoint directory `train.resume` names (auto: the newest complete one), checked against this
-        run's stage, global batch and world size before anything is loaded or written; None to start fresh.
-        Another world size needs `elastic` true (train.elastic; None: the caller offers no re-sharding), and then
-        `resharded_from` is the checkpoint's world size."""
-        self.resharded_from = None
+        run's stage and world size before anything is loaded or written; None to start fresh. Another world size
+        needs `elastic` true (train.elastic; None: the caller offers no re-sharding), and then `resharded_from` is
+        the checkpoint's world size. `global_batch` is the checkpoint's (None to start fresh): the run's batch
+        geometry keeps it (config.batch_geometry)."""
+        self.resharded_from, self.global_batch = None, None
         if resume == "never":
             return None
         if resume == "auto":
@@ -175,18 +177,17 @@ class Checkpoints:
         if saved.get("stage") != stage:
             raise UserError(f"{tag_dir}: a checkpoint of stage={saved.get('stage')}, this run has stage={stage}"
                             " (stage two starts from stage one with init_from=, in a new run.dir)")  # fmt: skip
-        if saved.get("global_batch") != global_batch:
-            raise UserError(f"train.global_batch_size={global_batch} differs from the checkpoint's {saved.get('global_batch')}")
         if saved_ranks != self.world_size:
             if elastic is None:
                 raise UserError(f"{tag_dir}: written by {saved_ranks} ranks, this run has {self.world_size}"
                                 " (resume with the same number of ranks)")  # fmt: skip
-            # Checked last, so that the opt-in it offers is the one change the resume still needs.
+            # Checked before the batch geometry, which follows the world size: the opt-in comes first.
             if not elastic:
                 ranks = f"{self.world_size} rank{'s' if self.world_size > 1 else ''}"
                 raise UserError(f"{tag_dir}: written by {saved_ranks} ranks, this run has {self.world_size}; add"
                                 f" train.elastic=true to resume it re-sharded onto {ranks}")  # fmt: skip
             self.resharded_from = saved_ranks
+        self.global_batch = saved.get("global_batch")
         return tag_dir
 
     def to_universal(self, tag_dir: str) -> str:

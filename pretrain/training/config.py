@@ -30,16 +30,42 @@ class BatchGeometry:
         return self.micro * self.accum * self.world
 
 
-def batch_geometry(train: DictConfig, world: int) -> BatchGeometry:
+def batch_geometry(train: DictConfig, world: int, resumed: str | None = None,
+                   resumed_batch: int | None = None) -> BatchGeometry:
+    """micro x accumulation x world. The global batch is train.global_batch_size; null: the global batch of the
+    checkpoint the run resumes (`resumed`, whose global batch is `resumed_batch`), whatever number of ranks wrote
+    it (train.elastic), else micro x world. A resumed run's global batch is the checkpoint's."""
     micro = int(train.micro_batch_size)
     if micro < 1:
         raise UserError(f"train.micro_batch_size={micro}: must be >= 1")
-    glob = micro * world if train.global_batch_size is None else int(train.global_batch_size)
+    given = train.global_batch_size
+    if given is not None and resumed_batch is not None and int(given) != resumed_batch:
+        raise UserError(f"train.global_batch_size={given} differs from the checkpoint's {resumed_batch} ({resumed});"
+                        " leave it out to keep the checkpoint's")  # fmt: skip
+    if given is None and resumed_batch is not None:
+        if resumed_batch % (micro * world):
+            raise UserError(f"{resumed}: its global batch of {resumed_batch} is not a multiple of train.micro_batch_size="
+                            f"{micro} x {_ranks(world)}; {_fitting_micro(resumed_batch, micro, world)}")  # fmt: skip
+        return BatchGeometry(micro, resumed_batch // (micro * world), world)
+    glob = micro * world if given is None else int(given)
     if glob < 1 or glob % (micro * world):
         raise UserError(
             f"train.global_batch_size={glob} is not a positive multiple of train.micro_batch_size={micro} x {world} ranks"
         )
     return BatchGeometry(micro, glob // (micro * world), world)
+
+
+def _ranks(world: int) -> str:
+    return f"{world} rank{'s' if world > 1 else ''}"
+
+
+def _fitting_micro(global_batch: int, micro: int, world: int) -> str:
+    """What to set when a checkpoint's global batch does not split into micro x accumulation x world."""
+    if global_batch % world:
+        return f"resume on a number of ranks that divides {global_batch}"
+    per_rank = global_batch // world
+    fits = max(d for d in range(1, min(micro, per_rank) + 1) if per_rank % d == 0)
+    return f"add train.micro_batch_size={fits} (a divisor of {per_rank}, its samples per rank and step)"
 
 
 @dataclass(frozen=True)
