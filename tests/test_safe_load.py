@@ -46,7 +46,7 @@ def test_a_pickled_callable_is_refused_and_never_runs(tmp_path):
     with pytest.raises(UserError, match=r"holds [\w.]+\.call"):
         safe_load.check_dir(str(tmp_path))
     assert not os.path.exists(marker)
-    with pytest.raises(UserError, match="not a checkpoint file that can be read safely"):
+    with pytest.raises(UserError, match=r"junk.pt: not a readable checkpoint file \(\w+: damaged or truncated\); no older intact checkpoint"):
         (tmp_path / "junk.pt").write_bytes(b"not a zip")
         safe_load.check_file(str(tmp_path / "junk.pt"))
     safe_load.trust(True)  # the opt-out: the file is unpickled as it is, and so its callable runs
