@@ -94,6 +94,7 @@ class Checkpoints:
     def save(self, engine, step: int, stage: str, global_batch: int) -> None:
         tag = f"step{step}"
         need = self._check_room(engine, tag)  # before a byte of it is written
+        _fill_disk_point(step, self.rank, self.dir)
         os.makedirs(os.path.join(self.dir, tag), exist_ok=True)
         self._agree_saved(tag, need, _attempt(lambda: torch.save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt"))))
         _fault_point(step, self.rank)
@@ -323,3 +324,19 @@ def _estimate_bytes(engine, world_size: int) -> int:
     from pretrain.training.engine import local_partition_numel
 
     return 12 * local_partition_numel(engine.module) * world_size
+
+
+def _fill_disk_point(step: int, rank: int, checkpoints_dir: str) -> None:
+    """Fault injection for the tests of a disk that fills during a save (another job writing, say):
+    PRETRAIN_FILL_DISK_IN_SAVE=<step> makes rank 0 fill the checkpoints' file system, but for 64 KiB, with
+    run.dir/disk_filler after the free-space check of that step's save and before its first byte."""
+    if os.environ.get("PRETRAIN_FILL_DISK_IN_SAVE") == str(step):
+        if rank == 0:
+            left = 64 * 1024
+            with open(os.path.join(os.path.dirname(checkpoints_dir), "disk_filler"), "wb") as f:
+                while (free := _free_bytes(checkpoints_dir)) > left:
+                    f.write(bytes(min(free - left, 2**20)))
+                    f.flush()
+            print(f"pretrain.train: PRETRAIN_FILL_DISK_IN_SAVE={step}: {_free_bytes(checkpoints_dir)} bytes left free",
+                  file=sys.stderr)  # fmt: skip
+        distributed.barrier()

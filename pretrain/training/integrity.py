@@ -100,7 +100,6 @@ def write_manifest(tag_dir: str, files: dict[str, list]) -> int:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(tag_dir, MANIFEST))
-    _verified[os.path.realpath(tag_dir)] = []  # what this process just recorded is intact
     return total
 
 
