@@ -136,7 +136,8 @@ def test_export_and_generate_refuse_non_finite_weights_and_write_nothing(palm6, 
     tag_dir = os.path.join(run, "checkpoints", "step6")
     path = os.path.join(tag_dir, PARTITION.format(1))
     state = torch.load(path, weights_only=False)
-    state["optimizer_state_dict"]["fp32_flat_groups"][0][100] = float("nan")  # a weight of rank 1's partition
+    with torch.no_grad():
+        state["optimizer_state_dict"]["fp32_flat_groups"][0][100] = float("nan")  # a weight of rank 1's partition
     torch.save(state, path)
     integrity.write_manifest(tag_dir, integrity.hash_share(tag_dir, 0, 1))  # as if the run had saved it so
     nonfinite = re.compile(rf"error: {tag_dir}: parameter [\w.]+ holds NaN or inf: the weights of step 6 are not finite")
