@@ -12,7 +12,7 @@ import torch
 from runs import PYTHON, TINY, launch
 
 from pretrain.errors import UserError
-from pretrain.training import checkpoint, partitions, safe_load
+from pretrain.training import checkpoint, integrity, partitions, safe_load
 
 
 class Payload:
@@ -76,6 +76,9 @@ def _poisoned_run(run_dir: str, tmp_path, file_glob: str) -> tuple[str, str]:
     tag_dir = checkpoint.find(copy, "run.dir")
     (target,) = glob.glob(os.path.join(tag_dir, file_glob))
     poison(target, marker)
+    # From someone else, with a record that matches its files (integrity.py would refuse a file changed after it):
+    # what is tested here is the vetting of the pickles.
+    integrity.write_manifest(tag_dir, integrity.hash_share(tag_dir, 0, 1))
     return copy, marker
 
 
