@@ -128,6 +128,11 @@ def test_a_truncated_partition_is_refused_naming_the_newest_intact_step(palm6, p
     proc = launch(PYTHON, PALM + [f"data.dir={prepared}", f"run.dir={run}", f"train.resume={run}/checkpoints/step6"], expect_rc=2)
     assert one_line(proc.stderr, "pretrain.train") == (f"pretrain.train: error: {truncated}; the newest intact"
                                                        f" checkpoint is step4: train.resume={run}/checkpoints/step4")  # fmt: skip
+    fresh = str(tmp_path / "fresh")  # init_from reads it too
+    proc = launch(PYTHON, PALM + [f"data.dir={prepared}", f"run.dir={fresh}", f"init_from={run}"], expect_rc=2)
+    assert one_line(proc.stderr, "pretrain.train") == (f"pretrain.train: error: {truncated}; the newest intact"
+                                                       f" checkpoint is step4: init_from={run}/checkpoints/step4")  # fmt: skip
+    assert not os.path.exists(os.path.join(fresh, "checkpoints"))
 
 
 @pytest.mark.e2e
