@@ -96,7 +96,8 @@ class Checkpoints:
         need = self._check_room(engine, tag)  # before a byte of it is written
         _fill_disk_point(step, self.rank, self.dir)
         os.makedirs(os.path.join(self.dir, tag), exist_ok=True)
-        self._agree_saved(tag, need, _attempt(lambda: torch.save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt"))))
+        rng_file = os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt")
+        self._agree_saved(tag, need, _attempt(lambda: torch.save(rng_state(), rng_file)))  # collective: all or none
         _fault_point(step, self.rank)
         client_state = {"step": step, "stage": stage, "global_batch": global_batch}
         failed = _attempt(lambda: engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False))
