@@ -16,6 +16,7 @@ setup(
         "tokenizers>=0.15",
         "tqdm",
         "wandb",
+        "xxhash>=3",  # checkpoint records' checksums (pretrain/training/integrity.py; wandb depends on it too)
         "sacrebleu>=2.3,<3",  # BLEU-4 of the generation tasks (pretrain.finetune; tested with 2.6.0)
         "matplotlib>=3.7",  # pretrain.summary's loss and accuracy curves (pretrain.plots; tested with 3.11.2)
     ],

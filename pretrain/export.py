@@ -81,13 +81,13 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
         raise UserError(f"out={out}: exists and is not empty (overwrite=true replaces it)")
     exporter.refuse(cfg, run_dir)
     where = os.path.join(run_dir, "checkpoints", f"step{step}") if step is not None else run_dir
-    tag_dir = checkpoint.find(where, "step" if step is not None else "run.dir")
+    tag_dir = checkpoint.find(where, "step" if step is not None else "run.dir", option="step={step}")
     # lazily: the ranks' fp32 partitions stay as they are, and one full tensor at a time is assembled and written
     state = partitions.consolidate(tag_dir, lazy=True)
     plan = exporter.plan(state, cfg)
     tok = Tokenizer(os.path.join(run_dir, "vocab.txt"))
     with run_files.built_beside(out) as tmp:
-        write_safetensors(os.path.join(tmp, "model.safetensors"), plan, state)
+        write_safetensors(os.path.join(tmp, "model.safetensors"), plan, state, tag_dir)  # refuses NaN or inf
         del state
         hf_cfg = exporter.config(cfg, tok)
         hf_cfg.save_pretrained(tmp)

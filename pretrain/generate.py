@@ -102,7 +102,7 @@ def model_source(run_dir: str, checkpoint_dir: str | None):
         want = next(cls for cls in STAGES.values() if cls.generates)
         raise UserError(f"run.dir={run_dir}: a {record.stage_class.ordinal} run; generation needs a {want.ordinal}"
                         f" (stage={want.name}) run")  # fmt: skip
-    tag_dir = checkpoint.find(checkpoint_dir, "checkpoint") if checkpoint_dir else checkpoint.find(run_dir, "run.dir")
+    tag_dir = checkpoint.find(checkpoint_dir or run_dir, "checkpoint" if checkpoint_dir else "run.dir", option="checkpoint={dir}")
     have = checkpoint.recorded_shapes(tag_dir, "checkpoint")
     with torch.device("meta"):
         want = {n: tuple(p.shape) for n, p in record.stage_class.model_class()(record.cfg).named_parameters()}

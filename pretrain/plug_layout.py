@@ -276,7 +276,7 @@ def export_plug(run_dir: str, out: str, step: int | None = None, overwrite: bool
     if os.path.exists(out) and not overwrite and os.listdir(out):
         raise UserError(f"out={out}: exists and is not empty (overwrite=true replaces it)")
     where = os.path.join(run_dir, "checkpoints", f"step{step}") if step is not None else run_dir
-    tag_dir = checkpoint.find(where, "step" if step is not None else "run.dir")
+    tag_dir = checkpoint.find(where, "step" if step is not None else "run.dir", option="step={step}")
     tokens = len(read_vocab(os.path.join(run_dir, "vocab.txt")))
     state = partitions.consolidate(tag_dir, lazy=True)
     diffs: dict[str, float] = {}

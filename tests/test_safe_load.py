@@ -12,7 +12,7 @@ import torch
 from runs import PYTHON, TINY, launch
 
 from pretrain.errors import UserError
-from pretrain.training import checkpoint, partitions, safe_load
+from pretrain.training import checkpoint, integrity, partitions, safe_load
 
 
 class Payload:
@@ -46,7 +46,7 @@ def test_a_pickled_callable_is_refused_and_never_runs(tmp_path):
     with pytest.raises(UserError, match=r"holds [\w.]+\.call"):
         safe_load.check_dir(str(tmp_path))
     assert not os.path.exists(marker)
-    with pytest.raises(UserError, match="not a checkpoint file that can be read safely"):
+    with pytest.raises(UserError, match=r"junk.pt: not a readable checkpoint file \(\w+: damaged or truncated\); no older intact checkpoint"):
         (tmp_path / "junk.pt").write_bytes(b"not a zip")
         safe_load.check_file(str(tmp_path / "junk.pt"))
     safe_load.trust(True)  # the opt-out: the file is unpickled as it is, and so its callable runs
@@ -76,6 +76,9 @@ def _poisoned_run(run_dir: str, tmp_path, file_glob: str) -> tuple[str, str]:
     tag_dir = checkpoint.find(copy, "run.dir")
     (target,) = glob.glob(os.path.join(tag_dir, file_glob))
     poison(target, marker)
+    # From someone else, with a record that matches its files (integrity.py would refuse a file changed after it):
+    # what is tested here is the vetting of the pickles.
+    integrity.write_manifest(tag_dir, integrity.hash_share(tag_dir, 0, 1))
     return copy, marker
 
 

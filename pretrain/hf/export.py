@@ -32,10 +32,11 @@ from pretrain.models.config import ModelConfig
 PALM_MODULE = "modeling_plug_palm"  # the file of the exported PALM class, in this package and in the export
 
 
-def write_safetensors(path: str, plan: list[tuple[str, str, int | None]], state: dict) -> None:
+def write_safetensors(path: str, plan: list[tuple[str, str, int | None]], state: dict, tag_dir: str | None = None) -> None:
     """The safetensors file of `plan` (their name, our name, third of a fused QKV or None), fp32, written one
     tensor at a time: the header (names, shapes, byte offsets) first, then each tensor's bytes as it is assembled,
-    so no second full copy of the model is ever held (safetensors' own save_file builds one)."""
+    so no second full copy of the model is ever held (safetensors' own save_file builds one). With tag_dir (the
+    checkpoint the state is read from), a tensor holding NaN or inf refuses the export as it is assembled."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for theirs, ours, third in plan:
         shape = list(state[ours].shape)
@@ -52,6 +53,10 @@ def write_safetensors(path: str, plan: list[tuple[str, str, int | None]], state:
         for _, ours, third in plan:
             if ours != last_name:  # the parts of one tensor are consecutive in the plan
                 last_name, last = ours, state[ours].contiguous().detach().float()
+                if tag_dir is not None and not bool(torch.isfinite(last).all()):
+                    from pretrain.training.partitions import refuse_nonfinite
+
+                    refuse_nonfinite(tag_dir, ours)
             piece = last if third is None else last.chunk(3, dim=0)[third]
             f.write(memoryview(piece.contiguous().numpy()).cast("B"))
 

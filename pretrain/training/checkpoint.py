@@ -17,6 +17,7 @@ whatever number of ranks wrote it.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -26,7 +27,7 @@ import sys
 import torch
 
 from pretrain.errors import UserError
-from pretrain.training import distributed, safe_load, watchdog
+from pretrain.training import distributed, integrity, safe_load, watchdog
 from pretrain.training.elastic import UNIVERSAL, complete_universal_load, convert_universal, elastic_seed
 from pretrain.training.rng import rng_state, seed_rng, set_rng_state
 
@@ -43,9 +44,10 @@ def read_latest(checkpoints_dir: str) -> str | None:
         return f.read().strip() or None
 
 
-def find(path: str, key: str) -> str:
+def find(path: str, key: str, option: str | None = None) -> str:
     """The checkpoint directory that the setting `key`=`path` names: a run directory (its newest checkpoint)
-    or a checkpoint directory."""
+    or a checkpoint directory, verified against its record (integrity.py). A damaged one is refused, naming the
+    newest intact older one and how to ask for it: `option` (default "<key>={dir}", see integrity.older_hint)."""
     if not os.path.isdir(path):
         raise UserError(f"{key}={path}: no such directory")
     tag = read_latest(os.path.join(path, "checkpoints"))
@@ -53,6 +55,8 @@ def find(path: str, key: str) -> str:
         path = os.path.join(path, "checkpoints", tag)
     if not glob.glob(os.path.join(path, _MODEL_STATES)):
         raise UserError(f"{key}={path}: neither a run directory with checkpoints/latest nor a DeepSpeed checkpoint")
+    if not path.rstrip(os.sep).endswith(UNIVERSAL):  # a universal copy is derived from a verified checkpoint
+        integrity.check(path, option or f"{key}={{dir}}")
     return path
 
 
@@ -87,6 +91,8 @@ class Checkpoints:
         self._health: dict[str, bool] = {}  # tag -> its recorded health, read once
         self.loaded_state: dict = {}  # the client state of the checkpoint `load` restored
         self.resharded_from, self.global_batch = None, None  # set by resolve
+        self.damaged: list[str] = []  # resume=auto skipped these (integrity.py); discard_uncommitted sets them aside
+        self.last_bytes: int | None = None  # the size of the newest checkpoint saved, from its record
 
     @watchdog.long_phase("a checkpoint save")
     def save(self, engine, step: int, stage: str, global_batch: int, healthy: bool = True,
@@ -94,12 +100,19 @@ class Checkpoints:
         """healthy: the run saw no divergence since its previous checkpoint (training/health.py), which `_prune`
         and a rollback read back; health: the monitor's state, so a resumed run judges as the straight one would."""
         tag = f"step{step}"
+        need = self._check_room(engine, tag)  # before a byte of it is written
+        _fill_disk_point(step, self.rank, self.dir)
         os.makedirs(os.path.join(self.dir, tag), exist_ok=True)
-        torch.save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt"))
+        rng_file = os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt")
+        self._agree_saved(tag, need, _attempt(lambda: torch.save(rng_state(), rng_file)))  # collective: all or none
         _fault_point(step, self.rank)
         client_state = {"step": step, "stage": stage, "global_batch": global_batch, "healthy": healthy,
                         "health": health or {}}  # fmt: skip
-        engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)  # ends in a barrier
+        failed = _attempt(lambda: engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False))
+        if failed is not None:  # the other ranks wait in the barrier that ends save_checkpoint: join them there
+            distributed.barrier()
+        self._agree_saved(tag, need, failed)
+        self.last_bytes = integrity.record(os.path.join(self.dir, tag), self.rank, self.world_size)  # before latest
         if self.rank == 0:
             tmp = os.path.join(self.dir, "latest.tmp")
             with open(tmp, "w") as f:
@@ -109,8 +122,71 @@ class Checkpoints:
             self._prune(keep=tag)
         distributed.barrier()
 
+    def _check_room(self, engine, tag: str) -> int:
+        """Collective: the bytes a checkpoint needs (the last one's size, from its record; before the first, an
+        estimate from the parameters), checked by rank 0 against the free space of the checkpoints' file system.
+        A save that cannot fit stops the run (exit 2, every rank) before it writes anything: the previous
+        checkpoint is the one to resume from once there is room. keep_last prunes only after a save is committed,
+        so the disk holds keep_last + 1 checkpoints while one is written."""
+        verdict = None
+        if self.rank == 0:
+            need = self.last_bytes or integrity.recorded_bytes(os.path.join(self.dir, read_latest(self.dir) or "-"))
+            need = need or _estimate_bytes(engine, self.world_size)
+            free = _free_bytes(self.dir)
+            verdict = (need, free)
+        need, free = distributed.broadcast_object(verdict)
+        if need > free:
+            raise UserError(f"{os.path.join(self.dir, tag)}: not saved: the checkpoint needs about {need} bytes and"
+                            f" {free} are free on its file system; {self._previous()} (free space, then resume)")  # fmt: skip
+        return need
+
+    def _agree_saved(self, tag: str, need: int, failed: BaseException | None) -> None:
+        """Collective: whether every rank wrote its part. A full disk (ENOSPC, or a write that failed with less free
+        than a checkpoint needs: torch.save reports it as `basic_ios::clear: iostream error` or `unexpected pos`)
+        removes the partial checkpoint and stops every rank with one line; `latest` still names the previous one.
+        Any other failure is raised as it is."""
+        tag_dir = os.path.join(self.dir, tag)
+        full = failed is not None and (_is_enospc(failed) or _free_bytes(self.dir) < need)
+        outcome = distributed.gather_objects(None if failed is None else (full, f"{type(failed).__name__}: {failed}"))
+        if all(o is None for o in outcome):
+            return
+        if not all(o[0] for o in outcome if o is not None):
+            if failed is not None:
+                raise failed
+            raise RuntimeError(f"{tag_dir}: rank {next(r for r, o in enumerate(outcome) if o)} failed to save its part")
+        if self.rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        distributed.barrier()
+        raise UserError(f"{tag_dir}: no space left on its file system while saving: the checkpoint needs about {need}"
+                        f" bytes, {_free_bytes(self.dir)} are free; the partial checkpoint is removed and"
+                        f" {self._previous()} (free space, then resume)")  # fmt: skip
+
+    def _previous(self) -> str:
+        tag = read_latest(self.dir)
+        return f"{os.path.join(self.dir, tag)} is intact" if tag else "no checkpoint was saved before"
+
+    def _write_latest(self, tag: str) -> None:
+        tmp = os.path.join(self.dir, "latest.tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+        os.replace(tmp, os.path.join(self.dir, "latest"))
+
+    def _set_aside_damaged(self, resumed: str) -> None:
+        """Rank 0: the damaged checkpoints resolve skipped are renamed <tag>.damaged (kept for a look, never resumed
+        or pruned; delete them yourself), their universal copies removed, and `latest` names the one resumed."""
+        for tag_dir in self.damaged:
+            aside, n = f"{tag_dir}.damaged", 1
+            while os.path.exists(aside):
+                aside, n = f"{tag_dir}.damaged{n}", n + 1
+            os.replace(tag_dir, aside)
+            shutil.rmtree(tag_dir + UNIVERSAL, ignore_errors=True)
+        self._write_latest(os.path.basename(resumed))
+
     def discard_uncommitted(self) -> None:
-        """Rank 0: remove step directories newer than `latest`, left by a run that died while saving."""
+        """Rank 0: set aside the damaged checkpoints resume=auto skipped, and remove step directories newer than
+        `latest`, left by a run that died while saving."""
+        if self.rank == 0 and self.damaged:
+            self._set_aside_damaged(self.intact)
         tag = read_latest(self.dir)
         newest = int(_STEP_DIR.match(tag).group(1)) if tag and _STEP_DIR.match(tag) else -1
         if self.rank != 0 or not os.path.isdir(self.dir):
@@ -139,9 +215,10 @@ class Checkpoints:
         return [f"step{k}" for k in steps if k <= newest]
 
     def newest_healthy(self) -> str | None:
-        """The directory of the newest complete checkpoint written by a healthy run; None when there is none."""
+        """The directory of the newest complete checkpoint written by a healthy run and intact (integrity.py; read
+        once per process); None when there is none."""
         for tag in reversed(self.committed_tags()):
-            if self.healthy(tag):
+            if not integrity.verify(os.path.join(self.dir, tag)) and self.healthy(tag):
                 return os.path.join(self.dir, tag)
         return None
 
@@ -167,9 +244,11 @@ class Checkpoints:
             tag = read_latest(self.dir)
             if tag is None:
                 return None
-            tag_dir = os.path.join(self.dir, tag)
+            tag_dir = self._intact_or_older(os.path.join(self.dir, tag))
         else:
             tag_dir = os.path.abspath(resume)
+            if os.path.isdir(tag_dir) and not tag_dir.endswith(UNIVERSAL):
+                integrity.check(tag_dir, "train.resume={dir}")
         saved_ranks = sum(1 for n in os.listdir(tag_dir) if n.startswith("rng_rank")) if os.path.isdir(tag_dir) else 0
         if saved_ranks == 0:
             raise UserError(f"{tag_dir}: no rng_rank<R>.pt (not a checkpoint of pretrain.train)")
@@ -190,6 +269,28 @@ class Checkpoints:
         self.global_batch = saved.get("global_batch")
         return tag_dir
 
+    def _intact_or_older(self, tag_dir: str) -> str:
+        """resume=auto: the checkpoint `latest` names if it is intact, else the newest intact older one, said in
+        one line (the damaged ones are set aside by discard_uncommitted, once the ranks are joined). Every rank
+        verifies the same files and comes to the same answer, before any collective exists."""
+        found = integrity.verify(tag_dir) if os.path.isdir(tag_dir) else [f"{tag_dir}: missing (checkpoints/latest names it)"]
+        if not found:
+            return tag_dir
+        newest = integrity.step_of(tag_dir)
+        older = integrity.newest_intact(self.dir, below=newest)
+        if older is None:
+            raise UserError(f"{found[0]}; no older intact checkpoint in {self.dir} to resume from"
+                            " (train.resume=never starts afresh)")  # fmt: skip
+        oldest = integrity.step_of(older)
+        self.damaged = sorted(os.path.join(self.dir, n) for n in os.listdir(self.dir)
+                              if (m := _STEP_DIR.match(n)) and oldest < int(m.group(1)) <= (newest or -1))  # fmt: skip
+        self.intact = older
+        if self.rank == 0:
+            names = ", ".join(os.path.basename(d) for d in self.damaged)
+            print(f"{integrity._prog()}: {found[0]}: resuming from {older}, the newest intact checkpoint; damaged"
+                  f" {names} set aside as <tag>.damaged", file=sys.stderr, flush=True)  # fmt: skip
+        return older
+
     def to_universal(self, tag_dir: str) -> str:
         """The universal copy of checkpoint tag_dir (`<tag>.universal` beside it), made once by rank 0 and reused;
         every rank returns once it is complete. Collective."""
@@ -205,6 +306,8 @@ class Checkpoints:
         """Restore model, optimizer, scheduler and this rank's RNG; returns the step the checkpoint ended.
         A universal copy (another world size) is re-split by DeepSpeed (the engine was built with
         "checkpoint": {"load_universal": true}), and the RNG starts afresh, see elastic_seed."""
+        if not tag_dir.endswith(UNIVERSAL):  # verified by resolve already: once per process
+            integrity.check(tag_dir, "train.resume={dir}")
         safe_load.check_dir(tag_dir)  # DeepSpeed's load unpickles with weights_only=False: vetted files only
         path, client_state = engine.load_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
         if path is None:
@@ -229,3 +332,51 @@ def _fault_point(step: int, rank: int) -> None:
         status = int(spec.split(":")[2]) if spec.count(":") == 2 else 113
         print(f"pretrain.train: PRETRAIN_CRASH_IN_SAVE={spec}: rank {rank} dies while saving step {step}", file=sys.stderr)
         os._exit(status)
+
+
+def _attempt(write) -> BaseException | None:
+    """Run a write of the save; the exception it raised (a full disk, say), or None."""
+    try:
+        write()
+    except (OSError, RuntimeError) as e:
+        return e
+    return None
+
+
+def _is_enospc(e: BaseException) -> bool:
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _free_bytes(path: str) -> int:
+    """Free bytes of the file system holding `path` (or its nearest existing parent)."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path) or "."
+    return shutil.disk_usage(path).free
+
+
+def _estimate_bytes(engine, world_size: int) -> int:
+    """A first checkpoint's size before there is a record of one: its optimizer partitions hold 12 bytes per
+    parameter (fp32 master weights and two moments, AdamW's and LAMB's), the rest is small."""
+    from pretrain.training.engine import local_partition_numel
+
+    return 12 * local_partition_numel(engine.module) * world_size
+
+
+def _fill_disk_point(step: int, rank: int, checkpoints_dir: str) -> None:
+    """Fault injection for the tests of a disk that fills during a save (another job writing, say):
+    PRETRAIN_FILL_DISK_IN_SAVE=<step> makes rank 0 fill the checkpoints' file system, but for 64 KiB, with
+    run.dir/disk_filler after the free-space check of that step's save and before its first byte."""
+    if os.environ.get("PRETRAIN_FILL_DISK_IN_SAVE") == str(step):
+        if rank == 0:
+            left = 64 * 1024
+            with open(os.path.join(os.path.dirname(checkpoints_dir), "disk_filler"), "wb") as f:
+                while (free := _free_bytes(checkpoints_dir)) > left:
+                    f.write(bytes(min(free - left, 2**20)))
+                    f.flush()
+            print(f"pretrain.train: PRETRAIN_FILL_DISK_IN_SAVE={step}: {_free_bytes(checkpoints_dir)} bytes left free",
+                  file=sys.stderr)  # fmt: skip
+        distributed.barrier()

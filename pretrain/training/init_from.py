@@ -18,7 +18,7 @@ import torch
 
 from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
-from pretrain.training import checkpoint, partitions
+from pretrain.training import checkpoint, distributed, partitions
 
 HF = "hf:"
 PLUG = "plug:"  # AliceMind PLUG's tensor-parallel shards (pretrain/plug_layout.py)
@@ -249,6 +249,8 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
                 part, start = param.data.view(-1), 0
             end = min(numel, start + part.numel())
             part[: end - start].copy_(reader.read(source.mapping[name], start, end))
+    # Each rank saw only its slices: every rank learns of a non-finite one, and refuses with the same line.
+    partitions.refuse_nonfinite(source.tag_dir, next((n for n in distributed.gather_objects(reader.nonfinite) if n), None))
 
 
 def _load_gathered(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None, mapping: dict[str, str],

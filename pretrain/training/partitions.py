@@ -11,7 +11,7 @@ import re
 import torch
 
 from pretrain.errors import UserError
-from pretrain.training import safe_load
+from pretrain.training import integrity, safe_load
 
 
 def consolidate(tag_dir: str, lazy: bool = False) -> dict[str, torch.Tensor]:
@@ -20,6 +20,7 @@ def consolidate(tag_dir: str, lazy: bool = False) -> dict[str, torch.Tensor]:
     (DeepSpeed's lazy mode), instead of all at once beside the partitions: half the peak memory."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    _verify(tag_dir)
     safe_load.check_dir(tag_dir)  # DeepSpeed's tool unpickles with weights_only=False: it sees vetted files only
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its per-shard progress report
@@ -34,6 +35,9 @@ class PartitionReader:
     its own 1/M of each parameter holds about its share of the model and no more (init_from.load_into)."""
 
     def __init__(self, tag_dir: str):
+        _verify(tag_dir)
+        self.nonfinite: str | None = None  # the first parameter read that holds NaN or inf (see read)
+
         def files(kind: str) -> list[str]:
             found = glob.glob(os.path.join(tag_dir, f"zero_pp_rank_*_mp_rank_00_{kind}_states.pt"))
             return sorted(found, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(f)).group(1)))
@@ -70,6 +74,24 @@ class PartitionReader:
         for r in range(start // size, (end - 1) // size + 1) if end > start else ():
             lo, hi = max(start, r * size), min(end, (r + 1) * size)
             out[lo - start : hi - start] = parts[r][offset + lo - r * size : offset + hi - r * size]
+        if self.nonfinite is None and not bool(torch.isfinite(out).all()):  # on the slice just read: no second pass
+            self.nonfinite = name
         return out
+
+
+def _verify(tag_dir: str) -> None:
+    """The checkpoint against its record (integrity.py), once per process; a universal copy is derived from a
+    verified one."""
+    if not tag_dir.rstrip(os.sep).endswith(".universal"):
+        integrity.check(tag_dir)
+
+
+def refuse_nonfinite(tag_dir: str, name: str | None) -> None:
+    """One line for a checkpoint whose parameter `name` holds NaN or inf (a diverged run's): nothing is written
+    from it."""
+    if name is not None:
+        step = integrity.step_of(tag_dir)
+        raise UserError(f"{tag_dir}: parameter {name} holds NaN or inf: the weights of step {step} are not finite"
+                        " (a diverged run's); choose an earlier checkpoint")  # fmt: skip
 
 

@@ -56,9 +56,12 @@ def check_file(path: str) -> None:
         return
     try:
         named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as e:  # not a zip-format torch file: its pickle cannot be vetted
-        raise UserError(f"{path}: not a checkpoint file that can be read safely ({type(e).__name__}); "
-                        f"{TRUST_KEY}=true loads it anyway, running whatever it holds") from None  # fmt: skip
+    except Exception as e:  # not a zip-format torch file: damaged or truncated (its pickle cannot be vetted either)
+        from pretrain.training import integrity
+
+        tag_dir = os.path.dirname(os.path.abspath(path))
+        raise UserError(f"{path}: not a readable checkpoint file ({type(e).__name__}: damaged or truncated); "
+                        f"{integrity.older_hint(tag_dir, None)}") from None  # fmt: skip
     unknown = [g for g in named if g not in SAFE_GLOBALS]
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
