@@ -20,7 +20,7 @@ from pretrain.data.tokenizer import (
 from pretrain.errors import UserError
 from pretrain.prepare import PrepareConfig, _valid_documents, load_config, prepare, shard_files
 from pretrain.vocab import VocabConfig, build
-from synthetic import write_synthetic_corpus
+from synthetic import synthetic_documents, write_synthetic_corpus
 from tokenizers import pre_tokenizers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -580,7 +580,7 @@ def test_cli_bad_shards(tmp_path, args, fragments):
 PEAK_RSS = """
 import re, resource, sys
 from pretrain.prepare import PrepareConfig, prepare
-prepare(PrepareConfig(input=sys.argv[1], out=sys.argv[2], workers=2, vocab_size=400))
+prepare(PrepareConfig(input=sys.argv[1], out=sys.argv[2], workers=2, vocab_size=400, max_line_bytes=int(sys.argv[3])))
 # Not ru_maxrss for this process: Linux carries it over from before exec, i.e. from pytest.
 main_kb = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]
 print(main_kb, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
@@ -595,7 +595,7 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
     for num_docs in (6000, 24000):  # 1.6 and 6.5 MB
         corpus = tmp_path / f"corpus{num_docs}.txt"
         write_synthetic_corpus(corpus, num_docs=num_docs, seed=num_docs)
-        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(corpus), str(tmp_path / f"out{num_docs}")],
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(corpus), str(tmp_path / f"out{num_docs}"), "1000000"],
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         peaks.append([int(kb) / 1024 for kb in result.stdout.split()])  # MB
@@ -604,3 +604,31 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
           f"6.5 MB corpus: main {main_big:.0f} MB, worker {workers_big:.0f} MB")
     assert main_big - main_small < 8 and workers_big - workers_small < 8, peaks
     assert main_big < 500 and workers_big < 500, peaks
+
+
+@pytest.mark.e2e
+def test_memory_per_line_is_bounded(tmp_path):
+    """One line of 2 MB without a sentence end (the worst case: a 700,000-character run for jieba and the
+    tokenizer), between ordinary documents: a worker's peak stays within docs/data.md's figure for it (about 170 MB:
+    it gets the line in pieces of at most 64K characters) and the main process's within about 60 MB plus 3 bytes per
+    byte of the line (it holds the line). Given whole lines, a worker peaked at 1.9 GB on such a line of 5 MB."""
+    documents = synthetic_documents(100, seed=3)
+    no_end = "".join(s.translate(str.maketrans("", "", "。！？；!?…，“”：")) for d in documents for p in d for s in p)
+    line = (no_end * (2_000_000 // len(no_end.encode()) + 1)).encode()[:2_000_000].decode(errors="ignore")
+    corpus = tmp_path / "long_line.txt"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for doc in documents[:20]:
+            f.write("\n".join("".join(p) for p in doc) + "\n\n")
+        f.write(line + "\n\n")
+        for doc in documents[20:]:
+            f.write("\n".join("".join(p) for p in doc) + "\n\n")
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(corpus), str(tmp_path / "out"), "3000000"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    main, worker = (int(kb) / 1024 for kb in result.stdout.split())  # MB
+    line_mb = len(line.encode()) / 1e6
+    print(f"peak RSS with a {line_mb:.1f} MB line: main {main:.0f} MB, worker {worker:.0f} MB")
+    assert worker < 1.25 * 170, (main, worker)
+    assert main < 1.25 * (60 + 3 * line_mb), (main, worker)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["valid"]["documents"] == 101
