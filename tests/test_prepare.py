@@ -595,7 +595,8 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
     for num_docs in (6000, 24000):  # 1.6 and 6.5 MB
         corpus = tmp_path / f"corpus{num_docs}.txt"
         write_synthetic_corpus(corpus, num_docs=num_docs, seed=num_docs)
-        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(corpus), str(tmp_path / f"out{num_docs}"), "1000000"],
+        out = str(tmp_path / f"out{num_docs}")
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(corpus), out, "1000000"],
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         peaks.append([int(kb) / 1024 for kb in result.stdout.split()])  # MB
@@ -611,7 +612,7 @@ def test_memory_per_line_is_bounded(tmp_path):
     """One line of 2 MB without a sentence end (the worst case: a 700,000-character run for jieba and the
     tokenizer), between ordinary documents: a worker's peak stays within docs/data.md's figure for it (about 170 MB:
     it gets the line in pieces of at most 64K characters) and the main process's within about 60 MB plus 3 bytes per
-    byte of the line (it holds the line). Given whole lines, a worker peaked at 1.9 GB on such a line of 5 MB."""
+    byte of the line (it holds the line). Given the whole line (before the pieces), a worker peaked at 754 MB."""
     documents = synthetic_documents(100, seed=3)
     no_end = "".join(s.translate(str.maketrans("", "", "。！？；!?…，“”：")) for d in documents for p in d for s in p)
     line = (no_end * (2_000_000 // len(no_end.encode()) + 1)).encode()[:2_000_000].decode(errors="ignore")
