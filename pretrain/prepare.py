@@ -34,7 +34,7 @@ import numpy as np
 from omegaconf import MISSING, OmegaConf
 
 from pretrain.cli import parse
-from pretrain.data.corpus import iter_input_files, iter_paragraphs, split_sentences
+from pretrain.data.corpus import bounded_pieces, iter_input_files, iter_paragraphs, split_sentences
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.tokenizer import (
     SPECIAL_TOKENS, Tokenizer, count_words, encode_paragraphs, jieba_segmenter, jieba_version, vocab_sha256,
@@ -44,7 +44,11 @@ from pretrain.errors import UserError, exit_on_user_error
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
-_CHUNK_CHARS = 1 << 16  # characters per task sent to a worker (a paragraph is never cut; a document may be)
+_CHUNK_CHARS = 1 << 16  # characters per task sent to a worker (a document may be cut between tasks)
+# A longer paragraph goes to the workers in pieces of at most this many characters, cut between sentences (see
+# bounded_pieces): what a worker holds for one task (its text, jieba's words, the tokenizer's encodings, several
+# hundred bytes per character) must not grow with the longest line.
+_PIECE_CHARS = 1 << 16
 _IN_FLIGHT = 3  # tasks per worker submitted and not yet written: enough to keep every worker busy
 
 
@@ -244,15 +248,17 @@ def _write_splits(paragraphs: Iterable[tuple[bool, str]], tok: Tokenizer, valid:
 
 
 def _chunks(paragraphs: Iterable[tuple[bool, str]]) -> Iterator[tuple[list[bool], list[str]]]:
-    """(starts a document, paragraph) pairs grouped into tasks of about _CHUNK_CHARS characters."""
+    """(starts a document, paragraph) pairs grouped into tasks of about _CHUNK_CHARS characters; a paragraph longer
+    than _PIECE_CHARS becomes several, cut between sentences, which gives the same sentences and words."""
     starts, texts, size = [], [], 0
-    for starts_document, text in paragraphs:
-        starts.append(starts_document)
-        texts.append(text)
-        size += len(text)
-        if size >= _CHUNK_CHARS:
-            yield starts, texts
-            starts, texts, size = [], [], 0
+    for starts_document, paragraph in paragraphs:
+        for i, text in enumerate(bounded_pieces(paragraph, _PIECE_CHARS)):
+            starts.append(starts_document and i == 0)
+            texts.append(text)
+            size += len(text)
+            if size >= _CHUNK_CHARS:
+                yield starts, texts
+                starts, texts, size = [], [], 0
     if texts:
         yield starts, texts
 

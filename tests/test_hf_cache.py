@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from pretrain.hf import modeling_plug_palm as hf_palm  # noqa: E402
 from pretrain.hf.export import PALM_MODULE  # noqa: E402
+from tolerance import assert_close_fp32, fp32_atol  # noqa: E402
 
 NEW = 14  # new tokens per generate call
 PAD, BOS, EOS = 0, 1, 2
@@ -117,7 +118,8 @@ def test_cached_steps_give_the_full_forward_logits(either):
             cache, at = out.cache, at + n
             steps.append(out.logits)
     assert cache.get_seq_length() == dec.shape[1] and len(cache.self_attention_cache.layers) == 3
-    assert (torch.cat(steps, 1) - full.logits).abs().max() < 1e-5
+    # the cached steps sum attention over the cache in other blocks than the full forward does
+    assert_close_fp32(torch.cat(steps, 1), full.logits, model.config.intermediate_size, "cached steps")
 
 
 @pytest.mark.parametrize("embedding_norm", [True, False], ids=["embedding_norm", "no_embedding_norm"])
@@ -150,7 +152,11 @@ def test_the_class_computes_our_palms_logits(tmp_path, embedding_norm):
     ids, mask = padded_batch()
     with torch.no_grad():
         diffs = PalmExport.check(ours, str(tmp_path), ids, mask.bool(), torch.Generator().manual_seed(3))
-    assert diffs["decoder_logits"] < 1e-5, diffs
+    dec = torch.randint(5, cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(3))  # check's first draw
+    with torch.no_grad():
+        h, _ = ours.decoder(dec, ours.encoder.embeddings, ours.encode(ids, mask.bool()), mask.bool())
+        want = torch.nn.functional.linear(h, ours.encoder.embeddings.word.weight)  # the logits check compares
+    assert diffs["decoder_logits"] <= fp32_atol(want, cfg.ffn), (diffs, fp32_atol(want, cfg.ffn))
     assert diffs["greedy_tokens_differ"] == 0.0 and diffs["beam_tokens_differ"] == 0.0, diffs
     # the class's embeddings are a LayerNorm exactly when ours are: a config without the switch cannot hold them
     built = hf_palm.PlugPalmForConditionalGeneration(palm_config(cfg, tok))
@@ -160,3 +166,61 @@ def test_the_class_computes_our_palms_logits(tmp_path, embedding_norm):
                                                                                   "embedding_norm": False}))  # fmt: skip
         with pytest.raises(RuntimeError, match="encoder.embeddings.norm.weight"):
             plain.load_state_dict(state, strict=True)
+
+
+def test_generate_takes_what_the_tokenizer_returns(tmp_path):
+    """The standard idiom on an export: AutoTokenizer and AutoModelForSeq2SeqLM from the directory, then
+    model.generate(**tokenizer(text, return_tensors="pt")). The BERT tokenizer hands token_type_ids too (zeros for
+    one text); the class takes them into its encoder, and greedy decoding gives our decoding's tokens. Pair types
+    (1 on the second text) are used as our encoder would use them."""
+    from pretrain.data.corpus import split_sentences
+    from pretrain.data.tokenizer import Tokenizer, build_vocab
+    from pretrain.hf.export import PalmExport, palm_config, save_tokenizer, write_safetensors
+    from pretrain.models.config import ModelConfig
+    from pretrain.models.decoding import generate
+    from pretrain.models.palm import Palm
+    from synthetic import synthetic_documents
+
+    sentences = [s for doc in synthetic_documents(100) for p in doc for s in split_sentences("".join(p))]
+    build_vocab(sentences, 300, str(tmp_path / "vocab.txt"))
+    tok = Tokenizer(str(tmp_path / "vocab.txt"))
+    cfg = ModelConfig(vocab_size=tok.vocab_size + 4, hidden=32, layers=2, heads=4, ffn=64, max_positions=64,
+                      decoder_layers=2, dropout=0.0, attn_dropout=0.0)  # fmt: skip  (+4: padding rows, as trained)
+    torch.manual_seed(0)
+    ours = Palm(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # wide, so that greedy decoding does not repeat one token
+            if p.dim() > 1:
+                p.normal_(0.0, 1.0)
+    out = tmp_path / "hf"
+    state = ours.state_dict()
+    out.mkdir()
+    write_safetensors(str(out / "model.safetensors"), PalmExport.plan(state, cfg), state)
+    palm_config(cfg, tok).save_pretrained(out)
+    PalmExport.write_extra(str(out), tok, cfg)
+    save_tokenizer(tok.vocab_path, str(out))
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True).eval()
+    decoded = set()
+    for prompt in ("小明住在北京，已经12年了。", "有一天，小红在公园遇到了张伟。"):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        assert "token_type_ids" in inputs  # what raised "model_kwargs are not used by the model" before
+        ids = torch.tensor([[tok.cls_id] + tok.encode(prompt) + [tok.sep_id]])
+        assert torch.equal(inputs["input_ids"], ids)
+        hf = model.generate(**inputs, max_new_tokens=12)[0, 1:].tolist()
+        mine = generate(ours, ids, bos_id=tok.cls_id, eos_id=tok.sep_id, max_new_tokens=12, strategy="greedy",
+                        num_beams=1, length_penalty=1.0, vocab_tokens=tok.vocab_size)  # fmt: skip
+        assert (hf[: hf.index(tok.sep_id)] if tok.sep_id in hf else hf) == mine, prompt
+        decoded.update(mine)
+    assert len(decoded) > 5, decoded  # not a degenerate decode
+
+    pair = tokenizer("小明住在北京。", "他每天都去公园。", return_tensors="pt")
+    assert pair["token_type_ids"].any()
+    with torch.no_grad():
+        got = model.get_encoder()(**pair).last_hidden_state
+        mask = pair["attention_mask"].bool()
+        want = ours.encoder(pair["input_ids"], pair["token_type_ids"], mask)
+        zeros = ours.encoder(pair["input_ids"], torch.zeros_like(pair["token_type_ids"]), mask)
+    assert_close_fp32(got, want, cfg.ffn, "encoder with pair types")
+    assert (got - zeros).abs().max() > 1e-2  # the types are used, not dropped

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from tolerance import assert_close_fp32
 
 from pretrain import plug_layout
 from pretrain.errors import UserError
@@ -228,7 +229,7 @@ def test_plugs_parallel_forward_on_the_shards_is_ours(tmp_path):
             (dec.ffn(x), ffn(f"{g}intermediate", f"{g}output")),
         ]  # fmt: skip
     for i, (ours, theirs) in enumerate(pairs):
-        assert torch.allclose(ours, theirs, atol=1e-5), (i, float((ours - theirs).abs().max()))
+        assert_close_fp32(ours, theirs, CFG.ffn, f"module {i}")  # PLUG's formulas vs ours: other orders
 
 
 def test_a_stage_one_model_writes_the_encoder_keys(tmp_path):

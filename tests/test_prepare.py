@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import pretrain.prepare
-from pretrain.data.corpus import iter_input_files, iter_paragraphs, read_documents, split_sentences
+from pretrain.data.corpus import (
+    _SENTENCE, bounded_pieces, iter_input_files, iter_paragraphs, read_documents, split_sentences,
+)  # fmt: skip
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.tokenizer import (
     CONTINUATION, SPECIAL_TOKENS, Tokenizer, _normalizer, build_vocab, count_words, encode_paragraphs, jieba_segmenter,
@@ -18,7 +20,7 @@ from pretrain.data.tokenizer import (
 from pretrain.errors import UserError
 from pretrain.prepare import PrepareConfig, _valid_documents, load_config, prepare, shard_files
 from pretrain.vocab import VocabConfig, build
-from synthetic import write_synthetic_corpus
+from synthetic import synthetic_documents, write_synthetic_corpus
 from tokenizers import pre_tokenizers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,6 +250,32 @@ def test_encode_paragraphs_matches_one_sentence_at_a_time(tmp_path):
     assert tok.unk_id in enc.ids  # the 3000-character word
 
 
+def test_long_paragraphs_are_cut_between_sentences(tmp_path):
+    """bounded_pieces: pieces of at most the limit that together are the paragraph, with the paragraph's sentences
+    and jieba words, for every limit from the longest sentence up; a sentence over the limit is cut into pieces of
+    at most the limit, after a character jieba cuts alone when there is one."""
+    root = write_mixed_corpus(tmp_path / "mixed")
+    documents, _ = read_documents(iter_input_files(root), on_error="skip", max_line_bytes=10_000)
+    paragraph = "".join(p for doc in documents for p in doc)  # some 10,000 characters, one paragraph
+    segment = jieba_segmenter()
+    longest = max(m.end() - m.start() for m in _SENTENCE.finditer(paragraph))
+    for limit in (longest, longest + 1, 2 * longest + 3, 5000, len(paragraph) - 1):
+        pieces = list(bounded_pieces(paragraph, limit))
+        assert "".join(pieces) == paragraph and max(map(len, pieces)) <= limit, limit
+        assert len(pieces) >= len(paragraph) / limit
+        assert [s for p in pieces for s in split_sentences(p)] == split_sentences(paragraph), limit
+        assert [w for p in pieces for w in segment(p)] == segment(paragraph), limit
+    assert list(bounded_pieces(paragraph, len(paragraph))) == [paragraph]
+
+    no_end = "我爱北京天安门" * 10 + " hello world " + "研究生命起源" * 20  # one sentence, 203 characters
+    pieces = list(bounded_pieces("第一句。" + no_end + "。末句", 100))
+    assert pieces[0] == "第一句。" and "".join(pieces[1:]) == no_end + "。末句"
+    assert max(map(len, pieces)) <= 100
+    assert pieces[1].endswith(" hello world ")  # after the last character in its second half that jieba cuts alone
+    assert pieces[2] == "研究生命起源" * 16 + "研究生命"  # no such character: cut at the limit
+    assert len(pieces) == 4
+
+
 def test_vocab_is_the_old_builders(tmp_path, zh_corpus):
     root = write_mixed_corpus(tmp_path / "mixed")
     documents, _ = read_documents(iter_input_files(root) + [zh_corpus], on_error="skip", max_line_bytes=10_000)
@@ -278,19 +306,39 @@ def digests(out) -> dict:
     return found
 
 
-@pytest.mark.parametrize("workers, chunk_chars", [(1, None), (2, None), (1, 50), (2, 50)])
-def test_output_is_the_old_code_s(tmp_path, zh_corpus, monkeypatch, workers, chunk_chars):
-    """Byte-identical to what the code before streaming wrote, with 1 or 2 workers, and with chunks so small that
-    documents are cut between tasks."""
+def longest_sentence(paths) -> int:
+    """The most characters a paragraph of `paths` has from one sentence end to the next (what bounded_pieces needs
+    at least to cut only between sentences)."""
+    return max(m.end() - m.start() for _, p in iter_paragraphs(iter_input_files(paths), "skip", 2000)
+               for m in _SENTENCE.finditer(p))
+
+
+@pytest.mark.parametrize("workers, chunk_chars, pieces", [(1, None, False), (2, None, False), (1, 50, False),
+                                                          (2, 50, False), (2, None, True)])
+def test_output_is_the_old_code_s(tmp_path, zh_corpus, monkeypatch, workers, chunk_chars, pieces):
+    """Byte-identical to what the code before streaming wrote, with 1 or 2 workers, with chunks so small that
+    documents are cut between tasks, and with every paragraph cut into pieces as small as its longest sentence."""
     if chunk_chars:
         monkeypatch.setattr(pretrain.prepare, "_CHUNK_CHARS", chunk_chars)
         monkeypatch.setattr(pretrain.prepare, "_IN_FLIGHT", 1)
     mixed = write_mixed_corpus(tmp_path / "mixed")
-    prepare(PrepareConfig(input=zh_corpus, out=str(tmp_path / "zh"), workers=workers, vocab_size=500,
-                          valid_fraction=0.05))
-    prepare(PrepareConfig(input=mixed, out=str(tmp_path / "out"), workers=workers, **MIXED))
-    assert digests(tmp_path / "zh") == OLD_OUTPUT["zh"]
-    assert digests(tmp_path / "out") == OLD_OUTPUT["mixed"]
+    seen = Counter()
+
+    def counted_pieces(paragraph, limit):
+        pieces = list(bounded_pieces(paragraph, limit))
+        seen.update(paragraphs=1, pieces=len(pieces))
+        return pieces
+
+    for name, corpus, settings in (("zh", zh_corpus, dict(vocab_size=500, valid_fraction=0.05)),
+                                   ("mixed", mixed, MIXED)):
+        if pieces:
+            monkeypatch.setattr(pretrain.prepare, "_PIECE_CHARS", longest_sentence(corpus))
+            monkeypatch.setattr(pretrain.prepare, "bounded_pieces", counted_pieces)
+        seen.clear()
+        prepare(PrepareConfig(input=corpus, out=str(tmp_path / "prepared" / name), workers=workers, **settings))
+        assert digests(tmp_path / "prepared" / name) == OLD_OUTPUT[name]
+        if pieces:  # many paragraphs were cut (of both passes)
+            assert seen["pieces"] > seen["paragraphs"] + 50, (name, seen)
 
 
 def test_input_that_changes_between_the_passes_is_an_error(tmp_path, zh_corpus, monkeypatch):
@@ -532,7 +580,7 @@ def test_cli_bad_shards(tmp_path, args, fragments):
 PEAK_RSS = """
 import re, resource, sys
 from pretrain.prepare import PrepareConfig, prepare
-prepare(PrepareConfig(input=sys.argv[1], out=sys.argv[2], workers=2, vocab_size=400))
+prepare(PrepareConfig(input=sys.argv[1], out=sys.argv[2], workers=2, vocab_size=400, max_line_bytes=int(sys.argv[3])))
 # Not ru_maxrss for this process: Linux carries it over from before exec, i.e. from pytest.
 main_kb = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]
 print(main_kb, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
@@ -547,7 +595,8 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
     for num_docs in (6000, 24000):  # 1.6 and 6.5 MB
         corpus = tmp_path / f"corpus{num_docs}.txt"
         write_synthetic_corpus(corpus, num_docs=num_docs, seed=num_docs)
-        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(corpus), str(tmp_path / f"out{num_docs}")],
+        out = str(tmp_path / f"out{num_docs}")
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(corpus), out, "1000000"],
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         peaks.append([int(kb) / 1024 for kb in result.stdout.split()])  # MB
@@ -556,3 +605,31 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
           f"6.5 MB corpus: main {main_big:.0f} MB, worker {workers_big:.0f} MB")
     assert main_big - main_small < 8 and workers_big - workers_small < 8, peaks
     assert main_big < 500 and workers_big < 500, peaks
+
+
+@pytest.mark.e2e
+def test_memory_per_line_is_bounded(tmp_path):
+    """One line of 2 MB without a sentence end (the worst case: a 700,000-character run for jieba and the
+    tokenizer), between ordinary documents: a worker's peak stays within docs/data.md's figure for it (about 170 MB:
+    it gets the line in pieces of at most 64K characters) and the main process's within about 60 MB plus 3 bytes per
+    byte of the line (it holds the line). Given the whole line (before the pieces), a worker peaked at 754 MB."""
+    documents = synthetic_documents(100, seed=3)
+    no_end = "".join(s.translate(str.maketrans("", "", "。！？；!?…，“”：")) for d in documents for p in d for s in p)
+    line = (no_end * (2_000_000 // len(no_end.encode()) + 1)).encode()[:2_000_000].decode(errors="ignore")
+    corpus = tmp_path / "long_line.txt"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for doc in documents[:20]:
+            f.write("\n".join("".join(p) for p in doc) + "\n\n")
+        f.write(line + "\n\n")
+        for doc in documents[20:]:
+            f.write("\n".join("".join(p) for p in doc) + "\n\n")
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(corpus), str(tmp_path / "out"), "3000000"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    main, worker = (int(kb) / 1024 for kb in result.stdout.split())  # MB
+    line_mb = len(line.encode()) / 1e6
+    print(f"peak RSS with a {line_mb:.1f} MB line: main {main:.0f} MB, worker {worker:.0f} MB")
+    assert worker < 1.25 * 170, (main, worker)
+    assert main < 1.25 * (60 + 3 * line_mb), (main, worker)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["valid"]["documents"] == 101

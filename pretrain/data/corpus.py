@@ -40,6 +40,44 @@ def sentence_spans(paragraph: str) -> list[tuple[int, int]]:
     return spans
 
 
+# jieba segments each run of these characters on its own (its re_han_default) and every other character alone, so
+# text cut after a character outside them is cut into the same words as the whole.
+_JIEBA_RUN_CHAR = re.compile(r"[\u4E00-\u9FD5a-zA-Z0-9+#&._%\-]")
+
+
+def bounded_pieces(paragraph: str, limit: int) -> Iterator[str]:
+    """`paragraph` in consecutive pieces of at most `limit` characters, for a consumer's memory to be bounded
+    whatever the length of a line. The pieces are cut only between sentences, so their sentences (split_sentences)
+    are the paragraph's and jieba cuts them into the same words: a sentence ends with punctuation that is in no
+    jieba run. A paragraph of at most `limit` characters is one piece, itself.
+
+    A sentence longer than `limit` (no 。！？；!?… in that many characters) is cut into pieces of at most `limit`
+    characters, each a sentence of its own, after a character outside jieba's runs where the second half of the
+    piece has one (then jieba's words are unchanged), else at `limit`.
+    """
+    if len(paragraph) <= limit:
+        yield paragraph
+        return
+    start = end = 0  # the piece being gathered is paragraph[start:end], whole sentences
+    for m in _SENTENCE.finditer(paragraph):
+        while m.end() - start > limit:
+            if end == start:  # one sentence longer than limit
+                end = _cut_point(paragraph, start, start + limit)
+            yield paragraph[start:end]
+            start = end
+        end = m.end()
+    if end > start:
+        yield paragraph[start:end]
+
+
+def _cut_point(text: str, start: int, stop: int) -> int:
+    """The last position in (start + (stop - start) // 2, stop] after a character outside jieba's runs, else stop."""
+    for cut in range(stop, start + (stop - start) // 2, -1):
+        if not _JIEBA_RUN_CHAR.match(text, cut - 1):
+            return cut
+    return stop
+
+
 def iter_input_files(spec: str) -> list[str]:
     """The input files named by `spec`: a file, a directory (its *.txt / *.jsonl, recursively) or a glob."""
     if os.path.isfile(spec):

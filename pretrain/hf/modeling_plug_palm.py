@@ -60,9 +60,11 @@ class _Embeddings(nn.Module):
         normed = not c.pre_ln or c.embedding_norm  # post-LN always; pre-LN when asked (PLUG's released model)
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps) if normed else nn.Identity()
 
-    def forward(self, ids, start=0):  # start: the position of ids[:, 0] (the decoder's tokens already cached)
+    def forward(self, ids, start=0, token_type_ids=None):
+        # start: the position of ids[:, 0] (the decoder's tokens already cached); token types: 0 unless given
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
-        return self.norm(self.word(ids) + self.position(positions)[None] + self.token_type(torch.zeros_like(ids)))
+        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
+        return self.norm(self.word(ids) + self.position(positions)[None] + self.token_type(types))
 
 
 def _heads(x, n):  # [B, T, H] -> [B, n, T, H / n]
@@ -171,9 +173,9 @@ class _Encoder(nn.Module):
         self.layers = nn.ModuleList(_EncoderLayer(c) for _ in range(c.num_hidden_layers))
         self.final_norm = _norm(c) if c.pre_ln else nn.Identity()
 
-    def forward(self, input_ids, attention_mask=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, token_type_ids=token_type_ids)
         for layer in self.layers:
             x = layer(x, mask)
         return BaseModelOutput(last_hidden_state=self.final_norm(x))
@@ -213,8 +215,10 @@ class PlugPalmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.encoder.embeddings.word
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None, labels=None,
-                cache=None, use_cache=None, **kwargs):  # fmt: skip
+                cache=None, use_cache=None, token_type_ids=None, **kwargs):  # fmt: skip
         """decoder_input_ids: with a cache, the tokens not yet in it (their positions follow the cached ones).
+        token_type_ids: the encoder's, as a BERT tokenizer returns them (zeros for one text, what our PALM always
+        encodes with, so `generate(**tokenizer(text, return_tensors="pt"))` gives our tokens); the decoder's are 0.
         cache (or past_key_values): an EncoderDecoderCache from an earlier call, extended in place and returned;
         use_cache=True without one starts one. Neither (the default): no cache, the whole decoder input is run."""
         if cache is None:
@@ -224,7 +228,7 @@ class PlugPalmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         elif cache is not None and not isinstance(cache, EncoderDecoderCache):  # a decoder-only Cache: self-attention
             cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
         if encoder_outputs is None:
-            encoder_outputs = self.encoder(input_ids, attention_mask)
+            encoder_outputs = self.encoder(input_ids, attention_mask, token_type_ids)
         memory = encoder_outputs[0]
         if attention_mask is None:
             attention_mask = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
