@@ -37,6 +37,17 @@ class PeerLost(RunStopped):
     exit_status = EXIT_PEER_LOST
 
 
+def number_setting(value, message: str) -> float:
+    """A setting's value as a float: a number or its string (Hydra gives `1e-3` as a string), never a bool; else
+    a UserError with `message`, one line naming the setting and what it must be."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(message) from None
+
+
 @contextmanager
 def exit_on_user_error(prog: str, quiet: bool = False):
     """Turn a UserError into `prog: error: <message>` on stderr and its exit status (2 for bad input)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, number_setting
 from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
 from pretrain.training.health import HealthSettings, health_settings
 from pretrain.training.memory import zero_sizes
@@ -130,12 +130,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         raise UserError(f"train.elastic={elastic}: must be true or false")
     peak = t.get("peak_tflops")  # pretrain.finetune's config has no such key: its rows have no throughput columns
     if peak is not None:
-        try:
-            if isinstance(peak, bool):
-                raise TypeError
-            peak = float(peak)
-        except (TypeError, ValueError):
-            raise UserError(f"train.peak_tflops={peak}: must be a number > 0 (TFLOP/s) or null") from None
+        peak = number_setting(peak, f"train.peak_tflops={peak}: must be a number > 0 (TFLOP/s) or null")
         if not peak > 0 or math.isinf(peak):
             raise UserError(f"train.peak_tflops={t.peak_tflops}: must be a number > 0 (TFLOP/s) or null")
     trust = trust_setting(cfg.trust_checkpoint)
@@ -162,12 +157,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
 def _seconds(group: DictConfig, key: str) -> float:
     """A duration setting: a number of seconds > 0 (`key` is its full name, for the message)."""
     value = group[key.split(".")[-1]]
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{key}={value}: must be a number of seconds > 0") from None
+    seconds = number_setting(value, f"{key}={value}: must be a number of seconds > 0")
     if not 0 < seconds < math.inf:
         raise UserError(f"{key}={value}: must be a number of seconds > 0")
     return seconds

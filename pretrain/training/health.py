@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.errors import Diverged, UserError
+from pretrain.errors import Diverged, UserError, number_setting
 
 ACTIONS = ("stop", "rollback", "warn", "off")
 SKIPS_FILE = "skipped_data.json"
@@ -62,8 +62,9 @@ def health_settings(t) -> HealthSettings:
     for key in ("spike_sigmas", "spike_rise"):
         if key == "spike_sigmas" and t[key] is None:
             continue
-        if isinstance(t[key], bool) or not isinstance(t[key], (int, float)) or not 0 < float(t[key]) < math.inf:
-            raise UserError(f"train.{key}={t[key]}: must be a number > 0" + (" or null (no spike check)" if key == "spike_sigmas" else ""))
+        message = f"train.{key}={t[key]}: must be a number > 0" + (" or null (no spike check)" if key == "spike_sigmas" else "")
+        if not 0 < number_setting(t[key], message) < math.inf:
+            raise UserError(message)
     sigmas = None if t.spike_sigmas is None else float(t.spike_sigmas)
     return HealthSettings(action, int(t.max_rollbacks), int(t.spike_window), sigmas, float(t.spike_rise),
                           int(t.max_skipped_steps))  # fmt: skip

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, number_setting
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import count_parameters
 
@@ -53,12 +53,7 @@ def zero_sizes(zero: dict, hidden: int, where: str = "deepspeed.zero") -> dict:
         if value == "auto":
             out[key] = auto(int(hidden))
             continue
-        try:
-            if isinstance(value, bool):
-                raise TypeError
-            number = float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}.{key}={value}: must be a number of elements >= 0 or auto") from None
+        number = number_setting(value, f"{where}.{key}={value}: must be a number of elements >= 0 or auto")
         if not 0 <= number < 2**63:
             raise UserError(f"{where}.{key}={value}: must be a number of elements >= 0 or auto")
         out[key] = int(number)
