@@ -9,6 +9,7 @@ Exit statuses are a contract with the job scripts (launch/slurm/train.sbatch req
 Any other non-zero status is a crash (requeued up to the job's limit).
 """
 import sys
+import time
 from contextlib import contextmanager
 
 EXIT_USER_ERROR = 2
@@ -48,12 +49,20 @@ def number_setting(value, message: str) -> float:
         raise UserError(message) from None
 
 
+# Every rank raises the same configuration error or divergence stop at about the same moment, and the launcher
+# (srun --kill-on-bad-exit, deepspeed's runner) stops the others as soon as one exits: if a silent rank exited first,
+# nobody would print the line. So rank 0 reports at once and the other ranks wait this long first; one still alive
+# then has an error of its own (a file only it reads) and reports it too.
+DEFERRED_REPORT_S = 5.0
+
+
 @contextmanager
-def exit_on_user_error(prog: str, quiet: bool = False):
+def exit_on_user_error(prog: str, rank: int = 0):
     """Turn a UserError into `prog: error: <message>` on stderr and its exit status (2 for bad input)."""
     try:
         yield
     except UserError as e:
-        if not quiet:
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        if rank != 0:
+            time.sleep(DEFERRED_REPORT_S)
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_status)

@@ -237,13 +237,13 @@ def _metric_keys(task, row: dict) -> list[str]:
 @hydra.main(config_path="../conf", config_name="finetune", version_base=None)
 def main(cfg: DictConfig) -> None:
     info = distributed.read_env()
-    with (exit_on_user_error("pretrain.finetune", quiet=info.rank != 0),
+    with (exit_on_user_error("pretrain.finetune", rank=info.rank),
           peers.lost_peers_as_one_line("pretrain.finetune", info.rank)):  # fmt: skip
         finetune(cfg, info)
 
 
 if __name__ == "__main__":
     sys.argv = distributed.strip_local_rank(sys.argv)
-    with exit_on_user_error("pretrain.finetune", quiet=distributed.read_env().rank != 0):  # before Hydra composes
+    with exit_on_user_error("pretrain.finetune", rank=distributed.read_env().rank):  # before Hydra composes
         check_command_line(sys.argv[1:], "finetune", "pretrain.finetune")
     main()

@@ -265,5 +265,5 @@ if __name__ == "__main__":
         if device_arg == "cpu" or (device_arg == "auto" and not torch.cuda.is_available()):
             os.environ["DS_ACCELERATOR"] = "cpu"
     info = distributed.read_env()
-    with exit_on_user_error("pretrain.generate", quiet=info.rank != 0):
+    with exit_on_user_error("pretrain.generate", rank=info.rank):
         main(sys.argv[1:])

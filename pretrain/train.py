@@ -137,13 +137,13 @@ def evaluate(engine, stage, loaders: dict, step: int) -> list[dict]:
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     info = distributed.read_env()
-    with (exit_on_user_error("pretrain.train", quiet=info.rank != 0),
+    with (exit_on_user_error("pretrain.train", rank=info.rank),
           peers.lost_peers_as_one_line("pretrain.train", info.rank)):  # fmt: skip
         train(cfg, info)
 
 
 if __name__ == "__main__":
     sys.argv = distributed.strip_local_rank(sys.argv)
-    with exit_on_user_error("pretrain.train", quiet=distributed.read_env().rank != 0):  # before Hydra composes
+    with exit_on_user_error("pretrain.train", rank=distributed.read_env().rank):  # before Hydra composes
         check_command_line(sys.argv[1:], "config", "pretrain.train")
     main()
