@@ -50,10 +50,10 @@ def number_setting(value, message: str) -> float:
 
 
 # Every rank raises the same configuration error or divergence stop at about the same moment, and the launcher
-# (srun --kill-on-bad-exit, deepspeed's runner) stops the others as soon as one exits: if a silent rank exited first,
-# nobody would print the line. So rank 0 reports at once and the other ranks wait first, long enough for rank 0's
-# exit and the launcher's teardown on a loaded machine (5 s was not, with two test runs sharing two cores); a rank still alive then
-# has an error of its own (a file only it reads) and reports it too.
+# (srun --kill-on-bad-exit, deepspeed's runner) stops the others as soon as one exits: if a silent rank exited
+# first, nobody would print the line. So rank 0 reports at once and the other ranks wait first, long enough for
+# rank 0's exit and the launcher's teardown on a loaded machine (5 s was not, with two test runs sharing two
+# cores); a rank still alive then has an error of its own (a file only it reads) and reports it too.
 DEFERRED_REPORT_S = 30.0
 
 
