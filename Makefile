@@ -31,14 +31,18 @@ LONGER_RUN = $(DEMO_RUN)/structbert_x2
 .PHONY: install install-test demo finetune-demo finetune-study finetune-longer compare test clean-demo bench-speed \
 	gpu-wheels gpu-check-dry-run test-fast
 
-install:
+# pip runs again only when setup.py or this file changed since it last ran for this interpreter (half a minute of
+# resolving otherwise, at every make test-fast); `rm -r .make` forces it.
+STAMP = .make/$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])')
+install: $(STAMP)/install
+$(STAMP)/install: setup.py Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[hf]"
+	@mkdir -p $(@D) && touch $@
 
 # The Slurm tests start a throwaway cluster (tests/slurm_cluster.py): Debian's slurm-wlm and munge, installed here
 # when missing and possible (root with apt-get); otherwise those tests skip, and the install still succeeds.
-install-test: install
-	$(PIP) install -q -e ".[test]"
+install-test: $(STAMP)/install-test
 	@if ! command -v slurmctld >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
@@ -47,6 +51,10 @@ install-test: install
 			echo "install-test: slurmctld not found (needs root and apt-get to install); the Slurm tests will skip"; \
 		fi; \
 	fi
+
+$(STAMP)/install-test: $(STAMP)/install
+	$(PIP) install -q -e ".[test]"
+	@touch $@
 
 demo: install
 	$(PYTHON) data/fetch_demo.py --out $(DEMO_DATA)/raw
@@ -111,13 +119,19 @@ compare: install
 	$(PYTHON) experiments/compare_init.py --stage-one $(DEMO_RUN)/structbert --out $(DEMO_RUN)/compare --master-port $(DEMO_PORT) -- \
 		$(PALM_DEMO) logger.progress=false
 
+# Two pytest-xdist workers (the runs are mostly process start-up, which leaves a core idle), each process with one
+# intra-op thread (two workers of two threads each on two cores thrash: 81 s of test-fast against 63 s).
+# make test hands out whole files (--dist loadfile), so that a module's runs are made once.
+# PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
+PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -q -n $(PYTEST_WORKERS)
 test: install-test
-	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
+	$(PYTEST) --dist loadfile tests $(PYTEST_ARGS)
 
 # Before each commit: the tests that start no process (no launcher, no CLI, no Slurm, no GPU), about 45 s on 2
 # cores: every objective, both models, the data pipeline, the checkpoint vetting. The markers: pyproject.toml.
 test-fast: install-test
-	$(PYTHON) -m pytest -q -m "not e2e and not slurm and not gpu" tests $(PYTEST_ARGS)
+	$(PYTEST) -m "not e2e and not slurm and not gpu" tests $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_RUN)

@@ -22,6 +22,6 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=5.24,<6", "safetensors>=0.4"],  # pretrain.export (tested with 5.24.0)
-        "test": ["pytest>=7", "transformers>=5.24,<6", "safetensors>=0.4"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=5.24,<6", "safetensors>=0.4"],
     },
 )

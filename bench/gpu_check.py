@@ -286,6 +286,10 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def throughput_dims(a, size: str) -> list[str]:
+    return (ONE_B if size == "1b" else ["model=base"]) if not a.dry_run else TINY
+
+
 def part_throughput(a, size: str) -> dict:
     """One ZeRO-3 engine (one GPU, bf16, the trainer's own build_model/initialize) over stage one's real batches;
     activation checkpointing toggled on the built model, the micro-batch grown by powers of two while the peak
@@ -296,7 +300,7 @@ def part_throughput(a, size: str) -> dict:
     from pretrain.training import distributed
     from pretrain.training.engine import build_model, initialize
 
-    dims = (ONE_B if size == "1b" else ["model=base"]) if not a.dry_run else TINY
+    dims = throughput_dims(a, size)
     seq = 64 if a.dry_run else 512
     st, cfg = _stage(a, "structbert", *dims, f"data.seq_len={seq}", "deepspeed=zero3_bf16",
                      *(["deepspeed.precision=fp32"] if a.dry_run else []),

@@ -44,6 +44,7 @@ def _worker(rank: int, port: int, simulate_nccl: bool, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e  # two spawned ranks
 @pytest.mark.parametrize("simulate_nccl", [False, True])
 def test_host_collectives_and_window_reduction_on_two_ranks(simulate_nccl):
     ctx = mp.get_context("spawn")

@@ -261,6 +261,7 @@ def test_what_plug_cannot_hold_is_refused(palm_state, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.e2e
 def test_the_export_command_refuses_with_one_line(tmp_path):
     """Checked from model.json before any checkpoint is looked for: one line, exit 2, nothing written."""
     run = tmp_path / "run"
@@ -509,6 +510,7 @@ def test_plugs_trained_embedding_norm_is_read_with_the_switch(palm_state, tmp_pa
         assert torch.equal(p, want), name
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", ["structbert", "palm"])
 def test_a_missing_rank_stops_the_trainer_with_one_line(palm_state, prepared, tmp_path, stage):
     from runs import PALM, PYTHON, TINY, launch

@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO-3: the partitioned model and the engine that trains it (checkpoints: checkpoint.py)."""
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Callable
 
 import torch
@@ -50,8 +52,25 @@ def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
         from pretrain.training import optim
 
         optimizer = getattr(optim, client["type"].rsplit(".", 1)[-1])(groups, **client["params"])
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=config)
+    with _no_compile_on_import():
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=config)
     return engine
+
+
+@contextlib.contextmanager
+def _no_compile_on_import():
+    """DeepSpeed's ZeRO optimizer check imports its Muon optimizer, whose @torch.compile decorators import
+    inductor: 2.5 s of CPU on every rank of every start, for kernels this framework never compiles. With
+    TORCHDYNAMO_DISABLE set, those decorators return the plain functions. Only for the call, and only where the
+    user set nothing: torch.compile in the user's own code afterwards is untouched."""
+    if "TORCHDYNAMO_DISABLE" in os.environ:
+        yield
+        return
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["TORCHDYNAMO_DISABLE"]
 
 
 def zero_partition_padding(model: nn.Module) -> None:
