@@ -25,7 +25,7 @@ from pretrain.errors import UserError, exit_on_user_error
 from pretrain.overrides import check_command_line
 from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
-from pretrain.training import distributed, init_from, loop, memory, peers, safe_load, watchdog
+from pretrain.training import distributed, init_from, loop, memory, peers, run_lock, safe_load, watchdog
 from pretrain.training.checkpoint import Checkpoints
 from pretrain.training.run_dir import ModelRecord, load_weights, write_atomic, write_run_files
 from pretrain.training.config import (
@@ -79,6 +79,7 @@ def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
         theirs = init_from.run_vocab(source)  # the ids must mean what the model learnt (hf: checked above)
         if theirs is not None and read_vocab(theirs) != read_vocab(vocab_path):
             raise UserError(f"vocab={vocab_path} differs from {theirs}, the vocab init_from={source} was trained with")
+    run_lock.check_free(settings.run_dir, settings.lock_lease_s)  # its checkpoints may be changing under us
     checkpoints = Checkpoints(settings.run_dir, rank, world_size, settings.keep_last)
     resume_from = checkpoints.resolve(settings.resume, TaskJob.kind_of(task))
     geometry = batch_geometry(cfg.train, world_size, resume_from, checkpoints.global_batch)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pretrain.data.sources import describe
 from pretrain.errors import exit_on_user_error
 from pretrain.overrides import check_command_line
-from pretrain.training import distributed, init_from, loop, memory, peers, safe_load, watchdog
+from pretrain.training import distributed, init_from, loop, memory, peers, run_lock, safe_load, watchdog
 from pretrain.training.checkpoint import Checkpoints
 from pretrain.training.run_dir import ModelRecord, write_run_files
 from pretrain.training.config import (
@@ -53,6 +53,7 @@ def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
     settings = run_settings(cfg)
     safe_load.trust(settings.trust_checkpoint)  # before the stage reads init_from's checkpoint
     stage = build_stage(cfg)
+    run_lock.check_free(settings.run_dir, settings.lock_lease_s)  # its checkpoints may be changing under us
     checkpoints = Checkpoints(settings.run_dir, rank, world_size, settings.keep_last)
     resume_from = checkpoints.resolve(settings.resume, stage.name, settings.elastic)
     geometry = batch_geometry(cfg.train, world_size, resume_from, checkpoints.global_batch)
@@ -77,12 +78,19 @@ class StageJob:
         return evaluate(engine, self.stage, self.stage.valid_loaders(self.geometry, self.rank, step), step)
 
 
+def check(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
+    """Every check of a composed config that needs no rank: the whole of what a bad setting meets before the
+    ranks join (the memory check aside), so that a test can meet it in its own process."""
+    run = setup(cfg, world_size, rank)
+    loop.check_precision(run.settings)
+    return run
+
+
 def train(cfg: DictConfig, info: distributed.DistInfo) -> None:
     # 1. Check everything before any rank writes a byte.
-    run = setup(cfg, info.world_size, info.rank)
+    run = check(cfg, info.world_size, info.rank)
     s, geometry, stage = run.settings, run.geometry, run.stage
     checkpoints, resume_from = run.checkpoints, run.resume_from
-    loop.check_precision(s)
     shape = memory.run_shape(stage.model_cfg, stage.generates, stage.vocab_projections, stage.seq_len, geometry.micro,
                              run.ds_config, s.precision, info.world_size)  # fmt: skip
     memory.check(s.memory_check, shape, stage.make_model, info.local_rank, info.world_size, stage.name, s.hardware)

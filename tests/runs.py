@@ -60,3 +60,23 @@ PYTHON = [sys.executable, "-m", "pretrain.train"]
 def rows(run_dir: str, split: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def trainer_refusal(args: list[str], world_size: int = 1) -> str:
+    """The error pretrain.train stops a command line with before its ranks join, met in this process (seconds
+    faster than a launch): the command line's check, then pretrain.train.check on the composed config. Each test
+    that uses it also sends one case through the command, for the one line and the exit status."""
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.errors import UserError
+    from pretrain.overrides import check_command_line
+    from pretrain.train import check
+
+    try:
+        check_command_line(args, "config", "pretrain.train")
+        with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
+            cfg = compose("config", overrides=args)
+        check(cfg, world_size)
+    except UserError as e:
+        return str(e)
+    raise AssertionError(f"pretrain.train accepted {args}")

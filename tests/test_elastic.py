@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from runs import PYTHON, TINY, launch, rows
+from runs import PYTHON, TINY, launch, rows, trainer_refusal
 
 TOL = 1e-4  # per-step loss, resumed vs uninterrupted (measured: <= 5.7e-7; a reset optimizer: >= 2.3e-2)
 WEIGHT_TOL = 1e-5  # final consolidated fp32 weights, elementwise (measured: <= 1.4e-7; a reset optimizer: 5.9e-3)
@@ -179,7 +179,11 @@ def test_another_world_size_without_the_opt_in_fails_before_writing(prepared, st
     run = tmp_path / "run"
     shutil.copytree(stopped[2], run)
     before = tree(run)
-    proc = launch(PYTHON, KEPT + [f"data.dir={prepared}", f"run.dir={run}"] + extra, expect_rc=2)
+    args = KEPT + [f"data.dir={prepared}", f"run.dir={run}"] + extra
     step = os.path.join(str(run), "checkpoints", f"step{STOP}")
-    assert proc.stderr.strip() == "pretrain.train: error: " + message.format(step=step), proc.stderr
+    if not extra:  # one through the command: the one line and the exit status
+        proc = launch(PYTHON, args, expect_rc=2)
+        assert proc.stderr.strip() == "pretrain.train: error: " + message.format(step=step), proc.stderr
+    else:
+        assert trainer_refusal(args) == message.format(step=step)
     assert tree(run) == before

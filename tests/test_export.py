@@ -3,20 +3,25 @@ transformers' Auto classes, gives our hidden states, MLM logits and sentence log
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from tolerance import assert_close_fp32
 
 transformers = pytest.importorskip("transformers")
 
 from pretrain.data.tokenizer import Tokenizer  # noqa: E402
+from pretrain.errors import UserError  # noqa: E402
 from pretrain.models.config import ModelConfig  # noqa: E402
 from pretrain.models.structbert import StructBert  # noqa: E402
 from pretrain.training import checkpoint, partitions  # noqa: E402
+from pretrain.train import setup  # noqa: E402
 from pretrain.training.run_dir import read_model_record  # noqa: E402
 from runs import DEEPSPEED, REPO, TINY, launch  # noqa: E402
 
@@ -24,10 +29,14 @@ EXPORT = [sys.executable, "-m", "pretrain.export"]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["pre_ln", "post_ln"])
-def exported(request, prepared, tmp_path_factory):
+def exported(request, prepared, stage_one, tmp_path_factory):
+    """A 2-rank stage-one run and its export: the session's (the toy model is pre-LN) and a post-LN one."""
     root = tmp_path_factory.mktemp("export")
     run, out = root / "run", root / "hf"
-    launch(DEEPSPEED, TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=4", f"model.pre_ln={request.param}"])
+    if request.param:
+        run = stage_one["two_ranks"]
+    else:
+        launch(DEEPSPEED, TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=4", "model.pre_ln=false"])
     proc = subprocess.run(EXPORT + [f"run.dir={run}", f"out={out}"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return str(run), str(out), request.param
@@ -141,28 +150,35 @@ def test_bad_hf_directories_fail_with_one_line(exported, prepared, tmp_path):
     vocab = open(os.path.join(run, "vocab.txt"), encoding="utf-8").read().split("\n")
     vocab[7] = "某"
     (changed / "vocab.txt").write_text("\n".join(vocab), encoding="utf-8")
-    for override, message in [
+    cases = [
         (f"init_from=hf:{other}", "model_type 'gpt2'; a BERT (post-LN) or MegatronBERT (pre-LN) is needed"),
         (f"init_from=hf:{tmp_path / 'none'}", "no such directory"),
         ("model.hidden=32", "hidden_size=64, model.hidden=32"),
         ("model.pre_ln=false", "a megatron-bert model is pre-LN; set model.pre_ln=true"),
         ("model.embedding_norm=true", "a megatron-bert model has no embedding LayerNorm; set model.embedding_norm=false"),
         (f"init_from=hf:{changed}", "first at id 7"),
-    ]:
+    ]
+    for i, (override, message) in enumerate(cases):
         args = TINY + [f"data.dir={prepared}", f"run.dir={tmp_path / 'run'}", f"init_from=hf:{out}", override]
-        proc = launch([sys.executable, "-m", "pretrain.train"], args, expect_rc=2)
-        lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("pretrain.train: error:")]
-        assert len(lines) == 1 and message in lines[0], proc.stderr
+        if i == 0:  # the command's one line, once; the trainer's setup (before any rank writes) for the others
+            proc = launch([sys.executable, "-m", "pretrain.train"], args, expect_rc=2)
+            lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("pretrain.train: error:")]
+            assert len(lines) == 1 and message in lines[0], proc.stderr
+        else:
+            with pytest.raises(UserError, match=re.escape(message)):
+                setup(compose(args), world_size=2)
         assert not (tmp_path / "run").exists()
 
 
+def compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
+        return hydra_compose("config", overrides=overrides)
+
+
 @pytest.fixture(scope="module")
-def palm_exported(prepared, tmp_path_factory):
-    """A stage-two run (2 ranks, from random weights) and its export."""
-    root = tmp_path_factory.mktemp("palm_export")
-    run, out = root / "run", root / "hf"
-    launch(DEEPSPEED, TINY + [f"data.dir={prepared}", f"run.dir={run}", "stage=palm", "palm.src_len=[8,40]",
-                              "palm.tgt_len=[8,24]", "train.max_steps=4"])  # fmt: skip
+def palm_exported(palm_run, tmp_path_factory):
+    """The session's 2-rank stage-two run and its export."""
+    run, out = palm_run, tmp_path_factory.mktemp("palm_export") / "hf"
     proc = subprocess.run(EXPORT + [f"run.dir={run}", f"out={out}"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "greedy_tokens_differ False, beam_tokens_differ False" in proc.stdout

@@ -86,9 +86,12 @@ def test_a_second_holder_is_refused_with_the_holder_named(tmp_path):
         with pytest.raises(UserError, match=rf"in use by pretrain.train on host {socket.gethostname()}, "
                                             rf"pid {os.getpid()}, since \d{{4}}-"):  # fmt: skip
             run_lock.acquire(str(tmp_path), "pretrain.finetune", 60)
+        with pytest.raises(UserError, match="in use by pretrain.train"):  # what a starter checks before reading
+            run_lock.check_free(str(tmp_path), 60)
     finally:
         lock.release()
     assert not os.path.exists(tmp_path / run_lock.LOCK_NAME)
+    run_lock.check_free(str(tmp_path), 60)  # free again
 
 
 def _foreign_lock(run_dir, host: str, heartbeat_age_s: float, job: str | None = None) -> None:
@@ -128,15 +131,19 @@ def test_a_lock_left_by_a_killed_holder_is_taken_over(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_a_second_run_into_a_run_dir_in_use_is_refused_and_the_first_is_untouched(prepared, tmp_path):
+def test_a_run_refuses_a_second_writer_and_its_port_and_stops_with_its_launcher(prepared, tmp_path):
+    """One long run meets what a shared run directory and node bring, in turn: a second run into its run.dir is
+    refused, naming it; a third on its port is one line and maps no shared memory; then kill -9 of its top-level
+    `deepspeed` stops every rank within seconds and lets go of the lock, and a rerun resumes from its newest
+    checkpoint. Nothing of the first run was touched: its config, and each step written once."""
     run = str(tmp_path / "run")
-    common = TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=100000", "train.log_every=1",
-                     "train.save_every=100000", "train.eval_every=100000"]  # fmt: skip
+    common = TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.log_every=1", "train.save_every=2",
+                     "train.eval_every=100000"]  # fmt: skip
     log = str(tmp_path / "first.log")
-    first = _start(common + ["seed=1"], log)
+    first = _start(common + ["seed=1", "train.max_steps=100000"], log)
+    latest = os.path.join(run, "checkpoints", "latest")
     try:
-        _wait_for(lambda: os.path.isfile(os.path.join(run, "metrics.jsonl")), 300, "the first run's first row",
-                  first, log)  # fmt: skip
+        _wait_for(lambda: os.path.isfile(latest), 300, "the first run's first checkpoint", first, log)
         holder = run_lock.read_holder(os.path.join(run, run_lock.LOCK_NAME))
         second = launch(DEEPSPEED, common + ["seed=99", "train.max_steps=3"], expect_rc=2)
         lines = _error_lines(second.stderr)
@@ -152,31 +159,11 @@ def test_a_second_run_into_a_run_dir_in_use_is_refused_and_the_first_is_untouche
         lines = _error_lines(_read(log3))
         assert len(lines) == 1 and f"MASTER_PORT={first.port}: the rendezvous port is in use" in lines[0], lines
         assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{first.port}_*")
-        open(os.path.join(run, "STOP"), "w").close()  # the first run saves and exits 0
-        assert first.wait(timeout=300) == 0, _read(log)[-3000:]
-    finally:
-        _kill_all(first, run)
-    with open(os.path.join(run, "config.yaml")) as f:
-        assert "seed: 1\n" in f.read()  # the first run's, not the refused one's
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        steps = [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
-    assert steps == list(range(1, len(steps) + 1))  # one writer: every step once
-    assert not os.path.exists(os.path.join(run, run_lock.LOCK_NAME))  # released at the normal exit
 
-
-@pytest.mark.e2e
-def test_killing_the_launcher_stops_every_rank_and_a_rerun_resumes(prepared, tmp_path):
-    run = str(tmp_path / "run")
-    common = TINY + [f"data.dir={prepared}", f"run.dir={run}", "train.save_every=2", "train.eval_every=1000"]
-    log = str(tmp_path / "killed.log")
-    proc = _start(common + ["train.max_steps=100000"], log)
-    try:
-        latest = os.path.join(run, "checkpoints", "latest")
-        _wait_for(lambda: os.path.isfile(latest), 300, "a first checkpoint", proc, log)
         everything = _ranks_of(run)  # the launchers, the ranks, their data workers
         ranks = [p for p in everything if "deepspeed.launcher.launch" in p.parent().cmdline()]
         assert len(ranks) == 2, [p.cmdline()[:4] for p in everything]
-        os.kill(proc.pid, signal.SIGKILL)  # the top-level `deepspeed`: today its ranks go on training
+        os.kill(first.pid, signal.SIGKILL)  # the top-level `deepspeed`: before peers.py, its ranks went on training
         killed = time.monotonic()
         _wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks), 10,
                   "every rank gone after the launcher's kill -9")  # fmt: skip
@@ -184,15 +171,20 @@ def test_killing_the_launcher_stops_every_rank_and_a_rerun_resumes(prepared, tmp
         _wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in everything), 15,
                   "every data worker and launcher gone too")  # fmt: skip
     finally:
-        _kill_all(proc, run)
+        _kill_all(first, run)
     err = _read(log)
-    assert f"rank 0: its launcher (pid {proc.pid}, deepspeed) is gone; stopping (exit 5)" in err, err[-3000:]
+    assert f"rank 0: its launcher (pid {first.pid}, deepspeed) is gone; stopping (exit 5)" in err, err[-3000:]
     print(f"kill -9 of the top deepspeed: both ranks gone {stopped_after:.1f} s later")
     assert stopped_after < 5, stopped_after
     assert not os.path.exists(os.path.join(run, run_lock.LOCK_NAME))  # rank 0 let go of it on the way out
+    with open(os.path.join(run, "config.yaml")) as f:
+        assert "seed: 1\n" in f.read()  # the first run's, not the refused one's
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        steps = [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: every step once
     with open(latest) as f:
         newest = int(f.read().strip().removeprefix("step"))
-    launch(DEEPSPEED, common + [f"train.max_steps={newest + 1}"])
+    launch(DEEPSPEED, common + ["seed=1", f"train.max_steps={newest + 1}"])
     with open(os.path.join(run, "run.json")) as f:
         assert json.load(f)["resumed_from_step"] == newest
 

@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from pretrain import samples
+from pretrain.errors import UserError
 from pretrain.labels import IGNORE
 from pretrain.samples import compose_config
 from pretrain.stages import build_stage
@@ -82,7 +84,12 @@ def test_palm_samples_follow_the_grouped_step_order_and_the_mlm_switch(prepared,
 def test_bad_input_is_one_line_and_writes_nothing(prepared, tmp_path, args, message):
     out = tmp_path / "bad.jsonl"
     args = [a.replace("PREPARED", prepared) for a in args] + [f"out={out}"]
-    proc = run_samples(args, expect_rc=2)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("pretrain.samples: error:"), proc.stderr
+    if "n=abc" in args:  # one through the command: the one line and the exit status
+        proc = run_samples(args, expect_rc=2)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and lines[0].startswith("pretrain.samples: error:"), proc.stderr
+    else:  # main checks all of these before it writes
+        with pytest.raises(UserError) as refused:
+            samples.main(args)
+        assert message in str(refused.value) and "\n" not in str(refused.value)
     assert not out.exists() and not (tmp_path / "bad.jsonl.tmp").exists()

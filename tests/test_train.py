@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from runs import DEEPSPEED, PYTHON, TINY, TORCHRUN, launch, rows
+from runs import DEEPSPEED, PYTHON, TINY, TORCHRUN, launch, rows, trainer_refusal
 
 pytestmark = pytest.mark.e2e  # every test here starts processes (pyproject.toml)
 
@@ -28,6 +28,7 @@ def test_deepspeed_run_writes_outputs_and_loss_falls(straight_run):
     assert last < first - 1.0, (first, last)
     assert [r["step"] for r in rows(straight_run, "valid")] == [20, 40]
     assert os.path.isfile(os.path.join(straight_run, "config.yaml"))
+    assert not os.path.exists(os.path.join(straight_run, "run.lock"))  # let go of at the normal exit
     ckpt = os.path.join(straight_run, "checkpoints")
     assert open(os.path.join(ckpt, "latest")).read().strip() == "step40"
     assert sorted(d for d in os.listdir(ckpt) if d.startswith("step")) == ["step30", "step40"]  # keep_last=2
@@ -96,9 +97,15 @@ def test_summary_prints_final_metrics(straight_run):
 def test_bad_config_fails_with_one_line_and_writes_nothing(prepared, tmp_path, override, message):
     run = tmp_path / "run"
     args = TINY + [f"data.dir={prepared}", f"run.dir={run}", override]
-    proc = launch(PYTHON, args, expect_rc=2)
-    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+    if override in THROUGH_THE_COMMAND:  # one of each kind: the command line's check, the setup's, the precision's
+        proc = launch(PYTHON, args, expect_rc=2)
+        assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+    else:
+        assert message in trainer_refusal(args)
     assert not run.exists()
+
+
+THROUGH_THE_COMMAND = ("data.dir=/nonexistent/corpus", "deepspeed=zero3_v100", "+train.max_step=10")
 
 
 def test_missing_run_dir_is_named(prepared):

@@ -183,8 +183,7 @@ class RunLock:
                 continue
             why = stale_reason(holder, self.lease_s)
             if why is None:
-                raise UserError(f"run.dir={self.run_dir} is in use by {holder.describe()} ({self.path}); wait for "
-                                "it to finish, stop it, or give another run.dir")  # fmt: skip
+                raise _in_use(self.run_dir, self.path, holder)
             print(f"{self.command}: taking over {self.path} of {holder.describe()}: {why}", file=sys.stderr)
             self._take_over(holder)
         else:
@@ -221,6 +220,20 @@ class RunLock:
             os.unlink(self.path)
         if _ACTIVE is self:
             _ACTIVE = None
+
+
+def _in_use(run_dir: str, path: str, holder: Holder) -> UserError:
+    return UserError(f"run.dir={run_dir} is in use by {holder.describe()} ({path}); wait for it to finish, stop it, or"
+                     " give another run.dir")  # fmt: skip
+
+
+def check_free(run_dir: str, lease_s: float) -> None:
+    """Raise acquire's UserError if a live holder has run_dir, writing nothing: before a starter reads the run's
+    checkpoints, which the holder may be writing or pruning (acquire, later, is what excludes)."""
+    path = os.path.join(run_dir, LOCK_NAME)
+    holder = read_holder(path)
+    if holder is not None and stale_reason(holder, lease_s) is None:
+        raise _in_use(run_dir, path, holder)
 
 
 def acquire(run_dir: str, command: str, lease_s: float) -> RunLock:
