@@ -15,7 +15,7 @@ from pretrain.errors import UserError
 from pretrain.models.structbert import StructBert
 from pretrain.train import setup
 from pretrain.training import memory
-from runs import FINETUNE_TINY, PYTHON, REPO, TINY, launch
+from runs import FINETUNE_TINY, PYTHON, REPO, TINY, launch, trainer_refusal
 from test_finetune import tasks  # noqa: F401 (a fixture: tiny task directories)
 
 GiB = 2**30
@@ -170,8 +170,8 @@ def test_memory_check_false_overrides_the_refusal(prepared, tmp_path):
     finally:
         del os.environ["PRETRAIN_MEMORY_AVAILABLE"]
     assert (run / "checkpoints" / "step2").is_dir()
-    bad = launch(PYTHON, args + [f"run.dir={tmp_path / 'bad'}", "train.memory_check=maybe"], expect_rc=2)
-    assert "train.memory_check=maybe: must be true or false" in bad.stderr and not (tmp_path / "bad").exists()
+    bad = trainer_refusal(args + [f"run.dir={tmp_path / 'bad'}", "train.memory_check=maybe"])
+    assert "train.memory_check=maybe: must be true or false" in bad and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.e2e
