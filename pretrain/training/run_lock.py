@@ -45,6 +45,8 @@ class Holder:
     slurm_job_id: str | None
     command: str
     token: str  # unique per acquisition: host, pid and the time it was taken
+    rendezvous: str | None = None  # MASTER_ADDR:MASTER_PORT of the holder's launch: its own ranks share it
+
 
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.started))
@@ -65,7 +67,12 @@ def _process_started(pid: int) -> float | None:
 def _me(command: str, started: float) -> Holder:
     host, pid = socket.gethostname(), os.getpid()
     return Holder(host, pid, _process_started(pid) or 0.0, started, time.time(), os.environ.get("SLURM_JOB_ID"),
-                  command, f"{host}:{pid}:{started!r}")  # fmt: skip
+                  command, f"{host}:{pid}:{started!r}", _rendezvous())  # fmt: skip
+
+
+def _rendezvous() -> str | None:
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return f"{addr}:{port}" if addr and port else None
 
 
 def read_holder(path: str) -> Holder | None:
@@ -229,10 +236,12 @@ def _in_use(run_dir: str, path: str, holder: Holder) -> UserError:
 
 def check_free(run_dir: str, lease_s: float) -> None:
     """Raise acquire's UserError if a live holder has run_dir, writing nothing: before a starter reads the run's
-    checkpoints, which the holder may be writing or pruning (acquire, later, is what excludes)."""
+    checkpoints, which the holder may be writing or pruning (acquire, later, is what excludes). Every rank checks;
+    a holder of the same rendezvous is this launch's own rank 0, which may have taken the lock already."""
     path = os.path.join(run_dir, LOCK_NAME)
     holder = read_holder(path)
-    if holder is not None and stale_reason(holder, lease_s) is None:
+    ours = holder is not None and holder.rendezvous is not None and holder.rendezvous == _rendezvous()
+    if holder is not None and not ours and stale_reason(holder, lease_s) is None:
         raise _in_use(run_dir, path, holder)
 
 
