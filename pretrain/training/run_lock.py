@@ -47,7 +47,6 @@ class Holder:
     token: str  # unique per acquisition: host, pid and the time it was taken
     rendezvous: str | None = None  # MASTER_ADDR:MASTER_PORT of the holder's launch: its own ranks share it
 
-
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.started))
         job = f", Slurm job {self.slurm_job_id}" if self.slurm_job_id else ""
