@@ -10,11 +10,19 @@ import shutil
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from pretrain.hf.export import PALM_MODULE
+from tolerance import assert_close_fp32, fp32_atol
 
-from pretrain.hf import modeling_plug_palm as hf_palm  # noqa: E402
-from pretrain.hf.export import PALM_MODULE  # noqa: E402
-from tolerance import assert_close_fp32, fp32_atol  # noqa: E402
+transformers = hf_palm = None  # imported by _import_transformers below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _import_transformers():
+    """transformers and the class module take about 5 s to import: when a test of this file runs, not when the
+    file is collected, which each of make test's pytest-xdist workers does."""
+    global transformers, hf_palm
+    transformers = pytest.importorskip("transformers")
+    from pretrain.hf import modeling_plug_palm as hf_palm
 
 NEW = 14  # new tokens per generate call
 PAD, BOS, EOS = 0, 1, 2

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import matplotlib.image
 import pytest
 
 from pretrain import plots, summary
@@ -107,6 +106,8 @@ def run_summary(capsys, *dirs: str) -> str:
 
 def assert_pngs(run: str, names: list[str]) -> list[str]:
     """The curves folder holds exactly these PNGs (no temporary file), each a real PNG of the expected size."""
+    import matplotlib.image  # here, not at collection: 0.8 s for each pytest-xdist worker
+
     folder = os.path.join(run, "curves")
     assert sorted(os.listdir(folder)) == sorted(f"{n}.png" for n in names)
     paths = [os.path.join(folder, f"{n}.png") for n in names]
