@@ -123,11 +123,11 @@ compare: install
 # intra-op thread (two workers of two threads each on two cores thrash: 81 s of test-fast against 63 s).
 # make test hands out whole files (--dist loadfile), so that a module's runs are made once.
 # PYTEST_WORKERS=0 runs the suite in one process.
-# The package is compiled to bytecode first: where PYTHONDONTWRITEBYTECODE is set (as on these machines) every process
-# would otherwise compile it again, about 0.4 s of each rank's start (Python still reads the .pyc files it finds).
+# The tests write bytecode (Python's default) also where PYTHONDONTWRITEBYTECODE is set, as on these machines: else
+# every process compiles the package again (about 0.4 s of each rank's start) and pytest rewrites every test module
+# in each worker (2 s of its collection). The files go to __pycache__ folders, which git ignores.
 PYTEST_WORKERS ?= 2
-PYTEST = $(PYTHON) -m compileall -q pretrain bench tests >/dev/null && \
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -q -n $(PYTEST_WORKERS)
+PYTEST = PYTHONDONTWRITEBYTECODE= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -q -n $(PYTEST_WORKERS)
 test: install-test
 	$(PYTEST) --dist loadfile tests $(PYTEST_ARGS)
 

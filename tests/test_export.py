@@ -11,14 +11,21 @@ import pytest
 import torch
 from tolerance import assert_close_fp32
 
-transformers = pytest.importorskip("transformers")
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.models.config import ModelConfig
+from pretrain.models.structbert import StructBert
+from pretrain.training import checkpoint, partitions
+from pretrain.training.run_dir import read_model_record
+from runs import DEEPSPEED, REPO, TINY, launch, trainer_refusal
 
-from pretrain.data.tokenizer import Tokenizer  # noqa: E402
-from pretrain.models.config import ModelConfig  # noqa: E402
-from pretrain.models.structbert import StructBert  # noqa: E402
-from pretrain.training import checkpoint, partitions  # noqa: E402
-from pretrain.training.run_dir import read_model_record  # noqa: E402
-from runs import DEEPSPEED, REPO, TINY, launch, trainer_refusal  # noqa: E402
+transformers = None  # imported by _import_transformers below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _import_transformers():
+    """When a test of this file runs, not at collection (about 1 to 4 s for every pytest-xdist worker)."""
+    global transformers
+    transformers = pytest.importorskip("transformers")
 
 EXPORT = [sys.executable, "-m", "pretrain.export"]
 
