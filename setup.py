@@ -19,6 +19,9 @@ setup(
         "xxhash>=3",  # checkpoint records' checksums (pretrain/training/integrity.py; wandb depends on it too)
         "sacrebleu>=2.3,<3",  # BLEU-4 of the generation tasks (pretrain.finetune; tested with 2.6.0)
         "matplotlib>=3.7",  # pretrain.summary's loss and accuracy curves (pretrain.plots; tested with 3.11.2)
+        "zstandard>=0.22",  # .zst inputs of prepare (pretrain/data/input_files.py; tested with 0.25.0)
+        "pyarrow>=14",  # .parquet inputs of prepare (tested with 26.0.1)
+        "opencc>=1.1",  # prepare's to_simplified=true (Traditional to Simplified; tested with 1.4.2)
     ],
     extras_require={
         "hf": ["transformers>=5.24,<6", "safetensors>=0.4"],  # pretrain.export (tested with 5.24.0)

@@ -2,7 +2,11 @@
 
     python -m pretrain.prepare input=<file|dir|glob> out=<dir> [vocab=<vocab.txt>] [vocab_size=8000]
         [workers=1] [valid_fraction=0.01] [seed=1234] [on_error=raise|skip] [max_line_bytes=1000000]
-        [shard=0 num_shards=1] [overwrite=false]
+        [text_key=text] [to_simplified=false] [shard=0 num_shards=1] [overwrite=false]
+
+The input: .txt, .jsonl or .parquet files, .txt and .jsonl also compressed (.gz, .bz2, .xz, .zst), read as they lie
+(pretrain/data/input_files.py); text_key= names the text's field or column. to_simplified=true converts Traditional
+Chinese to Simplified (OpenCC's t2s) before segmentation, for a corpus that mixes them; meta.json records it.
 
 The output is a function of the input and these settings only (never of `workers`), and it appears at
 `out` all at once: it is written to a temporary directory beside it and renamed at the end.
@@ -50,6 +54,8 @@ _CHUNK_CHARS = 1 << 16  # characters per task sent to a worker (a document may b
 # hundred bytes per character) must not grow with the longest line.
 _PIECE_CHARS = 1 << 16
 _IN_FLIGHT = 3  # tasks per worker submitted and not yet written: enough to keep every worker busy
+UNKNOWN_TOP = 20  # meta.json's most frequent texts that became [UNK]
+UNKNOWN_WARN = 0.001  # a share of [UNK] tokens above it is worth a warning (bert-base-chinese leaves “ and ” out)
 
 
 @dataclass
@@ -63,6 +69,8 @@ class PrepareConfig:
     seed: int = 1234
     on_error: str = "raise"
     max_line_bytes: int = 1_000_000
+    text_key: str = "text"  # the text's field in .jsonl, column in .parquet (corpora name it content, raw_content, ...)
+    to_simplified: bool = False  # Traditional to Simplified Chinese (OpenCC t2s) before anything else
     shard: int = 0  # prepare only this shard's part of the input files ...
     num_shards: int = 1  # ... dealt to num_shards shards (see the module's docstring)
     overwrite: bool = False
@@ -99,7 +107,9 @@ def _check(cfg: PrepareConfig) -> None:
 
 
 def check_input_settings(cfg) -> None:
-    """The settings prepare and pretrain.vocab share: on_error, workers, max_line_bytes."""
+    """The settings prepare and pretrain.vocab share: on_error, workers, max_line_bytes, text_key."""
+    if not cfg.text_key:
+        raise UserError("text_key=: must name the text's field (.jsonl) or column (.parquet)")
     if cfg.on_error not in ("raise", "skip"):
         raise UserError(f"on_error={cfg.on_error}: expected raise or skip")
     if cfg.workers < 1:
@@ -120,10 +130,10 @@ def prepare(cfg: PrepareConfig) -> dict:
     skipped: Counter[str] = Counter()
 
     def paragraphs(skipped=None):  # the input is read once per pass
-        return iter_paragraphs(inputs, cfg.on_error, cfg.max_line_bytes, skipped)
+        return iter_paragraphs(inputs, cfg.on_error, cfg.max_line_bytes, skipped, cfg.text_key)
 
     if cfg.vocab is None:
-        num_docs, words = count_documents_and_words(paragraphs(skipped), cfg.workers)
+        num_docs, words = count_documents_and_words(paragraphs(skipped), cfg.workers, cfg.to_simplified)
     else:
         num_docs, words = sum(starts for starts, _ in paragraphs(skipped)), None
     if not num_docs:
@@ -141,7 +151,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             del words  # not needed through the second pass
         tok = Tokenizer(vocab_path)
         valid = _valid_documents(num_docs, cfg.valid_fraction, cfg.seed)
-        counts, seen = _write_splits(paragraphs(), tok, valid, tmp, cfg.workers)
+        unknown: Counter[str] = Counter()
+        counts, seen = _write_splits(paragraphs(), tok, valid, tmp, cfg.workers, unknown, cfg.to_simplified)
         if seen != num_docs:
             raise UserError(f"input={cfg.input}: changed while being prepared ({num_docs} documents, then {seen})")
 
@@ -152,11 +163,13 @@ def prepare(cfg: PrepareConfig) -> dict:
             "token_dtype": token_dtype(tok.vocab_size).name,
             "segmenter": f"jieba {jieba_version()}",
             "lowercase": True,
+            "to_simplified": cfg.to_simplified,
             "inputs": inputs,
             "skipped_lines": dict(sorted(skipped.items())),
             "valid_fraction": cfg.valid_fraction,
             "seed": cfg.seed,
             "splits": counts,
+            "unknown": unknown_report(unknown, sum(c["tokens"] for c in counts.values())),
         }
         if cfg.num_shards > 1:
             meta.update(shard=cfg.shard, num_shards=cfg.num_shards)
@@ -199,10 +212,11 @@ def _valid_documents(num_docs: int, valid_fraction: float, seed: int) -> np.ndar
     return np.sort(np.array(random.Random(seed).sample(range(num_docs), n), dtype=np.int64))
 
 
-def count_documents_and_words(paragraphs: Iterable[tuple[bool, str]], workers: int) -> tuple[int, Counter[str]]:
+def count_documents_and_words(paragraphs: Iterable[tuple[bool, str]], workers: int,
+                              to_simplified: bool = False) -> tuple[int, Counter[str]]:  # fmt: skip
     """The number of documents in `paragraphs` (from iter_paragraphs) and the counts of their words."""
     num_docs, words = 0, Counter()
-    with _Workers(workers) as pool:
+    with _Workers(workers, _init_worker, (None, to_simplified)) as pool:
         for starts, counted in pool.map(_count_words, _chunks(paragraphs)):
             num_docs += sum(starts)
             words.update(counted)
@@ -210,18 +224,20 @@ def count_documents_and_words(paragraphs: Iterable[tuple[bool, str]], workers: i
 
 
 def _count_words(paragraphs: list[str]) -> Counter[str]:
-    return count_words(s for p in paragraphs for s in split_sentences(p))
+    return count_words(s for p in _converted(paragraphs) for s in split_sentences(p))
 
 
 def _write_splits(paragraphs: Iterable[tuple[bool, str]], tok: Tokenizer, valid: np.ndarray, out: str,
-                  workers: int) -> tuple[dict, int]:
+                  workers: int, unknown: Counter, to_simplified: bool = False) -> tuple[dict, int]:
     """Encode `paragraphs` into out/{train,valid}.{bin,idx}; documents whose index is in `valid` (sorted) go to
-    valid. Returns the counts per split and the number of documents seen."""
+    valid. Returns the counts per split and the number of documents seen; counts what [UNK] stood for in
+    `unknown`."""
     writers = {split: IndexedWriter(os.path.join(out, split), tok.vocab_size) for split in SPLITS}
     single = dict.fromkeys(SPLITS, 0)
     index, split, next_valid = -1, "train", 0
-    with _Workers(workers, _init_worker, (tok.vocab_path,)) as pool:
+    with _Workers(workers, _init_worker, (tok.vocab_path, to_simplified)) as pool:
         for starts, enc in pool.map(_encode_chunk, _chunks(paragraphs)):
+            unknown.update(enc.unknown)
             sentence_end = np.concatenate([[0], np.cumsum(enc.paragraph_sentences)])
             token_end = np.concatenate([[0], np.cumsum(enc.sentence_tokens)])
             # Runs of paragraphs of one document: a chunk may begin or end inside a document.
@@ -264,16 +280,32 @@ def _chunks(paragraphs: Iterable[tuple[bool, str]]) -> Iterator[tuple[list[bool]
 
 
 _worker_tok: Tokenizer | None = None
+_worker_convert: Callable[[str], str] | None = None
 
 
-def _init_worker(vocab_path: str) -> None:
-    global _worker_tok
-    _worker_tok = Tokenizer(vocab_path)
+def _init_worker(vocab_path: str | None, to_simplified: bool = False) -> None:
+    """A worker's tokenizer (when it encodes), jieba, and the Traditional-to-Simplified converter (when asked):
+    conversion runs in the workers, not in the process that reads the input (OpenCC: about 7 MB/s a core)."""
+    global _worker_tok, _worker_convert
+    _worker_tok = Tokenizer(vocab_path) if vocab_path is not None else None
+    _worker_convert = simplified_converter() if to_simplified else None
     jieba_segmenter()
 
 
+def simplified_converter() -> Callable[[str], str]:
+    try:
+        import opencc
+    except ImportError:
+        raise UserError("to_simplified=true needs OpenCC: pip install opencc") from None
+    return opencc.OpenCC("t2s").convert
+
+
+def _converted(paragraphs: list[str]) -> list[str]:
+    return paragraphs if _worker_convert is None else [_worker_convert(p) for p in paragraphs]
+
+
 def _encode_chunk(paragraphs: list[str]):
-    enc = encode_paragraphs(_worker_tok, paragraphs, jieba_segmenter())
+    enc = encode_paragraphs(_worker_tok, _converted(paragraphs), jieba_segmenter())
     return enc._replace(ids=enc.ids.astype(token_dtype(_worker_tok.vocab_size)))  # uint16: half the bytes to send
 
 
@@ -338,6 +370,13 @@ def _install(tmp: str, out: str, overwrite: bool) -> None:
         shutil.rmtree(old)
 
 
+def unknown_report(unknown: Counter, tokens: int) -> dict:
+    """The share of the tokens that are [UNK], and what they stood for most often."""
+    n = sum(unknown.values())
+    return {"tokens": n, "rate": n / tokens if tokens else 0.0, "top": [[text, count] for text, count in
+            sorted(unknown.items(), key=lambda item: (-item[1], item[0]))[:UNKNOWN_TOP]]}  # fmt: skip
+
+
 def summary(meta: dict, out: str, seconds: float) -> str:
     lines = [f"prepared {out} in {seconds:.1f}s: vocab {meta['vocab_size']} tokens ({meta['token_dtype']})"]
     for split in SPLITS:
@@ -347,7 +386,21 @@ def summary(meta: dict, out: str, seconds: float) -> str:
     skipped = meta["skipped_lines"]
     detail = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
     lines.append(f"  skipped lines: {sum(skipped.values())}" + (f" ({detail})" if detail else ""))
+    unknown = meta["unknown"]
+    top = " ".join(f"{text} {count}" for text, count in unknown["top"][:10])
+    lines.append(f"  [UNK]: {unknown['tokens']} tokens, {unknown['rate']:.3%}" + (f"; most often for: {top}" if top else ""))
     return "\n".join(lines)
+
+
+def unknown_warning(meta: dict, vocab: str | None) -> str | None:
+    """One line when the vocab leaves more than UNKNOWN_WARN of the tokens unknown."""
+    unknown = meta["unknown"]
+    if unknown["rate"] <= UNKNOWN_WARN:
+        return None
+    chars = "".join(text for text, _ in unknown["top"][:5])
+    return (f"pretrain.prepare: warning: {unknown['rate']:.2%} of the tokens are [UNK] (above {UNKNOWN_WARN:.1%})"
+            f"{' under vocab=' + vocab if vocab else ''}, most often for {chars!r}: extend the vocab "
+            "(python -m pretrain.vocab base=<vocab.txt> extra=<N> ...) or normalise the text")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -357,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         meta = prepare(cfg)
         print(summary(meta, cfg.out, time.perf_counter() - start))
+        warning = unknown_warning(meta, cfg.vocab)
+        if warning:
+            print(warning, file=sys.stderr)
 
 
 if __name__ == "__main__":

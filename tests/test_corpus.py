@@ -135,5 +135,7 @@ def test_directory_and_glob_inputs(tmp_path):
     assert iter_input_files(str(tmp_path / "**" / "*.txt")) == expect[1:]
     assert iter_input_files(str(tmp_path / "b")) == expect[1:]
     assert iter_input_files(str(tmp_path / "notes.md")) == [str(tmp_path / "notes.md")]  # named explicitly
-    with pytest.raises(UserError, match=re.escape(f"input={tmp_path}/*.xml: no .txt or .jsonl files found")):
+    with pytest.raises(UserError, match=re.escape(f"input={tmp_path}/*.xml: matches no file")):
         iter_input_files(f"{tmp_path}/*.xml")
+    with pytest.raises(UserError, match=re.escape(f"input={tmp_path}/*.md: no .txt, .jsonl, .parquet files")):
+        iter_input_files(f"{tmp_path}/*.md")  # matched, but not a corpus file

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from runs import DEEPSPEED, REPO, TINY, launch, rows
+from runs import DEEPSPEED, PYTHON, REPO, TINY, launch, rows
 
 from pretrain.errors import UserError
 from pretrain.labels import IGNORE
@@ -197,6 +197,32 @@ def test_lamb_matches_the_reference_step(scale, wd):
         torch.testing.assert_close(p.detach().double(), expected, rtol=tol, atol=tol * max(scale, 1e-3))
 
 
+def test_lamb_laid_out_takes_each_parameters_trust_ratio():
+    """Issue 28, 6: a flat tensor holding several parameters (a ZeRO partition), told its layout, is stepped as the
+    parameters one by one: one trust ratio each, not one over the whole tensor."""
+    g = torch.Generator().manual_seed(5)
+    shapes, scales = [(6, 4), (4,), (10,)], [1.0, 1e-3, 30.0]  # unlike norms: one shared ratio would be far off
+    w0 = [torch.randn(s, generator=g, dtype=torch.float64) * c for s, c in zip(shapes, scales)]
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(4)]
+    apart = [torch.nn.Parameter(w.clone()) for w in w0]
+    flat = torch.nn.Parameter(torch.cat([w.flatten() for w in w0]))
+    opt_apart, opt_flat = Lamb(apart, lr=1e-2, weight_decay=0.01), Lamb([flat], lr=1e-2, weight_decay=0.01)
+    opt_flat.lay_out(flat, [w.numel() for w in w0])
+    unaware = torch.nn.Parameter(flat.detach().clone())
+    opt_unaware = Lamb([unaware], lr=1e-2, weight_decay=0.01)
+    for step_grads in grads:
+        for p, gr in zip(apart, step_grads):
+            p.grad = gr.clone()
+        flat.grad = unaware.grad = torch.cat([gr.flatten() for gr in step_grads])
+        for opt in (opt_apart, opt_flat, opt_unaware):
+            opt.step()
+    together = torch.cat([p.detach().flatten() for p in apart])
+    torch.testing.assert_close(flat.detach(), together, rtol=1e-12, atol=1e-12)
+    assert (unaware.detach() - together).abs().max() > 1e-3  # what a ratio over the whole tensor gives
+    with pytest.raises(ValueError, match="slices of 5 elements for a tensor of 38"):
+        opt_flat.lay_out(flat, [2, 3])
+
+
 def test_lamb_state_dict_resume_is_bitwise():
     def make():
         torch.manual_seed(0)
@@ -239,11 +265,9 @@ def test_optimizer_config():
     assert fused_adam["optimizer"]["params"]["torch_adam"] is False
     lamb = deepspeed_config(config("train.optimizer=lamb"), geometry)
     assert lamb["zero_allow_untested_optimizer"] is True and lamb["scheduler"]["type"] == "WarmupDecayLR"
-    if CUDA and "optimizer" in lamb:  # FusedLamb could be built here
-        assert lamb["optimizer"]["type"] == "Lamb"
-    else:
-        assert "optimizer" not in lamb and lamb["client_optimizer"]["type"] == "pretrain.training.optim.Lamb"
-        assert lamb["client_optimizer"]["params"]["weight_decay"] == 0.01
+    # never DeepSpeed's Lamb (FusedLamb), whose trust ratios span a rank's whole partition
+    assert "optimizer" not in lamb and lamb["client_optimizer"]["type"] == "pretrain.training.optim.Lamb"
+    assert lamb["client_optimizer"]["params"]["weight_decay"] == 0.01
     with pytest.raises(UserError, match=r"^train.optimizer=sgd: must be adamw or lamb$"):
         deepspeed_config(config("train.optimizer=sgd"), geometry)
 
@@ -307,12 +331,21 @@ def test_fused_and_plain_adam_agree_over_ten_steps(prepared, tmp_path):
 
 
 @pytest.mark.e2e
-def test_lamb_trains_and_resumes_bitwise_on_cpu(prepared, tmp_path):
-    """train.optimizer=lamb on CPU: the plain LAMB as a client optimizer under ZeRO-3, with DeepSpeed's scheduler."""
+def test_lamb_trains_and_resumes_bitwise_on_cpu_and_steps_alike_on_one_rank(prepared, tmp_path):
+    """train.optimizer=lamb on CPU: the plain LAMB as a client optimizer under ZeRO-3, with DeepSpeed's scheduler.
+    Issue 28, 6: its trust ratios are each parameter's, summed across the ranks' partitions, so one rank trains as
+    two do (the same global batch, no dropout); a ratio per flat partition spanned every layer on one rank and half
+    of each on two."""
     # LAMB's step is relative to ||w|| and, as in FusedLamb, scaled by sqrt(1 - b2^t) / (1 - b1^t) (about 0.17 over
     # these steps): its learning rate is not Adam's.
-    common = ["train.optimizer=lamb", "train.max_steps=24", "train.save_every=8", "train.lr=0.1"]
+    common = ["train.optimizer=lamb", "train.max_steps=24", "train.save_every=8", "train.lr=0.1",
+              "train.global_batch_size=8", "model.dropout=0.0", "model.attn_dropout=0.0"]  # fmt: skip
     straight = _run(prepared, tmp_path / "straight", *common)
+    launch(PYTHON, TINY + [f"data.dir={prepared}", f"run.dir={tmp_path / 'one'}", "train.log_every=1",
+                           "train.eval_every=1000", *common])  # fmt: skip
+    diffs = [abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(rows(str(tmp_path / "one"), "train"), straight)]
+    print("lamb, 1 rank against 2: largest relative loss difference", f"{max(diffs):.1e}")
+    assert len(diffs) == 24 and max(diffs) < 1e-4, diffs
     info = json.load(open(tmp_path / "straight" / "run.json"))["deepspeed_config"]
     assert "optimizer" not in info and info["client_optimizer"]["type"] == "pretrain.training.optim.Lamb"
     losses = [r["loss"] for r in straight]

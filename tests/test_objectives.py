@@ -110,26 +110,40 @@ def origins(original, shuffled):
     return np.array([where.get(int(t), i) for i, t in enumerate(shuffled)])
 
 
-def test_wso_labels_moves_and_boundaries():
+def labelled_windows(labels: np.ndarray, k: int) -> list[int]:
+    """Starts of the runs of labelled positions, each checked to be k long (shuffled windows never overlap)."""
+    at = np.flatnonzero(labels != IGNORE)
+    runs = np.split(at, np.flatnonzero(np.diff(at) > 1) + 1) if len(at) else []
+    assert all(len(r) % k == 0 for r in runs), runs  # adjacent windows make runs of 2k, 3k, ...
+    return [int(p) for r in runs for p in r[::k]]
+
+
+def test_wso_labels_the_whole_window_moves_and_boundaries():
+    """Issue 28, 3: every position of a shuffled trigram is labelled with its original token, also one the
+    permutation left in place (three of the five non-identity permutations of 3 leave one); nothing else is."""
     rng = np.random.default_rng(4)
     cfg = ObjectiveConfig(wso_rate=0.3)  # many shuffles, so overlaps and boundaries are exercised
+    fixed_points = 0
     for _ in range(200):
         ids, ws, special, types = pair_sequence(rng)
         predicted = (rng.random(len(ids)) < 0.15) & ~special
         out, labels = shuffle_trigrams(ids, predicted, special, types, cfg, rng)
-        moved = labels != IGNORE
-        assert (labels[moved] == ids[moved]).all()  # label = original token at the position
-        assert not (moved & predicted).any() and not (moved & special).any()
-        assert (out[special] == ids[special]).all()
-        assert ((out != ids) == moved).all()  # exactly the labelled positions changed (ids unique)
+        labelled = labels != IGNORE
+        assert (labels[labelled] == ids[labelled]).all()  # label = original token at the position
+        assert not (labelled & predicted).any() and not (labelled & special).any()
+        assert (out[~labelled] == ids[~labelled]).all()  # nothing outside a shuffled window changed
         src = origins(ids, out)
-        assert (np.abs(src - np.arange(len(ids))) < cfg.wso_k).all()  # a token moves within its trigram
-        assert not predicted[src[moved]].any() and not special[src[moved]].any()
+        for p in labelled_windows(labels, cfg.wso_k):  # each window: a non-identity permutation of its own tokens
+            window = slice(p, p + cfg.wso_k)
+            assert sorted(src[window]) == list(range(p, p + cfg.wso_k)) and (out[window] != ids[window]).sum() >= 2
+            fixed_points += int((out[window] == ids[window]).sum())
+        assert not predicted[src[labelled]].any() and not special[src[labelled]].any()
         assert (types[src] == types).all()
         # never across a [SEP]: no special lies between a token's origin and its new place
-        for p in np.flatnonzero(moved):
+        for p in np.flatnonzero(labelled):
             lo, hi = sorted((p, src[p]))
             assert not special[lo : hi + 1].any()
+    assert fixed_points > 0  # labelled though not moved: what the old code left out
 
 
 def permutation_cycles(src, moved):
@@ -155,8 +169,8 @@ def test_wso_realized_rate_and_uniform_non_identity_permutations():
         predicted = (rng.random(len(ids)) < 0.15) & ~special
         expected = round(cfg.wso_rate * len(brute_force_candidates(~predicted & ~special, types, 3)))
         out, labels = shuffle_trigrams(ids, predicted, special, types, cfg, rng)
-        cycles = permutation_cycles(origins(ids, out), labels != IGNORE)
-        assert len(cycles) == expected
+        assert len(labelled_windows(labels, 3)) == expected
+        cycles = permutation_cycles(origins(ids, out), (labels != IGNORE) & (out != ids))
         for c in cycles:
             n_cycles[c] += 1
     # non-identity permutations of 3: three swaps, two 3-cycles

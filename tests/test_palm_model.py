@@ -171,6 +171,34 @@ def test_copy_with_p_gen_zero_puts_all_mass_on_source_tokens():
     assert p[1, 0] < 1e-6  # the padding id 0 sits only under masked source positions
 
 
+def test_copy_never_copies_a_special_or_a_replaced_token():
+    """Issue 28, 5: in the masked-LM phase the copy distribution scattered onto the encoder's input ids, [MASK] and
+    random replacements among them. With p_gen = 0 (copy only) all mass goes to the source text: none to [CLS],
+    [SEP], [MASK] or a token masked LM put in, all of it to the tokens of the text (a kept-as-is MLM target too)."""
+    CLS, SEP, MASK, STRANGER = 2, 3, 4, 49
+    model, b = tiny(copy=True, copy_excluded=(0, 1, CLS, SEP, MASK)), batch()
+    with torch.no_grad():
+        model.copy_gate.weight.zero_()
+        model.copy_gate.bias.fill_(-1e4)
+    enc, mlm = b["enc_input_ids"].clamp(5, STRANGER - 1), torch.full_like(b["mlm_labels"], IGNORE)
+    enc[:, 0], enc[0, -1], enc[1, 6] = CLS, SEP, SEP  # [CLS] text [SEP]; row 1 is padded after position 6
+    mlm[:, 2], enc[:, 2] = enc[:, 2], MASK  # masked
+    mlm[:, 3], enc[:, 3] = enc[:, 3], STRANGER  # replaced by a random token
+    mlm[:, 4] = enc[:, 4]  # predicted, but left as it is: source text
+    enc_mask = b["enc_attention_mask"]
+    memory = model.encode(enc, enc_mask)
+    h, probs = model.decoder(b["dec_input_ids"], model.encoder.embeddings, memory, enc_mask, copy_probs=True)
+    at = b["dec_labels"] != IGNORE
+    p = model._vocab_scores(h, probs, memory, enc, at, model._copyable(enc, mlm)).exp()
+    rows = at.nonzero()[:, 0]
+    for ids in (CLS, SEP, MASK, STRANGER):
+        assert (p[:, ids] < 1e-6).all(), ids
+    for i, row in enumerate(rows.tolist()):
+        text = torch.cat([enc[row, 1:2], enc[row, 4 : 6 if row == 1 else -1]])
+        torch.testing.assert_close(p[i, text.unique()].sum(), torch.tensor(1.0))
+        assert p[i, enc[row, 4]] > 0  # the kept MLM target is copyable
+
+
 def test_activation_checkpointing_gives_the_same_loss_and_grads():
     b = batch()
     results = []

@@ -71,7 +71,7 @@ def test_palm_samples_follow_the_grouped_step_order_and_the_mlm_switch(prepared,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["stage=structbert", "n=2"], "data.dir is required"),
+    (["stage=structbert", "n=2"], "data.dir or data.dirs is required"),
     (["stage=nope", "data.dir=PREPARED", "n=2"], "stage=nope: no such option of stage (palm, structbert)"),
     (["stage=structbert", "data.dir=PREPARED", "n=0"], "n=0: must be an integer >= 1"),
     (["stage=structbert", "data.dir=PREPARED", "n=abc"], "n=abc: must be an integer >= 1"),

@@ -14,6 +14,7 @@ from pretrain.data import index_cache, spans
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.sources import PERIOD, blend_pattern, read_sources
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 from pretrain.prepare import PrepareConfig, prepare
 from pretrain.summary import render, summarize
 from runs import DEEPSPEED, PALM, REPO, TINY, launch, rows
@@ -58,9 +59,58 @@ def test_blended_indices_over_periods(prepared, second):
     for k in (0, 1):
         mine = [j for src, j in located if src == k]
         assert mine == list(range(len(mine)))  # over periods too
+        # how many of k's samples the indices below g take: a boundary in the run's samples, as k counts them
+        for g in (0, 1, 2, 3, 777, PERIOD - 1, PERIOD, PERIOD + 1, 2 * PERIOD + 999, len(located)):
+            assert blend.blend.dealt_below(k, g) == sum(src == k for src, _ in located[:g]), (k, g)
     share = np.mean([src for src, _ in located])
     assert abs(share - 0.75) < 0.01
     assert sources[0].seed == 7 and sources[1].seed != 7  # masking draws differ between sources
+
+
+PALM_BLEND = ["stage=palm", "palm.src_len=[8,40]", "palm.tgt_len=[8,24]", "train.micro_batch_size=4"]
+
+
+def test_a_blend_switches_masked_lm_off_at_the_runs_step_in_every_source(prepared, second):
+    """Issue 28, 1: each source's dataset used to compare its own sample count with a boundary counted in the run's
+    samples, so a source of weight w kept masked LM until about step mlm_steps / w: never switched off. Now every
+    sample of the steps after the switch is without masked LM, and every one before it with, whatever its source."""
+    from pretrain.samples import compose_config, step_order
+    from pretrain.stages import build_stage
+    from pretrain.training.config import batch_geometry
+
+    for weights in ([1, 1], [1, 3], [5, 1]):
+        cfg = compose_config(PALM_BLEND + [f"data.dirs=[{prepared},{second}]", f"data.weights={weights}",
+                                           "train.max_steps=1000"])  # fmt: skip
+        stage = build_stage(cfg)
+        geometry = batch_geometry(cfg.train, 2)
+        data = stage.train_dataset(geometry)
+        assert stage.mlm_steps == 900
+        seen = set()
+        for step, g in step_order(stage, data, geometry.global_batch, 4 * geometry.global_batch, from_step=899):
+            masked = bool((data[g]["mlm_labels"] != IGNORE).any())  # every sample with masked LM has a target
+            assert masked == (step <= 900), (weights, step, g)
+            seen.add(data.locate(g)[0])
+        assert seen == {0, 1}
+
+
+def test_samples_show_a_blend_and_its_masked_lm_switch(prepared, second, tmp_path):
+    """Issue 28, 2: pretrain.samples reads data.dirs as the trainer does: each row names its source, and the rows
+    of the steps after the switch have masked LM off (here the switch is after step 9 of 10). Steps are not grouped
+    by length, so step 10's indices are the 4 right after the switch, which a source used to count as before it."""
+    from pretrain import samples
+
+    out = tmp_path / "blend.jsonl"
+    samples.main(PALM_BLEND + [f"data.dirs=[{prepared},{second}]", "train.max_steps=10", "from_step=8", "n=12",
+                               "palm.group_steps=1", f"out={out}"])  # fmt: skip  (step t: indices 4(t-1) to 4t-1)
+    with open(out, encoding="utf-8") as f:
+        got = [json.loads(line) for line in f]
+    assert [r["step"] for r in got] == [8] * 4 + [9] * 4 + [10] * 4
+    assert {r["source"] for r in got} == {"prepared", "other"}
+    assert all(r["mlm_active"] == (r["step"] <= 9) == bool(r["mlm"]) for r in got)
+    structbert = tmp_path / "structbert.jsonl"
+    samples.main(["stage=structbert", "data.seq_len=48", f"data.dirs=[{prepared},{second}]", "n=8", f"out={structbert}"])
+    with open(structbert, encoding="utf-8") as f:
+        assert {json.loads(line)["source"] for line in f} == {"prepared", "other"}
 
 
 def test_weights_default_to_train_tokens_and_names_are_unique(prepared, second):
@@ -145,9 +195,13 @@ def test_blended_training_resumes_exactly_and_validates_per_source(prepared, sec
 @pytest.mark.e2e
 def test_stage_two_trains_on_blended_sources(prepared, second, tmp_path):
     run = tmp_path / "palm"
-    launch(DEEPSPEED, PALM + [f"data.dirs=[{prepared},{second}]", f"run.dir={run}", "train.max_steps=4",
-                              "train.log_every=1", "train.eval_every=4"])  # fmt: skip
-    assert len(rows(run, "train")) == 4 and rows(run, "valid/other") and rows(run, "valid/prepared")
+    launch(DEEPSPEED, PALM + [f"data.dirs=[{prepared},{second}]", f"run.dir={run}", "train.max_steps=10",
+                              "train.log_every=1", "train.eval_every=10", "palm.group_steps=1"])  # fmt: skip
+    train = rows(run, "train")
+    assert len(train) == 10 and rows(run, "valid/other") and rows(run, "valid/prepared")
+    # masked LM stops after step 9 of 10 in both sources (issue 28, 1: a blend used to keep it to the end; steps
+    # not grouped by length, so step 10 holds the indices right after the switch)
+    assert [r["mlm_acc"] is not None for r in train] == [r["mlm_active"] for r in train] == [True] * 9 + [False]
 
 
 # ---- the index cache ----------------------------------------------------------------------------------------------

@@ -1,20 +1,17 @@
-"""Reading raw text: input files, documents made of paragraphs, Chinese sentence splitting.
-
-.txt    UTF-8, one paragraph per line, a blank line between documents.
-.jsonl  one JSON object per line whose "text" is one document; newlines inside it split paragraphs.
-"""
+"""Reading raw text: documents made of paragraphs, Chinese sentence splitting. The files and their formats
+(.txt, .jsonl, .parquet, compressed or not): input_files.py. In .jsonl and .parquet, newlines inside a
+document's text split its paragraphs."""
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
 from collections import Counter
+from functools import partial
 from typing import BinaryIO, Iterator
 
+from pretrain.data.input_files import checked, file_kind, find_input_files, open_binary, parquet_texts
 from pretrain.errors import UserError
 
-EXTENSIONS = (".txt", ".jsonl")
 _CHUNK = 1 << 20
 
 # A sentence ends after a run of 。！？；!? or ellipsis characters, together with the closing quotes and
@@ -79,20 +76,8 @@ def _cut_point(text: str, start: int, stop: int) -> int:
 
 
 def iter_input_files(spec: str) -> list[str]:
-    """The input files named by `spec`: a file, a directory (its *.txt / *.jsonl, recursively) or a glob."""
-    if os.path.isfile(spec):
-        return [spec]
-    matches = [spec] if os.path.isdir(spec) else glob.glob(spec, recursive=True)
-    files = set()
-    for match in matches:
-        if os.path.isdir(match):
-            for root, _, names in os.walk(match):
-                files.update(os.path.join(root, n) for n in names if n.endswith(EXTENSIONS))
-        elif match.endswith(EXTENSIONS) and os.path.isfile(match):
-            files.add(match)
-    if not files:
-        raise UserError(f"input={spec}: no .txt or .jsonl files found")
-    return sorted(files)
+    """The input files named by `spec`: a file, a directory (recursively) or a glob (input_files.py)."""
+    return find_input_files(spec)
 
 
 def _lines(f: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
@@ -108,13 +93,13 @@ def _lines(f: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None
         offset += size
 
 
-def read_documents(paths: list[str], on_error: str = "raise", max_line_bytes: int = 1_000_000
-                   ) -> tuple[list[list[str]], dict]:
-    """Documents (lists of non-blank paragraphs) from .txt / .jsonl files, and reading statistics: all in memory,
-    for small inputs and tools; prepare streams `iter_paragraphs` instead."""
+def read_documents(paths: list[str], on_error: str = "raise", max_line_bytes: int = 1_000_000,
+                   text_key: str = "text") -> tuple[list[list[str]], dict]:
+    """Documents (lists of non-blank paragraphs) from input files, and reading statistics: all in memory, for
+    small inputs and tools; prepare streams `iter_paragraphs` instead."""
     skipped: Counter[str] = Counter()
     documents: list[list[str]] = []
-    for starts_document, paragraph in iter_paragraphs(paths, on_error, max_line_bytes, skipped):
+    for starts_document, paragraph in iter_paragraphs(paths, on_error, max_line_bytes, skipped, text_key):
         if starts_document:
             documents.append([])
         documents[-1].append(paragraph)
@@ -122,41 +107,65 @@ def read_documents(paths: list[str], on_error: str = "raise", max_line_bytes: in
 
 
 def iter_paragraphs(paths: list[str], on_error: str = "raise", max_line_bytes: int = 1_000_000,
-                    skipped: Counter | None = None) -> Iterator[tuple[bool, str]]:
-    """(starts a document, paragraph) for every non-blank paragraph of .txt / .jsonl files, read lazily: memory
-    holds one line, however large the input or its documents. A document has at least one paragraph.
+                    skipped: Counter | None = None, text_key: str = "text") -> Iterator[tuple[bool, str]]:
+    """(starts a document, paragraph) for every non-blank paragraph of the input files, read lazily: memory holds
+    one line (a .parquet file: one batch of rows), however large the input or its documents. A document has at
+    least one paragraph.
 
-    A bad line (invalid UTF-8, longer than max_line_bytes, bad JSON) is a UserError naming where it is, or,
-    with on_error="skip", is left out and counted by reason in `skipped`.
+    A bad line or row (invalid UTF-8, longer than max_line_bytes, bad JSON, no text) is a UserError naming where
+    it is, or, with on_error="skip", is left out and counted by reason in `skipped`. A damaged or truncated
+    (compressed) file is a UserError naming it.
     """
     if on_error not in ("raise", "skip"):
         raise UserError(f"on_error={on_error}: expected raise or skip")
     for path in paths:
+        fmt, compression = file_kind(path, named=True)
+        if fmt == ".parquet":
+            documents = (partial(_row_paragraphs, path, row, value, text_key) for row, value in parquet_texts(path, text_key))
+            yield from _paragraphs_of(documents, on_error, skipped, whole_documents=True)
+            continue
+        with open_binary(path) as f:
+            jsonl = fmt == ".jsonl"
+            where = f"{path} (decompressed)" if compression else path
+
+            def documents():
+                for lineno, (offset, raw, length) in enumerate(checked(path, _lines(f, max_line_bytes)), start=1):
+                    yield partial(_line_paragraphs, where, lineno, offset, raw, length, max_line_bytes, jsonl, text_key)
+
+            yield from _paragraphs_of(documents(), on_error, skipped, whole_documents=jsonl)
+
+
+def _paragraphs_of(documents, on_error: str, skipped: Counter | None, whole_documents: bool) -> Iterator[tuple[bool, str]]:
+    """(starts a document, paragraph) from thunks that each give one line's or row's paragraphs (or raise
+    _BadLine): a row or .jsonl line is a whole document; .txt lines run on until a blank one."""
+    in_document = False  # a .txt document is open: its next paragraph continues it
+    for read in documents:
         try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise UserError(f"{path}: cannot read ({e.strerror})") from None
-        with f:
-            jsonl = path.endswith(".jsonl")
-            in_document = False  # a .txt document is open: its next paragraph continues it
-            for lineno, (offset, raw, length) in enumerate(_lines(f, max_line_bytes), start=1):
-                try:
-                    text = _decode(path, lineno, offset, raw, length, max_line_bytes)
-                    if jsonl:
-                        paragraphs = _jsonl_document(path, lineno, text)
-                    else:
-                        paragraphs = [text.strip()] if text.strip() else []
-                except _BadLine as bad:
-                    if on_error == "raise":
-                        raise UserError(str(bad)) from None
-                    if skipped is not None:
-                        skipped[bad.reason] += 1
-                    continue
-                if not paragraphs:
-                    in_document = False  # a blank .txt line ends the document
-                for i, paragraph in enumerate(paragraphs):
-                    yield i == 0 and not in_document, paragraph
-                    in_document = not jsonl  # a .jsonl line is a whole document
+            paragraphs = read()
+        except _BadLine as bad:
+            if on_error == "raise":
+                raise UserError(str(bad)) from None
+            if skipped is not None:
+                skipped[bad.reason] += 1
+            continue
+        if not paragraphs:
+            in_document = False  # a blank .txt line ends the document
+        for i, paragraph in enumerate(paragraphs):
+            yield i == 0 and not in_document, paragraph
+            in_document = not whole_documents
+
+
+def _line_paragraphs(where, lineno, offset, raw, length, max_line_bytes, jsonl: bool, text_key: str) -> list[str]:
+    text = _decode(where, lineno, offset, raw, length, max_line_bytes)
+    if jsonl:
+        return _jsonl_document(where, lineno, text, text_key)
+    return [text.strip()] if text.strip() else []
+
+
+def _row_paragraphs(path: str, row: int, value, text_key: str) -> list[str]:
+    if value is None:
+        raise _BadLine("no_text", f'{path}: row {row}: "{text_key}" is null')
+    return [p.strip() for p in value.splitlines() if p.strip()]
 
 
 class _BadLine(Exception):
@@ -179,15 +188,18 @@ def _decode(path: str, lineno: int, offset: int, raw: bytes | None, length: int,
         raise _BadLine("invalid_utf8", f"{path}: invalid UTF-8 at byte offset {offset + bom + e.start} (line {lineno})")
 
 
-def _jsonl_document(path: str, lineno: int, line: str) -> list[str]:
+def _jsonl_document(path: str, lineno: int, line: str, text_key: str = "text") -> list[str]:
     if not line.strip():
         return []
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise _BadLine("invalid_json", f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict) or "text" not in obj:
-        raise _BadLine("no_text", f'{path}:{lineno}: expected a JSON object with a "text" field')
-    if not isinstance(obj["text"], str):
-        raise _BadLine("no_text", f'{path}:{lineno}: "text" is {type(obj["text"]).__name__}, expected a string')
-    return [p.strip() for p in obj["text"].splitlines() if p.strip()]
+    if not isinstance(obj, dict):
+        raise _BadLine("no_text", f'{path}:{lineno}: expected a JSON object with a "{text_key}" field')
+    if text_key not in obj:
+        raise _BadLine("no_text", f'{path}:{lineno}: no "{text_key}" field (its fields: {", ".join(obj) or "none"});'
+                                  " name the text's with text_key=")  # fmt: skip
+    if not isinstance(obj[text_key], str):
+        raise _BadLine("no_text", f'{path}:{lineno}: "{text_key}" is {type(obj[text_key]).__name__}, expected a string')
+    return [p.strip() for p in obj[text_key].splitlines() if p.strip()]

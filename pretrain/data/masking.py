@@ -4,7 +4,8 @@ Their losses: models/layers.py (the heads and masked_ce); their weights: stage.l
 MLM   Chinese whole-word masking: whole jieba words are chosen until 15% of the non-special tokens are
       predicted; per chosen word one draw decides 80% [MASK] / 10% random ids / 10% unchanged.
 WSO   word structural objective: a share of the trigrams left untouched by MLM is shuffled by a
-      non-identity permutation and the model must restore the original tokens (same head as MLM).
+      non-identity permutation and the model must restore the original tokens of each shuffled trigram, all
+      three (same head as MLM).
 Both take an explicit `np.random.Generator`, so a sample is a pure function of its seed.
 """
 from __future__ import annotations
@@ -146,8 +147,15 @@ def non_identity_permutation(k: int, rng: np.random.Generator) -> np.ndarray:
 
 def shuffle_trigrams(input_ids: np.ndarray, predicted: np.ndarray, special: np.ndarray, token_type: np.ndarray,
                      cfg: ObjectiveConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """WSO corruption on the positions MLM left alone. Returns (input_ids, wso_labels): labels hold the
-    original token at every position a shuffle moved, IGNORE elsewhere (never at an MLM position)."""
+    """WSO corruption on the positions MLM left alone. Returns (input_ids, wso_labels): labels hold the original
+    token at each of the K positions of every shuffled k-gram (the paper's objective: the likelihood of the whole
+    subsequence in its original order, so a token a permutation left in place is predicted too), IGNORE elsewhere
+    (never at an MLM position).
+
+    The rate: wso_rate of the candidate windows, every start position whose K tokens are unpredicted and in one
+    segment, overlapping (the trigrams of a text, as the paper's "5% of the trigrams" reads; the reference code
+    also draws per candidate position, at 10%). Shuffled windows never overlap. The shares of a corpus's tokens
+    this predicts and displaces: pretrain.samples prints them; docs/concepts.md has the demo's."""
     out = np.asarray(input_ids, dtype=np.int64).copy()
     labels = np.full(len(out), IGNORE, dtype=np.int64)
     k = cfg.wso_k
@@ -165,8 +173,7 @@ def shuffle_trigrams(input_ids: np.ndarray, predicted: np.ndarray, special: np.n
         perm = non_identity_permutation(k, rng)
         original = out[p : p + k].copy()
         out[p : p + k] = original[perm]
-        moved = perm != np.arange(k)
-        labels[p : p + k][moved] = original[moved]
+        labels[p : p + k] = original  # the whole trigram is restored, the positions the shuffle left too
         done += 1
         if done == n_shuffle:
             break

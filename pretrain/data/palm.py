@@ -5,7 +5,8 @@ Encoder and decoder lengths are drawn uniformly per sample (PLUG), inside the bo
 sample is cut to them (see PalmDataset); run.json records their histogram (stats()).
 As in stage one, every sample is a pure function of (seed, global sample index) (spans.py), so batches do not
 depend on DataLoader workers, the world size or where a run resumed. Masked LM on the encoder is on for
-indices < mlm_until, which makes the switch a function of the index, not of the step the trainer is in.
+indices < mlm_until, which makes the switch a function of the index, not of the step the trainer is in (in a blend,
+each source's mlm_until is its own count of the run's samples below the switch: stages/base.py, sources.Blend).
 """
 from __future__ import annotations
 
@@ -189,19 +190,8 @@ class PalmDataset(torch.utils.data.Dataset):
 
     # ---- reporting / batching helpers -----------------------------------------------------------
     def length_report(self, indices) -> dict:
-        """Over samples `indices`: the drawn and realised lengths (histograms in 8 bins of each side's range, as
-        run.json records them and pretrain.summary prints them), and the shares of targets that reach their
-        document's end, of samples moved to a longer document, and of contexts and targets ending on a sentence end."""
-        spans = [self.sample_spans(g) for g in indices]
-        drawn, realised = np.array([s["drawn"] for s in spans]), np.array([s["realised"] for s in spans])
-        share = lambda values: float(np.mean(values))  # noqa: E731
-        return {"samples": len(spans), "snap": self.snap,
-                "encoder": _histogram(drawn[:, 0], realised[:, 0], self.src_len),
-                "decoder": _histogram(drawn[:, 1], realised[:, 1], self.tgt_len),
-                "target_ends_document": share([s["ends_document"] for s in spans]),
-                "moved_to_longer_document": share([s["moved"] for s in spans]),
-                "context_ends_sentence": share([self.corpus.is_sentence_boundary(s["split"]) for s in spans]),
-                "target_ends_sentence": share([self.corpus.is_sentence_boundary(s["end"]) for s in spans])}  # fmt: skip
+        """length_report of this dataset's samples `indices`."""
+        return length_report([(self, g) for g in indices])
 
     def stats(self, probe: int = 2000) -> dict:
         """Counts, and the length report (length_report) of the first `probe` samples."""
@@ -216,6 +206,24 @@ class PalmDataset(torch.utils.data.Dataset):
     def collate_fn(self):
         """Picklable collate for DataLoader (workers)."""
         return partial(collate_palm, pad_id=self.pad_id, enc_max_len=self.src_len[1], dec_max_len=self.tgt_len[1])
+
+
+def length_report(samples: list[tuple[PalmDataset, int]]) -> dict:
+    """Over (dataset, index) pairs (one dataset's, or a blend's sources'): the drawn and realised lengths
+    (histograms in 8 bins of each side's range, as run.json records them and pretrain.summary prints them), and the
+    shares of targets that reach their document's end, of samples moved to a longer document, and of contexts and
+    targets ending on a sentence end."""
+    first = samples[0][0]
+    spans = [(ds, ds.sample_spans(g)) for ds, g in samples]
+    drawn, realised = np.array([s["drawn"] for _, s in spans]), np.array([s["realised"] for _, s in spans])
+    share = lambda values: float(np.mean(values))  # noqa: E731
+    return {"samples": len(spans), "snap": first.snap,
+            "encoder": _histogram(drawn[:, 0], realised[:, 0], first.src_len),
+            "decoder": _histogram(drawn[:, 1], realised[:, 1], first.tgt_len),
+            "target_ends_document": share([s["ends_document"] for _, s in spans]),
+            "moved_to_longer_document": share([s["moved"] for _, s in spans]),
+            "context_ends_sentence": share([ds.corpus.is_sentence_boundary(s["split"]) for ds, s in spans]),
+            "target_ends_sentence": share([ds.corpus.is_sentence_boundary(s["end"]) for ds, s in spans])}  # fmt: skip
 
 
 def _histogram(drawn: np.ndarray, realised: np.ndarray, bounds: tuple[int, int]) -> dict:

@@ -141,17 +141,38 @@ def blend_pattern(weights: list[float], period: int = PERIOD) -> tuple[np.ndarra
     return source, running, counts
 
 
-class BlendedDataset(torch.utils.data.Dataset):
-    """Global index g -> sample `locate(g)[1]` of source `locate(g)[0]`'s dataset; len() is the sum of theirs."""
+class Blend:
+    """The sources' pattern: which source a global index goes to, and as which of that source's samples."""
 
-    def __init__(self, datasets: list, sources: list[DataSource]):
-        self.datasets, self.sources = datasets, sources
-        self.source, self.running, self.counts = blend_pattern([s.weight for s in sources])
+    def __init__(self, weights: list[float]):
+        self.source, self.running, self.counts = blend_pattern(weights)
+        # dealt[r, k]: how many of the pattern's first r positions go to source k
+        self.dealt = np.zeros((PERIOD + 1, len(weights)), np.int64)
+        np.cumsum(self.source[:, None] == np.arange(len(weights)), axis=0, out=self.dealt[1:])
 
     def locate(self, g: int) -> tuple[int, int]:
+        """(source k, its own sample index j) of global index g."""
         period, r = divmod(int(g), PERIOD)
         k = int(self.source[r])
         return k, period * int(self.counts[k]) + int(self.running[r])
+
+    def dealt_below(self, k: int, g: int) -> int:
+        """How many of source k's samples the global indices below g take: its own index j is below that exactly
+        when the global index it is dealt at is below g (a source's samples are dealt in their order). A boundary
+        counted in global samples (stage two's masked-LM switch) is a source's own boundary through it."""
+        period, r = divmod(int(g), PERIOD)
+        return period * int(self.counts[k]) + int(self.dealt[r, k])
+
+
+class BlendedDataset(torch.utils.data.Dataset):
+    """Global index g -> sample `locate(g)[1]` of source `locate(g)[0]`'s dataset; len() is the sum of theirs."""
+
+    def __init__(self, datasets: list, sources: list[DataSource], blend: Blend | None = None):
+        self.datasets, self.sources = datasets, sources
+        self.blend = blend or Blend([s.weight for s in sources])
+
+    def locate(self, g: int) -> tuple[int, int]:
+        return self.blend.locate(g)
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets)
@@ -171,6 +192,15 @@ class BlendedDataset(torch.utils.data.Dataset):
 
     def stats(self) -> dict:
         return {"sources": {s.name: {"weight": s.weight, **d.stats()} for s, d in zip(self.sources, self.datasets)}}
+
+
+def source_sample(data, g: int) -> tuple[object, int, str | None]:
+    """(the dataset, its own index, the source's name or None) of global index g of one source's dataset or a
+    blend: what `pretrain.samples` shows of a sample."""
+    if isinstance(data, BlendedDataset):
+        k, j = data.locate(g)
+        return data.datasets[k], j, data.sources[k].name
+    return data, int(g), None
 
 
 def describe(sources: list[DataSource]) -> list[dict]:

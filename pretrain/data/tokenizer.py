@@ -204,6 +204,7 @@ class Encoded(NamedTuple):
     word_start: np.ndarray  # [num_tokens] uint8
     sentence_tokens: np.ndarray  # [num_sentences] int64, each > 0
     paragraph_sentences: np.ndarray  # [num_paragraphs] int64: how many of the sentences each paragraph has
+    unknown: Counter  # the text each [UNK] stands for (a character, or a word WordPiece could not cut), counted
 
 
 def encode_paragraphs(tok: Tokenizer, paragraphs: list[str], segmenter: Callable[[str], list[str]]) -> Encoded:
@@ -247,7 +248,12 @@ def encode_paragraphs(tok: Tokenizer, paragraphs: list[str], segmenter: Callable
     sentence_tokens = np.asarray(sentence_tokens, dtype=np.int64)
     token_begins = pairs[0::2] + np.repeat(np.asarray(sentence_begins, dtype=np.int64), sentence_tokens)
     word_start = at_word_begin[token_begins] & ~_continuation(tok)[ids]
-    return Encoded(ids, word_start.astype(np.uint8), sentence_tokens, np.asarray(paragraph_sentences, dtype=np.int64))
+    unknown, unknown_at = Counter(), np.flatnonzero(ids == tok.unk_id)
+    if len(unknown_at):
+        text, token_ends = "".join(paragraphs), token_begins - pairs[0::2] + pairs[1::2]
+        unknown.update(text[token_begins[i] : token_ends[i]] for i in unknown_at)
+    return Encoded(ids, word_start.astype(np.uint8), sentence_tokens, np.asarray(paragraph_sentences, dtype=np.int64),
+                   unknown)  # fmt: skip
 
 
 _CONTINUATIONS: "weakref.WeakKeyDictionary[Tokenizer, np.ndarray]" = weakref.WeakKeyDictionary()

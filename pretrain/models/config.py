@@ -28,8 +28,12 @@ class ModelConfig:
     decoder_layers: int = 0  # stage two (PALM) only
     decoder_init: str = "random"  # random | encoder_top (copy the top encoder layers' self-attention and FFN)
     copy: bool = False  # PALM's pointer-generator over the source tokens (PLUG does not use it)
+    copy_excluded: tuple[int, ...] = ()  # with copy: ids never copied (the tokenizer's specials, [MASK] among them)
     attention: str = "sdpa"  # sdpa (fused kernels on GPU) | math (the plain reference, see `attend`)
     unpad: bool | None = None  # position-wise work on real tokens only (fast_paths.Packing); None: by device type
+
+    def __post_init__(self):
+        object.__setattr__(self, "copy_excluded", tuple(int(i) for i in self.copy_excluded))  # a list in model.json
 
     @property
     def normed_embeddings(self) -> bool:

@@ -193,6 +193,7 @@ class Palm(nn.Module):
         self.decoder = Decoder(cfg)
         if cfg.copy:
             self.copy_gate = nn.Linear(2 * cfg.hidden, 1)
+            self.register_buffer("copy_excluded", torch.tensor(cfg.copy_excluded, dtype=torch.long), persistent=False)
         self.sentence_head = SentenceHead(cfg).requires_grad_(False)  # last: the other modules' init is unchanged
         init_weights(self, cfg.init_std)
 
@@ -210,27 +211,38 @@ class Palm(nn.Module):
         mlm = masked_ce(self.mlm_head(memory[mlm_at], word), mlm_labels[mlm_at])
         h, probs = self.decoder(batch["dec_input_ids"], self.encoder.embeddings, memory, enc_mask, None, self.cfg.copy,
                                 batch["dec_attention_mask"], batch.get("dec_pack_index"), batch.get("enc_pack_index"))  # fmt: skip
-        lm = masked_ce(self._vocab_scores(h, probs, memory, enc_ids, lm_at), lm_labels[lm_at])
+        copyable = self._copyable(enc_ids, mlm_labels) if self.cfg.copy else None
+        lm = masked_ce(self._vocab_scores(h, probs, memory, enc_ids, lm_at, copyable), lm_labels[lm_at])
         loss = weights["lm"] * lm[0] + weights["mlm"] * mlm[0]
         stats = {}
         for name, (_, loss_sum, correct, n) in (("lm", lm), ("mlm", mlm)):
             stats[name] = (loss_sum, correct, n)  # tensors: a float() here would sync the GPU every micro-batch
         return loss, stats
 
+    def _copyable(self, enc_ids: torch.Tensor, mlm_labels: torch.Tensor | None) -> torch.Tensor:
+        """[B, S]: the encoder positions the copy mechanism may copy: source text, not a special token ([CLS],
+        [SEP], [PAD], [MASK], [UNK]) and not a token masked LM replaced by a random one."""
+        keep = ~torch.isin(enc_ids, self.copy_excluded)
+        if mlm_labels is not None:
+            keep &= (mlm_labels == IGNORE) | (mlm_labels == enc_ids)
+        return keep
+
     def _vocab_scores(
         self, h: torch.Tensor, probs: torch.Tensor | None, memory: torch.Tensor, enc_ids: torch.Tensor,
-        at: torch.Tensor | tuple,
+        at: torch.Tensor | tuple, copyable: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores at decoder positions `at` (an index into [B, T]) whose log_softmax is the next-token
-        log-probability: the tied projection's logits, or with copy log P itself (P sums to 1, so the
-        log_softmax that cross-entropy applies leaves it as it is)."""
+        log-probability: the tied projection's logits, or with copy log P itself (P sums to 1 where anything
+        is copyable, so the log_softmax that cross-entropy applies leaves it as it is). copyable: _copyable's
+        mask (by default, of a source no masked LM touched)."""
         logits = F.linear(h[at], self.encoder.embeddings.word.weight)
         if probs is None:
             return logits
-        a = probs[at].float()  # [N, S]
         context = (probs @ memory)[at]  # what the decoder reads from the source, the pointer-generator's input
         p_gen = torch.sigmoid(self.copy_gate(torch.cat([context, h[at]], -1))).float()
-        p_copy = torch.zeros_like(logits, dtype=torch.float).scatter_add_(-1, enc_ids[:, None].expand_as(probs)[at], a)
+        if copyable is None:
+            copyable = self._copyable(enc_ids, None)
+        p_copy = copy_distribution(probs, enc_ids, copyable, at, logits.shape[-1])
         p = p_gen * logits.float().softmax(-1) + (1 - p_gen) * p_copy
         return p.clamp_min(1e-12).log()
 
@@ -249,3 +261,12 @@ class Palm(nn.Module):
         h, probs = self.decoder(new, self.encoder.embeddings, memory, enc_attention_mask, cache, self.cfg.copy)
         last = (slice(None), -1)
         return self._vocab_scores(h, probs, memory, enc_input_ids, last).float().log_softmax(-1), cache
+
+
+def copy_distribution(probs: torch.Tensor, enc_ids: torch.Tensor, copyable: torch.Tensor, at, vocab: int) -> torch.Tensor:
+    """[N, vocab] float32: the head-averaged cross-attention probabilities [B, T, S] at decoder positions `at`,
+    kept on the copyable encoder positions [B, S] and renormalised there, scattered onto those positions' ids
+    (all zero for a row with nothing to copy)."""
+    a = (probs.float() * copyable[:, None, :])[at]  # [N, S]
+    a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    return torch.zeros(a.shape[0], vocab, dtype=a.dtype, device=a.device).scatter_add_(-1, enc_ids[:, None].expand_as(probs)[at], a)

@@ -13,6 +13,7 @@ stage its model.json names (pretrain/stages/__init__.py) instead of branching on
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from pretrain.data import index_cache
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.masking import MaskingConfig
 from pretrain.data.sampling import StepSampler, eval_batches
-from pretrain.data.sources import BlendedDataset, read_sources
+from pretrain.data.sources import Blend, BlendedDataset, read_sources
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 from pretrain.labels import IGNORE
@@ -81,10 +82,15 @@ class Stage:
         self.init_from = cfg.init_from
 
     def _train_blend(self, make) -> torch.utils.data.Dataset:
-        """`make(corpus, seed)`'s dataset of the train split: one source's, or the sources' blended (validation is
-        per source)."""
-        datasets = [make(corpora["train"], src.seed) for src, corpora in zip(self.sources, self.corpora)]
-        return datasets[0] if len(datasets) == 1 else BlendedDataset(datasets, self.sources)
+        """`make(corpus, seed, own_count)`'s dataset of the train split: one source's, or the sources' blended
+        (validation is per source). own_count(g) is how many of the source's own samples the global indices
+        below g take (g itself for one source): a boundary counted in the run's samples, as the source sees it."""
+        if len(self.sources) == 1:
+            return make(self.corpora[0]["train"], self.sources[0].seed, int)
+        blend = Blend([src.weight for src in self.sources])
+        datasets = [make(corpora["train"], src.seed, partial(blend.dealt_below, k))
+                    for k, (src, corpora) in enumerate(zip(self.sources, self.corpora))]  # fmt: skip
+        return BlendedDataset(datasets, self.sources, blend)
 
     def valid_loaders(self, geometry: BatchGeometry, rank: int, step: int) -> dict[str, DataLoader]:
         """The valid split's loaders: {"valid": ...} for one source; with several, one per source

@@ -3,14 +3,17 @@ that follows the encoder's context (both lengths drawn from ranges), plus the en
 the first `palm.mlm_fraction` of the steps."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
+import numpy as np
 from omegaconf import DictConfig
 
 from pretrain.data.indexed import IndexedCorpus
-from pretrain.data.palm import PalmDataset, check_range
+from pretrain.data.palm import PalmDataset, check_range, length_report
 from pretrain.data.sampling import LengthGroupedStepSampler
+from pretrain.data.sources import source_sample
 from pretrain.errors import UserError
 from pretrain.labels import IGNORE
 from pretrain.stages import register
@@ -37,6 +40,10 @@ class PalmStage(Stage):
         self.seq_len = longest  # the longest sequence a batch holds: the memory check's activations
         self.model_cfg = model_config(cfg.model, self.vocab_size, longest, self.activation_checkpointing,
                                       seq_len_key=f"{key}[1]")  # fmt: skip
+        if self.model_cfg.copy:  # the copy mechanism copies source text, never a special token
+            t = self.tokenizer
+            excluded = (t.pad_id, t.unk_id, t.cls_id, t.sep_id, t.mask_id)
+            self.model_cfg = dataclasses.replace(self.model_cfg, copy_excluded=excluded)
         if self.model_cfg.decoder_layers < self.min_decoder_layers:
             raise UserError(f"model.decoder_layers={self.model_cfg.decoder_layers}: stage={self.name} needs"
                             f" >= {self.min_decoder_layers}")  # fmt: skip
@@ -79,8 +86,8 @@ class PalmStage(Stage):
                            mlm_until=mlm_until, snap=self.snap, **self._token_ids())  # fmt: skip
 
     def train_dataset(self, geometry: BatchGeometry):
-        mlm_until = self.mlm_steps * geometry.global_batch
-        return self._train_blend(lambda corpus, seed: self.dataset(corpus, seed, mlm_until))
+        mlm_until = self.mlm_steps * geometry.global_batch  # in the run's samples, whichever source they come from
+        return self._train_blend(lambda corpus, seed, own_count: self.dataset(corpus, seed, own_count(mlm_until)))
 
     def valid_dataset(self, corpus: IndexedCorpus, seed: int, step: int) -> PalmDataset:
         """Validation follows the phase of the step: masked encoder input while MLM is on, clean after."""
@@ -104,30 +111,34 @@ class PalmStage(Stage):
         """The model FLOPs of training on a host batch (training/flops.py)."""
         return flops.palm_train_flops(self.model_cfg, batch)
 
-    def sample_row(self, data: PalmDataset, g: int) -> dict:
+    def sample_row(self, data, g: int) -> dict:
         """The encoder input and its MLM targets, the decoder input and labels (null where a position predicts
         nothing), the drawn and realised lengths, whether the target ends its document, whether masked LM is
-        active, and the context and target as the corpus has them."""
-        s, span, tok = data[g], data.sample_spans(g), self.tokenizer
+        active, and the context and target as the corpus has them (and a blend's source)."""
+        ds, j, source = source_sample(data, g)
+        s, span, tok = ds[j], ds.sample_spans(j), self.tokenizer
         enc, dec_in, dec_lab = s["enc_input_ids"].tolist(), s["dec_input_ids"].tolist(), s["dec_labels"].tolist()
         return {
+            **({} if source is None else {"source": source}),
             "enc_input_ids": enc, "enc_tokens": [tok.id_to_token(i) for i in enc], "mlm": targets_of(s["mlm_labels"], tok),
-            "mlm_active": g < data.mlm_until,
+            "mlm_active": j < ds.mlm_until,
             "dec_input_ids": dec_in, "dec_tokens": [tok.id_to_token(i) for i in dec_in],
             "dec_labels": [None if i == IGNORE else i for i in dec_lab],
             "dec_label_tokens": [None if i == IGNORE else tok.id_to_token(i) for i in dec_lab],
             "drawn_lengths": list(span["drawn"]), "realised_lengths": list(span["realised"]),
             "ends_document": span["ends_document"], "moved_to_longer_document": span["moved"],
-            "context": corpus_span(data, (span["start"], span["split"]), tok),
-            "target": corpus_span(data, (span["split"], span["end"]), tok),
+            "context": corpus_span(ds, (span["start"], span["split"]), tok),
+            "target": corpus_span(ds, (span["split"], span["end"]), tok),
         }  # fmt: skip
 
-    def sample_overview(self, data: PalmDataset, indices: list[int]) -> list[str]:
-        """The drawn and realised lengths, and where contexts and targets end."""
+    def sample_overview(self, data, indices: list[int]) -> list[str]:
+        """The drawn and realised lengths, where contexts and targets end, and the share with masked LM."""
         from pretrain.summary import render_lengths
 
-        r = data.length_report(indices)
+        samples = [source_sample(data, g)[:2] for g in indices]
+        r = length_report(samples)
         return render_lengths(r) + [
             f"  contexts ending on a sentence end: {r['context_ends_sentence']:.1%}; targets: {r['target_ends_sentence']:.1%}; "
             f"targets ending where their document ends ([SEP]): {r['target_ends_document']:.1%}",
-            f"  samples moved to a document long enough for their lengths: {r['moved_to_longer_document']:.1%}"]
+            f"  samples moved to a document long enough for their lengths: {r['moved_to_longer_document']:.1%}",
+            f"  samples with masked LM on the encoder: {np.mean([j < ds.mlm_until for ds, j in samples]):.1%}"]

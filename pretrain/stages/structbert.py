@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.masking import ObjectiveConfig
+from pretrain.data.sources import source_sample
 from pretrain.data.structbert import SSO_NEXT, SSO_PREVIOUS, SSO_RANDOM, StructBertDataset
 from pretrain.errors import UserError
 from pretrain.labels import IGNORE
@@ -57,7 +58,7 @@ class StructBertStage(Stage):
         return StructBertDataset(corpus, seq_len=self.seq_len, seed=seed, cfg=self.objective_cfg, **self._token_ids())
 
     def train_dataset(self, geometry: BatchGeometry):
-        return self._train_blend(self.dataset)
+        return self._train_blend(lambda corpus, seed, _own_count: self.dataset(corpus, seed))
 
     def valid_dataset(self, corpus: IndexedCorpus, seed: int, step: int) -> StructBertDataset:
         return self.dataset(corpus, seed)
@@ -70,21 +71,33 @@ class StructBertStage(Stage):
         return flops.structbert_train_flops(self.model_cfg, batch)
 
 
-    def sample_row(self, data: StructBertDataset, g: int) -> dict:
+    def sample_row(self, data, g: int) -> dict:
         """The input as ids and tokens, the token types, the MLM and word-structure (WSO) targets, the SSO label and
-        name, and A and B as the corpus has them."""
-        s, tok = data[g], self.tokenizer
-        span_a, span_b, label = data.sample_spans(g)
+        name, and A and B as the corpus has them (and a blend's source)."""
+        ds, j, source = source_sample(data, g)
+        s, tok = ds[j], self.tokenizer
+        span_a, span_b, label = ds.sample_spans(j)
         ids = s["input_ids"].tolist()
         return {
+            **({} if source is None else {"source": source}),
             "input_ids": ids, "tokens": [tok.id_to_token(i) for i in ids], "token_type_ids": s["token_type_ids"].tolist(),
             "mlm": targets_of(s["mlm_labels"], tok), "wso": targets_of(s["wso_labels"], tok),
             "sso_label": label, "sso": SSO_NAMES[label],
-            "a": corpus_span(data, span_a, tok), "b": None if span_b is None else corpus_span(data, span_b, tok),
+            "a": corpus_span(ds, span_a, tok), "b": None if span_b is None else corpus_span(ds, span_b, tok),
         }  # fmt: skip
 
-    def sample_overview(self, data: StructBertDataset, indices: list[int]) -> list[str]:
-        """The SSO label shares."""
-        labels = np.array([data.sample_spans(g)[2] for g in indices])
+    def sample_overview(self, data, indices: list[int]) -> list[str]:
+        """The SSO label shares, and how much of the text masked LM and WSO corrupt."""
+        labels, counts = [], np.zeros(5, np.int64)  # text tokens, MLM targets, WSO targets, WSO moved, windows
+        for ds, j, _ in (source_sample(data, g) for g in indices):
+            labels.append(ds.sample_spans(j)[2])
+            s = ds[j]
+            wso = s["wso_labels"] != IGNORE
+            counts += [len(s["input_ids"]) - (2 if s["sso_label"] == IGNORE else 3),  # [CLS] A [SEP] (B [SEP])
+                       int((s["mlm_labels"] != IGNORE).sum()), int(wso.sum()),
+                       int((wso & (s["input_ids"] != s["wso_labels"])).sum()), int(wso.sum()) // self.objective_cfg.wso_k]
+        labels, (text, mlm, wso, moved, windows) = np.array(labels), counts
         shares = ", ".join(f"{SSO_NAMES[k] or 'none (one-sentence document)'} {np.mean(labels == k):.1%}" for k in SSO_NAMES)
-        return [f"  SSO labels: {shares}"]
+        return [f"  SSO labels: {shares}",
+                f"  of the text tokens: masked LM predicts {mlm / text:.1%}; WSO shuffles {windows / len(indices):.1f} windows "
+                f"of {self.objective_cfg.wso_k} a sample, predicts {wso / text:.1%} and displaces {moved / text:.1%}"]

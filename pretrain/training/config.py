@@ -15,7 +15,7 @@ from pretrain.errors import UserError, number_setting
 from pretrain.models.config import ATTENTION_IMPLS, ModelConfig
 from pretrain.training.health import HealthSettings, health_settings
 from pretrain.training.memory import zero_sizes
-from pretrain.training.optim import OPTIMIZERS, fused_lamb_status
+from pretrain.training.optim import OPTIMIZERS
 from pretrain.training.safe_load import trust_setting
 
 
@@ -207,9 +207,9 @@ def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_c
 def optimizer_config(t: DictConfig, ds: DictConfig) -> dict:
     """The optimizer entries of the DeepSpeed config for `train.optimizer` (see training/optim.py).
 
-    adamw: DeepSpeed's AdamW, fused unless `deepspeed.torch_adam`. lamb: DeepSpeed's "Lamb" (FusedLamb) where the
-    accelerator can build it; otherwise no "optimizer" block but a "client_optimizer" entry, which
-    engine.initialize removes and builds (pretrain.training.optim.Lamb, the same arithmetic) as a client optimizer."""
+    adamw: DeepSpeed's AdamW, fused unless `deepspeed.torch_adam`. lamb: no "optimizer" block but a
+    "client_optimizer" entry, which engine.initialize removes and builds (pretrain.training.optim.Lamb, FusedLamb's
+    arithmetic with per-parameter trust ratios) as a client optimizer."""
     name = str(t.optimizer)
     if name not in OPTIMIZERS:
         raise UserError(f"train.optimizer={name}: must be {' or '.join(OPTIMIZERS)}")
@@ -218,17 +218,13 @@ def optimizer_config(t: DictConfig, ds: DictConfig) -> dict:
         # DeepSpeed's CPU Adam accumulates beta^t by multiplication, which a resumed run recomputes with pow():
         # torch's AdamW derives it from the step alone, so resume stays bitwise exact.
         return {"optimizer": {"type": "AdamW", "params": {**hyper, "torch_adam": bool(ds.torch_adam)}}}
-    # LAMB: trust ratios ||w|| / ||update|| clamped to [min_coeff, max_coeff]; under ZeRO they are computed per
-    # flattened partition (one flat tensor per parameter group on each rank), not per layer, by both
-    # implementations. DeepSpeed requires dynamic loss scaling for Lamb in fp16 (zero3_v100 has it).
+    # LAMB: trust ratios ||w|| / ||update|| clamped to [min_coeff, max_coeff], one per parameter. DeepSpeed's Lamb
+    # (FusedLamb) takes them over each rank's flat ZeRO partition (many layers, a share that changes with the number
+    # of ranks), so the plain one (training/optim.py), told the partitions' layout, runs everywhere.
     hyper.update(max_coeff=10.0, min_coeff=0.01)
-    out = {"zero_allow_untested_optimizer": True}  # ZeRO's list of tested optimizers has neither LAMB
-    fused, how = fused_lamb_status()
-    if fused:
-        out["optimizer"] = {"type": "Lamb", "params": hyper}
-    else:
-        out["client_optimizer"] = {"type": "pretrain.training.optim.Lamb", "params": hyper, "why": how}
-    return out
+    return {"zero_allow_untested_optimizer": True,  # ZeRO's list of tested optimizers has no LAMB
+            "client_optimizer": {"type": "pretrain.training.optim.Lamb", "params": hyper,
+                                 "why": "trust ratios per parameter across ZeRO's partitions (FusedLamb: per partition)"}}  # fmt: skip
 
 
 def deepspeed_config(cfg: DictConfig, geometry: BatchGeometry) -> dict:

@@ -39,9 +39,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
     """The DeepSpeed engine; its optimizer and LR scheduler come from ds_config and live inside it.
 
-    A "client_optimizer" entry (config.optimizer_config: the plain LAMB where FusedLamb cannot run) is
-    taken out of the config and built here on the same parameter groups, then handed to DeepSpeed, which wraps
-    it in ZeRO-3 and drives it with the config's scheduler as it would its own."""
+    A "client_optimizer" entry (config.optimizer_config: LAMB) is taken out of the config and built here on the
+    same parameter groups, then handed to DeepSpeed, which wraps it in ZeRO-3 and drives it with the config's
+    scheduler as it would its own; it is then told how ZeRO laid the parameters out in its flat partitions."""
     import deepspeed
 
     zero_partition_padding(model)
@@ -54,7 +54,20 @@ def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
         optimizer = getattr(optim, client["type"].rsplit(".", 1)[-1])(groups, **client["params"])
     with _no_compile_on_import():
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=config)
+    if hasattr(optimizer, "lay_out"):
+        _lay_out_partitions(engine.optimizer, optimizer)
     return engine
+
+
+def _lay_out_partitions(zero, optimizer) -> None:
+    """Tell a layout-aware optimizer (optim.Lamb) which parameter slices each of ZeRO-3's flat fp32 partitions
+    holds: the partitions (ds_tensor) of its sub-group's parameters, one after another."""
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)
+    if flats is None:
+        raise RuntimeError(f"{type(zero).__name__}: not ZeRO-3's optimizer, whose partitions LAMB's trust ratios "
+                           "are laid out by (deepspeed.zero_optimization.stage must be 3)")  # fmt: skip
+    for flat, params in zip(flats, zero.fp16_groups):
+        optimizer.lay_out(flat, [p.ds_tensor.numel() for p in params], zero.dp_process_group)
 
 
 @contextlib.contextmanager

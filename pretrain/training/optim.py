@@ -6,15 +6,18 @@ Adam) when `deepspeed.torch_adam=false`, torch.optim.AdamW when true (the plain 
 otherwise `Lamb` below, handed to `deepspeed.initialize` as a client optimizer.
 
 Under ZeRO the optimizer never sees a layer: ZeRO hands it one flat fp32 tensor per parameter group (and sub-group)
-holding this rank's partition of every parameter in the group. LAMB's trust ratio is therefore computed per
-flattened partition, not per layer, by DeepSpeed's own Lamb and by this one alike: the ratio ||w|| / ||update||
-is taken over whatever tensor the optimizer is given.
+holding this rank's partition of every parameter in the group. DeepSpeed's Lamb (FusedLamb) takes the trust ratio
+||w|| / ||update|| over that whole tensor: over many layers at once, and over a share of them that changes with
+the number of ranks. This one is told the layout (`lay_out`, from engine.initialize): it sums each parameter's
+squares over its slice of the partition, adds them up across the ranks (one all-reduce per flat tensor and step)
+and takes one ratio per parameter, as LAMB defines it. So under ZeRO `train.optimizer=lamb` always runs this one.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 
 OPTIMIZERS = ("adamw", "lamb")
 
@@ -67,6 +70,15 @@ class Lamb(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_coeff=max_coeff,
                         min_coeff=min_coeff, bias_correction=bias_correction)  # fmt: skip
         super().__init__(params, defaults)
+        self.layouts: dict[int, tuple[list[int], object]] = {}
+
+    def lay_out(self, flat: torch.Tensor, sizes: list[int], group=None) -> None:
+        """`flat` (a tensor this optimizer will step) holds the slices of len(sizes) parameters, one after
+        another, `sizes` long (this rank's ZeRO partitions of them); the whole parameters are these slices on
+        every rank of `group`. The trust ratio is then each parameter's, not flat's."""
+        if sum(sizes) != flat.numel():
+            raise ValueError(f"Lamb.lay_out: slices of {sum(sizes)} elements for a tensor of {flat.numel()}")
+        self.layouts[id(flat)] = (list(sizes), group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -95,17 +107,23 @@ class Lamb(torch.optim.Optimizer):
                 update = m / (v.sqrt() + group["eps"])
                 if group["weight_decay"] != 0:
                     update.add_(p, alpha=group["weight_decay"])
-                # norms accumulated in float64: a float32 sum's last bits follow the CPU's thread split, which would
-                # make two identical runs (and a resumed one) differ
-                w_norm = torch.linalg.vector_norm(p, dtype=torch.float64)
-                u_norm = torch.linalg.vector_norm(update, dtype=torch.float64)
+                step_size = group["lr"]
+                if group["bias_correction"]:
+                    step_size *= math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                sizes, over = self.layouts.get(id(p), ([p.numel()], None))
+                slices = [(w.view(-1), u.view(-1)) for w, u in zip(p.view(-1).split(sizes), update.view(-1).split(sizes))]
+                # squared norms in float64: a float32 sum's last bits follow the CPU's thread split, which would make
+                # two identical runs (and a resumed one) differ
+                squares = torch.stack([torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64) ** 2 for x in pair])
+                                       for pair in slices]) if slices else torch.zeros(0, 2, dtype=torch.float64)  # fmt: skip
+                if over is not None and dist.get_world_size(over) > 1:
+                    dist.all_reduce(squares, group=over)
+                w_norm, u_norm = squares.sqrt().unbind(-1)
                 ratio = torch.where(
                     (w_norm > 0) & (u_norm > 0),
                     (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"]),
                     torch.ones_like(w_norm),
                 )  # fmt: skip
-                step_size = group["lr"]
-                if group["bias_correction"]:
-                    step_size *= math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                p.sub_(update.mul_((ratio * step_size).to(p.dtype)))
+                for (w, u), r in zip(slices, ratio):
+                    w.sub_(u.mul_((r * step_size).to(p.dtype)))
         return loss
