@@ -2,7 +2,7 @@
 
     python -m pretrain.prepare input=<file|dir|glob> out=<dir> [vocab=<vocab.txt>] [vocab_size=8000]
         [workers=1] [valid_fraction=0.01] [seed=1234] [on_error=raise|skip] [max_line_bytes=1000000]
-        [text_key=text] [to_simplified=false] [shard=0 num_shards=1] [overwrite=false]
+        [text_key=text] [to_simplified=false] [segmenter=jieba|rjieba] [shard=0 num_shards=1] [overwrite=false]
 
 The input: .txt, .jsonl or .parquet files, .txt and .jsonl also compressed (.gz, .bz2, .xz, .zst), read as they lie
 (pretrain/data/input_files.py); text_key= names the text's field or column. to_simplified=true converts Traditional
@@ -41,7 +41,7 @@ from pretrain.cli import parse
 from pretrain.data.corpus import bounded_pieces, iter_input_files, iter_paragraphs, split_sentences
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.tokenizer import (
-    SPECIAL_TOKENS, Tokenizer, count_words, encode_paragraphs, jieba_segmenter, jieba_version, vocab_sha256,
+    SPECIAL_TOKENS, Tokenizer, count_words, encode_paragraphs, segmenter, segmenter_version, vocab_sha256,
     write_vocab,
 )  # fmt: skip
 from pretrain.errors import UserError, exit_on_user_error
@@ -71,6 +71,7 @@ class PrepareConfig:
     max_line_bytes: int = 1_000_000
     text_key: str = "text"  # the text's field in .jsonl, column in .parquet (corpora name it content, raw_content, ...)
     to_simplified: bool = False  # Traditional to Simplified Chinese (OpenCC t2s) before anything else
+    segmenter: str = "jieba"  # the word boundaries of whole-word masking: jieba, or rjieba (faster; see tokenizer.py)
     shard: int = 0  # prepare only this shard's part of the input files ...
     num_shards: int = 1  # ... dealt to num_shards shards (see the module's docstring)
     overwrite: bool = False
@@ -102,6 +103,7 @@ def _check(cfg: PrepareConfig) -> None:
             raise UserError(f"out={cfg.out}: exists and is not a directory")
         if os.listdir(out) and not cfg.overwrite:
             raise UserError(f"out={cfg.out}: exists and is not empty (pass overwrite=true to replace it)")
+    segmenter(cfg.segmenter)  # an unknown or missing one fails before the corpus is read
     if cfg.vocab is not None:
         Tokenizer(cfg.vocab)  # a bad vocab fails before the corpus is read
 
@@ -152,7 +154,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         tok = Tokenizer(vocab_path)
         valid = _valid_documents(num_docs, cfg.valid_fraction, cfg.seed)
         unknown: Counter[str] = Counter()
-        counts, seen = _write_splits(paragraphs(), tok, valid, tmp, cfg.workers, unknown, cfg.to_simplified)
+        counts, seen = _write_splits(paragraphs(), tok, valid, tmp, cfg.workers, unknown, cfg.to_simplified,
+                                     cfg.segmenter)  # fmt: skip
         if seen != num_docs:
             raise UserError(f"input={cfg.input}: changed while being prepared ({num_docs} documents, then {seen})")
 
@@ -161,7 +164,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             "vocab_size": tok.vocab_size,
             "vocab_sha256": vocab_sha256(vocab_path),
             "token_dtype": token_dtype(tok.vocab_size).name,
-            "segmenter": f"jieba {jieba_version()}",
+            "segmenter": segmenter_version(cfg.segmenter),
             "lowercase": True,
             "to_simplified": cfg.to_simplified,
             "inputs": inputs,
@@ -228,14 +231,15 @@ def _count_words(paragraphs: list[str]) -> Counter[str]:
 
 
 def _write_splits(paragraphs: Iterable[tuple[bool, str]], tok: Tokenizer, valid: np.ndarray, out: str,
-                  workers: int, unknown: Counter, to_simplified: bool = False) -> tuple[dict, int]:
+                  workers: int, unknown: Counter, to_simplified: bool = False, segmenter_name: str = "jieba",
+                  ) -> tuple[dict, int]:  # fmt: skip
     """Encode `paragraphs` into out/{train,valid}.{bin,idx}; documents whose index is in `valid` (sorted) go to
     valid. Returns the counts per split and the number of documents seen; counts what [UNK] stood for in
     `unknown`."""
     writers = {split: IndexedWriter(os.path.join(out, split), tok.vocab_size) for split in SPLITS}
     single = dict.fromkeys(SPLITS, 0)
     index, split, next_valid = -1, "train", 0
-    with _Workers(workers, _init_worker, (tok.vocab_path, to_simplified)) as pool:
+    with _Workers(workers, _init_worker, (tok.vocab_path, to_simplified, segmenter_name)) as pool:
         for starts, enc in pool.map(_encode_chunk, _chunks(paragraphs)):
             unknown.update(enc.unknown)
             sentence_end = np.concatenate([[0], np.cumsum(enc.paragraph_sentences)])
@@ -281,15 +285,16 @@ def _chunks(paragraphs: Iterable[tuple[bool, str]]) -> Iterator[tuple[list[bool]
 
 _worker_tok: Tokenizer | None = None
 _worker_convert: Callable[[str], str] | None = None
+_worker_segment: Callable[[str], list[str]] | None = None
 
 
-def _init_worker(vocab_path: str | None, to_simplified: bool = False) -> None:
-    """A worker's tokenizer (when it encodes), jieba, and the Traditional-to-Simplified converter (when asked):
-    conversion runs in the workers, not in the process that reads the input (OpenCC: about 7 MB/s a core)."""
-    global _worker_tok, _worker_convert
+def _init_worker(vocab_path: str | None, to_simplified: bool = False, segmenter_name: str = "jieba") -> None:
+    """A worker's tokenizer and segmenter (when it encodes) and the Traditional-to-Simplified converter (when
+    asked): conversion runs in the workers, not in the process that reads the input (OpenCC: about 7 MB/s a core)."""
+    global _worker_tok, _worker_convert, _worker_segment
     _worker_tok = Tokenizer(vocab_path) if vocab_path is not None else None
     _worker_convert = simplified_converter() if to_simplified else None
-    jieba_segmenter()
+    _worker_segment = segmenter(segmenter_name) if vocab_path is not None else None
 
 
 def simplified_converter() -> Callable[[str], str]:
@@ -305,7 +310,7 @@ def _converted(paragraphs: list[str]) -> list[str]:
 
 
 def _encode_chunk(paragraphs: list[str]):
-    enc = encode_paragraphs(_worker_tok, _converted(paragraphs), jieba_segmenter())
+    enc = encode_paragraphs(_worker_tok, _converted(paragraphs), _worker_segment)
     return enc._replace(ids=enc.ids.astype(token_dtype(_worker_tok.vocab_size)))  # uint16: half the bytes to send
 
 

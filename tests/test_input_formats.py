@@ -161,3 +161,25 @@ def test_to_simplified_prepares_traditional_text_as_its_simplified_form(tmp_path
     assert converted == simplified
     kept = open(tmp_path / "out-kept" / "vocab.txt", encoding="utf-8").read().split("\n")
     assert "鐵" in kept and "铁" not in kept and "铁" in open(tmp_path / "out-t" / "vocab.txt", encoding="utf-8").read()
+
+
+def test_the_segmenter_setting_decides_the_word_starts_only(tmp_path):
+    """Issue 28, 10: segmenter=rjieba (jieba-rs) gives the same tokens; word starts where it cuts, which is jieba's
+    almost everywhere but not at "COVID-19" (jieba cuts at the hyphen, rjieba keeps it whole). meta.json names it."""
+    from pretrain.data.indexed import IndexedCorpus
+
+    text = "COVID-19疫情期间，世界卫生组织建议保持距离。\n我们在北京天安门广场上看见了他。\n"
+    (tmp_path / "c.txt").write_text(text * 4, encoding="utf-8")
+    corpora = {}
+    for name in ("jieba", "rjieba"):
+        meta = prepare(PrepareConfig(input=str(tmp_path / "c.txt"), out=str(tmp_path / name), vocab_size=200,
+                                     valid_fraction=0.0, segmenter=name))  # fmt: skip
+        assert meta["segmenter"].split()[0] == name
+        corpora[name] = IndexedCorpus.open(str(tmp_path / name / "train"))
+    a, b = corpora["jieba"], corpora["rjieba"]
+    assert (a.tokens[:] == b.tokens[:]).all()
+    differ = [a.tokens[i] for i in range(len(a.tokens)) if a.word_start[i] != b.word_start[i]]
+    vocab = open(tmp_path / "jieba" / "vocab.txt", encoding="utf-8").read().split("\n")
+    assert {vocab[i] for i in differ} == {"-", "19"}, [vocab[i] for i in differ]  # jieba: COVID | - | 19
+    with pytest.raises(UserError, match=r"^segmenter=thulac: must be jieba or rjieba$"):
+        prepare(PrepareConfig(input=str(tmp_path / "c.txt"), out=str(tmp_path / "x"), segmenter="thulac"))

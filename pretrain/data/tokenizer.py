@@ -197,6 +197,32 @@ def jieba_version() -> str:
     return jieba.__version__
 
 
+# prepare's segmenter= choices. rjieba (jieba-rs's binding, `pip install rjieba`) cut the demo corpus exactly as jieba
+# and 20 times faster, but not every text: it keeps "COVID-19" whole where jieba cuts at the hyphen (RESULTS.md,
+# bench/segmenters.py). jieba stays the default, so a corpus prepared as before is byte-identical.
+SEGMENTERS = ("jieba", "rjieba")
+
+
+def segmenter(name: str) -> Callable[[str], list[str]]:
+    """The word segmenter `name` (one of SEGMENTERS), loaded once per process."""
+    if name == "jieba":
+        return jieba_segmenter()
+    if name == "rjieba":
+        try:
+            import rjieba
+        except ImportError:
+            raise UserError("segmenter=rjieba needs the rjieba package: pip install rjieba") from None
+        return rjieba.cut
+    raise UserError(f"segmenter={name}: must be {' or '.join(SEGMENTERS)}")
+
+
+def segmenter_version(name: str) -> str:
+    """What meta.json records of the segmenter: its name and version."""
+    from importlib.metadata import version
+
+    return f"{name} {jieba_version() if name == 'jieba' else version(name)}"
+
+
 class Encoded(NamedTuple):
     """Paragraphs encoded, flat: sentence s is ids[t:t + sentence_tokens[s]] where t = sentence_tokens[:s].sum()."""
 
