@@ -290,7 +290,7 @@ _worker_segment: Callable[[str], list[str]] | None = None
 
 def _init_worker(vocab_path: str | None, to_simplified: bool = False, segmenter_name: str = "jieba") -> None:
     """A worker's tokenizer and segmenter (when it encodes) and the Traditional-to-Simplified converter (when
-    asked): conversion runs in the workers, not in the process that reads the input (OpenCC: about 7 MB/s a core)."""
+    asked): conversion runs in the workers, not in the process that reads the input."""
     global _worker_tok, _worker_convert, _worker_segment
     _worker_tok = Tokenizer(vocab_path) if vocab_path is not None else None
     _worker_convert = simplified_converter() if to_simplified else None

@@ -87,3 +87,21 @@ def test_bad_extension_settings(tmp_path, base_vocab, args, message):
         build(VocabConfig(input=str(tmp_path / "c.txt"), out=str(tmp_path / "v.txt"), **kw))
     assert str(refused.value).endswith(message.replace("NOPE", str(tmp_path / "nope.txt")))
     assert not (tmp_path / "v.txt").exists()
+
+
+@pytest.mark.e2e  # the session's stage-one run
+def test_stage_two_refuses_a_stage_one_run_of_another_vocab_of_the_same_padded_size(prepared, stage_one, tmp_path):
+    """Stage two from a run directory checked only the shapes: data prepared with a vocab of the same padded size
+    but other ids (here two tokens swapped) trained on ids that meant other tokens, silently."""
+    from pretrain.prepare import PrepareConfig, prepare
+    from runs import PALM, trainer_refusal
+
+    vocab = read_vocab(f"{stage_one['two_ranks']}/vocab.txt")
+    i, j = len(SPECIAL_TOKENS) + 10, len(SPECIAL_TOKENS) + 11
+    vocab[i], vocab[j] = vocab[j], vocab[i]
+    (tmp_path / "swapped.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
+    data = tmp_path / "data"
+    prepare(PrepareConfig(input=f"{prepared}/../corpus.txt", out=str(data), vocab=str(tmp_path / "swapped.txt")))
+    message = trainer_refusal(PALM + [f"data.dir={data}", f"run.dir={tmp_path / 'run'}", f"init_from={stage_one['two_ranks']}"])
+    assert message == (f"init_from={stage_one['two_ranks']}: its vocab differs from the data's ({len(vocab)} vs {len(vocab)} "
+                       f"tokens; first at id {i}); prepare the data with vocab={stage_one['two_ranks']}/vocab.txt")

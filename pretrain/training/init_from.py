@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.data.tokenizer import check_same_vocab, read_vocab
 from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
 from pretrain.training import checkpoint, distributed, partitions
@@ -65,6 +66,9 @@ def init_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
         return plug_source(init_from, target_shapes, cfg, vocab_path)
     tag_dir = checkpoint.find(init_from, "init_from")
     mapping = check(init_from, tag_dir, target_shapes, cfg)
+    theirs = run_vocab(init_from)
+    if vocab_path is not None and theirs is not None:  # the ids must mean what the run learnt, padded size or not
+        check_same_vocab(read_vocab(theirs), vocab_path, f"init_from={init_from}", theirs)
     return InitSource(tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping))
 
 
