@@ -41,7 +41,7 @@ from pretrain.cli import parse
 from pretrain.data.corpus import bounded_pieces, iter_input_files, iter_paragraphs, split_sentences
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.tokenizer import (
-    SPECIAL_TOKENS, Tokenizer, count_words, encode_paragraphs, segmenter, segmenter_version, vocab_sha256,
+    SPECIAL_TOKENS, Tokenizer, check_segmenter, count_words, encode_paragraphs, segmenter, segmenter_version, vocab_sha256,
     write_vocab,
 )  # fmt: skip
 from pretrain.errors import UserError, exit_on_user_error
@@ -103,7 +103,7 @@ def _check(cfg: PrepareConfig) -> None:
             raise UserError(f"out={cfg.out}: exists and is not a directory")
         if os.listdir(out) and not cfg.overwrite:
             raise UserError(f"out={cfg.out}: exists and is not empty (pass overwrite=true to replace it)")
-    segmenter(cfg.segmenter)  # an unknown or missing one fails before the corpus is read
+    check_segmenter(cfg.segmenter)  # an unknown or missing one fails before the corpus is read
     if cfg.vocab is not None:
         Tokenizer(cfg.vocab)  # a bad vocab fails before the corpus is read
 

@@ -203,17 +203,26 @@ def jieba_version() -> str:
 SEGMENTERS = ("jieba", "rjieba")
 
 
+def check_segmenter(name: str) -> None:
+    """A UserError unless `name` is one of SEGMENTERS and can be imported here (nothing is loaded: jieba's
+    dictionary costs a process about 100 MB, which prepare's main process does not need with workers)."""
+    if name not in SEGMENTERS:
+        raise UserError(f"segmenter={name}: must be {' or '.join(SEGMENTERS)}")
+    if name == "rjieba":
+        import importlib.util
+
+        if importlib.util.find_spec("rjieba") is None:
+            raise UserError("segmenter=rjieba needs the rjieba package: pip install rjieba")
+
+
 def segmenter(name: str) -> Callable[[str], list[str]]:
     """The word segmenter `name` (one of SEGMENTERS), loaded once per process."""
+    check_segmenter(name)
     if name == "jieba":
         return jieba_segmenter()
-    if name == "rjieba":
-        try:
-            import rjieba
-        except ImportError:
-            raise UserError("segmenter=rjieba needs the rjieba package: pip install rjieba") from None
-        return rjieba.cut
-    raise UserError(f"segmenter={name}: must be {' or '.join(SEGMENTERS)}")
+    import rjieba
+
+    return rjieba.cut
 
 
 def segmenter_version(name: str) -> str:
