@@ -457,8 +457,7 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
     if "vocab_size" in their and their["vocab_size"] != words:
         raise UserError(f"{where}: the word embedding merges to {words} rows over {shards.tp} ranks, config.json"
                         f" says vocab_size={their['vocab_size']} (a rank missing?)")  # fmt: skip
-    if vocab_path is not None:
-        _check_vocab(path, vocab_path, words, where)
+    extension = _check_vocab(path, vocab_path, words, where) if vocab_path is not None else None
     wanted = source_names(list(target_shapes), cfg)  # the pooler of a fine-tuned classifier, encoder_top
     if their_decoder:
         wanted.update({n: n for n in target_shapes if n.startswith("decoder.")})
@@ -467,12 +466,13 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
     mapping, fresh = map_by_name(target_shapes, wanted, have, cfg, where,
                                  ("encoder.embeddings.word.weight", "mlm_head.bias"),
                                  ("encoder.embeddings.token_type.weight",))  # fmt: skip
-    return InitSource(init_from, mapping, tuple(fresh), cfg)
+    return InitSource(init_from, mapping, tuple(fresh), cfg, extension)
 
 
-def _check_vocab(path: str, vocab_path: str, rows: int, where: str) -> None:
-    """The data's token ids must mean what PLUG learnt: its vocab.txt (beside the shards), token for token."""
-    from pretrain.data.tokenizer import check_same_vocab, read_vocab
+def _check_vocab(path: str, vocab_path: str, rows: int, where: str):
+    """The data's token ids must mean what PLUG learnt: its vocab.txt (beside the shards), token for token, or the
+    extension of it (VocabExtension) the data's is."""
+    from pretrain.data.tokenizer import read_vocab, vocab_extension
 
     file = next((f for f in (os.path.join(path, "vocab.txt"), os.path.join(path, "model", "vocab.txt"))
                  if os.path.isfile(f)), None)  # fmt: skip
@@ -480,9 +480,10 @@ def _check_vocab(path: str, vocab_path: str, rows: int, where: str) -> None:
         raise UserError(f"{where}: no vocab.txt beside the shards (put the vocab PLUG was trained with there: "
                         "bert-base-chinese's for the released model)")  # fmt: skip
     theirs = read_vocab(file)
-    check_same_vocab(theirs, vocab_path, where, file)
+    extension = vocab_extension(theirs, vocab_path, where, file)
     if len(theirs) > rows:
         raise UserError(f"{where}: vocab.txt has {len(theirs)} tokens, the word embedding {rows} rows")
+    return extension
 
 
 class PlugWeights:

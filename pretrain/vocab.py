@@ -9,7 +9,7 @@ With base=, the output is the base vocab unchanged, byte for byte (so every id k
 N most frequent tokens of the corpus that the base lacks: first the characters of the words the base makes [UNK]
 (a word's first character, the others as continuation pieces ##c), then whole words seen at least twice, each
 group most frequent first (ties by the token). vocab_size is not used then. A model started from a run, hf: or plug: with the base vocab takes the
-extended one: see docs/data.md.
+extended one (new rows from the pieces they replace: training.init_from, docs/data.md).
 
 It is, byte for byte, the vocab.txt that `python -m pretrain.prepare` builds from the same input and settings.
 The input is streamed: memory holds the word counts (which grow with the distinct words, not the corpus) and

@@ -140,6 +140,34 @@ def test_training_continues_from_an_hf_directory(exported, prepared, tmp_path):
 
 
 @pytest.mark.e2e
+def test_an_hf_directory_takes_a_vocab_extended_from_its_own(exported, tmp_path):
+    """init_from=hf: with data whose vocab extends the directory's (pretrain.vocab base=): its tokens keep their
+    rows, and each new token starts from the mean of the rows of the pieces that stood for it."""
+    from pretrain.training import init_from
+
+    run, out, pre_ln = exported
+    if not pre_ln:
+        pytest.skip("the vocab's handling does not depend on the layout")
+    with open(os.path.join(out, "tokenizer.json"), encoding="utf-8") as f:  # as transformers saves it
+        ids = json.load(f)["model"]["vocab"]
+    theirs = sorted(ids, key=ids.get)
+    (tmp_path / "ext.txt").write_text("".join(t + "\n" for t in theirs + ["鑫", theirs[-1] + theirs[-2]]), encoding="utf-8")
+    original, cfg = our_model(run)
+    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 8)  # the padding grows too
+    model = StructBert(cfg)
+    source = init_from.init_source(f"hf:{out}", {n: tuple(p.shape) for n, p in model.named_parameters()}, cfg,
+                                   str(tmp_path / "ext.txt"))  # fmt: skip
+    init_from.load_into(model, source, rank=0)
+    n, unk = len(theirs), theirs.index("[UNK]")
+    pieces = [(unk,), tuple(Tokenizer("theirs", tokens=theirs).encode(theirs[-1] + theirs[-2]))]
+    for ours, want in ((model.encoder.embeddings.word.weight, original.encoder.embeddings.word.weight),
+                       (model.mlm_head.bias, original.mlm_head.bias)):  # fmt: skip
+        assert torch.equal(ours[:n], want[:n])
+        for row, ids in enumerate(pieces, start=n):
+            assert torch.equal(ours[row], want[list(ids)].mean(0)), (row, ids)
+
+
+@pytest.mark.e2e
 def test_bad_hf_directories_fail_with_one_line(exported, prepared, tmp_path):
     run, out, pre_ln = exported
     if not pre_ln:

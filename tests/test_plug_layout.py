@@ -373,6 +373,38 @@ def test_a_larger_vocab_keeps_its_extra_rows_fresh(palm_state, tmp_path):
     assert torch.equal(word[256:], before)
 
 
+def test_an_extended_vocab_keeps_plugs_rows_and_starts_each_new_token_from_its_pieces(palm_state, tmp_path):
+    """Data prepared with a vocab that pretrain.vocab base= extended from PLUG's: PLUG's tokens keep their rows (the
+    embedding and the MLM head's bias), each new token starts at the mean of the rows of the pieces that stood for it
+    (a new character: [UNK]'s), and the padding rows past the data's vocab keep their fresh init."""
+    import dataclasses
+
+    from pretrain.data.tokenizer import SPECIAL_TOKENS
+
+    path = plug_dir(palm_state, tmp_path, 2, "plug")
+    theirs = SPECIAL_TOKENS + list("我们的是") + ["hello", "##s"] + [f"t{i}" for i in range(TOKENS - 11)]
+    (tmp_path / "plug" / "vocab.txt").write_text("".join(t + "\n" for t in theirs), encoding="utf-8")
+    new = ["我们", "鑫", "##的", "hellos", "##是们"]
+    (tmp_path / "ext.txt").write_text("".join(t + "\n" for t in theirs + new), encoding="utf-8")
+    big = dataclasses.replace(CFG, vocab_size=56)  # 50 tokens, padded to a multiple of 8
+    model = Palm(big)
+    fresh = model.encoder.embeddings.word.weight[50:].clone()
+    source = read_into(model, f"plug:{path}", big, str(tmp_path / "ext.txt"))
+    assert "5 new token rows from their pieces" in source.describe()
+    unk, wo, men, de, shi, hello, s = (theirs.index(t) for t in ("[UNK]", "我", "们", "的", "是", "hello", "##s"))
+    pieces = [(wo, men), (unk,), (de,), (hello, s), (shi, men)]  # theirs has no ##的: the piece as a word
+    for ours, want in ((model.encoder.embeddings.word.weight, palm_state["encoder.embeddings.word.weight"]),
+                       (model.mlm_head.bias, palm_state["mlm_head.bias"])):  # fmt: skip
+        assert torch.equal(ours[:45], want[:45])
+        for row, ids in enumerate(pieces, start=45):
+            assert torch.equal(ours[row], want[list(ids)].mean(0)), (row, ids)
+    assert torch.equal(model.encoder.embeddings.word.weight[50:], fresh)
+    # a vocab that is not theirs followed by new tokens is refused, extension or not
+    (tmp_path / "other.txt").write_text("".join(t + "\n" for t in theirs[:-1] + new), encoding="utf-8")
+    with pytest.raises(UserError, match="first at id 44.*not an extension of it"):
+        read_into(Palm(big), f"plug:{path}", big, str(tmp_path / "other.txt"))
+
+
 def test_bad_shard_sets_are_one_line(palm_state, tmp_path):
     import dataclasses
     import shutil
@@ -427,7 +459,8 @@ def test_bad_shard_sets_are_one_line(palm_state, tmp_path):
     fails(good, "the shards are pre-LN; set model.pre_ln=true", dataclasses.replace(CFG, pre_ln=False))
     changed = tmp_path / "changed_vocab.txt"
     changed.write_text("\n".join(VOCAB[:7] + ["x"] + VOCAB[8:]) + "\n")
-    fails(good, "its vocab differs from the data's (45 vs 45 tokens; first at id 7)", vocab_path=str(changed))
+    fails(good, "its vocab differs from the data's (45 vs 45 tokens; first at id 7), and the data's is not an extension",
+          vocab_path=str(changed))  # fmt: skip
     fails(variant("no_vocab", lambda p: (p / "vocab.txt").unlink()), "no vocab.txt beside the shards")
 
     def trained_embedding_norm(p):  # as PLUG's released weights have it

@@ -54,9 +54,9 @@ def read_vocab(path: str) -> list[str]:
 class Tokenizer:
     """WordPiece over a vocab.txt (Google bert-base-chinese layout or one from `build_vocab`)."""
 
-    def __init__(self, vocab_path: str):
-        self.vocab_path = vocab_path
-        self._tokens = read_vocab(vocab_path)
+    def __init__(self, vocab_path: str, tokens: list[str] | None = None):
+        self.vocab_path = vocab_path  # with tokens: only a name for errors
+        self._tokens = read_vocab(vocab_path) if tokens is None else tokens
         ids = {tok: i for i, tok in reversed(list(enumerate(self._tokens)))}  # first occurrence wins
         missing = [t for t in SPECIAL_TOKENS if t not in ids]
         if missing:
@@ -101,14 +101,41 @@ class Tokenizer:
         return self._ids.get(token)
 
 
-def check_same_vocab(theirs: list[str], vocab_path: str, where: str, their_path: str) -> None:
-    """A model's vocab (theirs, from their_path) against the data's (vocab_path), token for token: the ids must
-    mean what the model learnt. One line naming the first difference otherwise."""
+class VocabExtension(NamedTuple):
+    """The data's vocab is a model's vocab with tokens appended: ids below `rows` mean what the model learnt, and
+    each new id starts from the rows of the model's pieces that stood for its token before (`pieces`)."""
+
+    rows: int  # the model's tokens
+    pieces: dict[int, tuple[int, ...]]  # a new id -> the model's ids its token was split into ([UNK] for a new char)
+
+
+def vocab_extension(theirs: list[str], vocab_path: str, where: str, their_path: str) -> VocabExtension | None:
+    """A model's vocab (theirs, from their_path) against the data's (vocab_path): None when they are the same token
+    for token, the extension when the data's is theirs followed by new tokens (pretrain.vocab base=), else one line
+    naming the first difference: the ids must mean what the model learnt."""
     ours = read_vocab(vocab_path)
-    if theirs != ours:
-        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
-        raise UserError(f"{where}: its vocab differs from the data's ({len(theirs)} vs {len(ours)} tokens; first at "
-                        f"id {first}); prepare the data with vocab={their_path}")  # fmt: skip
+    if theirs == ours:
+        return None
+    if len(ours) > len(theirs) and ours[: len(theirs)] == theirs:
+        return VocabExtension(len(theirs), replaced_pieces(theirs, ours[len(theirs):]))
+    first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+    raise UserError(f"{where}: its vocab differs from the data's ({len(theirs)} vs {len(ours)} tokens; first at "
+                    f"id {first}), and the data's is not an extension of it; prepare the data with vocab={their_path}"
+                    " or with one that pretrain.vocab base= extends from it")  # fmt: skip
+
+
+def replaced_pieces(theirs: list[str], new: list[str]) -> dict[int, tuple[int, ...]]:
+    """Each new token's id (numbered after theirs) -> the ids of theirs that WordPiece split its text into: what
+    the data held in its place before the vocab was extended. A continuation (##x) is split as one."""
+    tok = Tokenizer("the model's vocab", tokens=theirs)
+    out = {}
+    for i, token in enumerate(new, start=len(theirs)):
+        continuation = token.startswith(CONTINUATION) and len(token) > len(CONTINUATION)
+        ids = tok.encode(token[len(CONTINUATION):] if continuation else token) or [tok.unk_id]
+        if continuation:  # the first piece as a continuation, where theirs has one
+            ids[0] = tok.token_to_id(CONTINUATION + tok.id_to_token(ids[0])) or ids[0]
+        out[i] = tuple(ids)
+    return out
 
 
 def _is_word_char(ch: str) -> bool:

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from pretrain.data.tokenizer import VocabExtension, read_vocab, vocab_extension
 from pretrain.errors import UserError
 from pretrain.hf.layout import from_hf
 from pretrain.models.config import ModelConfig
@@ -43,15 +44,14 @@ def hf_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: Mo
             raise UserError(f"{where}: {key}={their.get(key)}, model.{ours}={getattr(cfg, ours)}")
     if their.get("hidden_act", "gelu") != "gelu":
         raise UserError(f"{where}: hidden_act={their['hidden_act']}; this model uses gelu")
-    if vocab_path is not None:
-        _check_vocab(path, vocab_path, where)
+    extension = _check_vocab(path, vocab_path, where) if vocab_path is not None else None
     shapes = {name: tuple(t.shape) for name, t in _from_hf_meta(path, cfg, where).items()}
     wanted = source_names(list(target_shapes), cfg)  # stage two's decoder may come from the top encoder layers
     # the decoder, or a head the directory lacks (a plain BertModel has no MLM head), stays fresh
     mapping, fresh = map_by_name(target_shapes, wanted, shapes, cfg, where, (), _ROWS_MAY_GROW)
     if not any(n.startswith("encoder.layers.") for n in mapping):
         raise UserError(f"{where}: no encoder layer found in model.safetensors")
-    return InitSource(init_from, mapping, tuple(fresh), cfg)
+    return InitSource(init_from, mapping, tuple(fresh), cfg, extension)
 
 
 def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
@@ -72,10 +72,8 @@ def hf_weights(source: InitSource) -> dict[str, torch.Tensor]:
     return from_hf(load_file(os.path.join(source.tag_dir[len(HF):], "model.safetensors")), source.cfg)
 
 
-def _check_vocab(path: str, vocab_path: str, where: str) -> None:
-    """The data's token ids must mean what the model learnt: the same vocab, token for token."""
-    from pretrain.data.tokenizer import check_same_vocab, read_vocab
-
+def _check_vocab(path: str, vocab_path: str, where: str) -> VocabExtension | None:
+    """The data's token ids must mean what the model learnt: the same vocab, token for token, or one extending it."""
     if os.path.isfile(os.path.join(path, "vocab.txt")):
         theirs = read_vocab(os.path.join(path, "vocab.txt"))
     elif os.path.isfile(os.path.join(path, "tokenizer.json")):
@@ -84,4 +82,4 @@ def _check_vocab(path: str, vocab_path: str, where: str) -> None:
         theirs = [t for t, _ in sorted(ids.items(), key=lambda kv: kv[1])]
     else:
         raise UserError(f"{where}: no vocab.txt or tokenizer.json to check the data's vocab against")
-    check_same_vocab(theirs, vocab_path, where, os.path.join(path, "vocab.txt"))
+    return vocab_extension(theirs, vocab_path, where, os.path.join(path, "vocab.txt"))

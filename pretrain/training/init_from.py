@@ -13,16 +13,18 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from pretrain.data.tokenizer import check_same_vocab, read_vocab
+from pretrain.data.tokenizer import VocabExtension, read_vocab, vocab_extension
 from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
 from pretrain.training import checkpoint, distributed, partitions
 
 HF = "hf:"
 PLUG = "plug:"  # AliceMind PLUG's tensor-parallel shards (pretrain/plug_layout.py)
+VOCAB_TABLES = ("encoder.embeddings.word.weight", "mlm_head.bias")  # a row per token id
 _DECODER_FROM_ENCODER = {"self_attn.": "attn.", "self_attn_norm.": "attn_norm.", "ffn.": "ffn.", "ffn_norm.": "ffn_norm."}
 
 
@@ -35,6 +37,7 @@ class InitSource:
     mapping: dict[str, str]  # our parameter -> the checkpoint's (missing: keeps its fresh init)
     fresh: tuple[str, ...]  # our parameters that keep their fresh init
     cfg: ModelConfig | None = None  # ours, to read a transformers directory's names with
+    extension: VocabExtension | None = None  # the data's vocab extends the source's: VOCAB_TABLES take new rows
 
     def report(self) -> dict[str, dict[str, int]]:
         """Parameter tensors carried from the checkpoint and left fresh, counted per top-level module."""
@@ -49,7 +52,8 @@ class InitSource:
         """The report as the one line rank 0 prints."""
         r = self.report()
         line = lambda per_module: ", ".join(f"{module} {n}" for module, n in per_module.items())  # noqa: E731
-        return f"init_from {self.tag_dir}: carried {line(r['carried'])}; fresh {line(r['fresh']) or 'none'} (parameter tensors)"
+        grown = f"; {len(self.extension.pieces)} new token rows from their pieces" if self.extension else ""
+        return f"init_from {self.tag_dir}: carried {line(r['carried'])}; fresh {line(r['fresh']) or 'none'} (parameter tensors){grown}"
 
 
 def init_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
@@ -65,11 +69,12 @@ def init_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
 
         return plug_source(init_from, target_shapes, cfg, vocab_path)
     tag_dir = checkpoint.find(init_from, "init_from")
-    mapping = check(init_from, tag_dir, target_shapes, cfg)
     theirs = run_vocab(init_from)
+    extension = None
     if vocab_path is not None and theirs is not None:  # the ids must mean what the run learnt, padded size or not
-        check_same_vocab(read_vocab(theirs), vocab_path, f"init_from={init_from}", theirs)
-    return InitSource(tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping))
+        extension = vocab_extension(read_vocab(theirs), vocab_path, f"init_from={init_from}", theirs)
+    mapping = check(init_from, tag_dir, target_shapes, cfg, extension)
+    return InitSource(tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping), extension=extension)
 
 
 def source_names(target_names: list[str], cfg: ModelConfig) -> dict[str, str]:
@@ -89,8 +94,10 @@ def source_names(target_names: list[str], cfg: ModelConfig) -> dict[str, str]:
     return mapping
 
 
-def check(init_from: str, tag_dir: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> dict[str, str]:
-    """The mapping, once the checkpoint is known to be a stage-one model of this model's dimensions."""
+def check(init_from: str, tag_dir: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
+          extension: VocabExtension | None = None) -> dict[str, str]:  # fmt: skip
+    """The mapping, once the checkpoint is known to be a stage-one model of this model's dimensions (with an
+    extended vocab, the token tables may have other rows: each holds the source's tokens)."""
     have = checkpoint.recorded_shapes(tag_dir, "init_from")
     where = f"init_from={init_from}"
     if any(n.startswith("decoder.") for n in have):
@@ -105,7 +112,9 @@ def check(init_from: str, tag_dir: str, target_shapes: dict[str, tuple[int, ...]
     for target, source in mapping.items():
         if source not in have:
             raise UserError(f"{where}: the checkpoint has no {source} (model.pre_ln or the model differ)")
-        _check_shape(where, source, have[source], target_shapes[target], cfg)
+        theirs, ours = have[source], target_shapes[target]
+        if not (extension and source in VOCAB_TABLES and theirs[1:] == ours[1:] and theirs[0] >= extension.rows):
+            _check_shape(where, source, theirs, ours, cfg)
     return mapping
 
 
@@ -138,7 +147,8 @@ def finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], c
     parameter whose name starts with one of `fresh`."""
     source = _finetune_source(init_from, target_shapes, cfg, vocab_path, needs_stage_two)
     mapping = {n: s for n, s in source.mapping.items() if not n.startswith(fresh)}
-    return InitSource(source.tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping), source.cfg)
+    return InitSource(source.tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping), source.cfg,
+                      source.extension)
 
 
 def _finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str,
@@ -228,12 +238,12 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
     if source.tag_dir.startswith(HF):
         from pretrain.hf import load as hf_load
 
-        _load_gathered(model, hf_load.hf_weights(source) if rank == 0 else None, source.mapping, rank)
+        _load_gathered(model, hf_load.hf_weights(source) if rank == 0 else None, source, rank)
         return
     if source.tag_dir.startswith(PLUG):  # merged from the shards one parameter at a time, on rank 0
         from pretrain.plug_layout import plug_weights
 
-        _load_gathered(model, plug_weights(source) if rank == 0 else None, source.mapping, rank)
+        _load_gathered(model, plug_weights(source) if rank == 0 else None, source, rank)
         return
     import torch.distributed as dist
 
@@ -242,9 +252,10 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
         for name, param in model.named_parameters():  # no collective: any order, every rank on its own
             if name not in source.mapping:
                 continue
-            numel = getattr(param, "ds_numel", param.numel())
-            if reader.numel(source.mapping[name]) != numel:  # init_source checked the shapes; this is a bug
-                raise RuntimeError(f"{name}: {numel} elements, the checkpoint's {source.mapping[name]} {reader.numel(source.mapping[name])}")
+            theirs, numel = source.mapping[name], getattr(param, "ds_numel", param.numel())
+            grows = source.extension is not None and theirs in VOCAB_TABLES
+            if reader.numel(theirs) != numel and not grows:  # init_source checked the shapes; this is a bug
+                raise RuntimeError(f"{name}: {numel} elements, the checkpoint's {theirs} {reader.numel(theirs)}")
             if hasattr(param, "ds_tensor"):  # this rank's partition: [r * size, (r + 1) * size), the last padded
                 part = param.ds_tensor.view(-1)
                 group = getattr(param, "ds_process_group", None)
@@ -252,24 +263,53 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
             else:
                 part, start = param.data.view(-1), 0
             end = min(numel, start + part.numel())
-            part[: end - start].copy_(reader.read(source.mapping[name], start, end))
+            read = lambda a, b, theirs=theirs: reader.read(theirs, a, b)  # noqa: E731
+            if grows:
+                _copy_token_rows(read, numel // _rows(param), source.extension, start, end, part)
+            else:
+                part[: end - start].copy_(read(start, end))
     # Each rank saw only its slices: every rank learns of a non-finite one, and refuses with the same line.
     partitions.refuse_nonfinite(source.tag_dir, next((n for n in distributed.gather_objects(reader.nonfinite) if n), None))
 
 
-def _load_gathered(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None, mapping: dict[str, str],
+def _load_gathered(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None, source: InitSource,
                    rank: int) -> None:  # fmt: skip
     """Rank 0 holds `weights`; one parameter at a time is gathered, set there and re-partitioned."""
     import deepspeed
 
     for name, param in model.named_parameters():  # the same order on every rank: gathering is collective
-        if name not in mapping:
+        if name not in source.mapping:
             continue
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:
-                w = weights[mapping[name]].to(param.dtype)
-                if w.shape == param.shape:
+                theirs = source.mapping[name]
+                w = weights[theirs].to(param.dtype)
+                if source.extension is not None and theirs in VOCAB_TABLES:
+                    flat = w.reshape(-1)
+                    _copy_token_rows(lambda a, b: flat[a:b], param[0].numel(), source.extension, 0, param.numel(),
+                                     param.data.view(-1))  # fmt: skip
+                elif w.shape == param.shape:
                     param.data.copy_(w)
                 else:  # hf: an embedding table with other rows (vocab padding, token types, positions)
                     n = min(w.shape[0], param.shape[0])  # rows past the source's keep their fresh init
                     param.data[:n].copy_(w[:n])
+
+
+def _rows(param: torch.nn.Parameter) -> int:
+    return (getattr(param, "ds_shape", None) or param.shape)[0]
+
+
+def _copy_token_rows(read: Callable[[int, int], torch.Tensor], width: int, extension: VocabExtension, start: int,
+                     end: int, part: torch.Tensor) -> None:  # fmt: skip
+    """Elements [start, end) of a token table (`width` to a row) into `part`, with the data's vocab extending the
+    source's: the source's tokens' rows as they are, each new token's row the mean of its pieces' rows (what stood
+    for it before; so the model starts where it was on that text), padding rows untouched (their fresh init).
+    read(a, b) gives the source's flat elements [a, b); only the rows this slice needs are read."""
+    kept = min(end, extension.rows * width)
+    if kept > start:
+        part[: kept - start].copy_(read(start, kept))
+    for token, pieces in extension.pieces.items():
+        lo, hi = max(start, token * width), min(end, (token + 1) * width)
+        if lo < hi:
+            row = torch.stack([read(p * width, (p + 1) * width).float() for p in pieces]).mean(0)
+            part[lo - start: hi - start].copy_(row[lo - token * width: hi - token * width])
