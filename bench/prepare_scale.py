@@ -1,11 +1,12 @@
-"""Throughput and memory of `python -m pretrain.prepare` on a large corpus, with 1 and with 2 workers.
+"""Throughput and memory of `python -m pretrain.prepare` on a large corpus, with 1 and with 2 workers, per segmenter.
 
-    python bench/prepare_scale.py [--gb 2] [--work /tmp/prepare_scale] [--workers 1 2] [--keep]
+    python bench/prepare_scale.py [--gb 2] [--work /tmp/prepare_scale] [--workers 1 2] [--segmenters jieba rjieba] [--keep]
 
 It writes a corpus of --gb gigabytes (.txt files of 256 MB): the demo corpus's sentences (data/demo/raw, else the
 tests' synthetic stories), shuffled into documents of 1 to 8 paragraphs of 1 to 6 sentences. It builds the vocab
-once (python -m pretrain.vocab, timed apart), then prepares the corpus with that vocab for each worker count,
-printing MB/s of raw text, the peak RSS (VmHWM) of the main process and of each worker, and the scaling. Last, a
+once (python -m pretrain.vocab, timed apart), then prepares the corpus with that vocab for each segmenter and worker
+count, printing MB/s of raw text, MB/s per core (the CPU seconds of all its processes), what 1 TB would cost in
+core-hours at that rate, the peak RSS (VmHWM) of the main process and of each worker, and the scaling. Last, a
 profile of a small sample says where a worker's time goes. Everything it wrote is deleted unless --keep.
 Run it on an otherwise idle machine: the load average is printed beside each figure.
 """
@@ -116,7 +117,7 @@ def run_measured(argv: list[str]) -> dict:
             "stdout": out}
 
 
-def profile_sample(vocab: str, scratch: str, sample_bytes: int = 8 << 20) -> None:
+def profile_sample(vocab: str, scratch: str, segmenter_name: str, sample_bytes: int = 8 << 20) -> None:
     """Where the time goes, stage by stage, on `sample_bytes` of the same kind of text, in this one process."""
     import pickle
 
@@ -124,15 +125,16 @@ def profile_sample(vocab: str, scratch: str, sample_bytes: int = 8 << 20) -> Non
 
     from pretrain.data.corpus import iter_paragraphs, sentence_spans
     from pretrain.data.indexed import IndexedWriter
-    from pretrain.data.tokenizer import Tokenizer, count_words, encode_paragraphs, jieba_segmenter
+    from pretrain.data.tokenizer import Tokenizer, count_words, encode_paragraphs, segmenter
+    from pretrain.data.wordpiece import SentenceEncoder
     from pretrain.prepare import _chunks
 
     sample = os.path.join(scratch, "sample.txt")
     os.makedirs(scratch, exist_ok=True)
     write_corpus_file(sample, sample_bytes, random.Random(1))
-    tok, segment = Tokenizer(vocab), jieba_segmenter()
+    tok, segment = Tokenizer(vocab), segmenter(segmenter_name)
     clock = time.perf_counter
-    spent = dict.fromkeys(["read", "split", "jieba", "encode", "encode_paragraphs", "pickle", "write", "vocab"], 0.0)
+    spent = dict.fromkeys(["read", "split", "segment", "encode", "encode_paragraphs", "pickle", "write", "vocab"], 0.0)
 
     start = clock()
     chunks = [texts for _, texts in _chunks(iter_paragraphs([sample]))]
@@ -141,23 +143,22 @@ def profile_sample(vocab: str, scratch: str, sample_bytes: int = 8 << 20) -> Non
     def cut(paragraph):
         start = clock()
         words = segment(paragraph)
-        spent["jieba"] += clock() - start
+        spent["segment"] += clock() - start
         return words
 
-    class TimedEncode:  # what encode_paragraphs calls, timed
-        def __init__(self, inner):
-            self.inner = inner
+    untimed = SentenceEncoder.encode
 
-        def encode(self, text, **kwargs):
-            start = clock()
-            enc = self.inner.encode(text, **kwargs)
-            spent["encode"] += clock() - start
-            return enc
+    def timed(self, text, spans):  # what encode_paragraphs calls, timed
+        start = clock()
+        tokens = untimed(self, text, spans)
+        spent["encode"] += clock() - start
+        return tokens
 
-    tok._tok = TimedEncode(tok._tok)
+    SentenceEncoder.encode = timed
     start = clock()
     encoded = [encode_paragraphs(tok, texts, cut) for texts in chunks]
     spent["encode_paragraphs"] = clock() - start
+    SentenceEncoder.encode = untimed
     start = clock()
     for texts in chunks:
         for p in texts:
@@ -179,17 +180,17 @@ def profile_sample(vocab: str, scratch: str, sample_bytes: int = 8 << 20) -> Non
     spent["vocab"] = clock() - start
 
     mb = os.path.getsize(sample) / 1e6
-    rest = spent["encode_paragraphs"] - spent["jieba"] - spent["encode"] - spent["split"]
-    worker = [("sentence splitting", spent["split"]), ("jieba, one cut per paragraph", spent["jieba"]),
-              ("tokenizers encode, per sentence", spent["encode"]), ("word starts and flat arrays", rest)]
+    rest = spent["encode_paragraphs"] - spent["segment"] - spent["encode"] - spent["split"]
+    worker = [("sentence splitting", spent["split"]), (f"{segmenter_name}, one cut per paragraph", spent["segment"]),
+              ("WordPiece (wordpiece.SentenceEncoder)", spent["encode"]), ("word starts and flat arrays", rest)]
     main_process = [("reading and chunking", spent["read"]), ("results through a pipe (pickle)", spent["pickle"]),
                     ("writing .bin/.idx", spent["write"])]
     total = sum(seconds for _, seconds in worker + main_process)
-    print(f"\nwhere the time goes on a {mb:.1f} MB sample, one process (seconds, share of all):")
+    print(f"\nwhere the time goes on a {mb:.1f} MB sample, one process, segmenter={segmenter_name} (seconds, share of all):")
     for title, stages in (("worker", worker), ("main process", main_process)):
         print(f"  {title}:")
         for name, seconds in stages:
-            print(f"    {name:34s} {seconds:6.2f} s  {100 * seconds / total:5.1f}%")
+            print(f"    {name:38s} {seconds:6.2f} s  {100 * seconds / total:5.1f}%")
     print(f"  total {total:.2f} s = {mb / total:.2f} MB/s on one core; the main process's share bounds the scaling")
     print(f"  (vocab word counting, the first pass without vocab=: {spent['vocab']:.2f} s, {mb / spent['vocab']:.1f} MB/s)")
 
@@ -199,6 +200,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=2.0, help="corpus size in GB (default 2)")
     ap.add_argument("--work", default="/tmp/prepare_scale", help="scratch directory, deleted at the end")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--segmenters", nargs="+", default=["jieba", "rjieba"], help="prepare's segmenter= values to time")
     ap.add_argument("--keep", action="store_true", help="keep the corpus and the prepared directories")
     args = ap.parse_args()
     if os.path.exists(args.work):
@@ -213,25 +215,28 @@ def main() -> None:
                                   f"workers={max(args.workers)}"])
         print(f"vocab: {vocab_run['seconds']:.0f} s with {max(args.workers)} workers ({mb / vocab_run['seconds']:.1f} MB/s,"
               f" load {vocab_run['load']:.1f}): {vocab_run['stdout'].strip()}")
-        rates = {}
-        for workers in args.workers:
-            out = os.path.join(args.work, f"prepared-{workers}")
-            r = run_measured([sys.executable, "-m", "pretrain.prepare", f"input={raw}", f"out={out}", f"vocab={vocab}",
-                              f"workers={workers}"])
-            rates[workers] = mb / r["seconds"]
-            peaks = ", ".join(f"{w['hwm_mb']:.0f}" for w in r["workers"]) or "none (in-process)"
-            worker_cpu = sum(w["cpu_s"] for w in r["workers"])
-            cores = (r["main"]["cpu_s"] + worker_cpu) / r["seconds"]  # below `workers`: other load took cores
-            print(f"workers={workers}: {r['seconds']:.0f} s, {rates[workers]:.2f} MB/s (load {r['load']:.1f} at start); "
-                  f"peak RSS main {r['main']['hwm_mb']:.0f} MB, workers {peaks} MB; "
-                  f"CPU main {r['main']['cpu_s']:.0f} s, workers {worker_cpu:.0f} s ({cores:.2f} cores busy)")
-            if not args.keep:
-                shutil.rmtree(out)
-        if 1 in rates:
+        for name in args.segmenters:
+            rates = {}
+            for workers in args.workers:
+                out = os.path.join(args.work, f"prepared-{name}-{workers}")
+                r = run_measured([sys.executable, "-m", "pretrain.prepare", f"input={raw}", f"out={out}",
+                                  f"vocab={vocab}", f"workers={workers}", f"segmenter={name}"])  # fmt: skip
+                rates[workers] = mb / r["seconds"]
+                peaks = ", ".join(f"{w['hwm_mb']:.0f}" for w in r["workers"]) or "none (in-process)"
+                worker_cpu = sum(w["cpu_s"] for w in r["workers"])
+                cpu = r["main"]["cpu_s"] + worker_cpu
+                cores = cpu / r["seconds"]  # below `workers`: other load took cores
+                print(f"segmenter={name} workers={workers}: {r['seconds']:.0f} s, {rates[workers]:.2f} MB/s, "
+                      f"{mb / cpu:.2f} MB/s per core, 1 TB in {1e6 / (mb / cpu) / 3600:.0f} core-hours (load "
+                      f"{r['load']:.1f} at start); peak RSS main {r['main']['hwm_mb']:.0f} MB, workers {peaks} MB; "
+                      f"CPU main {r['main']['cpu_s']:.0f} s, workers {worker_cpu:.0f} s ({cores:.2f} cores busy)")  # fmt: skip
+                if not args.keep:
+                    shutil.rmtree(out)
             for workers in sorted(rates):
-                if workers > 1:
-                    print(f"scaling: {workers} workers / 1 = {rates[workers] / rates[1]:.2f}x")
-        profile_sample(vocab, os.path.join(args.work, "profile"))
+                if workers > 1 and 1 in rates:
+                    print(f"segmenter={name} scaling: {workers} workers / 1 = {rates[workers] / rates[1]:.2f}x")
+        for name in args.segmenters:
+            profile_sample(vocab, os.path.join(args.work, f"profile-{name}"), name)
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)

@@ -28,7 +28,8 @@ from omegaconf import MISSING, OmegaConf
 
 from pretrain.cli import parse
 from pretrain.data.corpus import iter_input_files, iter_paragraphs
-from pretrain.data.tokenizer import CONTINUATION, MAX_WORD_CHARS, SPECIAL_TOKENS, Tokenizer, read_vocab, write_vocab
+from pretrain.data.tokenizer import (MAX_WORD_CHARS, SPECIAL_TOKENS, Tokenizer, by_count, character_pieces, read_vocab,
+                                      write_vocab)
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.prepare import check_input_settings, count_documents_and_words
 
@@ -102,15 +103,9 @@ def missing_tokens(words: Counter[str], base: Tokenizer, n: int) -> list[str]:
     pieces), then whole words seen at least twice."""
     have = set(read_vocab(base.vocab_path))
     distinct = [w for w in words if len(w) <= MAX_WORD_CHARS]
-    chars: Counter[str] = Counter()
-    for word, encoding in zip(distinct, base.encode_batch(distinct)):
-        if base.unk_id in encoding.ids:
-            chars[word[0]] += words[word]
-            for ch in word[1:]:
-                chars[CONTINUATION + ch] += words[word]
-    by_count = lambda counts: [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in have]  # noqa: E731
+    unknown = ((w, words[w]) for w, enc in zip(distinct, base.encode_batch(distinct)) if base.unk_id in enc.ids)
     whole = Counter({w: words[w] for w in distinct if len(w) > 1 and words[w] >= 2})
-    return (by_count(chars) + by_count(whole))[:n]
+    return [t for t in by_count(character_pieces(unknown)) + by_count(whole) if t not in have][:n]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,4 +104,5 @@ def test_stage_two_refuses_a_stage_one_run_of_another_vocab_of_the_same_padded_s
     prepare(PrepareConfig(input=f"{prepared}/../corpus.txt", out=str(data), vocab=str(tmp_path / "swapped.txt")))
     message = trainer_refusal(PALM + [f"data.dir={data}", f"run.dir={tmp_path / 'run'}", f"init_from={stage_one['two_ranks']}"])
     assert message == (f"init_from={stage_one['two_ranks']}: its vocab differs from the data's ({len(vocab)} vs {len(vocab)} "
-                       f"tokens; first at id {i}); prepare the data with vocab={stage_one['two_ranks']}/vocab.txt")
+                       f"tokens; first at id {i}), and the data's is not an extension of it; prepare the data with "
+                       f"vocab={stage_one['two_ranks']}/vocab.txt or with one that pretrain.vocab base= extends from it")

@@ -165,7 +165,7 @@ def _line_paragraphs(where, lineno, offset, raw, length, max_line_bytes, jsonl: 
 def _row_paragraphs(path: str, row: int, value, text_key: str) -> list[str]:
     if value is None:
         raise _BadLine("no_text", f'{path}: row {row}: "{text_key}" is null')
-    return [p.strip() for p in value.splitlines() if p.strip()]
+    return _document_paragraphs(value)
 
 
 class _BadLine(Exception):
@@ -202,4 +202,9 @@ def _jsonl_document(path: str, lineno: int, line: str, text_key: str = "text") -
                                   " name the text's with text_key=")  # fmt: skip
     if not isinstance(obj[text_key], str):
         raise _BadLine("no_text", f'{path}:{lineno}: "{text_key}" is {type(obj[text_key]).__name__}, expected a string')
-    return [p.strip() for p in obj[text_key].splitlines() if p.strip()]
+    return _document_paragraphs(obj[text_key])
+
+
+def _document_paragraphs(text: str) -> list[str]:
+    """A .jsonl or .parquet document's paragraphs: its lines, stripped, empties dropped."""
+    return [p.strip() for p in text.splitlines() if p.strip()]

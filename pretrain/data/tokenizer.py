@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
 from pretrain.data.corpus import sentence_spans
+from pretrain.data.wordpiece import SentenceEncoder
 from pretrain.errors import UserError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -187,20 +188,27 @@ def write_vocab(words: Counter[str], vocab_size: int, out_path: str, min_word_co
     [UNK] unless the alphabet alone exceeds the budget; the rest of the budget goes to the most frequent
     multi-character words (Latin words, numbers), which then tokenize as one piece.
     """
+    budget = vocab_size - len(SPECIAL_TOKENS)
+    alphabet = by_count(character_pieces((w, n) for w, n in words.items() if len(w) <= MAX_WORD_CHARS))[:budget]
+    whole_words = Counter({w: n for w, n in words.items() if 1 < len(w) <= MAX_WORD_CHARS and n >= min_word_count})
+    vocab = SPECIAL_TOKENS + alphabet + by_count(whole_words)[: budget - len(alphabet)]
+    with open(out_path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("".join(t + "\n" for t in vocab))
+
+
+def character_pieces(words: Iterable[tuple[str, int]]) -> Counter[str]:
+    """(word, count) pairs' characters counted as WordPiece pieces: a word's first as itself, the others as ##c."""
     chars: Counter[str] = Counter()
-    for word, n in words.items():
-        if len(word) > MAX_WORD_CHARS:
-            continue
+    for word, n in words:
         chars[word[0]] += n
         for ch in word[1:]:
             chars[CONTINUATION + ch] += n
-    budget = vocab_size - len(SPECIAL_TOKENS)
-    by_count = lambda counts: sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))  # noqa: E731
-    alphabet = [t for t, _ in by_count(chars)][:budget]
-    whole_words = Counter({w: n for w, n in words.items() if 1 < len(w) <= MAX_WORD_CHARS and n >= min_word_count})
-    vocab = SPECIAL_TOKENS + alphabet + [w for w, _ in by_count(whole_words)][: budget - len(alphabet)]
-    with open(out_path, "w", encoding="utf-8", newline="\n") as f:
-        f.write("".join(t + "\n" for t in vocab))
+    return chars
+
+
+def by_count(counts: Counter[str]) -> list[str]:
+    """The tokens, most frequent first, ties broken by the token: the same list for the same counts."""
+    return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 _jieba_cut: Callable[[str], list[str]] | None = None
@@ -276,25 +284,21 @@ def encode_paragraphs(tok: Tokenizer, paragraphs: list[str], segmenter: Callable
     word_start[i] = 1 iff token i begins where a segmenter word begins and is not a '##' piece, so
     whole-word masking and word-structure objectives can treat the tokens of one word as a unit.
     """
-    encode = tok._tok.encode
-    id_lists, offset_lists, sentence_begins, sentence_tokens, paragraph_sentences, word_lengths = [], [], [], [], [], []
+    spans, paragraph_of_span, word_lengths = [], [], []
     base = 0  # where the paragraph starts in the paragraphs' concatenation
-    for paragraph in paragraphs:
-        kept = 0
-        for begin, end in sentence_spans(paragraph):
-            enc = encode(paragraph[begin:end], add_special_tokens=False)
-            if enc.ids:
-                id_lists.append(enc.ids)
-                offset_lists.append(enc.offsets)
-                sentence_begins.append(base + begin)
-                sentence_tokens.append(len(enc.ids))
-                kept += 1
-        paragraph_sentences.append(kept)
+    for k, paragraph in enumerate(paragraphs):
+        spans.extend((base + begin, base + end) for begin, end in sentence_spans(paragraph))
+        paragraph_of_span.extend([k] * (len(spans) - len(paragraph_of_span)))
         # One cut per paragraph gives the words of its sentences: jieba cuts every run of [一-鿕a-zA-Z0-9+#&._%-]
         # on its own (the HMM included), and a sentence ends with 。！？；!?… or a closing quote or bracket, none of
         # which is in such a run, so no run spans two sentences.
         word_lengths.extend(map(len, segmenter(paragraph)))
         base += len(paragraph)
+    text = "".join(paragraphs)
+    tokens = _sentence_encoder(tok).encode(text, spans)
+    per_sentence = np.bincount(tokens.sentence, minlength=len(spans))
+    kept = per_sentence > 0  # a sentence that tokenizes to nothing is dropped
+    paragraph_sentences = np.bincount(np.asarray(paragraph_of_span, dtype=np.int64)[kept], minlength=len(paragraphs))
 
     word_lengths = np.asarray(word_lengths, dtype=np.int64)
     word_ends = np.cumsum(word_lengths)
@@ -303,22 +307,22 @@ def encode_paragraphs(tok: Tokenizer, paragraphs: list[str], segmenter: Callable
     at_word_begin = np.zeros(base + 1, dtype=bool)
     at_word_begin[word_ends - word_lengths] = True
 
-    num_tokens = sum(sentence_tokens)
-    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=num_tokens)
-    pairs = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(offset_lists)), dtype=np.int64,
-                        count=2 * num_tokens)
-    sentence_tokens = np.asarray(sentence_tokens, dtype=np.int64)
-    token_begins = pairs[0::2] + np.repeat(np.asarray(sentence_begins, dtype=np.int64), sentence_tokens)
+    ids, token_begins = tokens.ids, tokens.begins
     word_start = at_word_begin[token_begins] & ~_continuation(tok)[ids]
     unknown, unknown_at = Counter(), np.flatnonzero(ids == tok.unk_id)
-    if len(unknown_at):
-        text, token_ends = "".join(paragraphs), token_begins - pairs[0::2] + pairs[1::2]
-        unknown.update(text[token_begins[i] : token_ends[i]] for i in unknown_at)
-    return Encoded(ids, word_start.astype(np.uint8), sentence_tokens, np.asarray(paragraph_sentences, dtype=np.int64),
-                   unknown)  # fmt: skip
+    unknown.update(text[token_begins[i] : tokens.ends[i]] for i in unknown_at.tolist())
+    return Encoded(ids, word_start.astype(np.uint8), per_sentence[kept].astype(np.int64),
+                   paragraph_sentences.astype(np.int64), unknown)  # fmt: skip
 
 
 _CONTINUATIONS: "weakref.WeakKeyDictionary[Tokenizer, np.ndarray]" = weakref.WeakKeyDictionary()
+_SENTENCE_ENCODERS: "weakref.WeakKeyDictionary[Tokenizer, SentenceEncoder]" = weakref.WeakKeyDictionary()
+
+
+def _sentence_encoder(tok: Tokenizer) -> SentenceEncoder:
+    if tok not in _SENTENCE_ENCODERS:
+        _SENTENCE_ENCODERS[tok] = SentenceEncoder(tok)
+    return _SENTENCE_ENCODERS[tok]
 
 
 def _continuation(tok: Tokenizer) -> np.ndarray:
