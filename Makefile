@@ -29,7 +29,7 @@ SENTIMENT = task=classification data.dir=$(DEMO_DATA)/tasks/sentiment task.max_l
 LONGER_RUN = $(DEMO_RUN)/structbert_x2
 
 .PHONY: install install-test demo finetune-demo finetune-study finetune-longer compare test clean-demo bench-speed \
-	gpu-wheels gpu-check-dry-run test-fast
+	gpu-wheels gpu-check-dry-run test-fast lint-imports
 
 # pip runs again only when setup.py or this file changed since it last ran for this interpreter (half a minute of
 # resolving otherwise, at every make test-fast); `rm -r .make` forces it.
@@ -128,12 +128,17 @@ compare: install
 # in each worker (2 s of its collection). The files go to __pycache__ folders, which git ignores.
 PYTEST_WORKERS ?= 2
 PYTEST = PYTHONDONTWRITEBYTECODE= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -q -n $(PYTEST_WORKERS)
-test: install-test
+test: install-test lint-imports
 	$(PYTEST) --dist loadfile tests $(PYTEST_ARGS)
+
+# The package's layers (pyproject.toml, [tool.importlinter]): an import that runs upward fails here, with the line
+# that makes it. About 2 s.
+lint-imports: install-test
+	$(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()' --no-cache
 
 # Before each commit: the tests that start no process (no launcher, no CLI, no Slurm, no GPU), about 50 s on 2
 # cores: every objective, both models, the data pipeline, the checkpoint vetting. The markers: pyproject.toml.
-test-fast: install-test
+test-fast: install-test lint-imports
 	$(PYTEST) -m "not e2e and not slurm and not gpu" tests $(PYTEST_ARGS)
 
 clean-demo:

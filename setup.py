@@ -26,6 +26,7 @@ setup(
     extras_require={
         "hf": ["transformers>=5.24,<6", "safetensors>=0.4"],  # pretrain.export (tested with 5.24.0)
         "fast": ["rjieba>=0.1"],  # prepare's segmenter=rjieba (tested with 0.2.2)
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=5.24,<6", "safetensors>=0.4", "rjieba>=0.1"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=5.24,<6", "safetensors>=0.4", "rjieba>=0.1",
+                 "import-linter>=2.1"],  # make lint-imports: the package's layers (pyproject.toml)
     },
 )

@@ -21,7 +21,7 @@ import sys
 from safetensors.torch import save_file
 from pretrain.hf.layout import to_hf_plan
 from pretrain.training import checkpoint, partitions
-from pretrain.training.run_dir import read_model_record
+from pretrain.run_record import read_model_record
 cfg = read_model_record(sys.argv[1]).cfg
 state = partitions.consolidate(checkpoint.find(sys.argv[1], "run.dir"))
 plan = to_hf_plan(state, cfg)

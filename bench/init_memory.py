@@ -56,8 +56,9 @@ def worker(mode: str, run_dir: str, out_path: str) -> None:
 
     import torch
 
-    from pretrain.training.run_dir import read_model_record
+    from pretrain.run_record import read_model_record
     from pretrain.models.palm import Palm
+    from pretrain import init_sources
     from pretrain.training import checkpoint, distributed, init_from, partitions
     from pretrain.training.engine import build_model
 
@@ -70,7 +71,7 @@ def worker(mode: str, run_dir: str, out_path: str) -> None:
     model = build_model(lambda: Palm(cfg), ds_config, seed=0)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Palm(cfg).named_parameters()}
-    source = init_from.init_source(run_dir, shapes, cfg, os.path.join(run_dir, "vocab.txt"))
+    source = init_sources.init_source(run_dir, shapes, cfg, os.path.join(run_dir, "vocab.txt"))
     gc.collect()
     distributed.barrier()
     before = status()

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pretrain.data.tokenizer import Tokenizer  # noqa: E402
-from pretrain.training import run_dir as run_files  # noqa: E402
+from pretrain import run_record  # noqa: E402
 
 
 def token_states(model, tok: Tokenizer, sentences: list[str]) -> torch.Tensor:
@@ -56,7 +56,7 @@ def main() -> None:
     with open(args.tasks, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f][: args.sentences]
     sentences = ["".join(r["tokens"]) if "tokens" in r else r.get("sentence", r.get("src")) for r in rows]
-    record = run_files.stage_model_record(args.run, "encoder_geometry")
+    record = run_record.stage_model_record(args.run, "encoder_geometry")
     stage, cfg = record.stage, record.cfg
     if record.stage_class.generates:
         sys.exit(f"encoder_geometry: error: {args.run} is a {stage} run; a stage-one run is needed")
@@ -67,7 +67,7 @@ def main() -> None:
     tags = args.checkpoint or sorted((d for d in os.listdir(os.path.join(args.run, "checkpoints")) if d.startswith("step")),
                                      key=lambda d: int(d[4:]))  # fmt: skip
     for tag in tags:
-        encoders[tag] = run_files.load_stage_model(record, os.path.join(args.run, "checkpoints", tag))
+        encoders[tag] = run_record.load_stage_model(record, os.path.join(args.run, "checkpoints", tag))
     print(f"{len(sentences)} sentences of {args.tasks}; final hidden states of their tokens")
     print("encoder".ljust(14) + "mean cosine".rjust(13) + "participation ratio".rjust(21) + f" (of {cfg.hidden})")
     for name, model in encoders.items():

@@ -29,6 +29,7 @@ from pretrain.cli import parse
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
+from pretrain import run_record
 from pretrain.training import checkpoint, partitions, run_dir as run_files, safe_load
 
 DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True, "trust_checkpoint": False,
@@ -75,7 +76,7 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
         raise UserError("the export needs transformers and safetensors: pip install -e '.[hf]'") from None
     from pretrain.hf.export import save_tokenizer, write_safetensors
 
-    record = run_files.stage_model_record(run_dir, "pretrain.export")
+    record = run_record.stage_model_record(run_dir, "pretrain.export")
     cfg, exporter = record.cfg, record.stage_class.hf_export()
     if os.path.exists(out) and not overwrite and os.listdir(out):
         raise UserError(f"out={out}: exists and is not empty (overwrite=true replaces it)")
@@ -105,9 +106,9 @@ def check(run_dir: str, out: str, tag_dir: str) -> dict[str, float]:
 
     transformers.logging.set_verbosity_error()  # its load report lists the other heads' keys as unexpected
     transformers.logging.disable_progress_bar()
-    record = run_files.stage_model_record(run_dir, "pretrain.export")
+    record = run_record.stage_model_record(run_dir, "pretrain.export")
     cfg = record.cfg
-    ours = run_files.load_stage_model(record, tag_dir)  # in eval mode: no dropout
+    ours = run_record.load_stage_model(record, tag_dir)  # in eval mode: no dropout
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, cfg.vocab_size, (3, min(24, cfg.max_positions)), generator=g)
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -126,7 +127,7 @@ def main(argv: list[str]) -> None:
     if cfg.format == "plug":
         from pretrain import plug_layout
 
-        return plug_layout.main(cfg)
+        return plug_layout.main(cfg, run_record.stage_model_record(cfg.run.dir, "pretrain.export format=plug"))
     if cfg.format != "hf":
         raise UserError(f"format={cfg.format}: must be hf or plug")
     for key in ("tp", "dtype"):

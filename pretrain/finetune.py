@@ -20,6 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pretrain import init_sources
 from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.overrides import check_command_line
@@ -27,7 +28,8 @@ from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
 from pretrain.training import distributed, init_from, loop, memory, peers, run_lock, safe_load, watchdog
 from pretrain.training.checkpoint import Checkpoints
-from pretrain.training.run_dir import ModelRecord, load_weights, write_atomic, write_run_files
+from pretrain.run_record import ModelRecord
+from pretrain.training.run_dir import load_weights, write_atomic, write_run_files
 from pretrain.training.config import (
     BatchGeometry,
     RunSettings,
@@ -63,7 +65,7 @@ def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
     if vocab_path is None:
         if source is None:
             raise UserError("init_from=null (random init) needs vocab=<vocab.txt> (the pre-trained run's, for the same shapes)")
-        vocab_path = init_from.run_vocab(source)
+        vocab_path = init_sources.run_vocab(source)
         if vocab_path is None:
             raise UserError(f"init_from={source}: no vocab.txt beside it (an export holds tokenizer.json only); give "
                             "vocab=<the vocab.txt it was trained with>: it is checked against the checkpoint's")  # fmt: skip
@@ -75,8 +77,8 @@ def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
     if source is not None:
         with torch.device("meta"):
             shapes = {n: tuple(p.shape) for n, p in task.make_model().named_parameters()}
-        init = init_from.finetune_source(source, shapes, task.model_cfg, vocab_path, task.needs_stage_two, task.fresh)
-        theirs = init_from.run_vocab(source)  # the ids must mean what the model learnt (hf: checked above)
+        init = init_sources.finetune_source(source, shapes, task.model_cfg, vocab_path, task.needs_stage_two, task.fresh)
+        theirs = init_sources.run_vocab(source)  # the ids must mean what the model learnt (hf: checked above)
         if theirs is not None and read_vocab(theirs) != read_vocab(vocab_path):
             raise UserError(f"vocab={vocab_path} differs from {theirs}, the vocab init_from={source} was trained with")
     run_lock.check_free(settings.run_dir, settings.lock_lease_s)  # its checkpoints may be changing under us

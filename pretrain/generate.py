@@ -33,7 +33,8 @@ import torch
 from pretrain.cli import parse
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain.training import checkpoint, distributed, run_dir as run_files, safe_load
+from pretrain import run_record
+from pretrain.training import checkpoint, distributed, safe_load
 
 DEFAULTS = {
     "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,
@@ -97,7 +98,7 @@ def model_source(run_dir: str, checkpoint_dir: str | None):
     rank starts: a stage whose model generates, and a checkpoint of that model's shapes."""
     from pretrain.stages import STAGES
 
-    record = run_files.stage_model_record(run_dir, "pretrain.generate")
+    record = run_record.stage_model_record(run_dir, "pretrain.generate")
     if not record.stage_class.generates:
         want = next(cls for cls in STAGES.values() if cls.generates)
         raise UserError(f"run.dir={run_dir}: a {record.stage_class.ordinal} run; generation needs a {want.ordinal}"
@@ -118,7 +119,7 @@ def load_model(run_dir: str, checkpoint_dir: str | None):
     checkpoint's weights, its tokenizer and the checkpoint: for tools that compare it with another implementation
     (the export's tests, experiments/hf_continue.py), at a size one process holds."""
     record, tag_dir = model_source(run_dir, checkpoint_dir)
-    return run_files.load_stage_model(record, tag_dir), Tokenizer(os.path.join(run_dir, "vocab.txt")), tag_dir
+    return run_record.load_stage_model(record, tag_dir), Tokenizer(os.path.join(run_dir, "vocab.txt")), tag_dir
 
 
 def encoder_input(tok: Tokenizer, prompt: str, max_positions: int, where: str, warn: bool = True) -> list[int]:

@@ -47,13 +47,13 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
 
-PLUG = "plug:"  # init_from=plug:<dir>
 VOCAB_DIVISOR = 128  # PLUG's --make-vocab-size-divisible-by (arguments.py), times the tensor-parallel size
 SHARD = "mp_rank_{:02d}_model_states.pt"
 _SHARD_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -94,22 +94,12 @@ def _norm(plug: str, ours: str | None) -> list[Entry]:
     return [Entry(f"{plug}.{p}", None if ours is None else f"{ours}.{p}") for p in ("weight", "bias")]
 
 
-def _has_decoder(stage: str) -> bool:
-    from pretrain.stages import stage_class
+def layout(cfg: ModelConfig, decoder: bool) -> list[Entry]:
+    """PLUG's state dict of our model, in PLUG's order: BertForPreTraining's names for an encoder (stage one),
+    PalmForPreTraining's (the same plus `decoder.decoder.*`) for an encoder-decoder (stage two).
 
-    return stage_class(stage).generates
-
-
-def _stage_with(decoder: bool) -> str:
-    """The stage whose model has PLUG's decoder (or has none)."""
-    from pretrain.stages import STAGES
-
-    return next(name for name, cls in STAGES.items() if cls.generates == decoder)
-
-
-def layout(cfg: ModelConfig, stage: str) -> list[Entry]:
-    """PLUG's state dict of our model, in PLUG's order: BertForPreTraining's names for stage one (structbert),
-    PalmForPreTraining's (the same plus `decoder.decoder.*`) for stage two (palm)."""
+    Where a stage is passed below (export), it is the stage's class: its `generates` says whether its model has
+    the decoder, its `name` is recorded in config.json."""
     e = "bert.embeddings."
     out = [
         Entry(WORD, "encoder.embeddings.word.weight", VOCAB),
@@ -135,7 +125,7 @@ def layout(cfg: ModelConfig, stage: str) -> list[Entry]:
     out += _linear("cls.predictions.transform.dense", "mlm_head.dense")
     out += _norm("cls.predictions.transform.LayerNorm", "mlm_head.norm")
     out += _linear("cls.seq_relationship", "sentence_head.classifier")
-    if not _has_decoder(stage):
+    if not decoder:
         return out
     for j in range(cfg.decoder_layers):
         p, o = f"decoder.decoder.layer.{j}.", f"decoder.layers.{j}."
@@ -174,15 +164,15 @@ def merge(pieces: list[torch.Tensor], e: Entry) -> torch.Tensor:
 
 
 # ---- out: pretrain.export format=plug ----------------------------------------------------------------------
-def check_export(cfg: ModelConfig, stage: str, tp: int, dtype: str, where: str) -> None:
+def check_export(cfg: ModelConfig, stage, tp: int, dtype: str, where: str) -> None:
     """Everything that can make an export in PLUG's layout impossible, before anything is read or written."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise UserError(f"tp={tp}: must be an integer >= 1 (PLUG's released shards: 8)")
     if dtype not in DTYPES:
         raise UserError(f"dtype={dtype}: must be {' or '.join(DTYPES)}")
-    if _has_decoder(stage) and cfg.copy:
+    if stage.generates and cfg.copy:
         raise UserError(f"{where}: model.copy=true; PLUG has no copy mechanism (export a run with model.copy=false)")
-    if _has_decoder(stage) and not cfg.pre_ln:
+    if stage.generates and not cfg.pre_ln:
         raise UserError(f"{where}: model.pre_ln=false; PLUG's decoder is pre-LN, a post-LN stage two has no place in"
                         " its layout")  # fmt: skip
     for key, n in (("heads", cfg.heads), ("hidden", cfg.hidden), ("ffn", cfg.ffn)):
@@ -203,7 +193,7 @@ def _full(state, e: Entry, cfg: ModelConfig, rows: int) -> torch.Tensor:
     return t
 
 
-def write_shards(state, cfg: ModelConfig, stage: str, tokens: int, out_dir: str, tp: int, dtype: str = "fp16") -> list[str]:
+def write_shards(state, cfg: ModelConfig, stage, tokens: int, out_dir: str, tp: int, dtype: str = "fp16") -> list[str]:
     """Write `state` (our names: tensors, or DeepSpeed's lazy consolidated ones) as PLUG's tp shards into out_dir.
 
     One shard at a time, one parameter at a time: each full tensor is assembled, its rank's piece copied out, and
@@ -212,7 +202,7 @@ def write_shards(state, cfg: ModelConfig, stage: str, tokens: int, out_dir: str,
     one shard (7 GB in fp16) where writing every shard in one pass would hold the whole model. dtype fp16: the LayerNorms stay fp32, as in PLUG's
     model under fp32_layernorm; everything else fp16 (what PLUG's loader casts to anyway; half the disk)."""
     check_export(cfg, stage, tp, dtype, "the model")
-    entries = layout(cfg, stage)
+    entries = layout(cfg, stage.generates)
     known = {e.ours for e in entries}
     missing = [e.ours for e in entries if e.ours is not None and e.ours not in state]
     if missing:
@@ -242,7 +232,7 @@ def write_shards(state, cfg: ModelConfig, stage: str, tokens: int, out_dir: str,
     return paths
 
 
-def plug_config(cfg: ModelConfig, stage: str, tokens: int, tp: int, dtype: str, tag_dir: str) -> dict:
+def plug_config(cfg: ModelConfig, stage, tokens: int, tp: int, dtype: str, tag_dir: str) -> dict:
     """config.json in the keys of PLUG's BertConfig (model/modeling.py), and what the export adds."""
     return {
         "vocab_size": plug_vocab_size(tokens, tp), "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers,
@@ -251,27 +241,27 @@ def plug_config(cfg: ModelConfig, stage: str, tokens: int, tp: int, dtype: str, 
         "max_position_embeddings": cfg.max_positions, "type_vocab_size": cfg.type_vocab,
         "initializer_range": cfg.init_std, "deep_init": False, "pre_ln": cfg.pre_ln,
         "fp32_layernorm": dtype == "fp16", "fp32_embedding": False, "fp32_tokentypes": False,
-        "layernorm_epsilon": cfg.ln_eps, "dec_hidden_layers": cfg.decoder_layers if _has_decoder(stage) else 0,
-        "model_type": "plugNLG" if _has_decoder(stage) else "plugNLU",
+        "layernorm_epsilon": cfg.ln_eps, "dec_hidden_layers": cfg.decoder_layers if stage.generates else 0,
+        "model_type": "plugNLG" if stage.generates else "plugNLU",
         "pretrain_export": {
-            "stage": stage, "tensor_parallel": tp, "dtype": dtype, "vocab_tokens": tokens, "checkpoint": tag_dir,
+            "stage": stage.name, "tensor_parallel": tp, "dtype": dtype, "vocab_tokens": tokens, "checkpoint": tag_dir,
             "embedding_layernorm": "ours" if cfg.normed_embeddings else
             "identity: the model has none, and PLUG's forward normalises the embeddings (it differs from ours)",
         },
     }  # fmt: skip
 
 
-def export_plug(run_dir: str, out: str, step: int | None = None, overwrite: bool = False, tp: int = 8,
+def export_plug(run_dir: str, record, out: str, step: int | None = None, overwrite: bool = False, tp: int = 8,
                 dtype: str = "fp16", check: bool = True) -> tuple[str, dict]:  # fmt: skip
     """Write run_dir's newest (or step's) checkpoint in PLUG's layout to out: the shards, config.json, vocab.txt.
-    Built beside out and renamed into place at the end. check: the shards are read back (plug_weights) and every
+    record: the run's model record (pretrain/run_record.py: the stage's class and the model's config).
+    Built beside out and renamed into place at the end. check: the shards are read back (ShardSet) and every
     tensor compared with the checkpoint's (cast to what was written) before that. Returns the checkpoint and the
     largest difference per kind of split (all 0.0)."""
     from pretrain.data.tokenizer import read_vocab
     from pretrain.training import checkpoint, partitions, run_dir as run_dir_files
 
-    record = run_dir_files.stage_model_record(run_dir, "pretrain.export format=plug")
-    stage, cfg = record.stage, record.cfg
+    stage, cfg = record.stage_class, record.cfg
     check_export(cfg, stage, tp, dtype, f"run.dir={run_dir}")
     if os.path.exists(out) and not overwrite and os.listdir(out):
         raise UserError(f"out={out}: exists and is not empty (overwrite=true replaces it)")
@@ -292,12 +282,12 @@ def export_plug(run_dir: str, out: str, step: int | None = None, overwrite: bool
     return tag_dir, diffs
 
 
-def compare(shard_dir: str, state, cfg: ModelConfig, stage: str, tokens: int, dtype: str) -> dict[str, float]:
+def compare(shard_dir: str, state, cfg: ModelConfig, stage, tokens: int, dtype: str) -> dict[str, float]:
     """The largest |read back - written| per kind of split, over every tensor of the shards in shard_dir."""
     shards = ShardSet(shard_dir, f"out={shard_dir}")
     rows = plug_vocab_size(tokens, shards.tp)
     diffs: dict[str, float] = {}
-    for e in layout(cfg, stage):
+    for e in layout(cfg, stage.generates):
         want = _full(state, e, cfg, rows).to(torch.float32 if e.is_norm else DTYPES[dtype]).float()
         got = shards.tensor(e).float()
         d = float((got - want).abs().max()) if got.shape == want.shape else float("inf")
@@ -305,11 +295,11 @@ def compare(shard_dir: str, state, cfg: ModelConfig, stage: str, tokens: int, dt
     return diffs
 
 
-def main(cfg) -> None:
-    """pretrain.export format=plug (export.py hands its parsed settings over)."""
+def main(cfg, record) -> None:
+    """pretrain.export format=plug (export.py hands its parsed settings and the run's model record over)."""
     tp = 8 if cfg.tp is None else cfg.tp
     dtype = "fp16" if cfg.dtype is None else str(cfg.dtype)
-    tag_dir, diffs = export_plug(cfg.run.dir, cfg.out, None if cfg.step is None else int(cfg.step),
+    tag_dir, diffs = export_plug(cfg.run.dir, record, cfg.out, None if cfg.step is None else int(cfg.step),
                                  bool(cfg.overwrite), tp, dtype, bool(cfg.check))  # fmt: skip
     print(f"pretrain.export: {tag_dir} -> {cfg.out} (PLUG's layout, {tp} tensor-parallel shards, {dtype})")
     if diffs:
@@ -400,14 +390,14 @@ def _their_config(path: str, where: str) -> dict:
         raise UserError(f"{where}: config.json is not readable ({e})") from None
 
 
-def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str | None,
-                needs_stage_two: bool = False):  # fmt: skip
+def plug_source(init_from: str, path: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
+                vocab_path: str | None, needs_stage_two: bool = False):  # fmt: skip
     """The InitSource of a directory of PLUG shards, checked against our model before any rank starts: its ranks,
     layout, dimensions and vocab. Our parameters take PLUG's by name (`layout`), the decoder too where the shards
     have one (else it is fresh, or the top encoder layers' with model.decoder_init=encoder_top)."""
     from pretrain.training.init_from import InitSource, map_by_name, source_names
 
-    path, where = init_from[len(PLUG):], f"init_from={init_from}"
+    where = f"init_from={init_from}"
     shards = ShardSet(path, where)
     their = _their_config(path, where)
     pre_ln = "bert.encoder.LayerNorm.weight" in shards
@@ -437,7 +427,7 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
         raise UserError(f"{where}: encoder-only shards (stage one); a generation task needs PLUG's decoder too")
     if their_decoder and wants_decoder and their_decoder != cfg.decoder_layers:
         raise UserError(f"{where}: the shards have {their_decoder} decoder layers, model.decoder_layers={cfg.decoder_layers}")
-    entries = layout(cfg, _stage_with(decoder=their_decoder and wants_decoder))
+    entries = layout(cfg, decoder=bool(their_decoder and wants_decoder))
     absent = [e.plug for e in entries if e.plug not in shards and e.plug != TIED and e.ours is not None]
     if absent:
         raise UserError(f"{where}: the shards have no {absent[0]} (and {len(absent) - 1} more): not PLUG's layout of this model")
@@ -466,7 +456,7 @@ def plug_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: 
     mapping, fresh = map_by_name(target_shapes, wanted, have, cfg, where,
                                  ("encoder.embeddings.word.weight", "mlm_head.bias"),
                                  ("encoder.embeddings.token_type.weight",))  # fmt: skip
-    return InitSource(init_from, mapping, tuple(fresh), cfg, extension)
+    return InitSource(init_from, mapping, tuple(fresh), extension, partial(PlugWeights, path, where, cfg))
 
 
 def _check_vocab(path: str, vocab_path: str, rows: int, where: str):
@@ -490,9 +480,9 @@ class PlugWeights:
     """Our parameters from PLUG's shards, by our name, merged one at a time on demand (what init_from's
     _load_gathered reads: rank 0 sets each gathered parameter from it, one after another)."""
 
-    def __init__(self, source):
-        self.shards = ShardSet(source.tag_dir[len(PLUG):], f"init_from={source.tag_dir}")
-        entries = layout(source.cfg, _stage_with(decoder=bool(self.shards.layers("decoder.decoder.layer."))))
+    def __init__(self, path: str, where: str, cfg: ModelConfig):
+        self.shards = ShardSet(path, where)
+        entries = layout(cfg, decoder=bool(self.shards.layers("decoder.decoder.layer.")))
         self.entries = {}
         for e in entries:
             if e.ours is not None and e.plug != TIED:
@@ -500,7 +490,3 @@ class PlugWeights:
 
     def __getitem__(self, ours: str) -> torch.Tensor:
         return self.shards.tensor(self.entries[ours])
-
-
-def plug_weights(source) -> PlugWeights:
-    return PlugWeights(source)

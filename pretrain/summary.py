@@ -10,6 +10,7 @@ import sys
 
 from pretrain import plots
 from pretrain.cli import parse
+from pretrain.data.palm_lengths import render_lengths
 from pretrain.errors import UserError, exit_on_user_error
 
 # Columns shown when present, in this order.
@@ -74,19 +75,6 @@ def render(s: dict) -> str:
         lines.append(f"  test ({r['test_examples']} examples, the checkpoint of step {r['best_step']}, picked by "
                      f"{r['selected_by']}): " + ", ".join(f"{k} {v:.2f}" for k, v in r["test"].items()))  # fmt: skip
     return "\n".join(lines)
-
-
-def render_lengths(h: dict) -> list[str]:
-    """Stage two's drawn and realised lengths, as run.json records them (data/palm.py, PalmDataset.stats)."""
-    lines = [f"  lengths of the first {h['samples']} samples (with [CLS]/[SEP]; parts snapped within {h['snap']:g}):"]
-    for side in ("encoder", "decoder"):
-        x = h[side]
-        bins = [f"{lo}-{hi - 1}" for lo, hi in zip(x["edges"][:-1], x["edges"][1:])]
-        lines.append("    " + side.ljust(10) + "".join(b.rjust(9) for b in bins) + "below".rjust(7) + "mean".rjust(8))
-        for kind, below in (("drawn", 0), ("realised", x["realised_below"])):
-            lines.append("    " + f"  {kind}".ljust(10) + "".join(str(c).rjust(9) for c in x[kind])
-                         + str(below).rjust(7) + f"{x['mean_' + kind]:.1f}".rjust(8))
-    return lines
 
 
 def main(argv: list[str]) -> None:

@@ -21,7 +21,8 @@ from pretrain.errors import exit_on_user_error
 from pretrain.overrides import check_command_line
 from pretrain.training import distributed, init_from, loop, memory, peers, run_lock, safe_load, watchdog
 from pretrain.training.checkpoint import Checkpoints
-from pretrain.training.run_dir import ModelRecord, write_run_files
+from pretrain.run_record import ModelRecord
+from pretrain.training.run_dir import write_run_files
 from pretrain.training.config import (
     BatchGeometry, RunSettings, batch_geometry, deepspeed_config, run_settings,
 )  # fmt: skip

@@ -16,9 +16,10 @@ import sys
 
 import torch
 
-from pretrain.training.run_dir import read_model_record
+from pretrain.run_record import read_model_record
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
+from pretrain import init_sources
 from pretrain.training import checkpoint, distributed, init_from, partitions
 from pretrain.training.engine import build_model
 
@@ -39,7 +40,7 @@ def main(run_dir: str, decoder_init: str, out_path: str, source_arg: str | None 
     model = build_model(make, ds_config, seed=99)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in make().named_parameters()}
-    source = init_from.init_source(source_arg or run_dir, shapes, two, os.path.join(run_dir, "vocab.txt"))
+    source = init_sources.init_source(source_arg or run_dir, shapes, two, os.path.join(run_dir, "vocab.txt"))
     init_from.load_into(model, source, info.rank)
 
     g = torch.Generator().manual_seed(0)

@@ -15,8 +15,9 @@ import sys
 import torch
 
 from pretrain.data.tokenizer import read_vocab
-from pretrain.training.run_dir import read_model_record
+from pretrain.run_record import read_model_record
 from pretrain.models.palm import Palm
+from pretrain import init_sources
 from pretrain.training import checkpoint, distributed, init_from, partitions
 from pretrain.training.engine import build_model
 
@@ -35,7 +36,7 @@ def main(run_dir: str, decoder_init: str, out_path: str, vocab: str | None = Non
     model = build_model(lambda: Palm(cfg), ds_config, seed=99)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Palm(cfg).named_parameters()}
-    source = init_from.init_source(run_dir, shapes, cfg, vocab or os.path.join(run_dir, "vocab.txt"))
+    source = init_sources.init_source(run_dir, shapes, cfg, vocab or os.path.join(run_dir, "vocab.txt"))
     assert (source.extension is not None) == (vocab is not None)
 
     consolidate, read, reads = partitions.consolidate, partitions.PartitionReader.read, []

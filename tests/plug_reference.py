@@ -98,6 +98,7 @@ def main(plug_src: str, work: str, embedding_norm: bool = False) -> None:
     from pretrain import plug_layout
     from pretrain.models.config import ModelConfig
     from pretrain.models.palm import Palm
+    from pretrain.stages import STAGES
 
     cfg = ModelConfig(vocab_size=48, hidden=16, layers=2, heads=4, ffn=32, max_positions=24, decoder_layers=2,
                       dropout=0.0, attn_dropout=0.0, embedding_norm=embedding_norm)  # fmt: skip
@@ -108,7 +109,7 @@ def main(plug_src: str, work: str, embedding_norm: bool = False) -> None:
             p.normal_(0.0, 0.3)
     shard_dir = os.path.join(work, "shards")
     os.makedirs(shard_dir, exist_ok=True)
-    plug_layout.write_shards(ours.state_dict(), cfg, "palm", 45, shard_dir, TP, "fp32")  # 45 tokens -> 256 rows
+    plug_layout.write_shards(ours.state_dict(), cfg, STAGES["palm"], 45, shard_dir, TP, "fp32")  # 45 tokens -> 256 rows
     g = torch.Generator().manual_seed(0)
     ids, types_ = torch.randint(5, 45, (2, 9), generator=g), torch.randint(0, 2, (2, 9), generator=g)
     mask = torch.ones(2, 9, dtype=torch.long)

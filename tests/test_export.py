@@ -15,7 +15,7 @@ from pretrain.data.tokenizer import Tokenizer
 from pretrain.models.config import ModelConfig
 from pretrain.models.structbert import StructBert
 from pretrain.training import checkpoint, partitions
-from pretrain.training.run_dir import read_model_record
+from pretrain.run_record import read_model_record
 from runs import DEEPSPEED, REPO, TINY, launch, trainer_refusal
 
 transformers = None  # imported by _import_transformers below
@@ -143,6 +143,7 @@ def test_training_continues_from_an_hf_directory(exported, prepared, tmp_path):
 def test_an_hf_directory_takes_a_vocab_extended_from_its_own(exported, tmp_path):
     """init_from=hf: with data whose vocab extends the directory's (pretrain.vocab base=): its tokens keep their
     rows, and each new token starts from the mean of the rows of the pieces that stood for it."""
+    from pretrain import init_sources
     from pretrain.training import init_from
 
     run, out, pre_ln = exported
@@ -155,7 +156,7 @@ def test_an_hf_directory_takes_a_vocab_extended_from_its_own(exported, tmp_path)
     original, cfg = our_model(run)
     cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 8)  # the padding grows too
     model = StructBert(cfg)
-    source = init_from.init_source(f"hf:{out}", {n: tuple(p.shape) for n, p in model.named_parameters()}, cfg,
+    source = init_sources.init_source(f"hf:{out}", {n: tuple(p.shape) for n, p in model.named_parameters()}, cfg,
                                    str(tmp_path / "ext.txt"))  # fmt: skip
     init_from.load_into(model, source, rank=0)
     n, unk = len(theirs), theirs.index("[UNK]")
@@ -298,8 +299,8 @@ def test_an_embedding_norm_has_no_place_in_megatron_bert(tmp_path):
     """MegatronBERT (the pre-LN export and init_from=hf:) has no embedding LayerNorm: a pre-LN encoder with
     model.embedding_norm=true is refused with one line, both ways (format=plug holds it); post-LN BERT has one,
     and the PALM class carries the switch."""
+    from pretrain import init_sources
     from pretrain.errors import UserError
-    from pretrain.hf import load as hf_load
     from pretrain.hf.export import EncoderExport, PalmExport
 
     cfg = ModelConfig(vocab_size=40, hidden=8, layers=2, heads=2, ffn=16, max_positions=12)
@@ -313,6 +314,6 @@ def test_an_embedding_norm_has_no_place_in_megatron_bert(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "megatron-bert"}))
     with pytest.raises(UserError, match=r"^init_from=hf:\S+: a megatron-bert model has no embedding LayerNorm; set "
                                         r"model.embedding_norm=false$"):  # fmt: skip
-        hf_load.hf_source(f"hf:{tmp_path}", {}, with_norm, None)
+        init_sources.init_source(f"hf:{tmp_path}", {}, with_norm, None)
     with pytest.raises(UserError, match="hidden_size=None, model.hidden=8"):  # past that check without the switch
-        hf_load.hf_source(f"hf:{tmp_path}", {}, cfg, None)
+        init_sources.init_source(f"hf:{tmp_path}", {}, cfg, None)

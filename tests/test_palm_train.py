@@ -234,6 +234,7 @@ def test_init_from_a_checkpoint_of_the_other_embedding_norm_is_one_line(monkeypa
     from pretrain.models.config import ModelConfig
     from pretrain.models.palm import Palm
     from pretrain.models.structbert import StructBert
+    from pretrain import init_sources
     from pretrain.training import checkpoint, init_from
 
     cfg = ModelConfig(vocab_size=40, hidden=8, layers=2, heads=2, ffn=16, max_positions=12, decoder_layers=1)
@@ -251,6 +252,6 @@ def test_init_from_a_checkpoint_of_the_other_embedding_norm_is_one_line(monkeypa
             init_from.check("ckpt", "ckpt", shapes(Palm(wanted)), wanted)
         monkeypatch.setattr(checkpoint, "find", lambda path, what: path)
         with pytest.raises(UserError, match=f"^init_from=ckpt: {message}$"):
-            init_from.finetune_source("ckpt", shapes(StructBert(wanted)), wanted, None, needs_stage_two=False)
+            init_sources.finetune_source("ckpt", shapes(StructBert(wanted)), wanted, None, needs_stage_two=False)
     monkeypatch.setattr(checkpoint, "recorded_shapes", lambda tag_dir, what: shapes(StructBert(with_norm)))
     assert "encoder.embeddings.norm.weight" in init_from.check("ckpt", "ckpt", shapes(Palm(with_norm)), with_norm)

@@ -20,6 +20,7 @@ from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
+from pretrain.stages import STAGES
 from pretrain.training import checkpoint, partitions
 from runs import REPO
 
@@ -39,7 +40,7 @@ def palm_state() -> dict[str, torch.Tensor]:
 def write(state, tmp_path, tp, stage="palm", cfg=CFG, dtype="fp32", tag="") -> list[dict[str, torch.Tensor]]:
     out = tmp_path / f"tp{tp}_{stage}_{dtype}{tag}"
     out.mkdir()
-    paths = plug_layout.write_shards(state, cfg, stage, TOKENS, str(out), tp, dtype)
+    paths = plug_layout.write_shards(state, cfg, STAGES[stage], TOKENS, str(out), tp, dtype)
     assert [os.path.basename(p) for p in paths] == [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
     shards = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
     assert all(s["mp_world_size"] == tp for s in shards)
@@ -252,12 +253,12 @@ def test_what_plug_cannot_hold_is_refused(palm_state, tmp_path):
         (CFG, 0, "tp=0: must be an integer >= 1"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
-            plug_layout.write_shards(palm_state, cfg, "palm", TOKENS, str(tmp_path), tp)
+            plug_layout.write_shards(palm_state, cfg, STAGES["palm"], TOKENS, str(tmp_path), tp)
     with pytest.raises(UserError, match="has decoder.layers.0.self_attn.qkv.weight, which PLUG's layout has no place for"):
-        plug_layout.write_shards(palm_state, CFG, "structbert", TOKENS, str(tmp_path), 2)
+        plug_layout.write_shards(palm_state, CFG, STAGES["structbert"], TOKENS, str(tmp_path), 2)
     with pytest.raises(UserError, match="beyond fp16's range"):
         big = {**palm_state, "mlm_head.dense.weight": palm_state["mlm_head.dense.weight"] * 1e6}
-        plug_layout.write_shards(big, CFG, "palm", TOKENS, str(tmp_path), 2, "fp16")
+        plug_layout.write_shards(big, CFG, STAGES["palm"], TOKENS, str(tmp_path), 2, "fp16")
     assert os.listdir(tmp_path) == []
 
 
@@ -291,9 +292,9 @@ def plug_dir(state, tmp_path, tp, name, cfg=CFG, stage="palm", dtype="fp32", con
     """A directory as PLUG's users hold it: the shards, config.json, vocab.txt."""
     out = tmp_path / name
     out.mkdir()
-    plug_layout.write_shards(state, cfg, stage, TOKENS, str(out), tp, dtype)
+    plug_layout.write_shards(state, cfg, STAGES[stage], TOKENS, str(out), tp, dtype)
     if config:
-        (out / "config.json").write_text(json.dumps(plug_layout.plug_config(cfg, stage, TOKENS, tp, dtype, "test")))
+        (out / "config.json").write_text(json.dumps(plug_layout.plug_config(cfg, STAGES[stage], TOKENS, tp, dtype, "test")))
     (out / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     return str(out)
 
@@ -307,13 +308,14 @@ def vocab_file(tmp_path) -> str:
 
 def read_into(model: torch.nn.Module, init_from_arg: str, cfg: ModelConfig, vocab: str | None, **kwargs):
     """init_from's own path: the source checked against the model's shapes, then loaded (rank 0, no ZeRO here)."""
+    from pretrain import init_sources
     from pretrain.training import init_from
 
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     if kwargs:
-        source = init_from.finetune_source(init_from_arg, shapes, cfg, vocab, **kwargs)
+        source = init_sources.finetune_source(init_from_arg, shapes, cfg, vocab, **kwargs)
     else:
-        source = init_from.init_source(init_from_arg, shapes, cfg, vocab)
+        source = init_sources.init_source(init_from_arg, shapes, cfg, vocab)
     init_from.load_into(model, source, rank=0)
     return source
 
@@ -354,7 +356,7 @@ def test_a_stage_one_model_and_a_stage_two_without_plugs_decoder(palm_state, tmp
     assert torch.equal(model.decoder.layers[1].ffn.down.weight, palm_state["encoder.layers.1.ffn.down.weight"])
     with pytest.raises(UserError, match="encoder-only shards"):  # fine-tuning a generation task
         read_into(Palm(CFG), f"plug:{encoder_only}", CFG, vocab_file(tmp_path), needs_stage_two=True)
-    from pretrain.training.init_from import run_vocab  # what pretrain.finetune checks the task's vocab against
+    from pretrain.init_sources import run_vocab  # what pretrain.finetune checks the task's vocab against
 
     assert run_vocab(f"plug:{full}") == os.path.join(full, "vocab.txt")
 
@@ -616,7 +618,7 @@ def test_plugs_own_modules_load_the_shards_and_give_our_logits(tmp_path, embeddi
 @pytest.mark.e2e
 def test_the_export_reads_back_into_our_model_exactly(palm_plug):
     """format=plug, then init_from=plug: into the run's own model: every tensor the checkpoint's (vocab cut back)."""
-    from pretrain.training.run_dir import read_model_record
+    from pretrain.run_record import read_model_record
 
     run, out = palm_plug
     cfg = read_model_record(run).cfg

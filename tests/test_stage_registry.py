@@ -10,8 +10,9 @@ import pytest
 from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
 from pretrain.stages import STAGES, stage_class
+from pretrain.run_record import ModelRecord, read_model_record, stage_model_record
+from pretrain.stages.base import Stage
 from pretrain.tasks.task import TASK_TYPES
-from pretrain.training.run_dir import ModelRecord, read_model_record, stage_model_record
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CFG = ModelConfig(vocab_size=40, hidden=8, layers=2, heads=2, ffn=16, max_positions=12, decoder_layers=1)
@@ -22,6 +23,23 @@ def test_registry_in_training_order_and_names_unknown_ones():
     assert stage_class("palm").generates and not stage_class("structbert").generates
     with pytest.raises(UserError, match=r"^stage=bert: unknown stage \(known: structbert, palm\)$"):
         stage_class("bert")
+
+
+def test_a_stage_that_lacks_a_hook_is_refused_when_built():
+    """The interface is declared (Stage's abstract methods): a third stage that forgets one fails when it is built,
+    naming what it lacks, not with an AttributeError mid-set-up."""
+
+    class Partial(Stage):
+        name, ordinal = "partial", "stage-three"
+
+        def token_counts(self, batch):
+            return 0, 0
+
+    with pytest.raises(TypeError, match=r"abstract class Partial .*init_source.*train_flops") as refused:
+        Partial(None)
+    assert "token_counts" not in str(refused.value) and "\n" not in str(refused.value)
+    for cls in STAGES.values():  # the stages there are whole
+        assert not cls.__abstractmethods__, cls
 
 
 def test_no_module_outside_the_stages_names_a_stage():

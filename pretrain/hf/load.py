@@ -1,12 +1,14 @@
 """Reading a local transformers BERT (post-LN) or MegatronBERT (pre-LN) directory into our models:
-`init_from=hf:<dir>` (pretrain/training/init_from.py), to continue pre-training or fine-tune from it. Checked before
-any rank starts (architecture, shapes, vocab), read by rank 0 and copied into the partitioned model one parameter
-at a time. A MegatronBERT has no embedding LayerNorm: it loads into a model with model.embedding_norm=false only
-(a fresh one, weight 1 and bias 0, would still normalise the embeddings: not the model the directory holds)."""
+`init_from=hf:<dir>` (pretrain/init_sources.py picks it; training/init_from.py loads it), to continue
+pre-training or fine-tune from it. Checked before any rank starts (architecture, shapes, vocab), read by rank 0
+and copied into the partitioned model one parameter at a time. A MegatronBERT has no embedding LayerNorm: it
+loads into a model with model.embedding_norm=false only (a fresh one, weight 1 and bias 0, would still normalise
+the embeddings: not the model the directory holds)."""
 from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import torch
 
@@ -14,15 +16,16 @@ from pretrain.data.tokenizer import VocabExtension, read_vocab, vocab_extension
 from pretrain.errors import UserError
 from pretrain.hf.layout import from_hf
 from pretrain.models.config import ModelConfig
-from pretrain.training.init_from import HF, InitSource, map_by_name, source_names
+from pretrain.training.init_from import InitSource, map_by_name, source_names
 
 _ROWS_MAY_GROW = ("encoder.embeddings.word.weight", "mlm_head.bias", "encoder.embeddings.token_type.weight")
 
 
-def hf_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str | None) -> InitSource:
+def hf_source(init_from: str, path: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
+              vocab_path: str | None) -> InitSource:  # fmt: skip
     """A local transformers BERT (post-LN) or MegatronBERT (pre-LN) directory, checked before any rank starts:
     its architecture and shapes against ours, and its vocab against the data's."""
-    path, where = init_from[len(HF):], f"init_from={init_from}"
+    where = f"init_from={init_from}"
     if not os.path.isdir(path):
         raise UserError(f"{where}: no such directory")
     try:
@@ -51,7 +54,7 @@ def hf_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: Mo
     mapping, fresh = map_by_name(target_shapes, wanted, shapes, cfg, where, (), _ROWS_MAY_GROW)
     if not any(n.startswith("encoder.layers.") for n in mapping):
         raise UserError(f"{where}: no encoder layer found in model.safetensors")
-    return InitSource(init_from, mapping, tuple(fresh), cfg, extension)
+    return InitSource(init_from, mapping, tuple(fresh), extension, partial(hf_weights, path, cfg))
 
 
 def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
@@ -66,10 +69,11 @@ def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Te
     return from_hf(meta, cfg)
 
 
-def hf_weights(source: InitSource) -> dict[str, torch.Tensor]:
+def hf_weights(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The directory's tensors under our names (cfg: ours, to read its names with)."""
     from safetensors.torch import load_file
 
-    return from_hf(load_file(os.path.join(source.tag_dir[len(HF):], "model.safetensors")), source.cfg)
+    return from_hf(load_file(os.path.join(path, "model.safetensors")), cfg)
 
 
 def _check_vocab(path: str, vocab_path: str, where: str) -> VocabExtension | None:

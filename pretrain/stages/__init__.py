@@ -1,16 +1,14 @@
-"""The pre-training stages, by name: each stage's own module (structbert.py, palm.py) registers its class, and is
-the only place that knows its name. Everything else asks the registry: `build_stage(cfg)` for a run's stage,
-`stage_class(name)` for what a finished run's model.json or a command line names."""
+"""The pre-training stages, by name: each stage's class (structbert.py, palm.py) holds its name, and this mapping
+is built from the classes, as the task registry is (pretrain/tasks/task.py). The commands ask it: `build_stage(cfg)`
+for a run's stage, `stage_class(name)` for what a finished run's model.json or a command line names. A new stage is
+one more class in STAGES (docs/extending.md)."""
 from __future__ import annotations
 
 from pretrain.errors import UserError
+from pretrain.stages.palm import PalmStage
+from pretrain.stages.structbert import StructBertStage
 
-STAGES: dict[str, type] = {}  # name -> Stage subclass, in the order of training (stage one first)
-
-
-def register(cls: type) -> type:
-    STAGES[cls.name] = cls
-    return cls
+STAGES: dict[str, type] = {cls.name: cls for cls in (StructBertStage, PalmStage)}  # in the order of training
 
 
 def stage_class(name: str, key: str = "stage") -> type:
@@ -23,7 +21,3 @@ def stage_class(name: str, key: str = "stage") -> type:
 def build_stage(cfg):
     """The stage `cfg.stage.name` names, built from the whole config (which it reads and checks)."""
     return stage_class(str(cfg.stage.name))(cfg)
-
-
-# Registered in the order of training; imported last, since each module registers itself through `register`.
-from pretrain.stages import structbert, palm  # noqa: E402,F401  (isort: skip)

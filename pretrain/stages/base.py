@@ -12,6 +12,7 @@ stage its model.json names (pretrain/stages/__init__.py) instead of branching on
 """
 from __future__ import annotations
 
+import abc
 import os
 from functools import partial
 
@@ -34,8 +35,10 @@ from pretrain.training.config import BatchGeometry
 MAX_STORED_EPOCHS = 4  # a corpus run over more often is small: its later epochs' orders are computed, not stored
 
 
-class Stage:
-    """What the stages share: the tokenizer, the corpora, the objective config, the loaders' plumbing."""
+class Stage(abc.ABC):
+    """What the stages share: the tokenizer, the corpora, the objective config, the loaders' plumbing. The abstract
+    methods are what a stage must say for itself: a stage class missing one cannot be built (Python's TypeError
+    names the hooks it lacks). __init__ of a stage also sets `model_cfg`, its models.config.ModelConfig."""
 
     name: str  # what stage= selects, and what model.json and the checkpoints record
     ordinal: str  # its place in PLUG's recipe, as messages name it ("stage-one")
@@ -46,14 +49,34 @@ class Stage:
     vocab_projections = 1  # vocabulary-sized logits per position (the memory plan's activations)
 
     @classmethod
+    @abc.abstractmethod
     def model_class(cls) -> type[nn.Module]:
         """The model this stage trains: what model.json's shapes build again."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def hf_export(cls):
         """How this stage's model is written as a transformers directory (pretrain/hf/export.py)."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def init_source(self):
+        """Where the model's first weights come from (training.init_from.InitSource), or None: random init."""
+
+    @abc.abstractmethod
+    def train_dataset(self, geometry: BatchGeometry):
+        """The training samples: one source's dataset, or the blend of several (_train_blend)."""
+
+    @abc.abstractmethod
+    def valid_dataset(self, corpus: IndexedCorpus, seed: int, step: int):
+        """One corpus's validation samples, as the model is at `step` (stage two's phase)."""
+
+    @abc.abstractmethod
+    def token_counts(self, batch: dict) -> tuple[int, int]:
+        """(real tokens, all positions) of a host batch: the throughput and padding columns."""
+
+    @abc.abstractmethod
+    def train_flops(self, batch: dict) -> int:
+        """The model FLOPs of training on a host batch (training/flops.py): the tflops and MFU columns."""
 
     def __init__(self, cfg: DictConfig):
         self.seed, self.max_steps = int(cfg.seed), int(cfg.train.max_steps)
@@ -160,11 +183,13 @@ class Stage:
             return {n: tuple(p.shape) for n, p in self.make_model().named_parameters()}
 
     # pretrain.samples: one training sample as a JSON object, and what to check in a corpus at a glance
+    @abc.abstractmethod
     def sample_row(self, data, g: int) -> dict:
-        raise NotImplementedError
+        """pretrain.samples' row of sample g: what the model sees, decoded."""
 
+    @abc.abstractmethod
     def sample_overview(self, data, indices: list[int]) -> list[str]:
-        raise NotImplementedError
+        """pretrain.samples' summary lines over the samples `indices`."""
 
 
 def targets_of(labels: np.ndarray, tok: Tokenizer) -> list[dict]:

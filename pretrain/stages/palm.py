@@ -10,19 +10,19 @@ import sys
 import numpy as np
 from omegaconf import DictConfig
 
+from pretrain import init_sources
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.palm import PalmDataset, check_range, length_report
+from pretrain.data.palm_lengths import render_lengths
 from pretrain.data.sampling import LengthGroupedStepSampler
 from pretrain.data.sources import source_sample
 from pretrain.errors import UserError
 from pretrain.labels import IGNORE
-from pretrain.stages import register
 from pretrain.stages.base import Stage, corpus_span, targets_of
 from pretrain.training import flops, init_from
 from pretrain.training.config import BatchGeometry, model_config
 
 
-@register
 class PalmStage(Stage):
     """Stage two: decoder LM on the continuation of the encoder's context, plus encoder whole-word MLM during
     the first `palm.mlm_fraction` of the steps."""
@@ -67,7 +67,7 @@ class PalmStage(Stage):
         device."""
         if self.init_from is None:
             return None
-        return init_from.init_source(str(self.init_from), self._meta_shapes(), self.model_cfg, self.tokenizer.vocab_path)
+        return init_sources.init_source(str(self.init_from), self._meta_shapes(), self.model_cfg, self.tokenizer.vocab_path)
 
     @classmethod
     def model_class(cls):
@@ -133,8 +133,6 @@ class PalmStage(Stage):
 
     def sample_overview(self, data, indices: list[int]) -> list[str]:
         """The drawn and realised lengths, where contexts and targets end, and the share with masked LM."""
-        from pretrain.summary import render_lengths
-
         samples = [source_sample(data, g)[:2] for g in indices]
         r = length_report(samples)
         return render_lengths(r) + [

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig
 
+from pretrain import init_sources
 from pretrain.data.indexed import IndexedCorpus
 from pretrain.data.masking import ObjectiveConfig
 from pretrain.data.sources import source_sample
 from pretrain.data.structbert import SSO_NEXT, SSO_PREVIOUS, SSO_RANDOM, StructBertDataset
 from pretrain.errors import UserError
 from pretrain.labels import IGNORE
-from pretrain.stages import register
 from pretrain.stages.base import Stage, corpus_span, targets_of
 from pretrain.training import flops, init_from
 from pretrain.training.config import BatchGeometry, model_config
@@ -19,7 +19,6 @@ from pretrain.training.config import BatchGeometry, model_config
 SSO_NAMES = {SSO_RANDOM: "random", SSO_NEXT: "next", SSO_PREVIOUS: "previous", IGNORE: None}
 
 
-@register
 class StructBertStage(Stage):
     """Stage one: whole-word MLM + word structure + sentence structure on a StructBERT encoder."""
 
@@ -37,10 +36,10 @@ class StructBertStage(Stage):
         pre-training from."""
         if self.init_from is None:
             return None
-        if not str(self.init_from).startswith((init_from.HF, init_from.PLUG)):
+        if not str(self.init_from).startswith((init_sources.HF, init_sources.PLUG)):
             raise UserError(f"init_from={self.init_from}: stage one starts from random weights, from hf:<a transformers"
                             " BERT directory> or plug:<PLUG's shards> (a stage-one checkpoint is for stage=palm)")  # fmt: skip
-        return init_from.init_source(str(self.init_from), self._meta_shapes(), self.model_cfg, self.tokenizer.vocab_path)
+        return init_sources.init_source(str(self.init_from), self._meta_shapes(), self.model_cfg, self.tokenizer.vocab_path)
 
     @classmethod
     def model_class(cls):

@@ -1,7 +1,7 @@
-"""Where a run's first weights come from: stage two from a stage-one ZeRO-3 checkpoint (written by any number of
-ranks; each rank reads its own partition of each parameter from it), and either stage from a local transformers
-BERT or MegatronBERT directory (`init_from=hf:<dir>`, continued pre-training; pretrain/hf/load.py reads it, and it
-is copied into the partitioned model one parameter at a time).
+"""Reading a run's first weights, once pretrain/init_sources.py has said where they come from: a stage-one (or any)
+ZeRO-3 checkpoint written by any number of ranks, each rank reading its own partition of each parameter from it, or
+a directory of another project (transformers, PLUG) that reads itself (InitSource.read_weights) and is copied into
+the partitioned model one parameter at a time.
 
 The encoder and its heads (MLM, sentence) keep their names across the stages, so the mapping is the identity on them;
 the decoder is new, or (`model.decoder_init=encoder_top`) takes the self-attention and FFN of the top
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -22,8 +23,6 @@ from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
 from pretrain.training import checkpoint, distributed, partitions
 
-HF = "hf:"
-PLUG = "plug:"  # AliceMind PLUG's tensor-parallel shards (pretrain/plug_layout.py)
 VOCAB_TABLES = ("encoder.embeddings.word.weight", "mlm_head.bias")  # a row per token id
 _DECODER_FROM_ENCODER = {"self_attn.": "attn.", "self_attn_norm.": "attn_norm.", "ffn.": "ffn.", "ffn_norm.": "ffn_norm."}
 
@@ -33,11 +32,18 @@ class InitSource:
     """Where a run's weights come from (a stage-one checkpoint or a transformers directory), and which of its
     parameters each of ours takes."""
 
-    tag_dir: str  # a DeepSpeed checkpoint directory, or "hf:<dir>" (a transformers BERT or MegatronBERT)
+    tag_dir: str  # a DeepSpeed checkpoint directory, or what init_from= named (hf:<dir>, plug:<dir>)
     mapping: dict[str, str]  # our parameter -> the checkpoint's (missing: keeps its fresh init)
     fresh: tuple[str, ...]  # our parameters that keep their fresh init
-    cfg: ModelConfig | None = None  # ours, to read a transformers directory's names with
     extension: VocabExtension | None = None  # the data's vocab extends the source's: VOCAB_TABLES take new rows
+    # Another project's directory: its weights by the source's names, read on rank 0 (a mapping read on demand).
+    # None for a DeepSpeed checkpoint, which each rank reads in partitions.
+    read_weights: Callable[[], Mapping[str, torch.Tensor]] | None = None
+
+    def restricted(self, target_shapes: dict[str, tuple[int, ...]], fresh: tuple[str, ...]) -> InitSource:
+        """The same source with every parameter whose name starts with one of `fresh` left fresh."""
+        mapping = {n: s for n, s in self.mapping.items() if not n.startswith(fresh)}
+        return dataclasses.replace(self, mapping=mapping, fresh=tuple(n for n in target_shapes if n not in mapping))
 
     def report(self) -> dict[str, dict[str, int]]:
         """Parameter tensors carried from the checkpoint and left fresh, counted per top-level module."""
@@ -56,20 +62,12 @@ class InitSource:
         return f"init_from {self.tag_dir}: carried {line(r['carried'])}; fresh {line(r['fresh']) or 'none'} (parameter tensors){grown}"
 
 
-def init_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
-                vocab_path: str | None = None) -> InitSource:
-    """The checkpoint `init_from` names (a run directory, a checkpoint, or hf:<transformers dir>), checked
-    against our shapes."""
-    if init_from.startswith(HF):
-        from pretrain.hf import load as hf_load  # transformers' directories: only when one is named
-
-        return hf_load.hf_source(init_from, target_shapes, cfg, vocab_path)
-    if init_from.startswith(PLUG):
-        from pretrain.plug_layout import plug_source
-
-        return plug_source(init_from, target_shapes, cfg, vocab_path)
+def checkpoint_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
+                      vocab_path: str | None = None) -> InitSource:  # fmt: skip
+    """A run directory or one of its checkpoints (a stage-one model for a stage-one or stage-two run), checked
+    against our shapes, and the run's vocab against the data's."""
     tag_dir = checkpoint.find(init_from, "init_from")
-    theirs = run_vocab(init_from)
+    theirs = vocab_beside(init_from)
     extension = None
     if vocab_path is not None and theirs is not None:  # the ids must mean what the run learnt, padded size or not
         extension = vocab_extension(read_vocab(theirs), vocab_path, f"init_from={init_from}", theirs)
@@ -140,30 +138,11 @@ def _check_shape(where: str, source: str, theirs: tuple[int, ...], ours: tuple[i
                         f" ({likely_cause(source, theirs, ours, cfg)})")  # fmt: skip
 
 
-def finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str,
-                    needs_stage_two: bool, fresh: tuple[str, ...] = ()) -> InitSource:
-    """Fine-tuning (pretrain.finetune) from a stage-one or stage-two checkpoint, or a transformers directory: the
-    encoder (and for generation the whole PALM) is carried by name, the task's new layer is fresh, and so is every
-    parameter whose name starts with one of `fresh`."""
-    source = _finetune_source(init_from, target_shapes, cfg, vocab_path, needs_stage_two)
-    mapping = {n: s for n, s in source.mapping.items() if not n.startswith(fresh)}
-    return InitSource(source.tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping), source.cfg,
-                      source.extension)
-
-
-def _finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, vocab_path: str,
-                     needs_stage_two: bool) -> InitSource:  # fmt: skip
+def finetune_checkpoint_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
+                               needs_stage_two: bool) -> InitSource:  # fmt: skip
+    """Fine-tuning (pretrain.finetune) from a stage-one or stage-two checkpoint: the encoder (and for generation the
+    whole PALM) is carried by name, the task's new layer is fresh."""
     where = f"init_from={init_from}"
-    if init_from.startswith(HF):
-        if needs_stage_two:
-            raise UserError(f"{where}: a generation task starts from a stage-two (palm) checkpoint, not a transformers directory")
-        from pretrain.hf import load as hf_load  # transformers' directories: only when one is named
-
-        return hf_load.hf_source(init_from, target_shapes, cfg, vocab_path)
-    if init_from.startswith(PLUG):
-        from pretrain.plug_layout import plug_source
-
-        return plug_source(init_from, target_shapes, cfg, vocab_path, needs_stage_two)
     tag_dir = checkpoint.find(init_from, "init_from")
     have = checkpoint.recorded_shapes(tag_dir, "init_from")
     stage_two = any(n.startswith("decoder.") for n in have)
@@ -185,9 +164,9 @@ def _finetune_source(init_from: str, target_shapes: dict[str, tuple[int, ...]], 
     return InitSource(tag_dir, mapping, tuple(n for n in target_shapes if n not in mapping))
 
 
-def run_vocab(init_from: str) -> str | None:
-    """The vocab.txt of the run that `init_from` (a run directory, one of its checkpoints or hf:<dir>) names."""
-    path = init_from.removeprefix(HF).removeprefix(PLUG)
+def vocab_beside(path: str) -> str | None:
+    """The vocab.txt of the run that `path` (a run directory, one of its checkpoints, another project's directory)
+    holds or is in."""
     for d in (path, os.path.dirname(os.path.dirname(os.path.abspath(path)))):
         if os.path.isfile(os.path.join(d, "vocab.txt")):
             return os.path.join(d, "vocab.txt")
@@ -233,17 +212,10 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
     From a DeepSpeed checkpoint, each rank copies only its own partition of each parameter, read from the
     checkpoint's partition files where they hold it (partitions.PartitionReader): no rank holds the model, or
     even one whole parameter, whatever the two world sizes (at PLUG's 27B, a full fp32 copy would be 108 GB in
-    one process). From a transformers directory, rank 0 reads it and each parameter is gathered, set on rank 0
-    and re-partitioned."""
-    if source.tag_dir.startswith(HF):
-        from pretrain.hf import load as hf_load
-
-        _load_gathered(model, hf_load.hf_weights(source) if rank == 0 else None, source, rank)
-        return
-    if source.tag_dir.startswith(PLUG):  # merged from the shards one parameter at a time, on rank 0
-        from pretrain.plug_layout import plug_weights
-
-        _load_gathered(model, plug_weights(source) if rank == 0 else None, source, rank)
+    one process). From another project's directory (transformers, PLUG), rank 0 reads it and each parameter is
+    gathered, set on rank 0 and re-partitioned."""
+    if source.read_weights is not None:  # another project's directory: merged one parameter at a time, on rank 0
+        _load_gathered(model, source.read_weights() if rank == 0 else None, source, rank)
         return
     import torch.distributed as dist
 
