@@ -119,12 +119,7 @@ def run_measured(argv: list[str]) -> dict:
 
 def profile_sample(vocab: str, scratch: str, segmenter_name: str, sample_bytes: int = 8 << 20) -> None:
     """Where the time goes, stage by stage, on `sample_bytes` of the same kind of text, in this one process."""
-    import pickle
-
-    import numpy as np
-
     from pretrain.data.corpus import iter_paragraphs, sentence_spans
-    from pretrain.data.indexed import IndexedWriter
     from pretrain.data.tokenizer import Tokenizer, count_words, encode_paragraphs, segmenter
     from pretrain.data.wordpiece import SentenceEncoder
     from pretrain.prepare import _chunks
@@ -164,22 +159,38 @@ def profile_sample(vocab: str, scratch: str, segmenter_name: str, sample_bytes: 
         for p in texts:
             sentence_spans(p)
     spent["split"] = clock() - start
-    start = clock()
-    for enc in encoded:
-        pickle.loads(pickle.dumps(enc._replace(ids=enc.ids.astype(np.uint16)), protocol=pickle.HIGHEST_PROTOCOL))
-    spent["pickle"] = clock() - start
-    start = clock()
-    writer = IndexedWriter(os.path.join(scratch, "train"), tok.vocab_size)
-    for enc in encoded:
-        writer.add_sentences(enc.ids.astype(np.uint16), enc.word_start, enc.sentence_tokens)
-        writer.end_document()
-    writer.close()
-    spent["write"] = clock() - start
+    spent.update(time_main_process(encoded, tok.vocab_size, scratch))
     start = clock()
     count_words(p[b:e] for texts in chunks for p in texts for b, e in sentence_spans(p))
     spent["vocab"] = clock() - start
 
-    mb = os.path.getsize(sample) / 1e6
+    print_profile(spent, os.path.getsize(sample) / 1e6, segmenter_name)
+
+
+def time_main_process(encoded: list, vocab_size: int, scratch: str) -> dict:
+    """Seconds of the main process's part: the workers' results through a pipe (pickle), and writing them."""
+    import pickle
+
+    import numpy as np
+
+    from pretrain.data.indexed import IndexedWriter
+
+    start = time.perf_counter()
+    for enc in encoded:
+        pickle.loads(pickle.dumps(enc._replace(ids=enc.ids.astype(np.uint16)), protocol=pickle.HIGHEST_PROTOCOL))
+    spent = {"pickle": time.perf_counter() - start}
+    start = time.perf_counter()
+    writer = IndexedWriter(os.path.join(scratch, "train"), vocab_size)
+    for enc in encoded:
+        writer.add_sentences(enc.ids.astype(np.uint16), enc.word_start, enc.sentence_tokens)
+        writer.end_document()
+    writer.close()
+    spent["write"] = time.perf_counter() - start
+    return spent
+
+
+def print_profile(spent: dict, mb: float, segmenter_name: str) -> None:
+    """profile_sample's seconds per stage, as shares of the whole and MB/s on one core."""
     rest = spent["encode_paragraphs"] - spent["segment"] - spent["encode"] - spent["split"]
     worker = [("sentence splitting", spent["split"]), (f"{segmenter_name}, one cut per paragraph", spent["segment"]),
               ("WordPiece (wordpiece.SentenceEncoder)", spent["encode"]), ("word starts and flat arrays", rest)]

@@ -10,7 +10,7 @@ literal "[MASK]" text tokenizes as ours does), and a model card (README.md). The
 into place at the end: an error leaves nothing half-written.
 
 format=plug [tp=8] [dtype=fp16]: PLUG's own released layout instead (AliceMind's tensor-parallel shards
-mp_rank_XX_model_states.pt, config.json, vocab.txt; see pretrain/plug_layout.py), its check a read-back.
+mp_rank_XX_model_states.pt, config.json, vocab.txt; see pretrain/plug/), its check a read-back.
 
 check=true (the default) then loads the export with transformers' Auto classes, runs it and our model on one
 fixed padded batch in fp32, prints the largest differences (hidden states, MLM and sentence logits; stage two:
@@ -25,15 +25,16 @@ import sys
 
 import torch
 
+from pretrain import run_record
 from pretrain.cli import parse
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.models.config import ModelConfig
-from pretrain import run_record
+from pretrain.plug import write as plug_write
 from pretrain.training import checkpoint, partitions, run_dir as run_files, safe_load
 
 DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True, "trust_checkpoint": False,
-            "format": "hf", "tp": None, "dtype": None}  # tp, dtype: format=plug's (pretrain/plug_layout.py)
+            "format": "hf", "tp": None, "dtype": None}  # tp, dtype: format=plug's (pretrain/plug/)
 CHECK_TOLERANCE = 1e-4  # max |difference| between transformers' outputs and ours that `check` accepts
 
 
@@ -125,9 +126,7 @@ def main(argv: list[str]) -> None:
     if cfg.step is not None and (not isinstance(cfg.step, int) or isinstance(cfg.step, bool) or cfg.step < 0):
         raise UserError(f"step={cfg.step}: must be an integer >= 0 (a checkpoint's step)")
     if cfg.format == "plug":
-        from pretrain import plug_layout
-
-        return plug_layout.main(cfg, run_record.stage_model_record(cfg.run.dir, "pretrain.export format=plug"))
+        return plug_write.main(cfg, run_record.stage_model_record(cfg.run.dir, "pretrain.export format=plug"))
     if cfg.format != "hf":
         raise UserError(f"format={cfg.format}: must be hf or plug")
     for key in ("tp", "dtype"):

@@ -2,7 +2,7 @@
 
     <run dir or checkpoint>   a run of ours (DeepSpeed ZeRO-3 checkpoint; each rank reads its own partitions)
     hf:<dir>                  a local transformers BERT or MegatronBERT directory (pretrain/hf/load.py)
-    plug:<dir>                AliceMind PLUG's tensor-parallel shards (pretrain/plug_layout.py)
+    plug:<dir>                AliceMind PLUG's tensor-parallel shards (pretrain/plug/read.py)
 
 Each maps to a training.init_from.InitSource, checked against our model before any rank starts; a directory of
 another project carries its own reader, so training/ never imports hf/ or plug. A new kind of source is one more
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pretrain.errors import UserError
 from pretrain.hf import load as hf_load
 from pretrain.models.config import ModelConfig
-from pretrain.plug_layout import plug_source
+from pretrain.plug.read import plug_source
 from pretrain.training import init_from
 from pretrain.training.init_from import InitSource
 

@@ -22,11 +22,9 @@ of its files, split into train and valid by the same rule as the whole would be.
 """
 from __future__ import annotations
 
-import heapq
 import json
 import multiprocessing
 import os
-import random
 import shutil
 import sys
 import time
@@ -38,11 +36,11 @@ import numpy as np
 from omegaconf import MISSING, OmegaConf
 
 from pretrain.cli import parse
-from pretrain.data.corpus import bounded_pieces, iter_input_files, iter_paragraphs, split_sentences
+from pretrain.data.corpus import bounded_pieces, iter_input_files, iter_paragraphs
 from pretrain.data.indexed import IndexedWriter, token_dtype
+from pretrain.data.prepare_parts import count_chunk_words, encode_chunk, init_worker, shard_files, valid_documents
 from pretrain.data.tokenizer import (
-    SPECIAL_TOKENS, Tokenizer, check_segmenter, count_words, encode_paragraphs, segmenter, segmenter_version, vocab_sha256,
-    write_vocab,
+    SPECIAL_TOKENS, Tokenizer, check_segmenter, segmenter_version, vocab_sha256, write_vocab,
 )  # fmt: skip
 from pretrain.errors import UserError, exit_on_user_error
 
@@ -152,30 +150,14 @@ def prepare(cfg: PrepareConfig) -> dict:
             write_vocab(words, cfg.vocab_size, vocab_path)
             del words  # not needed through the second pass
         tok = Tokenizer(vocab_path)
-        valid = _valid_documents(num_docs, cfg.valid_fraction, cfg.seed)
+        valid = valid_documents(num_docs, cfg.valid_fraction, cfg.seed)
         unknown: Counter[str] = Counter()
         counts, seen = _write_splits(paragraphs(), tok, valid, tmp, cfg.workers, unknown, cfg.to_simplified,
                                      cfg.segmenter)  # fmt: skip
         if seen != num_docs:
             raise UserError(f"input={cfg.input}: changed while being prepared ({num_docs} documents, then {seen})")
 
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "vocab_size": tok.vocab_size,
-            "vocab_sha256": vocab_sha256(vocab_path),
-            "token_dtype": token_dtype(tok.vocab_size).name,
-            "segmenter": segmenter_version(cfg.segmenter),
-            "lowercase": True,
-            "to_simplified": cfg.to_simplified,
-            "inputs": inputs,
-            "skipped_lines": dict(sorted(skipped.items())),
-            "valid_fraction": cfg.valid_fraction,
-            "seed": cfg.seed,
-            "splits": counts,
-            "unknown": unknown_report(unknown, sum(c["tokens"] for c in counts.values())),
-        }
-        if cfg.num_shards > 1:
-            meta.update(shard=cfg.shard, num_shards=cfg.num_shards)
+        meta = _meta(cfg, tok, inputs, skipped, counts, unknown)
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, sort_keys=True, indent=2, ensure_ascii=False)
             f.write("\n")
@@ -186,48 +168,38 @@ def prepare(cfg: PrepareConfig) -> dict:
     return meta
 
 
-def shard_files(files: list[str], shard: int, num_shards: int) -> list[str]:
-    """The files (sorted, as iter_input_files gives them) of shard `shard` of `num_shards`: largest first, each
-    file goes to the shard with the fewest bytes so far (then the fewest files, then the lowest number)."""
-    if num_shards == 1:
-        return files
-    sizes = {}
-    for path in files:
-        try:
-            sizes[path] = os.path.getsize(path)
-        except OSError as e:
-            raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    shards = [(0, 0, i) for i in range(num_shards)]  # a heap of (bytes, files, shard)
-    owner = {}
-    for path in sorted(files, key=lambda p: (-sizes[p], p)):
-        size, count, i = heapq.heappop(shards)
-        owner[path] = i
-        heapq.heappush(shards, (size + sizes[path], count + 1, i))
-    return [path for path in files if owner[path] == shard]
-
-
-def _valid_documents(num_docs: int, valid_fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded random choice of round(valid_fraction * num_docs) documents, at least one,
-    never all."""
-    if valid_fraction <= 0 or num_docs < 2:
-        return np.zeros(0, dtype=np.int64)
-    n = min(max(1, round(valid_fraction * num_docs)), num_docs - 1)
-    return np.sort(np.array(random.Random(seed).sample(range(num_docs), n), dtype=np.int64))
+def _meta(cfg: PrepareConfig, tok: Tokenizer, inputs: list[str], skipped: Counter, counts: dict,
+          unknown: Counter) -> dict:  # fmt: skip
+    """What meta.json says of the prepared directory."""
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "vocab_size": tok.vocab_size,
+        "vocab_sha256": vocab_sha256(tok.vocab_path),
+        "token_dtype": token_dtype(tok.vocab_size).name,
+        "segmenter": segmenter_version(cfg.segmenter),
+        "lowercase": True,
+        "to_simplified": cfg.to_simplified,
+        "inputs": inputs,
+        "skipped_lines": dict(sorted(skipped.items())),
+        "valid_fraction": cfg.valid_fraction,
+        "seed": cfg.seed,
+        "splits": counts,
+        "unknown": unknown_report(unknown, sum(c["tokens"] for c in counts.values())),
+    }
+    if cfg.num_shards > 1:
+        meta.update(shard=cfg.shard, num_shards=cfg.num_shards)
+    return meta
 
 
 def count_documents_and_words(paragraphs: Iterable[tuple[bool, str]], workers: int,
                               to_simplified: bool = False) -> tuple[int, Counter[str]]:  # fmt: skip
     """The number of documents in `paragraphs` (from iter_paragraphs) and the counts of their words."""
     num_docs, words = 0, Counter()
-    with _Workers(workers, _init_worker, (None, to_simplified)) as pool:
-        for starts, counted in pool.map(_count_words, _chunks(paragraphs)):
+    with _Workers(workers, init_worker, (None, to_simplified)) as pool:
+        for starts, counted in pool.map(count_chunk_words, _chunks(paragraphs)):
             num_docs += sum(starts)
             words.update(counted)
     return num_docs, words
-
-
-def _count_words(paragraphs: list[str]) -> Counter[str]:
-    return count_words(s for p in _converted(paragraphs) for s in split_sentences(p))
 
 
 def _write_splits(paragraphs: Iterable[tuple[bool, str]], tok: Tokenizer, valid: np.ndarray, out: str,
@@ -239,8 +211,8 @@ def _write_splits(paragraphs: Iterable[tuple[bool, str]], tok: Tokenizer, valid:
     writers = {split: IndexedWriter(os.path.join(out, split), tok.vocab_size) for split in SPLITS}
     single = dict.fromkeys(SPLITS, 0)
     index, split, next_valid = -1, "train", 0
-    with _Workers(workers, _init_worker, (tok.vocab_path, to_simplified, segmenter_name)) as pool:
-        for starts, enc in pool.map(_encode_chunk, _chunks(paragraphs)):
+    with _Workers(workers, init_worker, (tok.vocab_path, to_simplified, segmenter_name)) as pool:
+        for starts, enc in pool.map(encode_chunk, _chunks(paragraphs)):
             unknown.update(enc.unknown)
             sentence_end = np.concatenate([[0], np.cumsum(enc.paragraph_sentences)])
             token_end = np.concatenate([[0], np.cumsum(enc.sentence_tokens)])
@@ -281,37 +253,6 @@ def _chunks(paragraphs: Iterable[tuple[bool, str]]) -> Iterator[tuple[list[bool]
                 starts, texts, size = [], [], 0
     if texts:
         yield starts, texts
-
-
-_worker_tok: Tokenizer | None = None
-_worker_convert: Callable[[str], str] | None = None
-_worker_segment: Callable[[str], list[str]] | None = None
-
-
-def _init_worker(vocab_path: str | None, to_simplified: bool = False, segmenter_name: str = "jieba") -> None:
-    """A worker's tokenizer and segmenter (when it encodes) and the Traditional-to-Simplified converter (when
-    asked): conversion runs in the workers, not in the process that reads the input."""
-    global _worker_tok, _worker_convert, _worker_segment
-    _worker_tok = Tokenizer(vocab_path) if vocab_path is not None else None
-    _worker_convert = simplified_converter() if to_simplified else None
-    _worker_segment = segmenter(segmenter_name) if vocab_path is not None else None
-
-
-def simplified_converter() -> Callable[[str], str]:
-    try:
-        import opencc
-    except ImportError:
-        raise UserError("to_simplified=true needs OpenCC: pip install opencc") from None
-    return opencc.OpenCC("t2s").convert
-
-
-def _converted(paragraphs: list[str]) -> list[str]:
-    return paragraphs if _worker_convert is None else [_worker_convert(p) for p in paragraphs]
-
-
-def _encode_chunk(paragraphs: list[str]):
-    enc = encode_paragraphs(_worker_tok, _converted(paragraphs), _worker_segment)
-    return enc._replace(ids=enc.ids.astype(token_dtype(_worker_tok.vocab_size)))  # uint16: half the bytes to send
 
 
 class _Workers:

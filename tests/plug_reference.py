@@ -1,4 +1,4 @@
-"""AliceMind PLUG's own modules (PLUG/model/modeling.py, PLUG/mpu) load the shards pretrain.plug_layout writes
+"""AliceMind PLUG's own modules (PLUG/model/modeling.py, PLUG/mpu) load the shards pretrain.plug.write writes
 from a random Palm, on CPU over 2 tensor-parallel ranks (gloo), with load_state_dict(strict=True), and compute
 MLM and decoder logits; prints their largest differences from ours as JSON.
 
@@ -9,7 +9,7 @@ and PLUG's forward is run as it is, its embedding LayerNorm included.
 
 Shims, for a machine without apex or CUDA: apex's FusedLayerNorm -> torch's LayerNorm, torch._six,
 data_utils.file_utils (downloads), DeepSpeed's timers, the CUDA RNG tracker (dropout is 0). Two deliberate
-departures from PLUG's forward, both where PLUG's model and ours differ (see plug_layout's docstring): without
+departures from PLUG's forward, both where PLUG's model and ours differ (see pretrain/plug/__init__.py): without
 embedding_norm, PLUG's embedding LayerNorm is replaced by the identity (our pre-LN encoder then has none;
 KEEP_EMB_LN=1 keeps it, to see the difference), and the encoder's final LayerNorm is applied once
 (PalmForPreTraining.forward without activation checkpointing applies it twice; the checkpointed path, once).
@@ -95,7 +95,7 @@ def main(plug_src: str, work: str, embedding_norm: bool = False) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from runs import free_port
 
-    from pretrain import plug_layout
+    from pretrain.plug.write import write_shards
     from pretrain.models.config import ModelConfig
     from pretrain.models.palm import Palm
     from pretrain.stages import STAGES
@@ -109,7 +109,7 @@ def main(plug_src: str, work: str, embedding_norm: bool = False) -> None:
             p.normal_(0.0, 0.3)
     shard_dir = os.path.join(work, "shards")
     os.makedirs(shard_dir, exist_ok=True)
-    plug_layout.write_shards(ours.state_dict(), cfg, STAGES["palm"], 45, shard_dir, TP, "fp32")  # 45 tokens -> 256 rows
+    write_shards(ours.state_dict(), cfg, STAGES["palm"], 45, shard_dir, TP, "fp32")  # 45 tokens -> 256 rows
     g = torch.Generator().manual_seed(0)
     ids, types_ = torch.randint(5, 45, (2, 9), generator=g), torch.randint(0, 2, (2, 9), generator=g)
     mask = torch.ones(2, 9, dtype=torch.long)

@@ -65,17 +65,20 @@ def test_dry_run_runs_every_part_and_writes_its_figures(tmp_path):
 def test_the_parts_left_out_differ_only_where_they_should():
     """stage*-fp16 are stage*-bf16 with DeepSpeed's fp16 profile (fp32 in a dry run); on a GPU, throughput-1b
     builds the 1B model."""
-    check = _load_check()
+    _load_check()  # puts bench/ on the path: its parts are modules beside it
+    import gpu_parts
+    import gpu_throughput
+
     for stage in ("structbert", "palm"):
         for dry in (False, True):
             a = argparse.Namespace(dry_run=dry, work="/w")
-            bf16, fp16 = (check._train_args(a, stage, p, "/r") for p in ("bf16", "fp16"))
+            bf16, fp16 = (gpu_parts._train_args(a, stage, p, "/r") for p in ("bf16", "fp16"))
             assert [x for x in fp16 if x not in bf16] == ["deepspeed=zero3_v100"]
             assert [x for x in bf16 if x not in fp16] == ["deepspeed=zero3_bf16"]
             assert ("deepspeed.precision=fp32" in fp16) == dry
-    assert check.throughput_dims(argparse.Namespace(dry_run=False), "1b") == check.ONE_B
-    assert check.throughput_dims(argparse.Namespace(dry_run=False), "base") == ["model=base"]
-    assert check.throughput_dims(argparse.Namespace(dry_run=True), "1b") == check.TINY
+    assert gpu_throughput.throughput_dims(argparse.Namespace(dry_run=False), "1b") == gpu_parts.ONE_B
+    assert gpu_throughput.throughput_dims(argparse.Namespace(dry_run=False), "base") == ["model=base"]
+    assert gpu_throughput.throughput_dims(argparse.Namespace(dry_run=True), "1b") == gpu_parts.TINY
 
 
 def _load_check():

@@ -1,4 +1,4 @@
-"""PLUG's released layout (pretrain/plug_layout.py): shards written from our model are read back here by a reader
+"""PLUG's released layout (pretrain/plug/): shards written from our model are read back here by a reader
 of the test's own, written from AliceMind's PLUG/ sources (mpu/layers.py's splits, model/modeling.py's names),
 not by the module's merge; PLUG's tensor-parallel forward of attention and FFN, emulated rank by rank on the
 shards, gives our modules' outputs; tp 1, 2 and 4 agree; a run's checkpoint exports through the command line.
@@ -15,7 +15,8 @@ import pytest
 import torch
 from tolerance import assert_close_fp32
 
-from pretrain import plug_layout
+from pretrain.plug.layout import plug_vocab_size
+from pretrain.plug.write import plug_config, write_shards
 from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
 from pretrain.models.palm import Palm
@@ -40,7 +41,7 @@ def palm_state() -> dict[str, torch.Tensor]:
 def write(state, tmp_path, tp, stage="palm", cfg=CFG, dtype="fp32", tag="") -> list[dict[str, torch.Tensor]]:
     out = tmp_path / f"tp{tp}_{stage}_{dtype}{tag}"
     out.mkdir()
-    paths = plug_layout.write_shards(state, cfg, STAGES[stage], TOKENS, str(out), tp, dtype)
+    paths = write_shards(state, cfg, STAGES[stage], TOKENS, str(out), tp, dtype)
     assert [os.path.basename(p) for p in paths] == [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
     shards = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
     assert all(s["mp_world_size"] == tp for s in shards)
@@ -154,9 +155,9 @@ def test_every_tensor_is_where_plug_reads_it(palm_state, tmp_path, tp):
 
 
 def test_the_vocab_is_padded_as_plug_pads_it():
-    assert plug_layout.plug_vocab_size(21128, 8) == 21504  # bert-base-chinese at PLUG's 8 ranks
-    assert plug_layout.plug_vocab_size(21128, 1) == 21248
-    assert plug_layout.plug_vocab_size(1024, 8) == 1024
+    assert plug_vocab_size(21128, 8) == 21504  # bert-base-chinese at PLUG's 8 ranks
+    assert plug_vocab_size(21128, 1) == 21248
+    assert plug_vocab_size(1024, 8) == 1024
 
 
 def test_tensor_parallel_degrees_agree(palm_state, tmp_path):
@@ -253,12 +254,12 @@ def test_what_plug_cannot_hold_is_refused(palm_state, tmp_path):
         (CFG, 0, "tp=0: must be an integer >= 1"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
-            plug_layout.write_shards(palm_state, cfg, STAGES["palm"], TOKENS, str(tmp_path), tp)
+            write_shards(palm_state, cfg, STAGES["palm"], TOKENS, str(tmp_path), tp)
     with pytest.raises(UserError, match="has decoder.layers.0.self_attn.qkv.weight, which PLUG's layout has no place for"):
-        plug_layout.write_shards(palm_state, CFG, STAGES["structbert"], TOKENS, str(tmp_path), 2)
+        write_shards(palm_state, CFG, STAGES["structbert"], TOKENS, str(tmp_path), 2)
     with pytest.raises(UserError, match="beyond fp16's range"):
         big = {**palm_state, "mlm_head.dense.weight": palm_state["mlm_head.dense.weight"] * 1e6}
-        plug_layout.write_shards(big, CFG, STAGES["palm"], TOKENS, str(tmp_path), 2, "fp16")
+        write_shards(big, CFG, STAGES["palm"], TOKENS, str(tmp_path), 2, "fp16")
     assert os.listdir(tmp_path) == []
 
 
@@ -292,9 +293,9 @@ def plug_dir(state, tmp_path, tp, name, cfg=CFG, stage="palm", dtype="fp32", con
     """A directory as PLUG's users hold it: the shards, config.json, vocab.txt."""
     out = tmp_path / name
     out.mkdir()
-    plug_layout.write_shards(state, cfg, STAGES[stage], TOKENS, str(out), tp, dtype)
+    write_shards(state, cfg, STAGES[stage], TOKENS, str(out), tp, dtype)
     if config:
-        (out / "config.json").write_text(json.dumps(plug_layout.plug_config(cfg, STAGES[stage], TOKENS, tp, dtype, "test")))
+        (out / "config.json").write_text(json.dumps(plug_config(cfg, STAGES[stage], TOKENS, tp, dtype, "test")))
     (out / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     return str(out)
 

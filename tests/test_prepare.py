@@ -18,7 +18,8 @@ from pretrain.data.tokenizer import (
     CONTINUATION, SPECIAL_TOKENS, Tokenizer, _normalizer, build_vocab, count_words, encode_paragraphs, jieba_segmenter,
 )  # fmt: skip
 from pretrain.errors import UserError
-from pretrain.prepare import PrepareConfig, _valid_documents, load_config, prepare, shard_files
+from pretrain.data.prepare_parts import valid_documents
+from pretrain.prepare import PrepareConfig, load_config, prepare, shard_files
 from pretrain.vocab import VocabConfig, build
 from synthetic import synthetic_documents, write_synthetic_corpus
 from tokenizers import pre_tokenizers
@@ -161,11 +162,11 @@ def test_build_vocab_is_deterministic(tmp_path, zh_corpus):
 
 
 def test_valid_split_sizes():
-    assert _valid_documents(1000, 0.01, 1).tolist() == _valid_documents(1000, 0.01, 1).tolist()
-    assert len(_valid_documents(1000, 0.01, 1)) == 10
-    assert len(_valid_documents(10, 0.01, 1)) == 1  # at least one
-    assert len(_valid_documents(2, 0.9, 1)) == 1  # train keeps one
-    assert _valid_documents(1, 0.5, 1).size == 0 and _valid_documents(100, 0.0, 1).size == 0
+    assert valid_documents(1000, 0.01, 1).tolist() == valid_documents(1000, 0.01, 1).tolist()
+    assert len(valid_documents(1000, 0.01, 1)) == 10
+    assert len(valid_documents(10, 0.01, 1)) == 1  # at least one
+    assert len(valid_documents(2, 0.9, 1)) == 1  # train keeps one
+    assert valid_documents(1, 0.5, 1).size == 0 and valid_documents(100, 0.0, 1).size == 0
 
 
 def test_valid_split_rule_is_unchanged():
@@ -173,7 +174,7 @@ def test_valid_split_rule_is_unchanged():
     for num_docs, fraction, seed in [(3182, 0.01, 1234), (1000, 0.05, 7), (10**7, 0.001, 3)]:
         n = min(max(1, round(fraction * num_docs)), num_docs - 1)
         expected = sorted(random.Random(seed).sample(range(num_docs), n))
-        valid = _valid_documents(num_docs, fraction, seed)
+        valid = valid_documents(num_docs, fraction, seed)
         assert valid.dtype == np.int64 and valid.tolist() == expected
 
 
@@ -185,7 +186,7 @@ def test_round_trip(tmp_path):
     assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "train.idx", "valid.bin", "valid.idx", "vocab.txt"]
     assert json.loads((out / "meta.json").read_text()) == meta
     tok = Tokenizer(str(out / "vocab.txt"))
-    valid = _valid_documents(len(documents), 0.1, 1234)
+    valid = valid_documents(len(documents), 0.1, 1234)
     expected = {"train": [], "valid": []}
     for i, doc in enumerate(documents):
         expected["valid" if i in valid else "train"].append([s for paragraph in doc for s in paragraph])

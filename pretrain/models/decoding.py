@@ -228,9 +228,14 @@ def _beam(
         scores = torch.stack(new_scores)
         if cache is not None:
             cache.reorder(index)
-    for r in range(rows):
-        if best[r] is None:
-            live = [(float(s) / max_new_tokens**length_penalty, seqs[r * k + i, 1:].tolist())
-                    for i, s in enumerate(scores[r]) if s > float("-inf")]  # fmt: skip
-            best[r] = max(finished[r] + live, key=lambda f: f[0])[1]
-    return best
+    return [b if b is not None else _best_at_the_end(finished[r], seqs[r * k : (r + 1) * k], scores[r],
+                                                     max_new_tokens**length_penalty)
+            for r, b in enumerate(best)]  # fmt: skip
+
+
+def _best_at_the_end(finished: list[tuple[float, list[int]]], seqs: torch.Tensor, scores: torch.Tensor,
+                     norm: float) -> list[int]:  # fmt: skip
+    """A row not done within max_new_tokens: the best of its finished hypotheses and its live beams (seqs, scores:
+    the row's beams; norm: max_new_tokens**length_penalty)."""
+    live = [(float(s) / norm, seqs[i, 1:].tolist()) for i, s in enumerate(scores) if s > float("-inf")]
+    return max(finished + live, key=lambda f: f[0])[1]

@@ -110,8 +110,7 @@ def train(job: Job, run: Started, make_loader: Callable[[int, int], Iterable], s
     trained. make_loader(data_step, end): the batches from data step `data_step` on, ending before `end` (data steps
     run ahead of training steps by the batches rollbacks skipped, training/health.py). after_eval: what the run does
     after each evaluation, before its checkpoint (fine-tuning protects its best one from pruning)."""
-    engine, step = run.engine, run.step
-    skips = DataSkips(s.run_dir)
+    engine, step, skips = run.engine, run.step, DataSkips(s.run_dir)
     batches = iter(make_loader(step + skips.offset(step), s.max_steps + skips.offset(s.max_steps)))
     window = Window(job.objectives)
     monitor = HealthMonitor(s.health, s.precision, s.min_loss_scale, checkpoints.loaded_state.get("health"))
@@ -127,8 +126,7 @@ def train(job: Job, run: Started, make_loader: Callable[[int, int], Iterable], s
             counts = job.token_counts(host_batch)  # counted on the host: no device sync
             flops = job.train_flops(host_batch)  # from the host batch's shapes and labels, likewise
             loss, stats = job.forward(engine, to_device(host_batch, engine.device))
-            if poison != 1.0:
-                loss = loss * poison
+            loss = loss * poison if poison != 1.0 else loss  # a fault injected by the tests (training/health.py)
             losses.record(micro, loss)
             engine.backward(loss)
             engine.step()  # DeepSpeed updates only at the accumulation boundary
@@ -146,18 +144,9 @@ def train(job: Job, run: Started, make_loader: Callable[[int, int], Iterable], s
                 window.reset()
                 bar.n = step
                 continue
-            log.write(event.row(action="warn" if event.action == "warn" else "stop"))
-            healthy = checkpoints.newest_healthy()
-            if event.action != "warn":
-                raise diverged(event, healthy)
-            if rank == 0:
-                print(f"{command}: warning: {stop_line(event, healthy)}", file=sys.stderr)
+            _warn_or_stop(event, checkpoints, log, rank, command)
         if step % s.log_every == 0 or step == s.stop_at or stopping:  # every rank: the columns are collectives
-            reduced = window.reduce()
-            columns = engine_columns(engine, lr)
-            if job.counts_flops:
-                columns.update(throughput_columns(reduced, peak))
-            row = metrics_row(step, "train", reduced, job.weights, job.phase_columns(step), columns)
+            row = _train_row(engine, step, lr, window, job, peak)
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         evaluated = step % s.eval_every == 0 or step == s.max_steps
@@ -174,6 +163,25 @@ def train(job: Job, run: Started, make_loader: Callable[[int, int], Iterable], s
         watchdog.beat(step)  # the hang watchdog (training/watchdog.py): this step is over
     bar.close()
     return step
+
+
+def _warn_or_stop(event, checkpoints: Checkpoints, log: MetricsLog, rank: int, command: str) -> None:
+    """A health event that is not rolled back: its row, then a warning on rank 0, or the run stops (diverged)."""
+    log.write(event.row(action="warn" if event.action == "warn" else "stop"))
+    healthy = checkpoints.newest_healthy()
+    if event.action != "warn":
+        raise diverged(event, healthy)
+    if rank == 0:
+        print(f"{command}: warning: {stop_line(event, healthy)}", file=sys.stderr)
+
+
+def _train_row(engine, step: int, lr: float, window: Window, job: Job, peak: float | None) -> dict:
+    """The train row of the steps since the last one (the window's columns are collectives: every rank calls it)."""
+    reduced = window.reduce()
+    columns = engine_columns(engine, lr)
+    if job.counts_flops:
+        columns.update(throughput_columns(reduced, peak))
+    return metrics_row(step, "train", reduced, job.weights, job.phase_columns(step), columns)
 
 
 def overflowed(engine) -> bool:
