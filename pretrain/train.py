@@ -8,6 +8,7 @@ log, evaluate and save at step boundaries until the last step or a stop request.
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -143,7 +144,10 @@ def evaluate(engine, stage, loaders: dict, step: int) -> list[dict]:
     return [metrics_row(step, split, w.reduce(), stage.weights, stage.phase_columns(step)) for split, w in windows.items()]
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+# An absolute path: the same conf/ also when main() is called from a user's own entry point (docs/extending.md),
+# where a relative one would be read as a Python package.
+@hydra.main(config_path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf"), config_name="config",
+            version_base=None)
 def main(cfg: DictConfig) -> None:
     info = distributed.read_env()
     with (exit_on_user_error("pretrain.train", rank=info.rank),

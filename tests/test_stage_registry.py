@@ -97,3 +97,26 @@ def test_every_task_builds_on_a_registered_stage():
     assert {kind: cls.stage for kind, cls in TASK_TYPES.items()} == {
         "classification": "structbert", "token_classification": "structbert", "generation": "palm"}
     assert [kind for kind, cls in TASK_TYPES.items() if cls.keeps_stage_model] == ["generation"]
+
+
+@pytest.mark.e2e  # a 2-rank run
+def test_a_stage_with_an_objective_of_its_own_trains_from_outside_the_package(prepared, tmp_path):
+    """docs/extending.md's path, taken by tests/toy_objective.py: a stage subclass with one more objective (its
+    labels, head, loss and weight), registered by the user's own entry point, trains 5 steps on 2 ranks; the loop,
+    the metrics and the checkpoints carry the new objective like the stage's own."""
+    from pretrain.training import checkpoint
+    from runs import TINY, launch, rows
+
+    run = tmp_path / "run"
+    launch(["deepspeed", "--num_gpus", "2", str(ROOT / "tests" / "toy_objective.py")],
+           TINY + ["stage=structbert", "stage.name=toy", "+stage.loss_weights.parity=1.0", f"data.dir={prepared}",
+                   f"run.dir={run}", "train.max_steps=5", "train.log_every=1", "train.eval_every=5"])  # fmt: skip
+    train = rows(str(run), "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
+    for r in train + rows(str(run), "valid"):
+        assert r["parity_loss"] > 0 and 0 <= r["parity_acc"] <= 1
+        parts = sum(r[f"{k}_loss"] for k in ("mlm", "wso", "sso", "parity"))
+        assert abs(r["loss"] - parts) <= 1e-6 * parts  # every weight 1: the loss is the four objectives' sum
+    assert json.loads((run / "model.json").read_text())["stage"] == "toy"
+    shapes = checkpoint.recorded_shapes(checkpoint.find(str(run), "run.dir"), "run.dir")
+    assert shapes["parity_head.weight"] == (2, 64)

@@ -24,6 +24,14 @@ class StructBert(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
         h = self.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                          pack_index=batch.get("pack_index"))
+        losses = self.objective_losses(h, batch)  # objective -> (mean, summed loss, correct, count)
+        loss = sum(weights[name] * value[0] for name, value in losses.items())
+        # tensors: a float() here would sync the GPU every micro-batch
+        return loss, {name: value[1:] for name, value in losses.items()}
+
+    def objective_losses(self, h: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        """Each objective's masked_ce on the encoder's output h: a model with another objective extends this
+        (docs/extending.md; tests/toy_objective.py)."""
         # The vocabulary projection is the costliest matmul: run it only where a token is predicted.
         mlm_at, wso_at = batch["mlm_labels"] != IGNORE, batch["wso_labels"] != IGNORE
         logits = self.mlm_head(h[mlm_at | wso_at], self.encoder.embeddings.word.weight)
@@ -33,8 +41,4 @@ class StructBert(nn.Module):
         sso_labels = batch["sso_labels"]
         sso_logits = self.sentence_head(h)
         sso = masked_ce(sso_logits[sso_labels != IGNORE], sso_labels[sso_labels != IGNORE])
-        loss = weights["mlm"] * mlm[0] + weights["wso"] * wso[0] + weights["sso"] * sso[0]
-        stats = {}
-        for name, (_, loss_sum, correct, n) in (("mlm", mlm), ("wso", wso), ("sso", sso)):
-            stats[name] = (loss_sum, correct, n)  # tensors: a float() here would sync the GPU every micro-batch
-        return loss, stats
+        return {"mlm": mlm, "wso": wso, "sso": sso}
