@@ -10,9 +10,9 @@ parameter shapes, before any rank starts or writes, so a bad path costs one line
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -29,8 +29,8 @@ _DECODER_FROM_ENCODER = {"self_attn.": "attn.", "self_attn_norm.": "attn_norm.",
 
 @dataclass(frozen=True)
 class InitSource:
-    """Where a run's weights come from (a stage-one checkpoint or a transformers directory), and which of its
-    parameters each of ours takes."""
+    """Where a run's weights come from (a run's checkpoint, or another project's directory: hf:, plug:), and which
+    of its parameters each of ours takes."""
 
     tag_dir: str  # a DeepSpeed checkpoint directory, or what init_from= named (hf:<dir>, plug:<dir>)
     mapping: dict[str, str]  # our parameter -> the checkpoint's (missing: keeps its fresh init)
