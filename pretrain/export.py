@@ -29,6 +29,7 @@ from pretrain import run_record
 from pretrain.cli import parse
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError, exit_on_user_error
+from pretrain.hf.export import save_tokenizer, write_safetensors
 from pretrain.models.config import ModelConfig
 from pretrain.plug import write as plug_write
 from pretrain.training import checkpoint, partitions, run_dir as run_files, safe_load
@@ -75,7 +76,6 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
         import transformers  # noqa: F401
     except ImportError:
         raise UserError("the export needs transformers and safetensors: pip install -e '.[hf]'") from None
-    from pretrain.hf.export import save_tokenizer, write_safetensors
 
     record = run_record.stage_model_record(run_dir, "pretrain.export")
     cfg, exporter = record.cfg, record.stage_class.hf_export()

@@ -30,11 +30,17 @@ import sys
 
 import torch
 
+from pretrain import run_record
 from pretrain.cli import parse
+from pretrain.data.sampling import pad_side
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError, exit_on_user_error
-from pretrain import run_record
-from pretrain.training import checkpoint, distributed, safe_load
+from pretrain.models.decoding import decoding_settings, generate_batch, row_generator
+from pretrain.models.layers import skip_init
+from pretrain.stages import STAGES
+from pretrain.training import checkpoint, distributed, init_from, safe_load
+from pretrain.training.engine import build_model, local_partition_numel
+from pretrain.training.metrics import peak_memory_gb
 
 DEFAULTS = {
     "run": {"dir": None}, "checkpoint": None, "prompt": None, "prompts_file": None, "max_new_tokens": 64,
@@ -96,8 +102,6 @@ def read_prompts(cfg) -> list[str]:
 def model_source(run_dir: str, checkpoint_dir: str | None):
     """The record (stage and shapes) of `run_dir` and its newest (or the given) checkpoint, checked before any
     rank starts: a stage whose model generates, and a checkpoint of that model's shapes."""
-    from pretrain.stages import STAGES
-
     record = run_record.stage_model_record(run_dir, "pretrain.generate")
     if not record.stage_class.generates:
         want = next(cls for cls in STAGES.values() if cls.generates)
@@ -178,10 +182,6 @@ def load_partitioned(record, tag_dir: str, dtype: torch.dtype, info: distributed
     """The model built under zero.Init, each rank reading its own partition of each parameter from tag_dir."""
     import deepspeed
 
-    from pretrain.models.layers import skip_init
-    from pretrain.training import init_from
-    from pretrain.training.engine import build_model
-
     zero = {"stage": 3, "stage3_max_live_parameters": max_live, "stage3_max_reuse_distance": max_live}
     ds_config = {"train_batch_size": info.world_size, "zero_optimization": zero,
                  "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}  # fmt: skip
@@ -195,11 +195,6 @@ def load_partitioned(record, tag_dir: str, dtype: torch.dtype, info: distributed
 
 def main(argv: list[str]) -> None:
     import numpy as np
-
-    from pretrain.data.sampling import pad_side
-    from pretrain.models.decoding import decoding_settings, generate_batch, row_generator
-    from pretrain.training.engine import local_partition_numel
-    from pretrain.training.metrics import peak_memory_gb
 
     cfg = parse_args(argv)
     # DeepSpeed reports on stdout (its logger, which keeps the stream it finds when first imported, and the ops it

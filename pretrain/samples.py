@@ -23,6 +23,7 @@ import sys
 from pretrain.cli import parse
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.overrides import check_command_line
+from pretrain.stages import build_stage
 from pretrain.training.config import BatchGeometry, batch_geometry
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -65,8 +66,6 @@ def main(argv: list[str]) -> None:
     trainer = [a for a in argv if a.split("=", 1)[0] not in OWN_KEYS]
     check_command_line(trainer, "config", "pretrain.samples")  # the trainer's keys, held as the trainer holds them
     cfg = compose_config(trainer)
-    from pretrain.stages import build_stage
-
     stage = build_stage(cfg)
     geometry = batch_geometry(cfg.train, world)
     data = stage.train_dataset(geometry)

@@ -28,6 +28,8 @@ from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError
 from pretrain.hf.layout import SSO_LABELS, to_hf_plan
 from pretrain.models.config import ModelConfig
+from pretrain.models.decoding import generate
+from pretrain.training.partitions import refuse_nonfinite
 
 PALM_MODULE = "modeling_plug_palm"  # the file of the exported PALM class, in this package and in the export
 
@@ -54,8 +56,6 @@ def write_safetensors(path: str, plan: list[tuple[str, str, int | None]], state:
             if ours != last_name:  # the parts of one tensor are consecutive in the plan
                 last_name, last = ours, state[ours].contiguous().detach().float()
                 if tag_dir is not None and not bool(torch.isfinite(last).all()):
-                    from pretrain.training.partitions import refuse_nonfinite
-
                     refuse_nonfinite(tag_dir, ours)
             piece = last if third is None else last.chunk(3, dim=0)[third]
             f.write(memoryview(piece.contiguous().numpy()).cast("B"))
@@ -87,7 +87,7 @@ def stage_one_config(cfg: ModelConfig, pad_id: int):
 
 
 def palm_config(cfg: ModelConfig, tok: Tokenizer):
-    from pretrain.hf.modeling_plug_palm import PlugPalmConfig
+    from pretrain.hf.modeling_plug_palm import PlugPalmConfig  # transformers: only when exporting
 
     return PlugPalmConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
@@ -172,7 +172,7 @@ class PalmExport:
         rows past the tokenizer's tokens (which no text has) are never generated, as in pretrain.generate."""
         from transformers import GenerationConfig
 
-        from pretrain.hf import modeling_plug_palm
+        from pretrain.hf import modeling_plug_palm  # transformers: only when exporting
 
         shutil.copyfile(modeling_plug_palm.__file__, os.path.join(out, f"{PALM_MODULE}.py"))
         padding = list(range(tok.vocab_size, cfg.vocab_size))
@@ -185,8 +185,6 @@ class PalmExport:
         """Largest |transformers - ours| of the decoder logits, and whether greedy and beam generate() give our
         tokens (0 when they do), ours barred from the ids the export's generation config suppresses."""
         from transformers import AutoModelForSeq2SeqLM
-
-        from pretrain.models.decoding import generate
 
         theirs = AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True).eval()
         suppressed = theirs.generation_config.suppress_tokens  # the embedding's padding rows: the tail of the vocab

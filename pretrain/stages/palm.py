@@ -17,7 +17,9 @@ from pretrain.data.palm_lengths import render_lengths
 from pretrain.data.sampling import LengthGroupedStepSampler
 from pretrain.data.sources import source_sample
 from pretrain.errors import UserError
+from pretrain.hf.export import PalmExport
 from pretrain.labels import IGNORE
+from pretrain.models.palm import Palm
 from pretrain.stages.base import Stage, corpus_span, targets_of
 from pretrain.training import flops, init_from
 from pretrain.training.config import BatchGeometry, model_config
@@ -71,14 +73,10 @@ class PalmStage(Stage):
 
     @classmethod
     def model_class(cls):
-        from pretrain.models.palm import Palm
-
         return Palm
 
     @classmethod
     def hf_export(cls):
-        from pretrain.hf.export import PalmExport
-
         return PalmExport
 
     def dataset(self, corpus: IndexedCorpus, seed: int, mlm_until: int) -> PalmDataset:

@@ -11,7 +11,9 @@ from pretrain.data.masking import ObjectiveConfig
 from pretrain.data.sources import source_sample
 from pretrain.data.structbert import SSO_NEXT, SSO_PREVIOUS, SSO_RANDOM, StructBertDataset
 from pretrain.errors import UserError
+from pretrain.hf.export import EncoderExport
 from pretrain.labels import IGNORE
+from pretrain.models.structbert import StructBert
 from pretrain.stages.base import Stage, corpus_span, targets_of
 from pretrain.training import flops, init_from
 from pretrain.training.config import BatchGeometry, model_config
@@ -43,14 +45,10 @@ class StructBertStage(Stage):
 
     @classmethod
     def model_class(cls):
-        from pretrain.models.structbert import StructBert
-
         return StructBert
 
     @classmethod
     def hf_export(cls):
-        from pretrain.hf.export import EncoderExport
-
         return EncoderExport
 
     def dataset(self, corpus: IndexedCorpus, seed: int) -> StructBertDataset:

@@ -23,6 +23,8 @@ from pretrain.data.sampling import StepSampler, pad_side
 from pretrain.data.spans import EpochOrder
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
+from pretrain.models.classifiers import SequenceClassifier, TokenClassifier
+from pretrain.models.decoding import decoding_settings, generate, row_generator
 from pretrain.stages.palm import PalmStage
 from pretrain.stages.structbert import StructBertStage
 from pretrain.labels import IGNORE
@@ -189,8 +191,6 @@ class ClassificationTask(_Task):
         return partial(collate_encoder, pad_id=self.tok.pad_id, max_len=self.max_len)
 
     def make_model(self):
-        from pretrain.models.classifiers import SequenceClassifier
-
         return SequenceClassifier(self.model_cfg, len(self.labels))
 
     def decode(self, split, batch, predictions):
@@ -216,8 +216,6 @@ class TaggingTask(ClassificationTask):
         return ()
 
     def make_model(self):
-        from pretrain.models.classifiers import TokenClassifier
-
         return TokenClassifier(self.model_cfg, len(self.labels))
 
     def decode(self, split, batch, predictions):
@@ -255,8 +253,6 @@ class GenerationTask(_Task):
         return partial(collate_palm, pad_id=self.tok.pad_id, enc_max_len=self.src_max_len, dec_max_len=self.tgt_max_len)
 
     def set_decoding(self, d: DictConfig) -> None:
-        from pretrain.models.decoding import decoding_settings
-
         try:
             self.decoding = decoding_settings(d)
         except ValueError as e:
@@ -277,8 +273,6 @@ class GenerationTask(_Task):
         return int(enc.sum() + dec.sum()), enc.numel() + dec.numel()
 
     def predict(self, model, split, micro, world, rank):
-        from pretrain.models.decoding import generate, row_generator
-
         e, out, device = self.splits[split], [], next(model.parameters()).device
         for i in range(rank, len(e), world):
             new = generate(model, torch.from_numpy(e.samples[i]["enc_input_ids"])[None].to(device), bos_id=self.tok.cls_id,

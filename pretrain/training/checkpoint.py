@@ -29,6 +29,7 @@ import torch
 from pretrain.errors import UserError
 from pretrain.training import distributed, integrity, safe_load, watchdog
 from pretrain.training.elastic import UNIVERSAL, complete_universal_load, convert_universal, elastic_seed
+from pretrain.training.engine import local_partition_numel
 from pretrain.training.rng import rng_state, seed_rng, set_rng_state
 
 _STEP_DIR = re.compile(r"^step(\d+)$")
@@ -361,8 +362,6 @@ def _free_bytes(path: str) -> int:
 def _estimate_bytes(engine, world_size: int) -> int:
     """A first checkpoint's size before there is a record of one: its optimizer partitions hold 12 bytes per
     parameter (fp32 master weights and two moments, AdamW's and LAMB's), the rest is small."""
-    from pretrain.training.engine import local_partition_numel
-
     return 12 * local_partition_numel(engine.module) * world_size
 
 

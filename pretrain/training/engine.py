@@ -8,6 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pretrain.models.fast_paths import with_pack_indices
+from pretrain.training import optim
+
 
 def build_model(make: Callable[[], nn.Module], ds_config: dict, seed: int) -> nn.Module:
     """Construct under zero.Init so that no rank ever holds the full model: each keeps its partition."""
@@ -22,8 +25,6 @@ def to_device(host_batch: dict[str, torch.Tensor], device) -> dict[str, torch.Te
     """A host batch on the engine's device, with its packing indices found on the host (fast_paths.with_pack_indices).
     non_blocking: a blocking copy to a GPU (torch's default) waits for everything queued on it, at every
     micro-batch; the loaders pin their batches on a GPU machine, so the copy overlaps the device's work."""
-    from pretrain.models.fast_paths import with_pack_indices
-
     return {k: v.to(device, non_blocking=True) for k, v in with_pack_indices(host_batch).items()}
 
 
@@ -49,8 +50,6 @@ def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
     config, optimizer = dict(ds_config), None
     client = config.pop("client_optimizer", None)
     if client is not None:
-        from pretrain.training import optim
-
         optimizer = getattr(optim, client["type"].rsplit(".", 1)[-1])(groups, **client["params"])
     with _no_compile_on_import():
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=config)

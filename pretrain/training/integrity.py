@@ -106,7 +106,7 @@ def write_manifest(tag_dir: str, files: dict[str, list]) -> int:
 def record(tag_dir: str, rank: int, world_size: int) -> int:
     """Collective: every rank hashes its share of the committed files, rank 0 writes the record; returns the
     checkpoint's size in bytes on every rank."""
-    from pretrain.training import distributed
+    from pretrain.training import distributed  # torch: only to record; checking stays torch-free
 
     shares = distributed.gather_objects(hash_share(tag_dir, rank, world_size))
     files = {rel: entry for share in shares for rel, entry in share.items()}

@@ -19,6 +19,7 @@ import sys
 import threading
 
 from pretrain.errors import EXIT_PEER_LOST
+from pretrain.training import run_lock
 
 POLL_S = 0.5
 _LAUNCHERS = ("deepspeed", "deepspeed.launcher.launch", "deepspeed.launcher.runner", "torchrun",
@@ -77,8 +78,6 @@ def watch_launcher(command: str, rank: int) -> None:
             print(f"{command}: error: rank {rank}: its launcher (pid {gone.pid}, {names[gone.pid]})"
                   f" is gone; stopping (exit {EXIT_PEER_LOST}): a rerun resumes from the newest complete checkpoint",
                   file=sys.stderr, flush=True)  # fmt: skip
-            from pretrain.training import run_lock
-
             run_lock.release_held()
             os._exit(EXIT_PEER_LOST)
 

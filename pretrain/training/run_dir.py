@@ -14,7 +14,9 @@ import tempfile
 import torch
 
 from pretrain.errors import UserError
+from pretrain.models.layers import count_parameters
 from pretrain.training import distributed, partitions
+from pretrain.training.engine import local_partition_numel
 
 
 def write_run_files(run_dir: str, cfg, info, model, geometry, step: int, init, ds_config: dict,
@@ -26,9 +28,6 @@ def write_run_files(run_dir: str, cfg, info, model, geometry, step: int, init, d
     and vocab.txt.
     The JSON files appear whole (written beside and renamed)."""
     from omegaconf import OmegaConf
-
-    from pretrain.models.layers import count_parameters
-    from pretrain.training.engine import local_partition_numel
 
     per_rank = distributed.gather_objects(local_partition_numel(model))
     if info.rank != 0:

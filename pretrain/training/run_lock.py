@@ -271,7 +271,7 @@ def take(run_dir: str, command: str, lease_s: float, rank: int) -> str | None:
 def join_agreeing(refusal: str | None, world_size: int, join: Callable[[], None]) -> None:
     """Join the ranks (`join`), then stop every rank with rank 0's refusal (a broadcast), before anything is
     written. A refusal comes first: a second run on the first one's run.dir and port hears about the run.dir."""
-    from pretrain.training import distributed
+    from pretrain.training import distributed  # torch: only to join ranks; the lock stays light for helpers
 
     if refusal is not None and world_size == 1:
         raise UserError(refusal)

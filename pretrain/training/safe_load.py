@@ -17,6 +17,7 @@ import os
 import torch
 
 from pretrain.errors import UserError
+from pretrain.training import integrity
 
 # What the files of a DeepSpeed ZeRO-3 checkpoint of ours name beyond torch's own safe set, by file:
 # zero_pp_rank_*_optim_states.pt and universal optimizer_state.pt (DeepSpeed's loss scaler, even in fp32 and bf16,
@@ -57,8 +58,6 @@ def check_file(path: str) -> None:
     try:
         named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as e:  # not a zip-format torch file: damaged or truncated (its pickle cannot be vetted either)
-        from pretrain.training import integrity
-
         tag_dir = os.path.dirname(os.path.abspath(path))
         raise UserError(f"{path}: not a readable checkpoint file ({type(e).__name__}: damaged or truncated); "
                         f"{integrity.older_hint(tag_dir, None)}") from None  # fmt: skip

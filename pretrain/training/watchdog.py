@@ -26,6 +26,7 @@ import threading
 import time
 
 from pretrain.errors import EXIT_HUNG
+from pretrain.training import run_lock
 
 FLOOR_S = 60.0
 FACTOR = 10.0
@@ -113,8 +114,6 @@ class Watchdog:
                   f"dist.watchdog_s); every rank's Python stacks are in {stacks}/; exiting {EXIT_HUNG} (a requeue "
                   "resumes from the newest complete checkpoint)", file=sys.stderr, flush=True)  # fmt: skip
         time.sleep(GRACE_S)
-        from pretrain.training import run_lock
-
         run_lock.release_held()
         os._exit(EXIT_HUNG)
 
