@@ -56,9 +56,9 @@ def worker(mode: str, run_dir: str, out_path: str) -> None:
 
     import torch
 
-    from pretrain.run_record import read_model_record
-    from pretrain.models.palm import Palm
     from pretrain import init_sources
+    from pretrain.models.palm import Palm
+    from pretrain.run_record import read_model_record
     from pretrain.training import checkpoint, distributed, init_from, partitions
     from pretrain.training.engine import build_model
 

@@ -32,7 +32,8 @@ from pretrain.errors import UserError, exit_on_user_error
 from pretrain.hf.export import save_tokenizer, write_safetensors
 from pretrain.models.config import ModelConfig
 from pretrain.plug import write as plug_write
-from pretrain.training import checkpoint, partitions, run_dir as run_files, safe_load
+from pretrain.training import checkpoint, partitions, safe_load
+from pretrain.training import run_dir as run_files
 
 DEFAULTS = {"run": {"dir": None}, "out": None, "step": None, "overwrite": False, "check": True, "trust_checkpoint": False,
             "format": "hf", "tp": None, "dtype": None}  # tp, dtype: format=plug's (pretrain/plug/)
@@ -103,7 +104,7 @@ def export(run_dir: str, out: str, step: int | None = None, overwrite: bool = Fa
 def check(run_dir: str, out: str, tag_dir: str) -> dict[str, float]:
     """Largest |transformers - ours| of each output on one fixed padded batch (fp32, eval mode); for stage two
     also whether greedy and beam generate() give our tokens (0 when they do)."""
-    import transformers
+    import transformers  # transformers: the `hf` extra; only for check
 
     transformers.logging.set_verbosity_error()  # its load report lists the other heads' keys as unexpected
     transformers.logging.disable_progress_bar()

@@ -24,21 +24,15 @@ from pretrain import init_sources
 from pretrain.data.tokenizer import Tokenizer, read_vocab
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.overrides import check_command_line
+from pretrain.run_record import ModelRecord
 from pretrain.tasks import metrics
 from pretrain.tasks.task import build_task
 from pretrain.training import distributed, init_from, loop, memory, peers, run_lock, safe_load, watchdog
 from pretrain.training.checkpoint import Checkpoints
-from pretrain.run_record import ModelRecord
-from pretrain.training.run_dir import load_weights, write_atomic, write_run_files
-from pretrain.training.config import (
-    BatchGeometry,
-    RunSettings,
-    batch_geometry,
-    deepspeed_config,
-    run_settings,
-)
+from pretrain.training.config import BatchGeometry, RunSettings, batch_geometry, deepspeed_config, run_settings
 from pretrain.training.engine import to_device
 from pretrain.training.metrics import MetricsLog, Window, metrics_row
+from pretrain.training.run_dir import load_weights, write_atomic, write_run_files
 
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
 
@@ -233,7 +227,7 @@ def test(task, run_dir: str, geometry: BatchGeometry, info, log: MetricsLog, tra
 
 
 def _metric_keys(task, row: dict) -> list[str]:
-    return [k for k in (task.select[0], *(f"{o}_loss" for o in task.objectives), "accuracy", "macro_f1", "precision",
+    return [k for k in (task.select[0], *(f"{o.name}_loss" for o in task.objectives), "accuracy", "macro_f1", "precision",
                         "recall", "f1", "lm_ppl") if k in row]  # fmt: skip
 
 

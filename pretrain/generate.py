@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 
+import numpy as np
 import torch
 
 from pretrain import run_record
@@ -180,7 +181,7 @@ class PartitionedModel:
 def load_partitioned(record, tag_dir: str, dtype: torch.dtype, info: distributed.DistInfo,
                      max_live: int) -> PartitionedModel:  # fmt: skip
     """The model built under zero.Init, each rank reading its own partition of each parameter from tag_dir."""
-    import deepspeed
+    import deepspeed  # deepspeed: only after main() has sent stdout aside (its logger keeps the stream it finds)
 
     zero = {"stage": 3, "stage3_max_live_parameters": max_live, "stage3_max_reuse_distance": max_live}
     ds_config = {"train_batch_size": info.world_size, "zero_optimization": zero,
@@ -194,8 +195,6 @@ def load_partitioned(record, tag_dir: str, dtype: torch.dtype, info: distributed
 
 
 def main(argv: list[str]) -> None:
-    import numpy as np
-
     cfg = parse_args(argv)
     # DeepSpeed reports on stdout (its logger, which keeps the stream it finds when first imported, and the ops it
     # builds): imported here, before anything else imports it, and run below with stdout sent to stderr, it leaves

@@ -16,6 +16,12 @@ import difflib
 import functools
 import os
 
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.errors import OverrideParseException
+from omegaconf import OmegaConf
+
 from pretrain.errors import UserError
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -45,10 +51,6 @@ def check_command_line(argv: list[str], config_name: str, command: str) -> None:
     (`--cfg job`, `--help`, `-m`, `--config-name`, ...) is left to Hydra."""
     if any(arg.startswith("-") for arg in argv):
         return
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-    from hydra.errors import OverrideParseException
-
     parser = OverridesParser.create()
     parsed = []
     for arg in argv:
@@ -93,8 +95,6 @@ def config_groups(config_name: str) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=8)
 def _config_groups(config_name: str) -> dict[str, str]:
-    from omegaconf import OmegaConf
-
     out = {}
     for entry in OmegaConf.to_container(OmegaConf.load(os.path.join(CONF, f"{config_name}.yaml"))).get("defaults", []):
         if isinstance(entry, dict):
@@ -116,9 +116,6 @@ def reference(config_name: str, choices: dict[str, str]) -> dict:
 
 @functools.lru_cache(maxsize=64)  # the tests compose the same configs many times
 def _composed(config_name: str, choices: tuple[tuple[str, str], ...]) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose(config_name, overrides=[f"{g}={o}" for g, o in choices])
     return OmegaConf.to_container(cfg, resolve=False)

@@ -29,7 +29,7 @@ from pretrain.models.config import ModelConfig
 from pretrain.stages import STAGES, stage_class
 from pretrain.training import memory
 from pretrain.training.config import model_config
-from pretrain.training.memory import BYTES, CUDA_CONTEXT_GB, GiB, RESERVE_FRACTION
+from pretrain.training.memory import BYTES, CUDA_CONTEXT_GB, RESERVE_FRACTION, GiB
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 MODEL_DIR, DEEPSPEED_DIR = os.path.join(CONF_DIR, "model"), os.path.join(CONF_DIR, "deepspeed")

@@ -39,9 +39,8 @@ from pretrain.cli import parse
 from pretrain.data.corpus import bounded_pieces, iter_input_files, iter_paragraphs
 from pretrain.data.indexed import IndexedWriter, token_dtype
 from pretrain.data.prepare_parts import count_chunk_words, encode_chunk, init_worker, shard_files, valid_documents
-from pretrain.data.tokenizer import (
-    SPECIAL_TOKENS, Tokenizer, check_segmenter, segmenter_version, vocab_sha256, write_vocab,
-)  # fmt: skip
+from pretrain.data.tokenizer import (SPECIAL_TOKENS, Tokenizer, check_segmenter, segmenter_version, vocab_sha256,
+                                     write_vocab)  # fmt: skip
 from pretrain.errors import UserError, exit_on_user_error
 
 FORMAT_VERSION = 1

@@ -20,6 +20,10 @@ import json
 import os
 import sys
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from pretrain.cli import parse
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.overrides import check_command_line
@@ -32,10 +36,6 @@ OWN_KEYS = ("n", "out", "world_size", "from_step")
 
 def compose_config(overrides: list[str]):
     """The trainer's config with these overrides (run.dir is not needed to build samples)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
             return compose("config", overrides=["run.dir=unused", *overrides])

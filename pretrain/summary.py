@@ -12,10 +12,11 @@ from pretrain import plots
 from pretrain.cli import parse
 from pretrain.data.palm_lengths import render_lengths
 from pretrain.errors import UserError, exit_on_user_error
+from pretrain.objectives import OBJECTIVES
 
 # Columns shown when present, in this order.
-COLUMNS = ("loss", "mlm_acc", "wso_acc", "sso_acc", "lm_loss", "lm_acc", "lm_ppl",
-           "cls_acc", "tag_acc", "accuracy", "macro_f1", "f1")  # fine-tuning's (pretrain.finetune)
+COLUMNS = ("loss", *(c for o in OBJECTIVES for c in o.shown),
+           "accuracy", "macro_f1", "f1")  # fine-tuning's scores (pretrain.finetune)
 
 
 def read_metrics(run_dir: str) -> list[dict]:

@@ -20,17 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from pretrain.data.sources import describe
 from pretrain.errors import exit_on_user_error
 from pretrain.overrides import check_command_line
-from pretrain.training import distributed, init_from, loop, memory, peers, run_lock, safe_load, watchdog
-from pretrain.training.checkpoint import Checkpoints
 from pretrain.run_record import ModelRecord
-from pretrain.training.run_dir import write_run_files
-from pretrain.training.config import (
-    BatchGeometry, RunSettings, batch_geometry, deepspeed_config, run_settings,
-)  # fmt: skip
-from pretrain.training.engine import to_device
-from pretrain.training.metrics import MetricsLog, Window, metrics_row
 from pretrain.stages import build_stage
 from pretrain.stages.base import Stage
+from pretrain.training import distributed, init_from, loop, memory, peers, run_lock, safe_load, watchdog
+from pretrain.training.checkpoint import Checkpoints
+from pretrain.training.config import (BatchGeometry, RunSettings, batch_geometry, deepspeed_config, run_settings)  # fmt: skip
+from pretrain.training.engine import to_device
+from pretrain.training.metrics import MetricsLog, Window, metrics_row
+from pretrain.training.run_dir import write_run_files
 
 # torch 2.13 deprecates the collectives DeepSpeed calls, once per step: not ours to fix, only noise.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)

@@ -29,7 +29,7 @@ from omegaconf import MISSING, OmegaConf
 from pretrain.cli import parse
 from pretrain.data.corpus import iter_input_files, iter_paragraphs
 from pretrain.data.tokenizer import (MAX_WORD_CHARS, SPECIAL_TOKENS, Tokenizer, by_count, character_pieces, read_vocab,
-                                      write_vocab)
+                                     write_vocab)
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.prepare import check_input_settings, count_documents_and_words
 

@@ -9,9 +9,10 @@ from filelock import FileLock
 # tests/ is not a package; make its helper modules importable whatever pytest's import mode is.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from synthetic import write_synthetic_corpus  # noqa: E402
+
 from pretrain.prepare import PrepareConfig, prepare  # noqa: E402
 from runs import DEEPSPEED, PALM, PYTHON, STEPS, TINY, launch  # noqa: E402
-from synthetic import write_synthetic_corpus  # noqa: E402
 
 
 @pytest.fixture

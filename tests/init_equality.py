@@ -16,10 +16,10 @@ import sys
 
 import torch
 
-from pretrain.run_record import read_model_record
+from pretrain import init_sources
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
-from pretrain import init_sources
+from pretrain.run_record import read_model_record
 from pretrain.training import checkpoint, distributed, init_from, partitions
 from pretrain.training.engine import build_model
 

@@ -14,10 +14,10 @@ import sys
 
 import torch
 
-from pretrain.data.tokenizer import read_vocab
-from pretrain.run_record import read_model_record
-from pretrain.models.palm import Palm
 from pretrain import init_sources
+from pretrain.data.tokenizer import read_vocab
+from pretrain.models.palm import Palm
+from pretrain.run_record import read_model_record
 from pretrain.training import checkpoint, distributed, init_from, partitions
 from pretrain.training.engine import build_model
 

@@ -93,12 +93,11 @@ def worker(rank, plug_src, port, shard_dir, out_path, inputs, keep_embedding_nor
 def main(plug_src: str, work: str, embedding_norm: bool = False) -> None:
     sys.path.insert(0, REPO)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from runs import free_port
-
-    from pretrain.plug.write import write_shards
     from pretrain.models.config import ModelConfig
     from pretrain.models.palm import Palm
+    from pretrain.plug.write import write_shards
     from pretrain.stages import STAGES
+    from runs import free_port
 
     cfg = ModelConfig(vocab_size=48, hidden=16, layers=2, heads=4, ffn=32, max_positions=24, decoder_layers=2,
                       dropout=0.0, attn_dropout=0.0, embedding_norm=embedding_norm)  # fmt: skip

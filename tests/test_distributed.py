@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from runs import free_port
-
+from pretrain.objectives import MLM
 from pretrain.training import distributed
 from pretrain.training.metrics import Window
+from runs import free_port
 
 
 def _worker(rank: int, port: int, simulate_nccl: bool, out):
@@ -32,7 +32,7 @@ def _worker(rank: int, port: int, simulate_nccl: bool, out):
             "gathered": distributed.gather_objects({"rank": rank}),
             "broadcast": distributed.broadcast_object(f"from {rank}"),
         }
-        window = Window(("mlm",))
+        window = Window((MLM,))
         window.add({"mlm": (torch.tensor(2.0 + rank), torch.tensor(1.0), 4)}, tokens=8, padded=10)
         window.add({"mlm": (torch.tensor(1.0), torch.tensor(rank * 1.0), 4)}, tokens=8, padded=10)
         window.mark_step()

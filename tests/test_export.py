@@ -14,8 +14,8 @@ from tolerance import assert_close_fp32
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.models.config import ModelConfig
 from pretrain.models.structbert import StructBert
-from pretrain.training import checkpoint, partitions
 from pretrain.run_record import read_model_record
+from pretrain.training import checkpoint, partitions
 from runs import DEEPSPEED, REPO, TINY, launch, trainer_refusal
 
 transformers = None  # imported by _import_transformers below

@@ -3,6 +3,7 @@ independence, gradient and seeding) and unpadded (packed) execution of the encod
 gradients equal to the padded computation)."""
 import pytest
 import torch
+from tolerance import assert_close_fp32
 
 from pretrain.models import fast_paths
 from pretrain.models.config import ModelConfig
@@ -10,7 +11,6 @@ from pretrain.models.fast_paths import Packing, attend, dropout
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
 from pretrain.training.engine import to_device
-from tolerance import assert_close_fp32
 from tests.test_model import batch as stage_one_batch
 from tests.test_palm_model import batch as stage_two_batch
 

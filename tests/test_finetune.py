@@ -8,14 +8,14 @@ import random
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from synthetic import CITIES, NAMES, synthetic_documents
+from test_config_keys import leaf_keys, reads  # noqa: F401 (reads: a fixture)
 
 from pretrain.errors import UserError
 from pretrain.finetune import setup
 from pretrain.summary import render, summarize
 from pretrain.tasks import metrics
 from runs import DEEPSPEED_FINETUNE, FINETUNE_TINY, PYTHON, REPO, launch, rows
-from synthetic import CITIES, NAMES, synthetic_documents
-from test_config_keys import leaf_keys, reads  # noqa: F401 (reads: a fixture)
 
 STEPS = ["train.max_steps=20", "train.log_every=1", "train.eval_every=10", "train.save_every=5", "train.keep_last=1"]
 SIZES = {"train": 160, "valid": 21, "test": 19}  # valid and test not multiples of 2 ranks x 4: padding slots

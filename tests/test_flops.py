@@ -8,6 +8,7 @@ from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
+from pretrain.objectives import MLM
 from pretrain.training import flops, metrics
 from runs import PYTHON, TINY, launch, rows
 
@@ -26,7 +27,7 @@ def labels(shape, at: list[tuple[int, int]]) -> torch.Tensor:
     return out
 
 
-def stage_one_batch(b=2, s=6, mlm_at=((0, 1), (1, 2)), wso_at=((0, 4), (1, 2))) -> dict:
+def stage_one_batch(b=2, s=6, mlm_at=((0, 1), (1, 2)), wso_at=((0, 4), (1, 3))) -> dict:
     g = torch.Generator().manual_seed(0)
     return {
         "input_ids": torch.randint(5, 32, (b, s), generator=g), "token_type_ids": torch.zeros(b, s, dtype=torch.long),
@@ -47,18 +48,18 @@ def stage_two_batch(b=2, s=6, t=4, mlm_at=((0, 1), (1, 3)), lm_at=((0, 0), (0, 1
 
 
 def test_stage_one_by_hand():
-    """hidden 8, 2 layers, ffn 16, vocab 32, batch 2, seq 6; 3 predicted positions (the union of the MLM and
-    word-structure positions, which the head projects once each: (0,1), (0,4), (1,2))."""
+    """hidden 8, 2 layers, ffn 16, vocab 32, batch 2, seq 6; 4 predicted positions, 2 MLM and 2 word-structure
+    ones (never the same: word structure shuffles unmasked tokens), each projected once by the shared head."""
     B, S, h, f, V = 2, 6, 8, 16, 32
     layer = 2 * B * S * (4 * h * h + 2 * h * f) + 2 * 2 * B * S * S * h
     assert layer == 2 * 12 * (256 + 256) + 4 * 2 * 36 * 8 == 14592
-    heads = 2 * 3 * (h * h + h * V) + 2 * B * (h * h + h * 3)
-    assert heads == 6 * 320 + 4 * 88 == 2272
+    heads = 2 * 4 * (h * h + h * V) + 2 * B * (h * h + h * 3)
+    assert heads == 8 * 320 + 4 * 88 == 2912
     batch = stage_one_batch()
-    assert flops.structbert_forward_flops(config(), batch) == (2 * 14592, 2272)
-    assert flops.structbert_train_flops(config(), batch) == 3 * 29184 + 3 * 2272 == 94368
+    assert flops.structbert_forward_flops(config(), batch) == (2 * 14592, 2912)
+    assert flops.structbert_train_flops(config(), batch) == 3 * 29184 + 3 * 2912 == 96288
     # Activation checkpointing: the layers' forward once more, not the heads'.
-    assert flops.structbert_train_flops(config(activation_checkpointing=True), batch) == 4 * 29184 + 3 * 2272 == 123552
+    assert flops.structbert_train_flops(config(activation_checkpointing=True), batch) == 4 * 29184 + 3 * 2912 == 125472
 
 
 def test_stage_two_by_hand():
@@ -167,7 +168,7 @@ def test_window_tflops_is_per_rank(monkeypatch):
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(metrics, "all_reduce_tensor_sum", lambda t: [2 * v for v in t.tolist()])
     monkeypatch.setattr(metrics, "world_size", lambda: 2)
-    window = metrics.Window(("mlm",))
+    window = metrics.Window((MLM,))
     window.add({"mlm": (1.0, 1.0, 1)}, 10, 12, flops=1e12)
     window.add({"mlm": (1.0, 1.0, 1)}, 10, 12, flops=2e12)
     window.mark_step()

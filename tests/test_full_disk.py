@@ -9,9 +9,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import DEEPSPEED, TINY, launch  # noqa: E402
-
 from pretrain.training import integrity  # noqa: E402
+from runs import DEEPSPEED, TINY, launch  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

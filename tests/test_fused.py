@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from runs import DEEPSPEED, PYTHON, REPO, TINY, launch, rows
+from tolerance import assert_close_fp32
 
 from pretrain.errors import UserError
 from pretrain.labels import IGNORE
@@ -20,7 +20,7 @@ from pretrain.models.structbert import StructBert
 from pretrain.training.config import batch_geometry, deepspeed_config, model_config
 from pretrain.training.metrics import fp16_columns
 from pretrain.training.optim import Lamb
-from tolerance import assert_close_fp32
+from runs import DEEPSPEED, PYTHON, REPO, TINY, launch, rows
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (FusedLamb/FusedAdam kernels, SDPA's GPU kernels)")

@@ -11,6 +11,7 @@ from pretrain.models.decoding import generate
 from pretrain.models.fast_paths import attend
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
+from pretrain.objectives import MLM
 from pretrain.training.engine import to_device
 from pretrain.training.metrics import Window
 from tests.test_model import batch as stage_one_batch
@@ -90,7 +91,7 @@ def test_encoder_and_decoder_forward_without_host_syncs():
 
 
 def test_window_reduces_device_tensors():
-    window = Window(("mlm",))
+    window = Window((MLM,))
     for i in range(3):
         window.add({"mlm": (torch.tensor(1.5 * i, device="cuda"), torch.tensor(1.0, device="cuda"), 2)}, 4, 5)
     window.mark_step()

@@ -4,9 +4,9 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 
 import pytest
-import subprocess
 
 from runs import REPO
 

@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 import torch
+from tolerance import assert_close_fp32, fp32_atol
 
 from pretrain.hf.export import PALM_MODULE
-from tolerance import assert_close_fp32, fp32_atol
 
 transformers = hf_palm = None  # imported by _import_transformers below
 
@@ -181,13 +181,14 @@ def test_generate_takes_what_the_tokenizer_returns(tmp_path):
     model.generate(**tokenizer(text, return_tensors="pt")). The BERT tokenizer hands token_type_ids too (zeros for
     one text); the class takes them into its encoder, and greedy decoding gives our decoding's tokens. Pair types
     (1 on the second text) are used as our encoder would use them."""
+    from synthetic import synthetic_documents
+
     from pretrain.data.corpus import split_sentences
     from pretrain.data.tokenizer import Tokenizer, build_vocab
     from pretrain.hf.export import PalmExport, palm_config, save_tokenizer, write_safetensors
     from pretrain.models.config import ModelConfig
     from pretrain.models.decoding import generate
     from pretrain.models.palm import Palm
-    from synthetic import synthetic_documents
 
     sentences = [s for doc in synthetic_documents(100) for p in doc for s in split_sentences("".join(p))]
     build_vocab(sentences, 300, str(tmp_path / "vocab.txt"))

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from synthetic import synthetic_documents
 
 from pretrain.data.corpus import iter_input_files, read_documents
 from pretrain.errors import UserError
 from pretrain.prepare import PrepareConfig, prepare
-from synthetic import synthetic_documents
 
 COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
             ".zst": lambda data: zstandard.ZstdCompressor().compress(data)}  # fmt: skip

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import DEEPSPEED, PALM, PYTHON, launch, rows  # noqa: E402
-
 from pretrain.training import integrity  # noqa: E402
+from runs import DEEPSPEED, PALM, PYTHON, launch, rows  # noqa: E402
 
 EXPORT = [sys.executable, "-m", "pretrain.export"]
 GENERATE = [sys.executable, "-m", "pretrain.generate"]

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from test_finetune import tasks  # noqa: F401 (a fixture: tiny task directories)
 
 from pretrain import plan as P
 from pretrain.errors import UserError
@@ -16,7 +17,6 @@ from pretrain.models.structbert import StructBert
 from pretrain.train import setup
 from pretrain.training import memory
 from runs import FINETUNE_TINY, PYTHON, REPO, TINY, launch, trainer_refusal
-from test_finetune import tasks  # noqa: F401 (a fixture: tiny task directories)
 
 GiB = 2**30
 

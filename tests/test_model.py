@@ -2,12 +2,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close_fp32
 
 from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.structbert import StructBert
+from pretrain.objectives import MLM, SSO, WSO
 from pretrain.training.distributed import strip_local_rank
-from tolerance import assert_close_fp32
 
 WEIGHTS = {"mlm": 1.0, "wso": 1.0, "sso": 1.0}
 
@@ -107,7 +108,7 @@ def test_statistics_stay_tensors_until_the_window_is_reduced():
     model, b = tiny(), batch()
     _, stats = model(b, WEIGHTS)
     assert all(isinstance(v[0], torch.Tensor) and isinstance(v[1], torch.Tensor) for v in stats.values()), stats
-    window = Window(("mlm", "wso", "sso"))
+    window = Window((MLM, WSO, SSO))
     for _ in range(3):
         window.add(stats, 20, 24)
     window.mark_step()

@@ -2,12 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close_fp32
 
 from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.decoding import generate, generate_batch
 from pretrain.models.palm import Palm
-from tolerance import assert_close_fp32
 
 V, H = 50, 32
 LM_ONLY = {"lm": 1.0, "mlm": 0.0}

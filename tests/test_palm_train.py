@@ -230,11 +230,11 @@ def test_init_from_a_checkpoint_of_the_other_embedding_norm_is_one_line(monkeypa
     for stage two from stage one and for fine-tuning alike."""
     import dataclasses
 
+    from pretrain import init_sources
     from pretrain.errors import UserError
     from pretrain.models.config import ModelConfig
     from pretrain.models.palm import Palm
     from pretrain.models.structbert import StructBert
-    from pretrain import init_sources
     from pretrain.training import checkpoint, init_from
 
     cfg = ModelConfig(vocab_size=40, hidden=8, layers=2, heads=2, ffn=16, max_positions=12, decoder_layers=1)

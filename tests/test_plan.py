@@ -6,9 +6,8 @@ import sys
 
 import pytest
 import torch
-from deepspeed.runtime.zero.stage3 import (
-    estimate_zero3_model_states_mem_needs, estimate_zero3_model_states_mem_needs_all_cold, model_to_params,
-)  # fmt: skip
+from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
+                                           estimate_zero3_model_states_mem_needs_all_cold, model_to_params)  # fmt: skip
 
 from pretrain import plan as P
 from pretrain.errors import UserError, exit_on_user_error

@@ -15,12 +15,12 @@ import pytest
 import torch
 from tolerance import assert_close_fp32
 
-from pretrain.plug.layout import plug_vocab_size
-from pretrain.plug.write import plug_config, write_shards
 from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
 from pretrain.models.palm import Palm
 from pretrain.models.structbert import StructBert
+from pretrain.plug.layout import plug_vocab_size
+from pretrain.plug.write import plug_config, write_shards
 from pretrain.stages import STAGES
 from pretrain.training import checkpoint, partitions
 from runs import REPO

@@ -8,21 +8,19 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-import pretrain.prepare
-from pretrain.data.corpus import (
-    _SENTENCE, bounded_pieces, iter_input_files, iter_paragraphs, read_documents, split_sentences,
-)  # fmt: skip
-from pretrain.data.indexed import IndexedCorpus
-from pretrain.data.tokenizer import (
-    CONTINUATION, SPECIAL_TOKENS, Tokenizer, _normalizer, build_vocab, count_words, encode_paragraphs, jieba_segmenter,
-)  # fmt: skip
-from pretrain.errors import UserError
-from pretrain.data.prepare_parts import valid_documents
-from pretrain.prepare import PrepareConfig, load_config, prepare, shard_files
-from pretrain.vocab import VocabConfig, build
 from synthetic import synthetic_documents, write_synthetic_corpus
 from tokenizers import pre_tokenizers
+
+import pretrain.prepare
+from pretrain.data.corpus import (_SENTENCE, bounded_pieces, iter_input_files, iter_paragraphs, read_documents,
+                                  split_sentences)  # fmt: skip
+from pretrain.data.indexed import IndexedCorpus
+from pretrain.data.prepare_parts import valid_documents
+from pretrain.data.tokenizer import (CONTINUATION, SPECIAL_TOKENS, Tokenizer, _normalizer, build_vocab, count_words,
+                                     encode_paragraphs, jieba_segmenter)  # fmt: skip
+from pretrain.errors import UserError
+from pretrain.prepare import PrepareConfig, load_config, prepare, shard_files
+from pretrain.vocab import VocabConfig, build
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from runs import PYTHON, TINY, launch
 
 from pretrain.errors import UserError
 from pretrain.training import checkpoint, integrity, partitions, safe_load
+from runs import PYTHON, TINY, launch
 
 
 class Payload:

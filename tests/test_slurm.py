@@ -12,9 +12,9 @@ import subprocess
 import time
 
 import pytest
+from slurm_cluster import FINISHED, ClusterUnavailable, SlurmCluster, missing_programs
 
 from runs import TINY, rows
-from slurm_cluster import FINISHED, ClusterUnavailable, SlurmCluster, missing_programs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e, pytest.mark.skipif(
     bool(missing_programs()), reason=f"Slurm/munge not installed (missing {', '.join(missing_programs())}; `make install-test` installs them as root)"
@@ -299,9 +299,10 @@ def wait_for_array(cluster: SlurmCluster, job: int, tasks: list[str], timeout: f
 
 
 def test_prepare_array_shards_are_the_whole_corpus(cluster, tmp_path):
+    from test_prepare import assert_shards_make_the_whole, write_parts
+
     from pretrain.prepare import PrepareConfig, prepare
     from pretrain.vocab import VocabConfig, build
-    from test_prepare import assert_shards_make_the_whole, write_parts
 
     raw = write_parts(tmp_path / "raw", sizes=(120, 30, 60, 90, 10))
     vocab = str(tmp_path / "vocab.txt")

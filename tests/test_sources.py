@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from synthetic import write_synthetic_corpus
 
 from pretrain.data import index_cache, spans
 from pretrain.data.indexed import IndexedCorpus
@@ -18,7 +19,6 @@ from pretrain.labels import IGNORE
 from pretrain.prepare import PrepareConfig, prepare
 from pretrain.summary import render, summarize
 from runs import DEEPSPEED, PALM, REPO, TINY, launch, rows
-from synthetic import write_synthetic_corpus
 
 
 @pytest.fixture(scope="module")
@@ -227,8 +227,8 @@ def _copy_corpus(prepared, tmp_path) -> str:
 @pytest.mark.parametrize("stage", ["structbert", "palm"])
 def test_cached_arrays_give_the_same_samples(prepared, tmp_path, stage):
     from pretrain.samples import compose_config
-    from pretrain.training.config import batch_geometry
     from pretrain.stages import build_stage
+    from pretrain.training.config import batch_geometry
 
     data_dir = _copy_corpus(prepared, tmp_path)
     extra = ["palm.src_len=[8,40]", "palm.tgt_len=[8,24]"] if stage == "palm" else []

@@ -2,11 +2,11 @@
 (tests/sso_layout.py) stays near chance on a corpus of varied documents and sentences."""
 import numpy as np
 import pytest
+from sso_layout import held_out_accuracy, layout_features
 
 from pretrain.data.indexed import corpus_from_documents
 from pretrain.data.masking import ObjectiveConfig
 from pretrain.data.structbert import StructBertDataset
-from sso_layout import held_out_accuracy, layout_features
 
 PUNCT = 5  # a sentence ends with it (the classifier sees whether a segment ends where a sentence does)
 

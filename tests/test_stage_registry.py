@@ -9,8 +9,8 @@ import pytest
 
 from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
-from pretrain.stages import STAGES, stage_class
 from pretrain.run_record import ModelRecord, read_model_record, stage_model_record
+from pretrain.stages import STAGES, stage_class
 from pretrain.stages.base import Stage
 from pretrain.tasks.task import TASK_TYPES
 

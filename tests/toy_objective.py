@@ -3,10 +3,11 @@ point registers it and runs the trainer.
 
     deepspeed --num_gpus 2 tests/toy_objective.py stage=structbert stage.name=toy +stage.loss_weights.parity=1.0 ...
 
-The toy objective, `parity`: from [CLS]'s hidden state, whether the sample has an even number of real tokens. Its
-labels come from the stage's dataset (a wrapper around stage one's), its head and loss from the model (a subclass
-of stage one's that extends objective_losses), its weight from the config; the loop, the metrics, the checkpoints
-and the run directory take it as they take stage one's own.
+The toy objective, `parity`: from [CLS]'s hidden state, whether the sample has an even number of real tokens. It is
+declared once (PARITY, a pretrain.objectives.Objective: its name, labels' batch key and head FLOPs). Its labels
+come from the stage's dataset (a wrapper around stage one's), its head and loss from the model (a subclass of stage
+one's that extends objective_losses), its weight from the config; the loop, the metrics, the FLOPs count, the
+checkpoints and the run directory take it as they take stage one's own.
 """
 import sys
 
@@ -16,9 +17,13 @@ from torch import nn
 from pretrain import train
 from pretrain.models.layers import masked_ce
 from pretrain.models.structbert import StructBert
+from pretrain.objectives import Objective
 from pretrain.stages import STAGES
 from pretrain.stages.structbert import StructBertStage
 from pretrain.training import distributed
+
+PARITY = Objective("parity", "parity_labels", "with_parity below: the sample's real-token count mod 2",
+                   "ParityModel.parity_head, on [CLS]", lambda cfg, labels: 2 * labels.shape[0] * cfg.hidden * 2)
 
 
 class ParityModel(StructBert):
@@ -27,13 +32,13 @@ class ParityModel(StructBert):
         self.parity_head = nn.Linear(cfg.hidden, 2)
 
     def objective_losses(self, h, batch):
-        return {**super().objective_losses(h, batch), "parity": masked_ce(self.parity_head(h[:, 0]), batch["parity_labels"])}
+        return {**super().objective_losses(h, batch), PARITY.name: masked_ce(self.parity_head(h[:, 0]), batch[PARITY.labels])}
 
 
 def with_parity(collate):
     def collate_with_parity(samples):
         batch = collate(samples)
-        batch["parity_labels"] = batch["attention_mask"].sum(1).remainder(2).to(torch.int64)
+        batch[PARITY.labels] = batch["attention_mask"].sum(1).remainder(2).to(torch.int64)
         return batch
 
     return collate_with_parity
@@ -61,7 +66,7 @@ class ParityData(torch.utils.data.Dataset):
 
 class ParityStage(StructBertStage):
     name = "toy"
-    objectives = StructBertStage.objectives + ("parity",)
+    objectives = StructBertStage.objectives + (PARITY,)
 
     @classmethod
     def model_class(cls):

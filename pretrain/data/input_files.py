@@ -80,7 +80,7 @@ class _ZstdReader(io.RawIOBase):
     truncated frame (it gave 0 of 50 kB, no error): this one raises."""
 
     def __init__(self, path: str):
-        import zstandard
+        import zstandard  # zstandard: only for .zst inputs
 
         self._zstd, self._file = zstandard, open(path, "rb")
         self._frame, self._pending, self._out, self._at = None, b"", b"", 0
@@ -114,7 +114,7 @@ def read_errors() -> tuple[type[BaseException], ...]:
     """What reading a damaged or truncated (compressed) file raises."""
     errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError)
     try:
-        import zstandard
+        import zstandard  # zstandard: only for .zst inputs
 
         errors += (zstandard.ZstdError,)
     except ImportError:
@@ -134,7 +134,7 @@ def checked(path: str, items: Iterator) -> Iterator:
 
 def parquet_texts(path: str, text_key: str) -> Iterator[tuple[int, object]]:
     """(row number from 1, value of the text_key column) of every row of a parquet file, a batch at a time."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow: ~0.3 s to import; only for .parquet inputs
 
     try:
         f = pq.ParquetFile(path)

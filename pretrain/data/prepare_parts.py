@@ -62,7 +62,7 @@ def init_worker(vocab_path: str | None, to_simplified: bool = False, segmenter_n
 
 def simplified_converter() -> Callable[[str], str]:
     try:
-        import opencc
+        import opencc  # opencc: only for to_simplified=true
     except ImportError:
         raise UserError("to_simplified=true needs OpenCC: pip install opencc") from None
     return opencc.OpenCC("t2s").convert

@@ -6,13 +6,16 @@ character is a word of its own; words are split into WordPiece pieces ('##' mark
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import logging
 import re
 import weakref
 from collections import Counter
+from importlib.metadata import version
 from typing import Callable, Iterable, NamedTuple
 
+import jieba
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
@@ -218,8 +221,6 @@ def jieba_segmenter() -> Callable[[str], list[str]]:
     """jieba.lcut with its dictionary loaded (once per process) and its logging quiet."""
     global _jieba_cut
     if _jieba_cut is None:
-        import jieba
-
         jieba.setLogLevel(logging.WARNING)
         jieba.initialize()
         _jieba_cut = jieba.lcut
@@ -227,8 +228,6 @@ def jieba_segmenter() -> Callable[[str], list[str]]:
 
 
 def jieba_version() -> str:
-    import jieba
-
     return jieba.__version__
 
 
@@ -244,8 +243,6 @@ def check_segmenter(name: str) -> None:
     if name not in SEGMENTERS:
         raise UserError(f"segmenter={name}: must be {' or '.join(SEGMENTERS)}")
     if name == "rjieba":
-        import importlib.util
-
         if importlib.util.find_spec("rjieba") is None:
             raise UserError("segmenter=rjieba needs the rjieba package: pip install rjieba")
 
@@ -255,15 +252,13 @@ def segmenter(name: str) -> Callable[[str], list[str]]:
     check_segmenter(name)
     if name == "jieba":
         return jieba_segmenter()
-    import rjieba
+    import rjieba  # rjieba: optional (the `fast` extra)
 
     return rjieba.cut
 
 
 def segmenter_version(name: str) -> str:
     """What meta.json records of the segmenter: its name and version."""
-    from importlib.metadata import version
-
     return f"{name} {jieba_version() if name == 'jieba' else version(name)}"
 
 

@@ -73,7 +73,7 @@ def save_tokenizer(vocab_path: str, out: str) -> None:
 
 
 def stage_one_config(cfg: ModelConfig, pad_id: int):
-    from transformers import BertConfig, MegatronBertConfig
+    from transformers import BertConfig, MegatronBertConfig  # transformers: only when exporting
 
     kind, arch = (MegatronBertConfig, "MegatronBertForMaskedLM") if cfg.pre_ln else (BertConfig, "BertForMaskedLM")
     return kind(
@@ -129,7 +129,7 @@ class EncoderExport:
     @staticmethod
     def check(ours, out: str, ids: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> dict[str, float]:
         """Largest |transformers - ours| of the hidden states, MLM and sentence logits."""
-        import transformers
+        import transformers  # transformers: only when exporting
 
         types = torch.randint(0, 2, ids.shape, generator=g)
         h = ours.encoder(ids, types, mask)
@@ -170,7 +170,7 @@ class PalmExport:
     def write_extra(out: str, tok: Tokenizer, cfg: ModelConfig) -> None:
         """The model's class (config.json's auto_map names it) and its generation defaults: the embedding's padding
         rows past the tokenizer's tokens (which no text has) are never generated, as in pretrain.generate."""
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig  # transformers: only when exporting
 
         from pretrain.hf import modeling_plug_palm  # transformers: only when exporting
 
@@ -184,7 +184,7 @@ class PalmExport:
     def check(ours, out: str, ids: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> dict[str, float]:
         """Largest |transformers - ours| of the decoder logits, and whether greedy and beam generate() give our
         tokens (0 when they do), ours barred from the ids the export's generation config suppresses."""
-        from transformers import AutoModelForSeq2SeqLM
+        from transformers import AutoModelForSeq2SeqLM  # transformers: only when exporting
 
         theirs = AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True).eval()
         suppressed = theirs.generation_config.suppress_tokens  # the embedding's padding rows: the tail of the vocab

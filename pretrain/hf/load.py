@@ -59,7 +59,7 @@ def hf_source(init_from: str, path: str, target_shapes: dict[str, tuple[int, ...
 
 def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
     """The directory's tensors under our names, as meta tensors (shapes only; nothing is read)."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # safetensors: the `hf` extra
 
     file = os.path.join(path, "model.safetensors")
     if not os.path.isfile(file):
@@ -71,7 +71,7 @@ def _from_hf_meta(path: str, cfg: ModelConfig, where: str) -> dict[str, torch.Te
 
 def hf_weights(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The directory's tensors under our names (cfg: ours, to read its names with)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # safetensors: the `hf` extra
 
     return from_hf(load_file(os.path.join(path, "model.safetensors")), cfg)
 

@@ -15,6 +15,7 @@ from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.fast_paths import Dropout
 from pretrain.models.layers import Encoder, init_weights, masked_ce
+from pretrain.objectives import CLS, TAG
 
 
 class _EncoderClassifier(nn.Module):
@@ -36,7 +37,7 @@ class SequenceClassifier(_EncoderClassifier):
     """Pooled [CLS] (dense + tanh, BERT's pooler: taken from the stage-one sentence head when there is one)
     -> dropout -> linear over the labels."""
 
-    objective = "cls"
+    objective = CLS.name
 
     def __init__(self, cfg: ModelConfig, num_labels: int):
         super().__init__(cfg, num_labels, pooler=True)
@@ -51,7 +52,7 @@ class SequenceClassifier(_EncoderClassifier):
 class TokenClassifier(_EncoderClassifier):
     """Each token's final hidden state -> dropout -> linear over the tags."""
 
-    objective = "tag"
+    objective = TAG.name
 
     def __init__(self, cfg: ModelConfig, num_labels: int):
         super().__init__(cfg, num_labels, pooler=False)

@@ -17,9 +17,9 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.fast_paths import Dropout, Packing, attend, unpads
-from pretrain.models.layers import (
-    Embeddings, Encoder, FeedForward, MLMHead, SelfAttention, SentenceHead, init_weights, masked_ce, padding_mask,
-)  # fmt: skip
+from pretrain.models.layers import (Embeddings, Encoder, FeedForward, MLMHead, SelfAttention, SentenceHead,
+                                    init_weights, masked_ce, padding_mask)  # fmt: skip
+from pretrain.objectives import LM, MLM
 
 
 @dataclass
@@ -206,18 +206,17 @@ class Palm(nn.Module):
         memory = self.encode(enc_ids, enc_mask, batch.get("enc_pack_index"))
         word = self.encoder.embeddings.word.weight
         # The vocabulary projection is the costliest matmul: run it only where a token is predicted.
-        mlm_labels, lm_labels = batch["mlm_labels"], batch["dec_labels"]
+        mlm_labels, lm_labels = batch[MLM.labels], batch[LM.labels]
         mlm_at, lm_at = mlm_labels != IGNORE, lm_labels != IGNORE
         mlm = masked_ce(self.mlm_head(memory[mlm_at], word), mlm_labels[mlm_at])
         h, probs = self.decoder(batch["dec_input_ids"], self.encoder.embeddings, memory, enc_mask, None, self.cfg.copy,
                                 batch["dec_attention_mask"], batch.get("dec_pack_index"), batch.get("enc_pack_index"))  # fmt: skip
         copyable = self._copyable(enc_ids, mlm_labels) if self.cfg.copy else None
         lm = masked_ce(self._vocab_scores(h, probs, memory, enc_ids, lm_at, copyable), lm_labels[lm_at])
-        loss = weights["lm"] * lm[0] + weights["mlm"] * mlm[0]
-        stats = {}
-        for name, (_, loss_sum, correct, n) in (("lm", lm), ("mlm", mlm)):
-            stats[name] = (loss_sum, correct, n)  # tensors: a float() here would sync the GPU every micro-batch
-        return loss, stats
+        losses = {LM.name: lm, MLM.name: mlm}  # objective -> (mean, summed loss, correct, count)
+        loss = sum(weights[name] * value[0] for name, value in losses.items())
+        # tensors: a float() here would sync the GPU every micro-batch
+        return loss, {name: value[1:] for name, value in losses.items()}
 
     def _copyable(self, enc_ids: torch.Tensor, mlm_labels: torch.Tensor | None) -> torch.Tensor:
         """[B, S]: the encoder positions the copy mechanism may copy: source text, not a special token ([CLS],

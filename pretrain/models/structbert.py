@@ -8,6 +8,7 @@ from torch import nn
 from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import Encoder, MLMHead, SentenceHead, init_weights, masked_ce
+from pretrain.objectives import MLM, SSO, WSO
 
 
 class StructBert(nn.Module):
@@ -33,12 +34,12 @@ class StructBert(nn.Module):
         """Each objective's masked_ce on the encoder's output h: a model with another objective extends this
         (docs/extending.md; tests/toy_objective.py)."""
         # The vocabulary projection is the costliest matmul: run it only where a token is predicted.
-        mlm_at, wso_at = batch["mlm_labels"] != IGNORE, batch["wso_labels"] != IGNORE
+        mlm_labels, wso_labels, sso_labels = batch[MLM.labels], batch[WSO.labels], batch[SSO.labels]
+        mlm_at, wso_at = mlm_labels != IGNORE, wso_labels != IGNORE
         logits = self.mlm_head(h[mlm_at | wso_at], self.encoder.embeddings.word.weight)
         is_mlm = mlm_at[mlm_at | wso_at]
-        mlm = masked_ce(logits[is_mlm], batch["mlm_labels"][mlm_at])
-        wso = masked_ce(logits[~is_mlm], batch["wso_labels"][wso_at])
-        sso_labels = batch["sso_labels"]
+        mlm = masked_ce(logits[is_mlm], mlm_labels[mlm_at])
+        wso = masked_ce(logits[~is_mlm], wso_labels[wso_at])
         sso_logits = self.sentence_head(h)
         sso = masked_ce(sso_logits[sso_labels != IGNORE], sso_labels[sso_labels != IGNORE])
-        return {"mlm": mlm, "wso": wso, "sso": sso}
+        return {MLM.name: mlm, WSO.name: wso, SSO.name: sso}

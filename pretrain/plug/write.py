@@ -13,7 +13,8 @@ from pretrain.errors import UserError
 from pretrain.models.config import ModelConfig
 from pretrain.plug.layout import DTYPES, FP16_MAX, SHARD, TIED, VOCAB, WORD, Entry, layout, piece, plug_vocab_size
 from pretrain.plug.read import ShardSet
-from pretrain.training import checkpoint, partitions, run_dir as run_dir_files
+from pretrain.training import checkpoint, partitions
+from pretrain.training import run_dir as run_dir_files
 
 
 def check_export(cfg: ModelConfig, stage, tp: int, dtype: str, where: str) -> None:

@@ -89,11 +89,12 @@ class Stage(abc.ABC):
         if unknown:
             raise UserError(f"stage.objectives: unknown keys {sorted(unknown)} (known: {sorted(known)})")
         self.objective_cfg = self.objective_config(**given).validate()
-        self.weights = {k: float(cfg.stage.loss_weights[k]) for k in self.objectives}
-        unused = set(cfg.stage.loss_weights) - set(self.objectives)
+        names = [o.name for o in self.objectives]
+        self.weights = {k: float(cfg.stage.loss_weights[k]) for k in names}
+        unused = set(cfg.stage.loss_weights) - set(names)
         if unused:
             raise UserError(f"stage.loss_weights: {sorted(unused)} are not objectives of stage={self.name}"
-                            f" ({', '.join(self.objectives)})")  # fmt: skip
+                            f" ({', '.join(names)})")  # fmt: skip
         # per source: {"train": IndexedCorpus, "valid": IndexedCorpus}
         self.corpora = [{split: IndexedCorpus.open(os.path.join(src.dir, split)) for split in ("train", "valid")}
                         for src in self.sources]  # fmt: skip

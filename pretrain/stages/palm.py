@@ -20,6 +20,7 @@ from pretrain.errors import UserError
 from pretrain.hf.export import PalmExport
 from pretrain.labels import IGNORE
 from pretrain.models.palm import Palm
+from pretrain.objectives import LM, MLM
 from pretrain.stages.base import Stage, corpus_span, targets_of
 from pretrain.training import flops, init_from
 from pretrain.training.config import BatchGeometry, model_config
@@ -30,7 +31,7 @@ class PalmStage(Stage):
     the first `palm.mlm_fraction` of the steps."""
 
     name, ordinal = "palm", "stage-two"
-    objectives = ("lm", "mlm")
+    objectives = (LM, MLM)
     generates, min_decoder_layers, vocab_projections = True, 1, 2  # the encoder's masked LM and the decoder's LM
 
     def __init__(self, cfg: DictConfig):
@@ -107,7 +108,7 @@ class PalmStage(Stage):
 
     def train_flops(self, batch: dict) -> int:
         """The model FLOPs of training on a host batch (training/flops.py)."""
-        return flops.palm_train_flops(self.model_cfg, batch)
+        return flops.palm_train_flops(self.model_cfg, batch, self.objectives)
 
     def sample_row(self, data, g: int) -> dict:
         """The encoder input and its MLM targets, the decoder input and labels (null where a position predicts

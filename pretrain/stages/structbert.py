@@ -14,6 +14,7 @@ from pretrain.errors import UserError
 from pretrain.hf.export import EncoderExport
 from pretrain.labels import IGNORE
 from pretrain.models.structbert import StructBert
+from pretrain.objectives import MLM, SSO, WSO
 from pretrain.stages.base import Stage, corpus_span, targets_of
 from pretrain.training import flops, init_from
 from pretrain.training.config import BatchGeometry, model_config
@@ -25,7 +26,7 @@ class StructBertStage(Stage):
     """Stage one: whole-word MLM + word structure + sentence structure on a StructBERT encoder."""
 
     name, ordinal = "structbert", "stage-one"
-    objectives = ("mlm", "wso", "sso")
+    objectives = (MLM, WSO, SSO)
     objective_config = ObjectiveConfig
 
     def __init__(self, cfg: DictConfig):
@@ -65,7 +66,7 @@ class StructBertStage(Stage):
 
     def train_flops(self, batch: dict) -> int:
         """The model FLOPs of training on a host batch (training/flops.py)."""
-        return flops.structbert_train_flops(self.model_cfg, batch)
+        return flops.structbert_train_flops(self.model_cfg, batch, self.objectives)
 
 
     def sample_row(self, data, g: int) -> dict:

@@ -83,7 +83,7 @@ def rouge_l(reference: str, prediction: str) -> float:
 
 
 def generation_scores(gold: list[str], pred: list[str]) -> dict[str, float]:
-    import sacrebleu
+    import sacrebleu  # sacrebleu: only the generation tasks score BLEU
 
     if len(gold) != len(pred) or not gold:
         raise ValueError(f"{len(gold)} references and {len(pred)} predictions: need the same, non-zero number")
@@ -93,7 +93,7 @@ def generation_scores(gold: list[str], pred: list[str]) -> dict[str, float]:
 
 def bleu_signature() -> str:
     """sacrebleu's own description of the BLEU computed here (its version included), for results.json."""
-    import sacrebleu
+    import sacrebleu  # sacrebleu: only the generation tasks score BLEU
 
     scorer = sacrebleu.BLEU(tokenize=BLEU_TOKENIZE)
     scorer.corpus_score(["x"], [["x"]])  # the signature needs the number of references

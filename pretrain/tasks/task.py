@@ -23,11 +23,12 @@ from pretrain.data.sampling import StepSampler, pad_side
 from pretrain.data.spans import EpochOrder
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
+from pretrain.labels import IGNORE
 from pretrain.models.classifiers import SequenceClassifier, TokenClassifier
 from pretrain.models.decoding import decoding_settings, generate, row_generator
+from pretrain.objectives import CLS, LM, MLM, TAG
 from pretrain.stages.palm import PalmStage
 from pretrain.stages.structbert import StructBertStage
-from pretrain.labels import IGNORE
 from pretrain.tasks import data, metrics
 from pretrain.training.config import BatchGeometry, model_config
 from pretrain.training.engine import to_device
@@ -91,7 +92,7 @@ class _Task:
         self.model_cfg = model_config(cfg.model, tok.vocab_size, self.seq_len, bool(cfg.deepspeed.activation_checkpointing),
                                       seq_len_key=self._length_key)  # fmt: skip
         self.num_workers = int(cfg.data.num_workers)
-        self.weights = {name: 1.0 for name in self.objectives}
+        self.weights = {o.name: 1.0 for o in self.objectives}
         self.fresh = self._fresh(t)
 
     def _fresh(self, t: DictConfig) -> tuple[str, ...]:
@@ -170,7 +171,7 @@ class _Task:
 class ClassificationTask(_Task):
     """Sentence or sentence-pair classification (CLUE's TNEWS / IFLYTEK, AFQMC / CMNLI / OCNLI formats)."""
 
-    kind, objectives, select = "classification", ("cls",), ("accuracy", True)
+    kind, objectives, select = "classification", (CLS,), ("accuracy", True)
     _length_key = "task.max_len"
 
     def _labels(self, train, t):
@@ -203,7 +204,7 @@ class ClassificationTask(_Task):
 class TaggingTask(ClassificationTask):
     """Token classification over BIO tags (NER): entity-level precision, recall and F1."""
 
-    kind, objectives, select = "token_classification", ("tag",), ("f1", True)
+    kind, objectives, select = "token_classification", (TAG,), ("f1", True)
 
     def _labels(self, train, t):
         return data.tag_list(self.paths["train"], train, self.fields, None if t.labels is None else list(t.labels))
@@ -234,7 +235,7 @@ class GenerationTask(_Task):
     """Sequence to sequence (question generation, summarisation, titles) with PALM, from a stage-two checkpoint:
     teacher-forced cross-entropy; the checkpoint is picked on the valid loss; test outputs are decoded."""
 
-    kind, objectives, select, needs_stage_two = "generation", ("lm",), ("lm_loss", False), True
+    kind, objectives, select, needs_stage_two = "generation", (LM,), ("lm_loss", False), True
     stage, keeps_stage_model = PalmStage.name, True
     _length_key = "task.src_max_len"
 
@@ -265,8 +266,8 @@ class GenerationTask(_Task):
 
     def forward(self, model, batch, predict):
         inputs = {k: v for k, v in batch.items() if k != "index"}
-        loss, stats = model(inputs, {"lm": 1.0, "mlm": 0.0})  # the source is not masked: no MLM term
-        return loss, {"lm": stats["lm"]}, None
+        loss, stats = model(inputs, {LM.name: 1.0, MLM.name: 0.0})  # the source is not masked: no MLM term
+        return loss, {LM.name: stats[LM.name]}, None
 
     def token_counts(self, batch):
         enc, dec = batch["enc_attention_mask"], batch["dec_attention_mask"]

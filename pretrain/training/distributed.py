@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+import psutil
+import torch
 import torch.distributed as dist
 
 from pretrain.errors import UserError
@@ -58,7 +60,7 @@ def read_env() -> DistInfo:
 
 def init(info: DistInfo, timeout_s: float) -> None:
     """Join the process group; a rank that dies makes the others fail after `timeout_s`, not hang."""
-    import deepspeed
+    import deepspeed  # deepspeed: ~2 s to import; this module also serves torch-only helpers
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -108,8 +110,6 @@ def _join_checked(info: DistInfo, backend: str, timeout: timedelta) -> None:
     that with its own start: this launch's rank 0 cannot have joined before this rank existed (joining waits for
     every rank); another run's did. A rank waiting for a rank 0 that failed is killed by its launcher (or gives up
     after dist.timeout_s) before it maps anything."""
-    import psutil
-
     dist.init_process_group(backend, timeout=timeout, rank=info.rank, world_size=info.world_size)
     if info.world_size == 1:
         return
@@ -162,8 +162,6 @@ def host_group():
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sums of host numbers over the ranks, through the host group (no device, no wait on the GPU)."""
-    import torch
-
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, group=_HOST_GROUP)
@@ -172,8 +170,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 def reduction_device(tensor_device):
     """Where a tensor must be for the default group's collectives: NCCL reduces CUDA tensors only, gloo CPU ones."""
-    import torch
-
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return tensor_device if tensor_device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

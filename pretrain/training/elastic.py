@@ -5,6 +5,7 @@ ZeRO-3 is filled in here. checkpoint.Checkpoints decides when (resolve, to_unive
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import io
@@ -34,9 +35,7 @@ def convert_universal(tag_dir: str, out: str) -> None:
     plus what it leaves out under ZeRO-3: the frozen parameters (stage two's sentence head), which it only
     records per rank. Its common optimizer file is rank 0's whole optimizer partition, read by every rank on
     load for a step count and the hyperparameters: it keeps only those."""
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # deepspeed: ~2 s to import; only when converting
 
     safe_load.check_dir(tag_dir)  # DeepSpeed's converter unpickles with weights_only=False: vetted files only
     work = out + ".tmp"

@@ -6,6 +6,7 @@ import os
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pretrain.models.fast_paths import with_pack_indices
@@ -43,7 +44,7 @@ def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
     A "client_optimizer" entry (config.optimizer_config: LAMB) is taken out of the config and built here on the
     same parameter groups, then handed to DeepSpeed, which wraps it in ZeRO-3 and drives it with the config's
     scheduler as it would its own; it is then told how ZeRO laid the parameters out in its flat partitions."""
-    import deepspeed
+    import deepspeed  # deepspeed: ~2 s to import; engine's helpers serve plan and tests without it
 
     zero_partition_padding(model)
     groups = param_groups(model, weight_decay)
@@ -92,8 +93,6 @@ def zero_partition_padding(model: nn.Module) -> None:
     optimizers (Adam) never mix it into real elements, but LAMB's trust ratio is a norm over the whole flat
     partition: garbage there made it, and the run, differ from one launch to the next (or go NaN). Zeroed here,
     the padding stays zero (its gradient is zero-padded, so its update is weight_decay * 0)."""
-    import torch.distributed as dist
-
     with torch.no_grad():
         for p in model.parameters():
             part = getattr(p, "ds_tensor", None)

@@ -32,8 +32,11 @@ tests/test_flops.py checks all of this against torch's FlopCounterMode on the re
 """
 from __future__ import annotations
 
+import torch
+
 from pretrain.labels import IGNORE
 from pretrain.models.config import ModelConfig
+from pretrain.objectives import LM, MLM, SSO, WSO, Objective, head_flops
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (no sparsity), matched in this order on a substring of
 # torch.cuda.get_device_name(). MFU is against this peak whatever the run's precision (the usual convention), so an
@@ -62,31 +65,26 @@ def decoder_layer_flops(cfg: ModelConfig, b: int, t: int, s: int, m: int | None 
     return projections + 2 * 2 * b * t * t * h + 2 * 2 * b * t * s * h
 
 
-def _predicted(labels) -> int:
-    return int((labels != IGNORE).sum())
-
-
-def structbert_forward_flops(cfg: ModelConfig, batch: dict) -> tuple[int, int]:
-    """(layers, heads): stage one's forward FLOPs of a micro-batch, split as activation checkpointing needs."""
+def structbert_forward_flops(cfg: ModelConfig, batch: dict,
+                             objectives: tuple[Objective, ...] = (MLM, WSO, SSO)) -> tuple[int, int]:  # fmt: skip
+    """(layers, heads): stage one's forward FLOPs of a micro-batch, split as activation checkpointing needs; the
+    heads are the objectives' (pretrain/objectives.py: a masked-LM and a word-structure label never share a
+    position, so the shared head's cost is theirs summed)."""
     b, s = batch["input_ids"].shape
-    h = cfg.hidden
     layers = cfg.layers * encoder_layer_flops(cfg, b, s, int(batch["attention_mask"].sum()))
-    predicted = int(((batch["mlm_labels"] != IGNORE) | (batch["wso_labels"] != IGNORE)).sum())
-    heads = 2 * predicted * (h * h + h * cfg.vocab_size) + 2 * b * (h * h + h * cfg.sso_classes)
-    return layers, heads
+    return layers, head_flops(objectives, cfg, batch)
 
 
-def palm_forward_flops(cfg: ModelConfig, batch: dict) -> tuple[int, int]:
+def palm_forward_flops(cfg: ModelConfig, batch: dict, objectives: tuple[Objective, ...] = (LM, MLM)) -> tuple[int, int]:
     """(layers, heads): stage two's forward FLOPs of a micro-batch."""
     b, s = batch["enc_input_ids"].shape
     t = batch["dec_input_ids"].shape[1]
-    h, v = cfg.hidden, cfg.vocab_size
+    h = cfg.hidden
     n, m = int(batch["enc_attention_mask"].sum()), int(batch["dec_attention_mask"].sum())
     layers = cfg.layers * encoder_layer_flops(cfg, b, s, n) + cfg.decoder_layers * decoder_layer_flops(cfg, b, t, s, m, n)
-    lm = _predicted(batch["dec_labels"])
-    heads = 2 * _predicted(batch["mlm_labels"]) * (h * h + h * v) + 2 * lm * h * v
-    if cfg.copy:
-        heads += 2 * b * t * s * h + 2 * lm * 2 * h
+    heads = head_flops(objectives, cfg, batch)
+    if cfg.copy:  # the pointer-generator's context and gate, per decoder label
+        heads += 2 * b * t * s * h + 2 * int((batch[LM.labels] != IGNORE).sum()) * 2 * h
     return layers, heads
 
 
@@ -96,12 +94,12 @@ def train_flops(cfg: ModelConfig, forward: tuple[int, int]) -> int:
     return (4 if cfg.activation_checkpointing else 3) * layers + 3 * heads
 
 
-def structbert_train_flops(cfg: ModelConfig, batch: dict) -> int:
-    return train_flops(cfg, structbert_forward_flops(cfg, batch))
+def structbert_train_flops(cfg: ModelConfig, batch: dict, objectives: tuple[Objective, ...] = (MLM, WSO, SSO)) -> int:
+    return train_flops(cfg, structbert_forward_flops(cfg, batch, objectives))
 
 
-def palm_train_flops(cfg: ModelConfig, batch: dict) -> int:
-    return train_flops(cfg, palm_forward_flops(cfg, batch))
+def palm_train_flops(cfg: ModelConfig, batch: dict, objectives: tuple[Objective, ...] = (LM, MLM)) -> int:
+    return train_flops(cfg, palm_forward_flops(cfg, batch, objectives))
 
 
 def lookup_peak(device_name: str) -> float | None:
@@ -116,7 +114,6 @@ def peak_tflops(override: float | None) -> float | None:
     """train.peak_tflops if given, else this GPU's peak from the table; None on CPU or an unknown GPU (no MFU)."""
     if override is not None:
         return override
-    import torch
 
     if not torch.cuda.is_available():
         return None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
+import torch.distributed as dist
 
 from pretrain.data.tokenizer import VocabExtension, read_vocab, vocab_extension
 from pretrain.errors import UserError
@@ -217,7 +218,6 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
     if source.read_weights is not None:  # another project's directory: merged one parameter at a time, on rank 0
         _load_gathered(model, source.read_weights() if rank == 0 else None, source, rank)
         return
-    import torch.distributed as dist
 
     reader = partitions.PartitionReader(source.tag_dir)
     with torch.no_grad():
@@ -247,7 +247,7 @@ def load_into(model: torch.nn.Module, source: InitSource, rank: int) -> None:
 def _load_gathered(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None, source: InitSource,
                    rank: int) -> None:  # fmt: skip
     """Rank 0 holds `weights`; one parameter at a time is gathered, set there and re-partitioned."""
-    import deepspeed
+    import deepspeed  # deepspeed: ~2 s to import; only on this gathered path
 
     for name, param in model.named_parameters():  # the same order on every rank: gathering is collective
         if name not in source.mapping:

@@ -21,6 +21,8 @@ import re
 import sys
 import zlib
 
+import xxhash
+
 from pretrain.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -49,8 +51,6 @@ def _hasher(algorithm: str):
     if algorithm == "crc32":
         return _Crc32()
     if algorithm in ("xxh3_64", "xxh64"):
-        import xxhash
-
         return getattr(xxhash, algorithm)()
     raise UserError(f"{MANIFEST}: checksum algorithm {algorithm} unknown to this version")
 

@@ -23,16 +23,14 @@ from tqdm import tqdm
 from pretrain.errors import UserError
 from pretrain.training import distributed, init_from, peers, run_lock, watchdog
 from pretrain.training.checkpoint import Checkpoints
-from pretrain.training.rng import seed_rng
 from pretrain.training.config import BatchGeometry, RunSettings
 from pretrain.training.engine import build_model, initialize, to_device
 from pretrain.training.flops import peak_tflops
-from pretrain.training.health import (
-    DataSkips, Event, HealthMonitor, StepLoss, diverged, injected_loss_factor, stop_line, weights_finite,
-)  # fmt: skip
-from pretrain.training.metrics import (
-    MetricsLog, Window, engine_columns, fp16_columns, metrics_row, throughput_columns,
-)  # fmt: skip
+from pretrain.training.health import (DataSkips, Event, HealthMonitor, StepLoss, diverged, injected_loss_factor,
+                                      stop_line, weights_finite)  # fmt: skip
+from pretrain.training.metrics import (MetricsLog, Window, engine_columns, fp16_columns, metrics_row,
+                                       throughput_columns)  # fmt: skip
+from pretrain.training.rng import seed_rng
 from pretrain.training.stopping import StopRequest
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 
 from pretrain.errors import UserError, number_setting
 from pretrain.models.config import ModelConfig
@@ -273,10 +274,8 @@ def check(enabled, shape: RunShape, make_model: Callable[[], torch.nn.Module], l
 def _hydra_model() -> tuple[str | None, list[str]]:
     """The model option and the model.<field>= overrides the command line gave Hydra (None, [] outside Hydra)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         hydra_cfg = HydraConfig.get()
-    except (ImportError, ValueError):
+    except ValueError:  # not under Hydra
         return None, []
     overrides = [o for o in hydra_cfg.overrides.task if o.startswith("model.")]
     return hydra_cfg.runtime.choices.get("model"), overrides

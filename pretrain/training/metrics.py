@@ -11,6 +11,7 @@ import uuid
 
 import torch
 
+from pretrain.objectives import Objective
 from pretrain.training.config import WandbSettings
 from pretrain.training.distributed import all_reduce_tensor_sum, gather_objects, world_size
 
@@ -23,7 +24,7 @@ class Window:
     device each time); they are read once, when the window is reduced at a log step, and summed in the order
     they came, so the figures are those of a running sum."""
 
-    def __init__(self, objectives: tuple[str, ...]):
+    def __init__(self, objectives: tuple[Objective, ...]):
         self.objectives = objectives
         self.reset()
 
@@ -43,7 +44,7 @@ class Window:
         self.padded += padded
         self.flops += flops
 
-    def _flat(self) -> tuple[tuple[str, ...], torch.Tensor]:
+    def _flat(self) -> tuple[tuple[Objective, ...], torch.Tensor]:
         """The objectives and their sums [loss, correct, count] per objective, flattened into one float64 tensor
         on the device the statistics are on. Tensors are summed there and numbers (the counts) on the host, each
         in the order they came, and the caller reads the result in one transfer: a float() per value would wait
@@ -51,8 +52,8 @@ class Window:
         host = [0.0] * (3 * len(self.objectives))
         device_sums: dict[int, torch.Tensor] = {}
         for stats in self.pending:
-            for i, name in enumerate(self.objectives):
-                for j, v in enumerate(stats.get(name, (0.0, 0.0, 0.0))):
+            for i, objective in enumerate(self.objectives):
+                for j, v in enumerate(stats.get(objective.name, (0.0, 0.0, 0.0))):
                     if isinstance(v, torch.Tensor):
                         v = v.detach().to(torch.float64).reshape(())
                         device_sums[3 * i + j] = v if 3 * i + j not in device_sums else device_sums[3 * i + j] + v
@@ -76,11 +77,14 @@ class Window:
         host = torch.tensor([self.tokens, self.padded, self.flops], dtype=torch.float64, device=values.device)
         flat = all_reduce_tensor_sum(torch.cat([values, host]))  # one collective, on the device the sums are on
         out = {}
-        for i, name in enumerate(self.objectives):
+        for i, objective in enumerate(self.objectives):
             loss_sum, correct, n = flat[3 * i : 3 * i + 3]
+            name = objective.name
             out[f"{name}_loss"] = loss_sum / n if n else None
             out[f"{name}_acc"] = correct / n if n else None
             out[f"{name}_count"] = int(n)
+            if objective.perplexity:
+                out[f"{name}_ppl"] = math.exp(min(out[f"{name}_loss"], 50.0)) if n else None
         elapsed = time.perf_counter() - self.started
         tokens, padded, flops = flat[-3:]
         out["tokens"] = int(tokens)
@@ -101,8 +105,8 @@ def metrics_row(step: int, split: str, reduced: dict, weights: dict[str, float],
     for k in weights:
         row[f"{k}_loss"], row[f"{k}_acc"] = reduced[f"{k}_loss"], reduced[f"{k}_acc"]
     row.update(phase)
-    if split.startswith("valid") and "lm" in weights and reduced["lm_loss"] is not None:
-        row["lm_ppl"] = math.exp(min(reduced["lm_loss"], 50.0))
+    if split.startswith("valid"):  # a language model's perplexity (objectives.Objective.perplexity)
+        row.update({f"{k}_ppl": reduced[f"{k}_ppl"] for k in weights if reduced.get(f"{k}_ppl") is not None})
     row.update(tokens_per_s=reduced["tokens_per_s"], padding=reduced["padding"])
     if reduced["step_time_s"] is not None:
         row["step_time_s"] = reduced["step_time_s"]
@@ -131,8 +135,6 @@ def peak_memory_gb(device_type: str | None = None) -> float:
     had allocated (torch.cuda.max_memory_allocated: tensors, not the allocator's reserve nor the CUDA context); on
     CPU the peak resident set size (ru_maxrss, kB on Linux), which includes the Python process itself.
     device_type: where the work ran ("cuda" or "cpu"); None: the GPU when there is one."""
-    import torch
-
     if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
@@ -195,7 +197,7 @@ class MetricsLog:
 
 
 def _start_wandb(run_dir: str, wandb_cfg: WandbSettings, config: dict):
-    import wandb
+    import wandb  # wandb: ~1 s to import; only when wandb.enabled
 
     # One wandb run per run.dir, continued across resumes; offline mode never touches the network.
     id_path = os.path.join(run_dir, "wandb_id")

@@ -25,7 +25,7 @@ OPTIMIZERS = ("adamw", "lamb")
 def fused_lamb_status() -> tuple[bool, str]:
     """(True, how) if DeepSpeed's FusedLamb can run here, else (False, why not). Checks the accelerator's op
     builder without building anything: CUDA only, and either prebuilt or JIT-buildable (CUDA toolkit + ninja)."""
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # deepspeed: ~2 s to import; only to ask about FusedLamb
 
     acc = get_accelerator()
     builder = acc.create_op_builder("FusedLambBuilder")
@@ -33,11 +33,11 @@ def fused_lamb_status() -> tuple[bool, str]:
         return False, f"DeepSpeed's {acc.device_name()} accelerator has no FusedLamb op"
     if not builder.is_compatible(verbose=False):
         return False, f"FusedLamb is not compatible with this machine ({builder.error_log})"
-    from deepspeed.git_version_info import installed_ops
+    from deepspeed.git_version_info import installed_ops  # deepspeed: as above
 
     if installed_ops.get(builder.name, False):
         return True, "prebuilt"
-    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available  # torch: its C++ build helpers, only here
 
     if CUDA_HOME is None or not is_ninja_available():
         return False, "FusedLamb is not prebuilt and there is no CUDA toolkit and ninja to JIT-build it"

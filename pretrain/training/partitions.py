@@ -18,6 +18,7 @@ def consolidate(tag_dir: str, lazy: bool = False) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a ZeRO checkpoint, whatever number of ranks wrote it (DeepSpeed's own tool).
     lazy=True: the values assemble their tensor from the ranks' partitions on .contiguous(), one at a time
     (DeepSpeed's lazy mode), instead of all at once beside the partitions: half the peak memory."""
+    # deepspeed: ~2 s to import; only when consolidating
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     _verify(tag_dir)

@@ -17,6 +17,10 @@ import contextlib
 import os
 import sys
 import threading
+import time
+
+import psutil
+import torch.distributed as dist
 
 from pretrain.errors import EXIT_PEER_LOST
 from pretrain.training import run_lock
@@ -39,8 +43,6 @@ def _launcher_name(cmdline: list[str]) -> str | None:
 
 def launcher_chain() -> list:
     """The processes to watch (psutil.Process): the parent, and its ancestors while they are launchers."""
-    import psutil
-
     chain = []
     try:
         proc = psutil.Process(os.getppid())
@@ -67,8 +69,6 @@ def watch_launcher(command: str, rank: int) -> None:
     names = {p.pid: _launcher_name(_cmdline(p)) or "its parent" for p in chain}  # a dead one's cmdline is empty
 
     def watch() -> None:
-        import time
-
         while True:
             time.sleep(POLL_S)
             gone = next((p for p in chain if not _alive(p)), None)
@@ -86,8 +86,6 @@ def watch_launcher(command: str, rank: int) -> None:
 
 def _alive(proc) -> bool:
     """Running, and not a zombie (a dead launcher whose parent has not reaped it yet)."""
-    import psutil
-
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -95,8 +93,6 @@ def _alive(proc) -> bool:
 
 
 def _cmdline(proc) -> list[str]:
-    import psutil
-
     try:
         return proc.cmdline()
     except psutil.Error:
@@ -104,8 +100,6 @@ def _cmdline(proc) -> list[str]:
 
 
 def _is_peer_error(e: BaseException) -> bool:
-    import torch.distributed as dist
-
     if isinstance(e, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
         return True
     text = str(e)

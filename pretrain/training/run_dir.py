@@ -12,6 +12,7 @@ import shutil
 import tempfile
 
 import torch
+from omegaconf import OmegaConf
 
 from pretrain.errors import UserError
 from pretrain.models.layers import count_parameters
@@ -27,8 +28,6 @@ def write_run_files(run_dir: str, cfg, info, model, geometry, step: int, init, d
     checkpoints back needs without the data: model.json (`record`, a run_record.ModelRecord, which reads it back)
     and vocab.txt.
     The JSON files appear whole (written beside and renamed)."""
-    from omegaconf import OmegaConf
-
     per_rank = distributed.gather_objects(local_partition_numel(model))
     if info.rank != 0:
         return

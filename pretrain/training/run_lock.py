@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import psutil
+
 from pretrain.errors import UserError
 
 LOCK_NAME = "run.lock"
@@ -55,8 +57,6 @@ class Holder:
 
 def _process_started(pid: int) -> float | None:
     """The start time of process `pid` on this host; None when there is none."""
-    import psutil
-
     try:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
