@@ -9,7 +9,7 @@ DEMO_PORT ?= 29500   # the rendezvous port: two jobs on one port would join each
 DEEPSPEED = deepspeed --num_gpus 2 --master_port $(DEMO_PORT)
 DEMO_STAGE2_STEPS ?= 600
 # Stage two on the demo: the toy model's lengths are drawn from smaller ranges than PLUG's [32, 512].
-PALM_DEMO = stage=palm model=toy data.dir=$(DEMO_DATA)/prepared 'palm.src_len=[32,96]' 'palm.tgt_len=[32,64]' \
+PALM_DEMO = stage=palm model=toy data.dir=$(DEMO_DATA)/prepared 'stage.src_len=[32,96]' 'stage.tgt_len=[32,64]' \
 	train.max_steps=$(DEMO_STAGE2_STEPS) train.lr=1e-3 train.log_every=20 train.eval_every=200 train.save_every=300
 
 # Fine-tuning on the demo's own tasks (data/make_demo_tasks.py): NER and title generation, each also from random init.
@@ -61,7 +61,7 @@ demo: install
 	[ -f $(DEMO_DATA)/prepared/meta.json ] || $(PYTHON) -m pretrain.prepare input=$(DEMO_DATA)/raw out=$(DEMO_DATA)/prepared workers=2
 	$(DEEPSPEED) --module pretrain.train stage=structbert model=toy \
 		data.dir=$(DEMO_DATA)/prepared run.dir=$(DEMO_RUN)/structbert train.max_steps=$(DEMO_STEPS) \
-		data.seq_len=64 train.lr=1e-3 train.log_every=20 train.eval_every=200 train.save_every=600
+		stage.seq_len=64 train.lr=1e-3 train.log_every=20 train.eval_every=200 train.save_every=600
 	$(DEEPSPEED) --module pretrain.train $(PALM_DEMO) run.dir=$(DEMO_RUN)/palm init_from=$(DEMO_RUN)/structbert
 	$(PYTHON) data/held_out_prompts.py --prepared $(DEMO_DATA)/prepared --count 4 --out $(DEMO_RUN)/prompts.txt
 	$(PYTHON) -m pretrain.generate run.dir=$(DEMO_RUN)/palm prompts_file=$(DEMO_RUN)/prompts.txt \
@@ -106,7 +106,7 @@ finetune-study: install
 finetune-longer: install
 	$(DEEPSPEED) --module pretrain.train stage=structbert model=toy logger.progress=false \
 		data.dir=$(DEMO_DATA)/prepared run.dir=$(LONGER_RUN) train.max_steps=$$(($(DEMO_STEPS) * 2)) \
-		data.seq_len=64 train.lr=1e-3 train.log_every=20 train.eval_every=400 train.save_every=1200
+		stage.seq_len=64 train.lr=1e-3 train.log_every=20 train.eval_every=400 train.save_every=1200
 	$(FINETUNE) $(NER) init_from=$(LONGER_RUN) run.dir=$(FT_RUN)/ner/pretrained_x2
 	$(FINETUNE) $(MENTIONS) init_from=$(LONGER_RUN) run.dir=$(STUDY_RUN)/mentions/pretrained_x2
 	$(FINETUNE) $(MENTIONS) init_from=$(LONGER_RUN) task.pretrained_pooler=false run.dir=$(STUDY_RUN)/mentions/pretrained_x2_fresh_pooler

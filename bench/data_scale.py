@@ -126,7 +126,7 @@ def start_up(repo: str, data_dir: str, run_dir: str) -> dict:
         port = s.getsockname()[1]
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = ["deepspeed", "--num_gpus", "2", f"--master_port={port}", "--module", "pretrain.train", "model=toy",
-           f"data.dir={data_dir}", f"run.dir={run_dir}", "data.seq_len=128", "train.micro_batch_size=8",
+           f"data.dir={data_dir}", f"run.dir={run_dir}", "stage.seq_len=128", "train.micro_batch_size=8",
            "train.max_steps=2", "train.log_every=1", "train.eval_every=1000", "train.save_every=1000",
            "logger.progress=false", "logger.wandb.mode=disabled", "data.num_workers=1"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=repo)  # the code of `repo`, whatever is installed

@@ -14,8 +14,8 @@ PORT=${BENCH_PORT:-29641}
 RUN=$OUT/run
 if [ ! -f "$RUN/checkpoints/latest" ]; then
     deepspeed --num_gpus 2 --master_port "$PORT" --module pretrain.train stage=palm model=base data.dir="$DATA" \
-        run.dir="$RUN" train.max_steps=1 train.micro_batch_size=1 train.eval_samples=2 'palm.src_len=[32,64]' \
-        'palm.tgt_len=[32,64]' logger.progress=false logger.wandb.mode=disabled >"$OUT.train.log" 2>&1
+        run.dir="$RUN" train.max_steps=1 train.micro_batch_size=1 train.eval_samples=2 'stage.src_len=[32,64]' \
+        'stage.tgt_len=[32,64]' logger.progress=false logger.wandb.mode=disabled >"$OUT.train.log" 2>&1
 fi
 python3 data/held_out_prompts.py --prepared "$DATA" --count 8 --out "$OUT/prompts.txt" >/dev/null
 ARGS=(run.dir="$RUN" prompts_file="$OUT/prompts.txt" max_new_tokens=32 strategy=greedy batch_size=4)

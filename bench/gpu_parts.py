@@ -161,9 +161,9 @@ def _train_args(a, stage: str, precision: str, run_dir: str) -> list[str]:
         args += TINY + ["deepspeed.precision=fp32", "deepspeed.torch_adam=true", "train.micro_batch_size=4",
                         "train.max_steps=4", "train.log_every=2", "train.eval_every=4", "train.save_every=4",
                         "train.eval_samples=8"]  # fmt: skip
-        args += ["data.seq_len=64"] if stage == "structbert" else ["palm.src_len=[16,64]", "palm.tgt_len=[16,48]"]
+        args += ["stage.seq_len=64"] if stage == "structbert" else ["stage.src_len=[16,64]", "stage.tgt_len=[16,48]"]
     else:
-        args += ["model=base", "train.micro_batch_size=16"] + (["data.seq_len=512"] if stage == "structbert" else [])
+        args += ["model=base", "train.micro_batch_size=16"] + (["stage.seq_len=512"] if stage == "structbert" else [])
     return args
 
 

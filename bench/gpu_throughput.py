@@ -26,7 +26,7 @@ def part_throughput(a, size: str) -> dict:
 
     dims = throughput_dims(a, size)
     seq = 64 if a.dry_run else 512
-    st, cfg = _stage(a, "structbert", *dims, f"data.seq_len={seq}", "deepspeed=zero3_bf16",
+    st, cfg = _stage(a, "structbert", *dims, f"stage.seq_len={seq}", "deepspeed=zero3_bf16",
                      *(["deepspeed.precision=fp32"] if a.dry_run else []),
                      *(["deepspeed.torch_adam=true"] if a.dry_run or os.environ.get(TORCH_ADAM_ENV) else []))  # fmt: skip
     from pretrain.training.config import batch_geometry, deepspeed_config
@@ -161,7 +161,7 @@ def part_peer(a) -> dict:
     from pretrain.models.structbert import StructBert
 
     dims = TINY if a.dry_run else ["model=base"]
-    st, _ = _stage(a, "structbert", *dims, f"data.seq_len={64 if a.dry_run else 512}")
+    st, _ = _stage(a, "structbert", *dims, f"stage.seq_len={64 if a.dry_run else 512}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     micro, count = (4, 2) if a.dry_run else (16, 4)
     inputs = _batches(a, st, micro, count)

@@ -69,7 +69,7 @@ def train_iter(st, cfg, start_step: int = 0):
 
 def batches(st, cfg, count: int, every: int = 40) -> list[dict]:
     """The train batches of steps 0, every, 2 * every, ...: spread over the run, so that stage two's
-    length-grouped pools (palm.group_steps=50) give different lengths and the padding is typical."""
+    length-grouped pools (stage.group_steps=50) give different lengths and the padding is typical."""
     return [next(train_iter(st, cfg, i * every)) for i in range(count)]
 
 
@@ -169,8 +169,8 @@ def stage2(data: str, rounds: int, prof: bool) -> list[dict]:
 
     out = []
     for phase, fraction in (("masked-LM phase", 1.0), ("LM only", 0.0)):
-        st, cfg = stage("palm", data, "model.max_positions=512", "palm.src_len=[32,512]", "palm.tgt_len=[32,512]",
-                        f"palm.mlm_fraction={fraction}", "train.max_steps=100")  # fmt: skip
+        st, cfg = stage("palm", data, "model.max_positions=512", "stage.src_len=[32,512]", "stage.tgt_len=[32,512]",
+                        f"stage.mlm_fraction={fraction}", "train.max_steps=100")  # fmt: skip
         inputs = batches(st, cfg, 3)
         vocab = st.model_cfg.vocab_size
         torch.manual_seed(0)
@@ -268,8 +268,8 @@ def sentences(st, count: int, batch: int = 32) -> list[dict]:
 def loader(data: str, rounds: int, consumed: dict[str, float]) -> list[dict]:
     """Samples/s of 1 worker (after its first batch), against a step's consumption (samples/s of ours above)."""
     out = []
-    for name, over in (("stage1", ()), ("stage2", ("model.max_positions=512", "palm.src_len=[32,512]",
-                                                   "palm.tgt_len=[32,512]"))):  # fmt: skip
+    for name, over in (("stage1", ()), ("stage2", ("model.max_positions=512", "stage.src_len=[32,512]",
+                                                   "stage.tgt_len=[32,512]"))):  # fmt: skip
         st, cfg = stage("structbert" if name == "stage1" else "palm", data, "data.num_workers=1", *over)
         it = train_iter(st, cfg)
         next(it)

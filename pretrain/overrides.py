@@ -139,9 +139,17 @@ def _leaves(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# Settings that moved when every stage's settings went under stage.* (stage two's were under palm.*, stage one's
+# sample length was data.seq_len): a command line written before says where they are now.
+MOVED = {**{f"palm.{k}": f"stage.{k}" for k in ("src_len", "tgt_len", "snap", "mlm_fraction", "group_steps")},
+         "data.seq_len": "stage.seq_len"}  # fmt: skip
+
+
 def _unknown(key: str, defaults: dict, command: str) -> str:
     """The line for a key that conf/ lacks, with the nearest setting: among its siblings where its parent exists
     (train.max_step: train.max_steps), else among all (trian.lr: train.lr)."""
+    if key in MOVED:
+        return f"{key}: moved to {MOVED[key]} (every stage's own settings are under stage.*, conf/stage/)"
     parent, _, name = key.rpartition(".")
     siblings = _lookup(defaults, parent) if parent else defaults
     if isinstance(siblings, dict):

@@ -3,7 +3,7 @@
     python -m pretrain.samples stage=structbert data.dir=<dir> n=<N> out=<file.jsonl> [world_size=1] [from_step=1] [trainer keys]
     python -m pretrain.samples stage=palm data.dirs=[<dir>,<dir>] data.weights=[3,1] ...     # a blend, as the run trains on it
 
-Any key=value of the trainer's config (data.seq_len=, palm.src_len=[32,96], seed=, train.max_steps=, ...) applies as
+Any key=value of the trainer's config (stage.seq_len=, stage.src_len=[32,96], seed=, train.max_steps=, ...) applies as
 it does to `pretrain.train`, so the samples are those of the run: the same seed, epochs, indices and step order
 (the n first samples the steps consume, step by step, from step from_step=, 1 by default). world_size matters only where the global batch is
 train.micro_batch_size x ranks: it decides which step a sample lands in and, in stage two, where masked LM stops.

@@ -8,18 +8,19 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A model small enough for seconds-long runs; the rest of the recipe is the real one.
-TINY = [
+SHARED = [
     "model=toy", "model.hidden=64", "model.layers=2", "model.heads=2", "model.ffn=128",
-    "data.seq_len=64", "train.micro_batch_size=4", "train.lr=1e-3", "train.eval_samples=16",
+    "train.micro_batch_size=4", "train.lr=1e-3", "train.eval_samples=16",
     "logger.progress=false", "logger.wandb.mode=disabled",
 ]  # fmt: skip
+TINY = SHARED + ["stage.seq_len=64"]  # stage one (a stage's own settings are under stage.*)
 
 
 # Stage two on the tiny model, and a short schedule with evaluation and checkpoints (test_palm_train, conftest).
-PALM = TINY + ["stage=palm", "palm.src_len=[8,40]", "palm.tgt_len=[8,24]", "palm.group_steps=4"]
+PALM = SHARED + ["stage=palm", "stage.src_len=[8,40]", "stage.tgt_len=[8,24]", "stage.group_steps=4"]
 STEPS = ["train.max_steps=20", "train.log_every=1", "train.eval_every=10", "train.save_every=5"]
-# The same model for pretrain.finetune (whose config has no data.seq_len or train.eval_samples).
-FINETUNE_TINY = [a for a in TINY if not a.startswith(("data.seq_len=", "train.eval_samples="))]
+# The same model for pretrain.finetune (whose config has no stage.seq_len or train.eval_samples).
+FINETUNE_TINY = [a for a in SHARED if not a.startswith("train.eval_samples=")]
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from pretrain.models.config import ModelConfig
 from pretrain.models.structbert import StructBert
 from pretrain.run_record import read_model_record
 from pretrain.training import checkpoint, partitions
-from runs import DEEPSPEED, REPO, TINY, launch, trainer_refusal
+from runs import DEEPSPEED, PALM, REPO, TINY, launch, trainer_refusal
 
 transformers = None  # imported by _import_transformers below
 
@@ -269,8 +269,8 @@ def test_the_tokenizer_s_output_goes_straight_into_generate(palm_exported):
 @pytest.mark.e2e
 def test_a_copy_mechanism_run_is_refused(prepared, tmp_path):
     run = tmp_path / "copy"
-    launch([sys.executable, "-m", "pretrain.train"], TINY + [f"data.dir={prepared}", f"run.dir={run}", "stage=palm",
-           "palm.src_len=[8,40]", "palm.tgt_len=[8,24]", "train.max_steps=1", "model.copy=true"])  # fmt: skip
+    launch([sys.executable, "-m", "pretrain.train"], PALM + [f"data.dir={prepared}", f"run.dir={run}", "train.max_steps=1",
+           "model.copy=true"])  # fmt: skip
     proc = subprocess.run(EXPORT + [f"run.dir={run}", f"out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "model.copy=true" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["copy"]

@@ -90,8 +90,8 @@ def test_plan_counts_the_zero3_buffers():
 
 @pytest.mark.parametrize("settings, ranks", [
     (TINY, 2), (TINY, 1),  # tests/runs.py: every e2e run of the suite
-    (["model=toy", "data.seq_len=64"], 2),  # the Makefile's demo (stage one; micro_batch_size 16 by default)
-    (["model=toy", "stage=palm", "palm.src_len=[32,96]", "palm.tgt_len=[32,64]"], 2),  # the demo's stage two
+    (["model=toy", "stage.seq_len=64"], 2),  # the Makefile's demo (stage one; micro_batch_size 16 by default)
+    (["model=toy", "stage=palm", "stage.src_len=[32,96]", "stage.tgt_len=[32,64]"], 2),  # the demo's stage two
 ])  # fmt: skip
 def test_the_tiny_runs_are_never_refused(prepared, tmp_path, settings, ranks, monkeypatch):
     """Their estimate per rank stays under 0.5 GiB (most of it the CPU profile's fp32 buckets): a 2-rank run fits

@@ -35,6 +35,10 @@ RUN = ["run.dir=/nonexistent/run", "data.dir=/nonexistent/data"]
     ("~train.lr", "~train.lr: a setting cannot be removed (give train.lr=<value>)"),
     ("model=tiny", "model=tiny: no such option of model (base, large, plug, toy)"),
     ("data.dir=/a=b", "bad argument data.dir=/a=b: mismatched input '=' expecting <EOF>"),
+    # settings that moved under stage.* (one pattern for every stage): the old name says where they went
+    ("palm.src_len=[32,96]", "palm.src_len: moved to stage.src_len (every stage's own settings are under stage.*"),
+    ("data.seq_len=64", "data.seq_len: moved to stage.seq_len (every stage's own settings are under stage.*"),
+    ("stage.src_len=[32,96]", "stage.src_len: no such setting"),  # stage one's settings have no stage-two lengths
 ])  # fmt: skip
 def test_a_bad_override_is_one_line_naming_it(override, message):
     with pytest.raises(UserError) as e:
@@ -45,7 +49,7 @@ def test_a_bad_override_is_one_line_naming_it(override, message):
 @pytest.mark.parametrize("overrides", [
     ["train.lr=1"], ["train.lr=1e-3"], ["train.global_batch_size=null"], ["train.global_batch_size=16"],
     ["train.peak_tflops=312"], ["model.unpad=true"], ["init_from=/some/run"], ["run.dir=2024"],
-    ["stage=palm", "palm.src_len=[8,40]", "model=plug", "deepspeed=zero3_v100", "deepspeed.fp16.min_loss_scale=0.5"],
+    ["stage=palm", "stage.src_len=[8,40]", "model=plug", "deepspeed=zero3_v100", "deepspeed.fp16.min_loss_scale=0.5"],
     ["model=plug", "model.vocab_size=null"],  # 21504 in model=plug, null (the prepared vocab's) in the others
     ["deepspeed.zero={stage:3,overlap_comm:true}"], ["data.dirs=[a,b]", "data.weights=[1,2.5]"],
     ["train.lr=${train.min_lr}"], ["hydra.verbose=true"],

@@ -250,12 +250,12 @@ def test_dataloader_workers_do_not_change_batches():
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    (dict(src_len=[64, 32]), "palm.src_len=[64, 32]"),
-    (dict(tgt_len=(3, 8)), "palm.tgt_len=[3, 8]"),
-    (dict(tgt_len=[8]), "palm.tgt_len=[8]"),
+    (dict(src_len=[64, 32]), "stage.src_len=[64, 32]"),
+    (dict(tgt_len=(3, 8)), "stage.tgt_len=[3, 8]"),
+    (dict(tgt_len=[8]), "stage.tgt_len=[8]"),
     (dict(seed=-1), "seed=-1"),
     (dict(mlm_until=-5), "mlm_until=-5"),
-    (dict(snap=0.6), "palm.snap=0.6"),
+    (dict(snap=0.6), "stage.snap=0.6"),
     (dict(cfg=ObjectiveConfig(mask_rate=2.0)), "mask_rate=2.0"),
 ])
 def test_dataset_rejects_bad_settings(kwargs, fragment):

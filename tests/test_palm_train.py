@@ -85,7 +85,7 @@ def test_stage_two_from_random_weights(prepared, tmp_path):
         ("model.hidden=32", "encoder.embeddings.word.weight is [{v}, 64] in the checkpoint, [{v}, 32] in this model"),
         ("model.layers=3", "the checkpoint has 2 encoder layers, model.layers=3"),
         ("model.max_positions=256", "model.max_positions=256 vs 512"),
-        ("palm.src_len=[40,8]", "palm.src_len=[40, 8]"),
+        ("stage.src_len=[40,8]", "stage.src_len=[40, 8]"),
         ("model.decoder_init=top", "model.decoder_init=top: must be random or encoder_top"),
     ],
 )

@@ -32,7 +32,7 @@ def read(path):
 
 def test_structbert_samples_are_the_trainers(prepared, tmp_path):
     out = tmp_path / "s.jsonl"
-    args = ["stage=structbert", f"data.dir={prepared}", "data.seq_len=48", "train.micro_batch_size=4", "seed=7"]
+    args = ["stage=structbert", f"data.dir={prepared}", "stage.seq_len=48", "train.micro_batch_size=4", "seed=7"]
     run_samples(args + ["n=10", "world_size=2", f"out={out}"])
     rows = read(out)
     # global batch 4 x 2 ranks: indices 0..7 are step 1, 8.. step 2
@@ -52,8 +52,8 @@ def test_structbert_samples_are_the_trainers(prepared, tmp_path):
 
 def test_palm_samples_follow_the_grouped_step_order_and_the_mlm_switch(prepared, tmp_path):
     out = tmp_path / "p.jsonl"
-    args = ["stage=palm", f"data.dir={prepared}", "palm.src_len=[8,40]", "palm.tgt_len=[8,24]",
-            "train.micro_batch_size=4", "train.max_steps=4", "palm.mlm_fraction=0.5", "palm.group_steps=2"]
+    args = ["stage=palm", f"data.dir={prepared}", "stage.src_len=[8,40]", "stage.tgt_len=[8,24]",
+            "train.micro_batch_size=4", "train.max_steps=4", "stage.mlm_fraction=0.5", "stage.group_steps=2"]
     run_samples(args + ["n=16", f"out={out}"])
     rows = read(out)
     assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
@@ -78,7 +78,7 @@ def test_palm_samples_follow_the_grouped_step_order_and_the_mlm_switch(prepared,
     (["stage=structbert", "data.dir=PREPARED", "train.lr=abc"], "train.lr=abc: must be a number"),
     (["stage=structbert", "data.dir=PREPARED", "+train.max_step=3"],
      "train.max_step: no such setting; did you mean train.max_steps?"),
-    (["stage=structbert", "data.dir=PREPARED", "data.seq_len=3"], "seq_len=3"),
+    (["stage=structbert", "data.dir=PREPARED", "stage.seq_len=3"], "seq_len=3"),
     (["stage=structbert", "data.dir=/nonexistent"], "data.dir=/nonexistent: no such directory"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(prepared, tmp_path, args, message):

@@ -26,7 +26,7 @@ TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--time=30"]
 SRUN = {"LAUNCH_MODE": "srun", "GPUS_PER_NODE": "1"}
 # One schedule for the reference and every interrupted run: the losses must agree step by step.
 STEPS = ["train.max_steps=40", "train.log_every=1", "train.eval_every=20", "train.save_every=5", "dist.timeout_s=20"]
-PALM = ["stage=palm", "palm.src_len=[8,40]", "palm.tgt_len=[8,24]", "palm.group_steps=4", "train.max_steps=8",
+PALM = ["stage=palm", "stage.src_len=[8,40]", "stage.tgt_len=[8,24]", "stage.group_steps=4", "train.max_steps=8",
         "train.log_every=1", "train.eval_every=8", "train.save_every=4", "dist.timeout_s=20"]  # fmt: skip
 JOB_TIMEOUT = 240  # seconds for one job to finish; a run here takes well under a minute
 

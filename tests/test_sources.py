@@ -67,7 +67,7 @@ def test_blended_indices_over_periods(prepared, second):
     assert sources[0].seed == 7 and sources[1].seed != 7  # masking draws differ between sources
 
 
-PALM_BLEND = ["stage=palm", "palm.src_len=[8,40]", "palm.tgt_len=[8,24]", "train.micro_batch_size=4"]
+PALM_BLEND = ["stage=palm", "stage.src_len=[8,40]", "stage.tgt_len=[8,24]", "train.micro_batch_size=4"]
 
 
 def test_a_blend_switches_masked_lm_off_at_the_runs_step_in_every_source(prepared, second):
@@ -101,14 +101,14 @@ def test_samples_show_a_blend_and_its_masked_lm_switch(prepared, second, tmp_pat
 
     out = tmp_path / "blend.jsonl"
     samples.main(PALM_BLEND + [f"data.dirs=[{prepared},{second}]", "train.max_steps=10", "from_step=8", "n=12",
-                               "palm.group_steps=1", f"out={out}"])  # fmt: skip  (step t: indices 4(t-1) to 4t-1)
+                               "stage.group_steps=1", f"out={out}"])  # fmt: skip  (step t: indices 4(t-1) to 4t-1)
     with open(out, encoding="utf-8") as f:
         got = [json.loads(line) for line in f]
     assert [r["step"] for r in got] == [8] * 4 + [9] * 4 + [10] * 4
     assert {r["source"] for r in got} == {"prepared", "other"}
     assert all(r["mlm_active"] == (r["step"] <= 9) == bool(r["mlm"]) for r in got)
     structbert = tmp_path / "structbert.jsonl"
-    samples.main(["stage=structbert", "data.seq_len=48", f"data.dirs=[{prepared},{second}]", "n=8", f"out={structbert}"])
+    samples.main(["stage=structbert", "stage.seq_len=48", f"data.dirs=[{prepared},{second}]", "n=8", f"out={structbert}"])
     with open(structbert, encoding="utf-8") as f:
         assert {json.loads(line)["source"] for line in f} == {"prepared", "other"}
 
@@ -196,7 +196,7 @@ def test_blended_training_resumes_exactly_and_validates_per_source(prepared, sec
 def test_stage_two_trains_on_blended_sources(prepared, second, tmp_path):
     run = tmp_path / "palm"
     launch(DEEPSPEED, PALM + [f"data.dirs=[{prepared},{second}]", f"run.dir={run}", "train.max_steps=10",
-                              "train.log_every=1", "train.eval_every=10", "palm.group_steps=1"])  # fmt: skip
+                              "train.log_every=1", "train.eval_every=10", "stage.group_steps=1"])  # fmt: skip
     train = rows(run, "train")
     assert len(train) == 10 and rows(run, "valid/other") and rows(run, "valid/prepared")
     # masked LM stops after step 9 of 10 in both sources (issue 28, 1: a blend used to keep it to the end; steps
@@ -231,8 +231,8 @@ def test_cached_arrays_give_the_same_samples(prepared, tmp_path, stage):
     from pretrain.training.config import batch_geometry
 
     data_dir = _copy_corpus(prepared, tmp_path)
-    extra = ["palm.src_len=[8,40]", "palm.tgt_len=[8,24]"] if stage == "palm" else []
-    cfg = compose_config([f"stage={stage}", f"data.dir={data_dir}", "data.seq_len=48", "train.max_steps=50", *extra])
+    extra = ["stage.src_len=[8,40]", "stage.tgt_len=[8,24]"] if stage == "palm" else ["stage.seq_len=48"]
+    cfg = compose_config([f"stage={stage}", f"data.dir={data_dir}", "train.max_steps=50", *extra])
     st = build_stage(cfg)
     plain_corpus = IndexedCorpus(*(getattr(st.corpora[0]["train"], f) for f in ("tokens", "word_start", "sent_offsets", "doc_offsets")))
     geometry = batch_geometry(cfg.train, 2)

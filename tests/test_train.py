@@ -83,7 +83,7 @@ def test_summary_prints_final_metrics(straight_run):
         ("train.max_steps=0", "train.max_steps=0: must be >= 1"),
         ("stage.objectives.mask_rate=1.5", "stage.objectives.mask_rate=1.5: must be in (0, 1)"),
         ("stage.objectives.mask_rate=0", "stage.objectives.mask_rate=0"),
-        ("data.seq_len=1024", "data.seq_len=1024 exceeds model.max_positions=512"),
+        ("stage.seq_len=1024", "stage.seq_len=1024 exceeds model.max_positions=512"),
         ("train.global_batch_size=6", "train.global_batch_size=6 is not a positive multiple"),
         ("deepspeed=zero3_v100", "fp16 needs a GPU"),
         ("init_from=/tmp", "init_from=/tmp: stage one starts from random weights"),

@@ -27,14 +27,14 @@ from pretrain.labels import IGNORE
 
 
 def check_range(name: str, value: Sequence[int]) -> tuple[int, int]:
-    """[lo, hi] from a list, tuple or Hydra ListConfig of two integers (palm.src_len, palm.tgt_len)."""
+    """[lo, hi] from a list, tuple or Hydra ListConfig of two integers (stage.src_len, stage.tgt_len)."""
     try:
         shown = list(value)
         lo, hi = (operator.index(v) for v in shown)
     except (TypeError, ValueError):
         shown, lo, hi = value, 0, -1
     if not 4 <= lo <= hi:
-        raise UserError(f"palm.{name}={shown}: need [lo, hi] with 4 <= lo <= hi")
+        raise UserError(f"stage.{name}={shown}: need [lo, hi] with 4 <= lo <= hi")
     return lo, hi
 
 
@@ -42,12 +42,12 @@ class PalmDataset(torch.utils.data.Dataset):
     """Index g (any int >= 0) -> sample of epoch g // num_anchors; len() is one epoch.
 
     Anchors are spans.py chunks (whole sentences packed to about the mean span length) of every document with
-    >= 2 tokens. A sample draws its encoder and decoder lengths first (PLUG: uniform in palm.src_len and
-    palm.tgt_len), then starts at a random unit (sentence, or piece of a long sentence) of its anchor's chunk and
+    >= 2 tokens. A sample draws its encoder and decoder lengths first (PLUG: uniform in stage.src_len and
+    stage.tgt_len), then starts at a random unit (sentence, or piece of a long sentence) of its anchor's chunk and
     runs on as far as the lengths need. Where the document is too short for them, the sample moves to a
     document that is long enough (drawn in proportion to its tokens) rather than shrinking: the lengths
     trained on are the drawn ones, up to snapping. Each part's end then moves to the nearest sentence end within
-    palm.snap of its length, either way. The target ends with [SEP] only where the document ends: a span cut
+    stage.snap of its length, either way. The target ends with [SEP] only where the document ends: a span cut
     inside running text has no end to learn."""
 
     def __init__(self, corpus: IndexedCorpus, *, src_len: Sequence[int], tgt_len: Sequence[int], seed: int,
@@ -58,7 +58,7 @@ class PalmDataset(torch.utils.data.Dataset):
         if mlm_until < 0:
             raise UserError(f"mlm_until={mlm_until}: must be >= 0 (0 = no masked LM)")
         if not 0 <= snap <= 0.5:
-            raise UserError(f"palm.snap={snap}: must be in [0, 0.5] (share of a part's length)")
+            raise UserError(f"stage.snap={snap}: must be in [0, 0.5] (share of a part's length)")
         self.random_ids = check_sample_source(corpus, seed, random_ids)
         self.corpus, self.seed, self.mlm_cfg, self.mlm_until, self.snap = corpus, seed, mlm_cfg, mlm_until, snap
         self.cls_id, self.sep_id, self.mask_id, self.pad_id = cls_id, sep_id, mask_id, pad_id

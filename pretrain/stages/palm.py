@@ -1,6 +1,6 @@
 """Stage two: a PALM encoder-decoder, started from stage one's encoder, trained on the decoder's LM of the text
 that follows the encoder's context (both lengths drawn from ranges), plus the encoder's whole-word masked LM during
-the first `palm.mlm_fraction` of the steps."""
+the first `stage.mlm_fraction` of the steps."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +28,7 @@ from pretrain.training.config import BatchGeometry, model_config
 
 class PalmStage(Stage):
     """Stage two: decoder LM on the continuation of the encoder's context, plus encoder whole-word MLM during
-    the first `palm.mlm_fraction` of the steps."""
+    the first `stage.mlm_fraction` of the steps."""
 
     name, ordinal = "palm", "stage-two"
     objectives = (LM, MLM)
@@ -36,10 +36,10 @@ class PalmStage(Stage):
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
-        p = cfg.palm
+        p = cfg.stage
         # checked here, not only in the dataset, so that a bad range fails before any rank starts
         self.src_len, self.tgt_len = check_range("src_len", p.src_len), check_range("tgt_len", p.tgt_len)
-        longest, key = max((self.src_len[1], "palm.src_len"), (self.tgt_len[1], "palm.tgt_len"))
+        longest, key = max((self.src_len[1], "stage.src_len"), (self.tgt_len[1], "stage.tgt_len"))
         self.seq_len = longest  # the longest sequence a batch holds: the memory check's activations
         self.model_cfg = model_config(cfg.model, self.vocab_size, longest, self.activation_checkpointing,
                                       seq_len_key=f"{key}[1]")  # fmt: skip
@@ -51,10 +51,10 @@ class PalmStage(Stage):
             raise UserError(f"model.decoder_layers={self.model_cfg.decoder_layers}: stage={self.name} needs"
                             f" >= {self.min_decoder_layers}")  # fmt: skip
         if not 0.0 <= float(p.mlm_fraction) <= 1.0:
-            raise UserError(f"palm.mlm_fraction={p.mlm_fraction}: must be in [0, 1]")
+            raise UserError(f"stage.mlm_fraction={p.mlm_fraction}: must be in [0, 1]")
         self.group_steps, self.snap = int(p.group_steps), float(p.snap)
         if self.group_steps < 1:
-            raise UserError(f"palm.group_steps={p.group_steps}: must be >= 1")
+            raise UserError(f"stage.group_steps={p.group_steps}: must be >= 1")
         # Steps 1..mlm_steps train with masked LM, the rest without: a function of the step, so resume-exact.
         self.mlm_steps = math.floor(float(p.mlm_fraction) * self.max_steps + 0.5)
 

@@ -31,7 +31,7 @@ class StructBertStage(Stage):
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
-        self.seq_len = int(cfg.data.seq_len)
+        self.seq_len = int(cfg.stage.seq_len)
         self.model_cfg = model_config(cfg.model, self.vocab_size, self.seq_len, self.activation_checkpointing)
 
     def init_source(self) -> init_from.InitSource | None:

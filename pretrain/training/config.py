@@ -164,7 +164,7 @@ def _seconds(group: DictConfig, key: str) -> float:
 
 
 def model_config(m: DictConfig, data_vocab_size: int, seq_len: int, activation_checkpointing: bool = False,
-                 seq_len_key: str = "data.seq_len") -> ModelConfig:
+                 seq_len_key: str = "stage.seq_len") -> ModelConfig:
     mult = int(m.pad_vocab_multiple)
     if mult < 1:
         raise UserError(f"model.pad_vocab_multiple={mult}: must be >= 1")
