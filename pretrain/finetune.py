@@ -206,24 +206,29 @@ def test(task, run_dir: str, geometry: BatchGeometry, info, log: MetricsLog, tra
     predictions = _merged(distributed.gather_objects(task.predict(model, "test", geometry.micro, geometry.world, info.rank)))
     if info.rank != 0:
         return
-    scores = task.score("test", predictions)
+    scores = task.score("test", predictions) if task.test_labelled else {}  # a hidden test set: predicted only
     test_s = time.perf_counter() - started
     write_atomic(os.path.join(run_dir, "predictions.jsonl"),
                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in task.records("test", predictions)))  # fmt: skip
+    outputs = task.write_outputs(run_dir, predictions)
     results = {
         "task": task.name, "type": task.kind, "initialized_from": None if run.init is None else run.init.tag_dir,
         "selected_by": f"valid {task.select[0]} ({'higher' if task.select[1] else 'lower'} is better)",
         "best_step": best["step"], "valid": {k: best.get(k) for k in _metric_keys(task, best)},
         "test": scores, "test_examples": len(predictions), "truncated": task.truncation_report(),
         "seconds": {"train_this_launch": round(train_s, 1), "test": round(test_s, 1)},
+        **outputs, "data_files": task.data_files(),
     }  # fmt: skip
     if task.kind == "generation":
         results.update(decoding=task.decoding, bleu_signature=metrics.bleu_signature(),
                        references="the targets as the tokenizer normalises them (lower case, no [UNK])")
     write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    log.write({"step": best["step"], "split": "test", **scores})
+    if scores:
+        log.write({"step": best["step"], "split": "test", **scores})
+    shown = scores or {f"valid {k}": best[k] for k in ("accuracy", "macro_f1") if best.get(k) is not None}
     print(f"pretrain.finetune: {task.name} test ({len(predictions)} examples, checkpoint step {best['step']}): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), file=sys.stderr)  # fmt: skip
+          + ", ".join(f"{k} {v:.2f}" for k, v in shown.items())
+          + "".join(f"; {what}: {path}" for what, path in outputs.items()), file=sys.stderr)  # fmt: skip
 
 
 def _metric_keys(task, row: dict) -> list[str]:

@@ -105,7 +105,11 @@ def _config_groups(config_name: str) -> dict[str, str]:
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(name[: -len(".yaml")] for name in os.listdir(os.path.join(CONF, group)) if name.endswith(".yaml"))
+    """The options of conf/<group>/, those of its folders as <folder>/<name> (task=clue/afqmc); a name starting
+    with _ is a part the options include, not an option."""
+    root = os.path.join(CONF, group)
+    found = [os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names]
+    return sorted(f[: -len(".yaml")] for f in found if f.endswith(".yaml") and not os.path.basename(f).startswith("_"))
 
 
 def reference(config_name: str, choices: dict[str, str]) -> dict:

@@ -73,8 +73,13 @@ def render(s: dict) -> str:
         lines += render_lengths(s["length_histogram"])
     if s.get("results"):
         r = s["results"]
+        scores = r["test"] or {f"valid {k}": v for k, v in r["valid"].items() if v is not None}  # a hidden test set
         lines.append(f"  test ({r['test_examples']} examples, the checkpoint of step {r['best_step']}, picked by "
-                     f"{r['selected_by']}): " + ", ".join(f"{k} {v:.2f}" for k, v in r["test"].items()))  # fmt: skip
+                     f"{r['selected_by']}): " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))  # fmt: skip
+        if r.get("submission"):
+            lines.append(f"  submission: {r['submission']}")
+        for name, f in r.get("data_files", {}).items():  # which copy of the data: two results on two copies differ here
+            lines.append(f"  data {name}: {f['path']} sha256 {f['sha256'][:16]} ({f['bytes']} bytes)")
     return "\n".join(lines)
 
 

@@ -95,7 +95,7 @@ def test_model_json_written_before_task_existed(tmp_path):
 
 def test_every_task_builds_on_a_registered_stage():
     assert {kind: cls.stage for kind, cls in TASK_TYPES.items()} == {
-        "classification": "structbert", "token_classification": "structbert", "generation": "palm"}
+        "classification": "structbert", "clue": "structbert", "token_classification": "structbert", "generation": "palm"}
     assert [kind for kind, cls in TASK_TYPES.items() if cls.keeps_stage_model] == ["generation"]
 
 

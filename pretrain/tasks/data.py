@@ -13,6 +13,7 @@ and counted: `Encoded.truncated`. Everything else that is wrong is a UserError n
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,6 +37,16 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+def checksum(path: str) -> str:
+    """sha256 of a data file: which copy of a data set a result was computed on (CLUE's files differ by release,
+    and copies of a benchmark circulate that differ from it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_jsonl(path: str, fields: dict[str, str | None]) -> list[dict]:
@@ -137,9 +148,9 @@ def encode_classification(path: str, examples: list[dict], fields: dict, tok: To
                     a.pop()
         ids = [tok.cls_id, *a, tok.sep_id] + ([*b, tok.sep_id] if b is not None else [])
         types = [0] * (len(a) + 2) + [1] * (len(ids) - len(a) - 2)
-        label = _label(path, e, fields)
+        label = _label(path, e, fields) if "label" in e else None  # None: an unlabelled (hidden) test set
         out.samples.append({"input_ids": np.array(ids), "token_type_ids": np.array(types),
-                            "label": _index(path, e, label, index, "label")})  # fmt: skip
+                            "label": IGNORE if label is None else _index(path, e, label, index, "label")})  # fmt: skip
         out.references.append(label)
         out.sources.append({k: e[k] for k in ("text_a", "text_b") if k in e})
     return out

@@ -29,9 +29,10 @@ from pretrain.models.decoding import decoding_settings, generate, row_generator
 from pretrain.objectives import CLS, LM, MLM, TAG
 from pretrain.stages.palm import PalmStage
 from pretrain.stages.structbert import StructBertStage
-from pretrain.tasks import data, metrics
+from pretrain.tasks import clue, data, metrics
 from pretrain.training.config import BatchGeometry, model_config
 from pretrain.training.engine import to_device
+from pretrain.training.run_dir import write_atomic
 
 SPLITS = ("train", "valid", "test")
 
@@ -72,6 +73,7 @@ def collate_encoder(samples: list[dict], pad_id: int, max_len: int) -> dict[str,
 
 class _Task:
     kind: str
+    test_labelled = True  # False: the test split has no labels (a benchmark's hidden test set): predicted, not scored
     select: tuple[str, bool]  # the valid column that picks the checkpoint, and whether higher is better
     stage = StructBertStage.name  # the pre-training stage whose model (or encoder) the task's model starts from
     needs_stage_two = False  # init_from must hold a decoder
@@ -80,12 +82,10 @@ class _Task:
     def __init__(self, cfg: DictConfig, tok: Tokenizer):
         t = cfg.task
         self.name, self.tok, self.seed = str(t.name), tok, int(cfg.seed)
-        self.fields = {role: (None if name is None else str(name)) for role, name in t.fields.items()}
         data_dir = str(cfg.data.dir)
         if not os.path.isdir(data_dir):
             raise UserError(f"data.dir={data_dir}: no such directory (the task's {', '.join(SPLITS)} files)")
-        self.paths = {s: os.path.join(data_dir, str(t.files[s])) for s in SPLITS}
-        raw = {s: data.read_jsonl(self.paths[s], self.fields) for s in SPLITS}
+        raw = self._read(data_dir, t)
         self.labels = self._labels(raw["train"], t)
         self.splits = {s: self._encode(s, raw[s], t) for s in SPLITS}
         self.seq_len = self._longest(t)  # the longest sequence a batch holds: the memory check's activations
@@ -94,6 +94,21 @@ class _Task:
         self.num_workers = int(cfg.data.num_workers)
         self.weights = {o.name: 1.0 for o in self.objectives}
         self.fresh = self._fresh(t)
+
+    def _read(self, data_dir: str, t: DictConfig) -> dict[str, list[dict]]:
+        """Each split's examples; sets `fields` and `paths` (every file read, for the results' checksums)."""
+        self.fields = {role: (None if name is None else str(name)) for role, name in t.fields.items()}
+        self.paths = {s: os.path.join(data_dir, str(t.files[s])) for s in SPLITS}
+        return {s: data.read_jsonl(self.paths[s], self.fields) for s in SPLITS}
+
+    def data_files(self) -> dict[str, dict]:
+        """Every data file the task read, with its size and sha256: which copy of a data set a result is of."""
+        return {key: {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": data.checksum(path)}
+                for key, path in self.paths.items()}  # fmt: skip
+
+    def write_outputs(self, run_dir: str, predictions: list) -> dict[str, str]:
+        """Files the test predictions make besides predictions.jsonl ({what: path}): none by default."""
+        return {}
 
     def _fresh(self, t: DictConfig) -> tuple[str, ...]:
         """Prefixes of parameters that keep their fresh init even where the checkpoint has them."""
@@ -201,6 +216,38 @@ class ClassificationTask(_Task):
         return metrics.accuracy_and_macro_f1(self.splits[split].references, predictions)
 
 
+class ClueTask(ClassificationTask):
+    """One of CLUE's classification tasks (task.clue: afqmc, tnews, iflytek, ocnli, cmnli, cluewsc2020, csl) from
+    its released directory as it is (tasks/clue.py): train on train.json, pick the checkpoint on dev.json's accuracy,
+    predict test.json's hidden labels into CLUE's submission file."""
+
+    kind, test_labelled = "clue", False
+
+    def _read(self, data_dir, t):
+        self.spec = clue.spec(str(t.clue))
+        clue.check_marks(self.spec, self.tok.encode, self.tok.unk_id, self.tok.vocab_path)
+        self.fields = {"text_a": "(built from the line: tasks/clue.py)", "label": "label"}
+        self.paths = {s: clue.split_path(data_dir, self.spec, s) for s in SPLITS}
+        if self.spec.labels is None:
+            self.paths["labels"] = os.path.join(data_dir, "labels.json")
+        self.clue_labels = clue.read_labels(data_dir, self.spec)
+        raw, self.skipped = {}, {}
+        for s in SPLITS:
+            raw[s], self.skipped[s] = clue.read_split(self.paths[s], self.spec, s, self.clue_labels)
+        self.test_examples = raw["test"]
+        return raw
+
+    def _labels(self, train, t):
+        if t.labels is not None:
+            raise UserError(f"task.labels: CLUE's {self.spec.name} has its own ({', '.join(self.clue_labels)})")
+        return self.clue_labels
+
+    def write_outputs(self, run_dir, predictions):
+        path = os.path.join(run_dir, self.spec.submission)
+        write_atomic(path, clue.submission(self.test_examples, predictions))
+        return {"submission": path}
+
+
 class TaggingTask(ClassificationTask):
     """Token classification over BIO tags (NER): entity-level precision, recall and F1."""
 
@@ -295,7 +342,7 @@ class GenerationTask(_Task):
                 for src, ref, p in zip(e.sources, e.references, predictions)]  # fmt: skip
 
 
-TASK_TYPES = {task.kind: task for task in (ClassificationTask, TaggingTask, GenerationTask)}
+TASK_TYPES = {task.kind: task for task in (ClassificationTask, ClueTask, TaggingTask, GenerationTask)}
 
 
 def task_type(kind: str, key: str = "task.type") -> type:
