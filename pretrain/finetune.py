@@ -10,6 +10,7 @@ the checkpoint the valid metric picked: run.dir/results.json, predictions.jsonl 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -67,6 +68,8 @@ def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
         raise UserError(f"vocab={vocab_path}: no such file")
     tok = Tokenizer(vocab_path)
     task = build_task(cfg, tok)
+    if cfg.train.epochs is not None:  # the steps follow from the train split's size
+        settings = run_settings(steps_from_epochs(cfg, len(task.splits["train"]), world_size))
     init = None
     if source is not None:
         with torch.device("meta"):
@@ -80,6 +83,15 @@ def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
     resume_from = checkpoints.resolve(settings.resume, TaskJob.kind_of(task))
     geometry = batch_geometry(cfg.train, world_size, resume_from, checkpoints.global_batch)
     return Setup(settings, geometry, task, vocab_path, init, deepspeed_config(cfg, geometry), checkpoints, resume_from)
+
+
+def steps_from_epochs(cfg: DictConfig, examples: int, world_size: int) -> DictConfig:
+    """cfg with train.max_steps = ceil(train.epochs x examples / the global batch)."""
+    epochs = cfg.train.epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0:
+        raise UserError(f"train.epochs={epochs}: must be a number > 0 (or null: train.max_steps)")
+    cfg.train.max_steps = max(1, math.ceil(epochs * examples / batch_geometry(cfg.train, world_size).global_batch))
+    return cfg
 
 
 class TaskJob:

@@ -40,6 +40,7 @@ TYPES = {
     "deepspeed.zero.stage3_param_persistence_threshold": "string",  # a number or auto (training/memory.py checks)
     "deepspeed.zero.reduce_bucket_size": "string", "deepspeed.zero.stage3_prefetch_bucket_size": "string",
     "train.spike_sigmas": "number or null", "dist.watchdog_s": "number or null", "run.lock_lease_s": "number",
+    "train.epochs": "number or null", "task.clue": "string",
 }  # fmt: skip
 _SAYS = {"integer": "an integer", "number": "a number", "bool": "true or false", "string": "a string",
          "mapping": "a mapping {key: value, ...}"}  # fmt: skip

@@ -277,3 +277,17 @@ def test_empty_file_exits_2_with_one_line(tasks, stage_one, tmp_path):
                   _args("ner", str(data), tmp_path / "run", f"init_from={stage_one['two_ranks']}"), expect_rc=2)  # fmt: skip
     assert proc.stderr.strip() == f"pretrain.finetune: error: {data}/valid.jsonl: no examples (an empty file)"
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("epochs, world, steps", [(2, 2, 40), (0.5, 1, 20), (1, 3, 14)])  # 160 train examples
+def test_epochs_set_the_steps(tasks, prepared, tmp_path, epochs, world, steps):
+    """train.epochs: the steps follow from the train split's size and the global batch (micro 4 x ranks), and the
+    learning-rate schedule spans them."""
+    cfg = _compose(FINETUNE_TINY + ["task=pair_classification", f"data.dir={tasks['pair']}", f"run.dir={tmp_path}/r",
+                                    f"vocab={prepared}/vocab.txt", f"train.epochs={epochs}"])  # fmt: skip
+    run = setup(cfg, world_size=world)
+    assert run.settings.max_steps == steps == -(-epochs * SIZES["train"] // (4 * world))
+    assert run.ds_config["scheduler"]["params"]["total_num_steps"] == steps
+    with pytest.raises(UserError, match=r"^train.epochs=0: must be a number > 0"):
+        setup(_compose(FINETUNE_TINY + ["task=pair_classification", f"data.dir={tasks['pair']}", f"run.dir={tmp_path}/r",
+                                        f"vocab={prepared}/vocab.txt", "train.epochs=0"]), world_size=2)  # fmt: skip
