@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pretrain.errors import UserError
+from pretrain.tasks.data import json_lines
 
 NO_MAJORITY = "-"  # OCNLI's and CMNLI's label for a pair its annotators did not agree on: not an example
 
@@ -146,19 +147,7 @@ def read_split(path: str, s: ClueSpec, split: str, labels: list[str]) -> tuple[l
 
 
 def _records(path: str):
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file (a CLUE task directory holds its released files as they are)")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: a JSON object per line expected")
-            yield lineno, record
+    return json_lines(path, "no such file (a CLUE task directory holds its released files as they are)")
 
 
 def _field(path: str, lineno: int, record: dict, name: str, kinds):

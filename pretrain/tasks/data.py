@@ -49,11 +49,11 @@ def checksum(path: str) -> str:
     return h.hexdigest()
 
 
-def read_jsonl(path: str, fields: dict[str, str | None]) -> list[dict]:
-    """The examples of `path` as {role: value} for the roles whose field name is not None."""
+def json_lines(path: str, missing: str = "no such file"):
+    """(line number, object) of each non-blank line of a JSON-lines file; a UserError naming the file and line for
+    a line that is not a JSON object, and `missing` for a file that is not there."""
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    out = []
+        raise UserError(f"{path}: {missing}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -64,14 +64,21 @@ def read_jsonl(path: str, fields: dict[str, str | None]) -> list[dict]:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({e})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: a JSON object per line expected")
-            example = {"line": lineno}
-            for role, name in fields.items():
-                if name is None:
-                    continue
-                if name not in record:
-                    raise UserError(f"{path}:{lineno}: no field {name!r} (task.fields.{role})")
-                example[role] = record[name]
-            out.append(example)
+            yield lineno, record
+
+
+def read_jsonl(path: str, fields: dict[str, str | None]) -> list[dict]:
+    """The examples of `path` as {role: value} for the roles whose field name is not None."""
+    out = []
+    for lineno, record in json_lines(path):
+        example = {"line": lineno}
+        for role, name in fields.items():
+            if name is None:
+                continue
+            if name not in record:
+                raise UserError(f"{path}:{lineno}: no field {name!r} (task.fields.{role})")
+            example[role] = record[name]
+        out.append(example)
     if not out:
         raise UserError(f"{path}: no examples (an empty file)")
     return out
