@@ -132,7 +132,7 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
     checkpoints, resume_from = run.checkpoints, run.resume_from
     loop.check_precision(s)
     job = TaskJob(task, geometry, info)
-    generation = task.kind == "generation"  # a decoder and its vocabulary projection; the others project no vocab
+    generation = task.generates  # a decoder and its vocabulary projection; the others project no vocab
     shape = memory.run_shape(task.model_cfg, generation, int(generation), task.seq_len, geometry.micro, run.ds_config,
                              s.precision, info.world_size)  # fmt: skip
     memory.check(s.memory_check, shape, task.make_model, info.local_rank, info.world_size, task.stage, s.hardware)
@@ -169,7 +169,7 @@ def evaluate(engine, task, geometry: BatchGeometry, info, step: int) -> dict:
     """The valid row: the loss (every task) and, for the understanding tasks, the metric of the predictions."""
     engine.eval()
     window, predictions = Window(task.objectives), []
-    predict = task.kind != "generation"  # generation is picked on its loss; decoding waits for the test
+    predict = not task.generates  # generation is picked on its loss; decoding waits for the test
     for host in task.eval_loader("valid", geometry.micro, geometry.world, info.rank):
         _, stats, pred = task.forward(engine, to_device(host, engine.device), predict=predict)
         window.add(stats, *task.token_counts(host))
@@ -231,7 +231,7 @@ def test(task, run_dir: str, geometry: BatchGeometry, info, log: MetricsLog, tra
         "seconds": {"train_this_launch": round(train_s, 1), "test": round(test_s, 1)},
         **outputs, "data_files": task.data_files(),
     }  # fmt: skip
-    if task.kind == "generation":
+    if task.generates:
         results.update(decoding=task.decoding, bleu_signature=metrics.bleu_signature(),
                        references="the targets as the tokenizer normalises them (lower case, no [UNK])")
     write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2, ensure_ascii=False) + "\n")

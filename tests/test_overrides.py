@@ -61,7 +61,7 @@ def test_good_overrides_pass(overrides):
 def test_the_options_of_a_group_follow_the_config():
     """pretrain.finetune has task and no stage; a task must be chosen."""
     check_command_line(RUN + ["task=ner", "task.max_len=32"], "finetune", "pretrain.finetune")
-    for argv, message in [(RUN, "task is required: add task=<classification|clue/afqmc|clue/cluewsc2020|clue/cmnli|clue/csl|clue/iflytek|clue/ocnli|clue/tnews|generation|ner|pair_classification>"),
+    for argv, message in [(RUN, "task is required: add task=<classification|clue/afqmc|clue/cluewsc2020|clue/cmnli|clue/csl|clue/iflytek|clue/ocnli|clue/tnews|generation|ner|pair_classification|qg/dureader|qg/kbqg>"),
                           (RUN + ["task=ner", "stage=palm"], "stage: no such setting of pretrain.finetune"),
                           (RUN + ["task=ner", "+train.elastic=true"], "train.elastic: no such setting of pretrain.finetune"),
                           (RUN + ["task=ner", "task.max_len=long"], "task.max_len=long: must be an integer")]:  # fmt: skip

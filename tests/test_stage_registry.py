@@ -95,8 +95,9 @@ def test_model_json_written_before_task_existed(tmp_path):
 
 def test_every_task_builds_on_a_registered_stage():
     assert {kind: cls.stage for kind, cls in TASK_TYPES.items()} == {
-        "classification": "structbert", "clue": "structbert", "token_classification": "structbert", "generation": "palm"}
-    assert [kind for kind, cls in TASK_TYPES.items() if cls.keeps_stage_model] == ["generation"]
+        "classification": "structbert", "clue": "structbert", "token_classification": "structbert", "generation": "palm",
+        "question_generation": "palm"}
+    assert [kind for kind, cls in TASK_TYPES.items() if cls.keeps_stage_model] == ["generation", "question_generation"]
 
 
 @pytest.mark.e2e  # a 2-rank run

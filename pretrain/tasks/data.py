@@ -194,7 +194,11 @@ def encode_generation(path: str, examples: list[dict], fields: dict, tok: Tokeni
                       tgt_max_len: int) -> Encoded:  # fmt: skip
     out = Encoded(path, [], [])
     for e in examples:
-        src, tgt = tok.encode(_text(path, e, "src", fields)), tok.encode(_text(path, e, "tgt", fields))
+        if isinstance(e["src"], list):  # segments, joined by [SEP] (tasks/qg.py: answer [SEP] context)
+            src = [i for k, s in enumerate(e["src"]) for i in ([tok.sep_id] if k else []) + tok.encode(s)]
+        else:
+            src = tok.encode(_text(path, e, "src", fields))
+        tgt = tok.encode(_text(path, e, "tgt", fields))
         if not tgt:
             raise UserError(f"{path}:{e['line']}: field {fields['tgt']!r} has no tokens")
         if len(src) > src_max_len - 2 or len(tgt) > tgt_max_len - 1:
@@ -204,5 +208,5 @@ def encode_generation(path: str, examples: list[dict], fields: dict, tok: Tokeni
         out.samples.append({"enc_input_ids": enc, "mlm_labels": np.full(len(enc), IGNORE),
                             "dec_input_ids": np.array([tok.cls_id, *tgt]), "dec_labels": np.array([*tgt, tok.sep_id])})
         out.references.append(e["tgt"])
-        out.sources.append({"src": e["src"]})
+        out.sources.append({"src": e["src"] if isinstance(e["src"], str) else " [SEP] ".join(e["src"])})
     return out

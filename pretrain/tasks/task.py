@@ -29,7 +29,7 @@ from pretrain.models.decoding import decoding_settings, generate, row_generator
 from pretrain.objectives import CLS, LM, MLM, TAG
 from pretrain.stages.palm import PalmStage
 from pretrain.stages.structbert import StructBertStage
-from pretrain.tasks import clue, data, metrics
+from pretrain.tasks import clue, data, metrics, qg
 from pretrain.training.config import BatchGeometry, model_config
 from pretrain.training.engine import to_device
 from pretrain.training.run_dir import write_atomic
@@ -73,6 +73,7 @@ def collate_encoder(samples: list[dict], pad_id: int, max_len: int) -> dict[str,
 
 class _Task:
     kind: str
+    generates = False  # a decoder: picked on the valid loss, its test outputs decoded
     test_labelled = True  # False: the test split has no labels (a benchmark's hidden test set): predicted, not scored
     select: tuple[str, bool]  # the valid column that picks the checkpoint, and whether higher is better
     stage = StructBertStage.name  # the pre-training stage whose model (or encoder) the task's model starts from
@@ -283,7 +284,7 @@ class GenerationTask(_Task):
     teacher-forced cross-entropy; the checkpoint is picked on the valid loss; test outputs are decoded."""
 
     kind, objectives, select, needs_stage_two = "generation", (LM,), ("lm_loss", False), True
-    stage, keeps_stage_model = PalmStage.name, True
+    stage, keeps_stage_model, generates = PalmStage.name, True, True
     _length_key = "task.src_max_len"
 
     def _encode(self, split, raw, t):
@@ -342,7 +343,28 @@ class GenerationTask(_Task):
                 for src, ref, p in zip(e.sources, e.references, predictions)]  # fmt: skip
 
 
-TASK_TYPES = {task.kind: task for task in (ClassificationTask, ClueTask, TaggingTask, GenerationTask)}
+class QuestionGenerationTask(GenerationTask):
+    """DuReaderQG or KBQG (task.format: dureader_qg | nlpcc_kbqa) from its released files (tasks/qg.py): every
+    task.valid_every-th training item held out as valid, the evaluation file the test split."""
+
+    kind = "question_generation"
+
+    def _read(self, data_dir, t):
+        fmt = str(t.format)
+        if fmt not in qg.READERS:
+            raise UserError(f"task.format={fmt}: unknown (known: {', '.join(qg.READERS)})")
+        self.fields = {"src": f"(built from the file: tasks/qg.py, {fmt})", "tgt": "question"}
+        train_path, test_path = os.path.join(data_dir, str(t.files.train)), os.path.join(data_dir, str(t.files.test))
+        self.paths = {"train": train_path, "valid": train_path, "test": test_path}
+        train, valid = qg.held_out(qg.READERS[fmt](train_path), int(t.valid_every), train_path)
+        return {"train": train, "valid": valid, "test": qg.READERS[fmt](test_path)}
+
+    def data_files(self):
+        return {k: v for k, v in super().data_files().items() if k != "valid"}  # valid: held out of train's file
+
+
+TASK_TYPES = {task.kind: task for task in (ClassificationTask, ClueTask, TaggingTask, GenerationTask,
+                                           QuestionGenerationTask)}  # fmt: skip
 
 
 def task_type(kind: str, key: str = "task.type") -> type:
@@ -355,6 +377,6 @@ def task_type(kind: str, key: str = "task.type") -> type:
 def build_task(cfg: DictConfig, tok: Tokenizer):
     kind = str(cfg.task.type)
     task = task_type(kind)(cfg, tok)
-    if kind == "generation":
+    if isinstance(task, GenerationTask):
         task.set_decoding(cfg.task.decoding)
     return task
