@@ -14,6 +14,13 @@ Once every point has finished, the report (printed, and written to run.dir/grid.
 the valid score that picks checkpoints (the task's `select`: accuracy, F1, or the loss for generation) as mean and
 standard deviation (sample, n - 1) over the seeds; the setting with the best mean; at it, the mean and standard
 deviation of every valid and test figure. `report=true` only reports (nothing runs).
+
+    python -m pretrain.grid table=[runs/grid/afqmc,runs/grid/tnews,...]
+
+prints the grids' reports side by side, one task a line, and CLUE's classification average the way its
+leaderboard computes it, the plain mean of six accuracies: AFQMC, TNEWS, IFLYTEK, OCNLI (CLUE 1.1; CMNLI in 1.0),
+CLUEWSC2020, CSL. Here it is over the dev accuracies at the chosen settings (CLUE keeps the test labels: its
+leaderboard computes the test average from the submission files).
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ from pretrain.cli import parse
 from pretrain.errors import UserError, exit_on_user_error
 from pretrain.overrides import check_command_line
 
-DEFAULTS = {"run": {"dir": None}, "seeds": [1], "lrs": None, "epochs": None, "index": None, "report": False,
+CLUE_AVERAGE = {"1.1": ("afqmc", "tnews", "iflytek", "ocnli", "cluewsc2020", "csl"),
+                "1.0": ("afqmc", "tnews", "iflytek", "cmnli", "cluewsc2020", "csl")}
+DEFAULTS = {"run": {"dir": None}, "seeds": [1], "lrs": None, "epochs": None, "index": None, "report": False, "table": None,
             "launcher": "deepspeed --num_gpus 1 --module"}  # fmt: skip
 
 
@@ -103,9 +112,40 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
+def table(dirs: list[str]) -> str:
+    """The grids' reports, a task a line, and CLUE's classification average where the six tasks are there."""
+    reports = {}
+    for d in dirs:
+        path = os.path.join(d, "grid.json")
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file (run the grid, or its report=true, first)")
+        with open(path, encoding="utf-8") as f:
+            r = json.load(f)
+        reports[r["task"]] = r
+    lines, dev = [], {}
+    for task, r in reports.items():
+        figures = ", ".join(f"{k} {v['mean']:.2f} ± {v['sd']:.2f}" for k, v in r["at_chosen"].items())
+        lines.append(f"{task}: lr {r['chosen']['lr']:g}" + ("" if r["chosen"]["epochs"] is None else
+                     f" epochs {r['chosen']['epochs']:g}") + f", {len(r['points'])} runs: {figures}")  # fmt: skip
+        if "valid accuracy" in r["at_chosen"]:
+            dev[task] = r["at_chosen"]["valid accuracy"]["mean"]
+    for version, tasks in CLUE_AVERAGE.items():
+        if all(t in dev for t in tasks):
+            lines.append(f"CLUE {version} classification average (dev accuracy, {', '.join(tasks)}): "
+                         f"{sum(dev[t] for t in tasks) / len(tasks):.3f}")  # fmt: skip
+            break
+    else:
+        missing = [t for t in CLUE_AVERAGE["1.1"] if t not in dev]
+        lines.append(f"CLUE classification average: not computed, no grid of {', '.join(missing)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     own, finetune = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     cfg, _ = parse(own, DEFAULTS, command="pretrain.grid", doc=__doc__, verbatim=("run.dir", "launcher"))
+    if cfg.table is not None:
+        print(table([str(d) for d in cfg.table]))
+        return
     if cfg.run.dir is None:
         raise UserError("run.dir is required: the grid's directory, one run directory a point under it")
     if not cfg.lrs or not cfg.seeds:

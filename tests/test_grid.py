@@ -74,3 +74,29 @@ def test_bad_command_lines(argv, message, tmp_path):
 def test_a_report_before_the_points_finish_names_the_missing_one(tmp_path):
     with pytest.raises(UserError, match=r"lr0.001-seed1/results.json: not written yet"):
         grid.main([f"run.dir={tmp_path}", "lrs=[1e-3]", "report=true", "--", "task=ner"])
+
+
+def _grid_json(root, task: str, dev: list[float]) -> str:
+    d = root / task
+    d.mkdir()
+    at = {"valid accuracy": {"mean": statistics.fmean(dev), "sd": statistics.stdev(dev), "n": len(dev), "values": dev}}
+    (d / "grid.json").write_text(json.dumps({"task": task, "chosen": {"lr": 2e-5, "epochs": None}, "at_chosen": at,
+                                             "points": [f"p{i}" for i in range(len(dev))]}))  # fmt: skip
+    return str(d)
+
+
+def test_the_table_gives_clues_classification_average(tmp_path, capsys):
+    devs = {"afqmc": [74.0, 75.0], "tnews": [56.0, 57.0], "iflytek": [60.0, 61.0], "ocnli": [72.0, 73.0],
+            "cluewsc2020": [62.0, 66.0], "csl": [80.0, 81.0], "cmnli": [79.0, 80.0]}  # fmt: skip
+    dirs = [_grid_json(tmp_path, t, v) for t, v in devs.items()]
+    grid.main([f"table=[{','.join(dirs)}]"])
+    out = capsys.readouterr().out
+    six = [statistics.fmean(devs[t]) for t in ("afqmc", "tnews", "iflytek", "ocnli", "cluewsc2020", "csl")]
+    assert f"CLUE 1.1 classification average (dev accuracy, afqmc, tnews, iflytek, ocnli, cluewsc2020, csl): " \
+           f"{statistics.fmean(six):.3f}" in out  # fmt: skip
+    assert "afqmc: lr 2e-05, 2 runs: valid accuracy 74.50 ± 0.71" in out
+    without_ocnli = [d for d in dirs if not d.endswith("ocnli")]  # CLUE 1.0's six: CMNLI in OCNLI's place
+    grid.main([f"table=[{','.join(without_ocnli)}]"])
+    assert "CLUE 1.0 classification average" in capsys.readouterr().out
+    grid.main([f"table=[{dirs[0]}]"])
+    assert "not computed, no grid of tnews, iflytek, ocnli, cluewsc2020, csl" in capsys.readouterr().out

@@ -326,3 +326,34 @@ def test_prepare_array_shards_are_the_whole_corpus(cluster, tmp_path):
     wait_for_array(cluster, again, ["1"])
     with open(os.path.join(cluster.root, f"prepare-{again}_1.out")) as f:
         assert f"{out}/shard-1 is already prepared; skipping it" in f.read()
+
+
+def test_finetune_grid_array_runs_each_point_and_a_dependent_job_reports(cluster, prepared, tmp_path):
+    """launch/slurm/finetune_grid.sbatch: one array task a point of a 2-seed grid (each its own run directory),
+    then the report as a job that depends on the array, as the script's header says to submit it."""
+    from synthetic import NAMES
+    from test_finetune import SIZES, _write
+
+    from runs import FINETUNE_TINY
+
+    data = _write(tmp_path, "pair", lambda split, n: [{"sentence1": f"{NAMES[i % 10]}说", "sentence2": NAMES[i % 3],
+                                                       "label": str(int(i % 10 == i % 3))} for i in range(n)])  # fmt: skip
+    root = tmp_path / "grid"
+    args = [f"run.dir={root}", "seeds=[1,2]", "lrs=[1e-3]", "--",
+            *[a for a in FINETUNE_TINY if not a.startswith("train.lr=")], "task=pair_classification",
+            f"data.dir={data}", f"vocab={prepared}/vocab.txt", "train.max_steps=2", "train.eval_every=2"]  # fmt: skip
+    logs = f"--output={cluster.root}/grid-%A_%a.out"
+    array = cluster.submit("launch/slurm/finetune_grid.sbatch", args, env={"LAUNCHER": "python -m"},
+                           sbatch_args=["--array=0-1", "--cpus-per-task=1", "--time=10", logs])
+    report = cluster.submit("launch/slurm/finetune_grid.sbatch", ["report=true", *args],
+                            sbatch_args=[f"--dependency=afterok:{array}", "--cpus-per-task=1", "--time=10"])
+    wait_for_array(cluster, array, ["0", "1"])
+    cluster.wait_for(report, "COMPLETED", JOB_TIMEOUT)
+    for i, seed in enumerate((1, 2)):
+        with open(os.path.join(cluster.root, f"grid-{array}_{i}.out")) as f:
+            assert f"point {i}" in f.read()
+        assert json.load(open(root / f"lr0.001-seed{seed}" / "results.json"))["test_examples"] == SIZES["test"]
+    grid = json.load(open(root / "grid.json"))
+    assert grid["points"] == ["lr0.001-seed1", "lr0.001-seed2"] and grid["settings"][0]["accuracy"]["n"] == 2
+    with open(cluster.output_path(report)) as f:
+        assert "valid accuracy" in f.read()
