@@ -16,6 +16,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 
 import hydra
 import torch
@@ -53,8 +54,8 @@ class Setup:
 def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
     """Read every setting and every task file, and check them, and the checkpoint the run resumes, before any
     rank writes a byte."""
-    settings = run_settings(cfg)
-    safe_load.trust(settings.trust_checkpoint)  # before init_from's checkpoint is read
+    epochs = cfg.train.epochs is not None  # then the steps follow from the train split: checked once it is read
+    settings = None if epochs else run_settings(cfg)
     source = None if cfg.init_from is None else str(cfg.init_from)
     vocab_path = None if cfg.vocab is None else str(cfg.vocab)
     if vocab_path is None:
@@ -68,8 +69,9 @@ def setup(cfg: DictConfig, world_size: int, rank: int = 0) -> Setup:
         raise UserError(f"vocab={vocab_path}: no such file")
     tok = Tokenizer(vocab_path)
     task = build_task(cfg, tok)
-    if cfg.train.epochs is not None:  # the steps follow from the train split's size
+    if epochs:
         settings = run_settings(steps_from_epochs(cfg, len(task.splits["train"]), world_size))
+    safe_load.trust(settings.trust_checkpoint)  # before init_from's checkpoint is read
     init = None
     if source is not None:
         with torch.device("meta"):
@@ -90,7 +92,8 @@ def steps_from_epochs(cfg: DictConfig, examples: int, world_size: int) -> DictCo
     epochs = cfg.train.epochs
     if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0:
         raise UserError(f"train.epochs={epochs}: must be a number > 0 (or null: train.max_steps)")
-    cfg.train.max_steps = max(1, math.ceil(epochs * examples / batch_geometry(cfg.train, world_size).global_batch))
+    exact = Fraction(str(epochs)) * examples / batch_geometry(cfg.train, world_size).global_batch  # no float error
+    cfg.train.max_steps = max(1, math.ceil(exact))
     return cfg
 
 
@@ -142,7 +145,7 @@ def finetune(cfg: DictConfig, info: distributed.DistInfo) -> None:
                          before_model=task.warn_truncated if info.rank == 0 else lambda: None)  # fmt: skip
     step = started.step
     task_info = {"name": task.name, "type": task.kind, "examples": {k: len(v) for k, v in task.splits.items()},
-                 "truncated": task.truncation_report(), "labels": task.labels}  # fmt: skip
+                 "truncated": task.truncation_report(), "skipped": task.skipped, "labels": task.labels}  # fmt: skip
     write_run_files(s.run_dir, cfg, info, started.model, geometry, step, run.init, run.ds_config,
                     ModelRecord(task.stage, task.kind, task.model_cfg), run.vocab_path, task=task_info)  # fmt: skip
     log = MetricsLog(s.run_dir, info.rank, s.wandb, OmegaConf.to_container(cfg, resolve=True), step, ("test",))
@@ -229,7 +232,7 @@ def test(task, run_dir: str, geometry: BatchGeometry, info, log: MetricsLog, tra
         "best_step": best["step"], "valid": {k: best.get(k) for k in _metric_keys(task, best)},
         "test": scores, "test_examples": len(predictions), "truncated": task.truncation_report(),
         "seconds": {"train_this_launch": round(train_s, 1), "test": round(test_s, 1)},
-        **outputs, "data_files": task.data_files(),
+        **outputs, "data_files": task.files_read, "skipped": task.skipped,
     }  # fmt: skip
     if task.generates:
         results.update(decoding=task.decoding, bleu_signature=metrics.bleu_signature(),

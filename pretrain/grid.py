@@ -67,7 +67,7 @@ def run_point(point: dict, run_dir: str, finetune: list[str], launcher: list[str
 
 
 def _mean_sd(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
             "n": len(values), "values": values}  # fmt: skip
 
 
@@ -100,15 +100,19 @@ def report(run_dir: str, grid: list[dict]) -> dict:
             "data_files": first.get("data_files", {}), "points": [p["name"] for p in grid]}  # fmt: skip
 
 
+def _sd(v: dict) -> str:
+    return "n/a" if v["sd"] is None else f"{v['sd']:.2f}"  # one seed: no spread to give
+
+
 def render(r: dict) -> str:
     column = next(k for k in r["settings"][0] if k not in ("lr", "epochs"))
     lines = [f"{r['task']}: {len(r['points'])} runs, picked by {r['selected_by']}"]
     for row in r["settings"]:
         mark = " <- chosen" if (row["lr"], row["epochs"]) == (r["chosen"]["lr"], r["chosen"]["epochs"]) else ""
         ep = "" if row["epochs"] is None else f" epochs {row['epochs']:g}"
-        lines.append(f"  lr {row['lr']:g}{ep}: valid {column} {row[column]['mean']:.2f} ± {row[column]['sd']:.2f}"
+        lines.append(f"  lr {row['lr']:g}{ep}: valid {column} {row[column]['mean']:.2f} ± {_sd(row[column])}"
                      f" over {row[column]['n']} seeds{mark}")  # fmt: skip
-    lines += [f"  {k}: {v['mean']:.2f} ± {v['sd']:.2f}" for k, v in r["at_chosen"].items()]
+    lines += [f"  {k}: {v['mean']:.2f} ± {_sd(v)}" for k, v in r["at_chosen"].items()]
     return "\n".join(lines)
 
 
@@ -124,7 +128,7 @@ def table(dirs: list[str]) -> str:
         reports[r["task"]] = r
     lines, dev = [], {}
     for task, r in reports.items():
-        figures = ", ".join(f"{k} {v['mean']:.2f} ± {v['sd']:.2f}" for k, v in r["at_chosen"].items())
+        figures = ", ".join(f"{k} {v['mean']:.2f} ± {_sd(v)}" for k, v in r["at_chosen"].items())
         lines.append(f"{task}: lr {r['chosen']['lr']:g}" + ("" if r["chosen"]["epochs"] is None else
                      f" epochs {r['chosen']['epochs']:g}") + f", {len(r['points'])} runs: {figures}")  # fmt: skip
         if "valid accuracy" in r["at_chosen"]:
@@ -150,7 +154,7 @@ def main(argv: list[str]) -> None:
         raise UserError("run.dir is required: the grid's directory, one run directory a point under it")
     if not cfg.lrs or not cfg.seeds:
         raise UserError("lrs=[...] and seeds=[...] are required (e.g. lrs=[2e-5,3e-5] seeds=[1,2,3])")
-    if any(a.startswith(("run.dir=", "seed=", "train.lr=", "train.epochs=")) for a in finetune):
+    if any(a.lstrip("+~").startswith(("run.dir=", "seed=", "train.lr=", "train.epochs=")) for a in finetune):
         raise UserError("run.dir, seed, train.lr and train.epochs are the grid's: give them before --")
     check_command_line(finetune + ["run.dir=x"], "finetune", "pretrain.finetune")
     grid = points([float(x) for x in cfg.lrs], None if cfg.epochs is None else [float(x) for x in cfg.epochs],

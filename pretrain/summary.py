@@ -73,9 +73,13 @@ def render(s: dict) -> str:
         lines += render_lengths(s["length_histogram"])
     if s.get("results"):
         r = s["results"]
-        scores = r["test"] or {f"valid {k}": v for k, v in r["valid"].items() if v is not None}  # a hidden test set
-        lines.append(f"  test ({r['test_examples']} examples, the checkpoint of step {r['best_step']}, picked by "
-                     f"{r['selected_by']}): " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))  # fmt: skip
+        if r["test"]:
+            lines.append(f"  test ({r['test_examples']} examples, the checkpoint of step {r['best_step']}, picked by "
+                         f"{r['selected_by']}): " + ", ".join(f"{k} {v:.2f}" for k, v in r["test"].items()))  # fmt: skip
+        else:  # a hidden test set (CLUE's): predicted, not scored
+            valid = ", ".join(f"valid {k} {v:.2f}" for k, v in r["valid"].items() if v is not None)
+            lines.append(f"  test: {r['test_examples']} predictions, labels hidden; the checkpoint of step "
+                         f"{r['best_step']}, picked by {r['selected_by']}: {valid}")  # fmt: skip
         if r.get("submission"):
             lines.append(f"  submission: {r['submission']}")
         for name, f in r.get("data_files", {}).items():  # which copy of the data: two results on two copies differ here

@@ -56,6 +56,7 @@ def test_each_task_reads_its_released_files(task, marked_vocab, tmp_path):
     if task in ("ocnli", "cmnli"):
         assert sum(t.skipped.values()) > 0
     assert [e["id"] for e in t.test_examples] == [x["id"] for x in raw["test"]]
+    assert t.files_read["train"]["sha256"] == data.checksum(f"{d}/{train_file}")  # taken when read
     first = next(x for x in raw["train"] if x["label"] != "-")
     a, b = {"afqmc": ("sentence1", "sentence2"), "ocnli": ("sentence1", "sentence2"),
             "cmnli": ("sentence1", "sentence2")}.get(task, ("sentence", None))  # fmt: skip
@@ -141,6 +142,9 @@ def _rewrite(path, edit) -> None:
      "dev.json:2: field 'target.span1_text'"),
     ("iflytek", "labels.json", lambda ls: ls.append(ls[0]), "labels.json: need at least 2 distinct labels"),
     ("ocnli", "train.50k.json", lambda ls: ls[0].update(label=2), "train.50k.json:1: field 'label' '2' is not one of"),
+    ("afqmc", "dev.json", lambda ls: ls[0].update(label="-"), "dev.json:1: field 'label' '-' is not one of"),  # NLI's only
+    ("cluewsc2020", "train.json", lambda ls: ls[3]["target"].update(span2_index=-1),
+     "train.json:4: field 'target.span2_text'"),
 ])  # fmt: skip
 def test_a_bad_file_is_one_line_naming_file_line_and_field(task, file, edit, message, marked_vocab, tmp_path):
     d = write_clue_task(tmp_path, task)

@@ -279,12 +279,13 @@ def test_empty_file_exits_2_with_one_line(tasks, stage_one, tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-@pytest.mark.parametrize("epochs, world, steps", [(2, 2, 40), (0.5, 1, 20), (1, 3, 14)])  # 160 train examples
+@pytest.mark.parametrize("epochs, world, steps", [(2, 2, 40), (0.5, 1, 20), (1, 3, 14), (10, 1, 400)])  # 160 examples
 def test_epochs_set_the_steps(tasks, prepared, tmp_path, epochs, world, steps):
     """train.epochs: the steps follow from the train split's size and the global batch (micro 4 x ranks), and the
-    learning-rate schedule spans them."""
+    learning-rate schedule spans them; train.exit_at_step is checked against them (400 > the default 300)."""
     cfg = _compose(FINETUNE_TINY + ["task=pair_classification", f"data.dir={tasks['pair']}", f"run.dir={tmp_path}/r",
-                                    f"vocab={prepared}/vocab.txt", f"train.epochs={epochs}"])  # fmt: skip
+                                    f"vocab={prepared}/vocab.txt", f"train.epochs={epochs}",
+                                    f"train.exit_at_step={steps - 1 if steps > 1 else 1}"])  # fmt: skip
     run = setup(cfg, world_size=world)
     assert run.settings.max_steps == steps == -(-epochs * SIZES["train"] // (4 * world))
     assert run.ds_config["scheduler"]["params"]["total_num_steps"] == steps

@@ -72,6 +72,13 @@ def test_kbqg_reads_nlpccs_file_the_triple_as_input(tmp_path):
     assert [e["line"] for e in examples] == list(range(1, 4 * 9, 4))  # the question's line
 
 
+def test_kbqg_takes_a_byte_order_mark_and_a_separator_with_trailing_blanks(tmp_path):
+    path = os.path.join(write_kbqg(tmp_path), "nlpcc-iccpol-2016.kbqa.testing-data")
+    before = qg.nlpcc_kbqa(path)
+    _edit(path, lambda t: "\ufeff" + t.replace("=" * 50 + "\r\n", "=" * 50 + "  \r\n", 1))
+    assert qg.nlpcc_kbqa(path) == before
+
+
 def test_dureader_input_is_answer_sep_context(prepared, tmp_path):
     d = write_dureader(tmp_path)
     t = setup(_cfg("dureader", d, tmp_path / "run", f"vocab={prepared}/vocab.txt"), world_size=2).task

@@ -66,6 +66,7 @@ class ClueSpec:
     train_file: str = "train.json"
     id_field: str | None = None  # the labelled files' id field, where they have one (test's is always "id")
     marks: str = ""  # characters the input adds, which the vocab must hold (an [UNK] would blur them)
+    no_majority: bool = False  # its labelled files hold "-" lines (no majority label): skipped, not examples
 
 
 SPECS = {s.name: s for s in (
@@ -73,9 +74,9 @@ SPECS = {s.name: s for s in (
     ClueSpec("tnews", {"sentence": str}, _sentence, None, "tnews11_predict.json"),
     ClueSpec("iflytek", {"sentence": str}, _sentence, None, "iflytek_predict.json"),
     ClueSpec("ocnli", {"sentence1": str, "sentence2": str}, _pair, ("entailment", "neutral", "contradiction"),
-             "ocnli_50k_predict.json", train_file="train.50k.json", id_field="id"),
+             "ocnli_50k_predict.json", train_file="train.50k.json", id_field="id", no_majority=True),
     ClueSpec("cmnli", {"sentence1": str, "sentence2": str}, _pair, ("entailment", "neutral", "contradiction"),
-             "cmnli_predict.json"),
+             "cmnli_predict.json", no_majority=True),
     ClueSpec("cluewsc2020", {"text": str, "target": dict}, _wsc, ("true", "false"), "cluewsc11_predict.json",
              id_field="idx", marks="_[]"),
     ClueSpec("csl", {"abst": str, "keyword": list}, _csl, ("0", "1"), "csl_predict.json", id_field="id"),
@@ -124,7 +125,7 @@ def read_split(path: str, s: ClueSpec, split: str, labels: list[str]) -> tuple[l
         example = {"line": lineno}
         if labelled:
             label = str(_field(path, lineno, record, "label", (str, int)))
-            if label == NO_MAJORITY and NO_MAJORITY not in known:
+            if label == NO_MAJORITY and s.no_majority:
                 skipped += 1
                 continue
             if label not in known:
@@ -150,13 +151,13 @@ def _records(path: str):
     return json_lines(path, "no such file (a CLUE task directory holds its released files as they are)")
 
 
-def _field(path: str, lineno: int, record: dict, name: str, kinds):
+def _field(path: str, lineno: int, record: dict, name: str, kinds, parent: str = ""):
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     if name not in record:
-        raise UserError(f"{path}:{lineno}: no field {name!r}")
+        raise UserError(f"{path}:{lineno}: no field {parent + name!r}")
     value = record[name]
     if isinstance(value, bool) or not isinstance(value, kinds):
-        raise UserError(f"{path}:{lineno}: field {name!r} must be {' or '.join(k.__name__ for k in kinds)},"
+        raise UserError(f"{path}:{lineno}: field {parent + name!r} must be {' or '.join(k.__name__ for k in kinds)},"
                         f" not {type(value).__name__}")  # fmt: skip
     if kinds == (list,) and not all(isinstance(v, str) for v in value):
         raise UserError(f"{path}:{lineno}: field {name!r} must be a list of strings")
@@ -166,9 +167,9 @@ def _field(path: str, lineno: int, record: dict, name: str, kinds):
 def _check_spans(path: str, lineno: int, record: dict) -> None:
     text, target = record["text"], record["target"]
     for k in ("1", "2"):
-        index = _field(path, lineno, target, f"span{k}_index", (int,))
-        span = _field(path, lineno, target, f"span{k}_text", (str,))
-        if text[index : index + len(span)] != span:
+        index = _field(path, lineno, target, f"span{k}_index", (int,), "target.")
+        span = _field(path, lineno, target, f"span{k}_text", (str,), "target.")
+        if index < 0 or not span or text[index : index + len(span)] != span:
             raise UserError(f"{path}:{lineno}: field 'target.span{k}_text' {span!r} is not at span{k}_index={index}"
                             f" of the text (it reads {text[index:index + len(span)]!r})")  # fmt: skip
     one = range(target["span1_index"], target["span1_index"] + len(target["span1_text"]))

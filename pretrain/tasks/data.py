@@ -54,7 +54,7 @@ def json_lines(path: str, missing: str = "no such file"):
     a line that is not a JSON object, and `missing` for a file that is not there."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: {missing}")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is not line 1's text
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -46,15 +46,15 @@ def dureader_qg(path: str) -> list[dict]:
 def nlpcc_kbqa(path: str) -> list[dict]:
     """The items of an NLPCC KBQA file as (triple -> question) examples; "line" is the question's line."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            lines = [line.rstrip("\r\n") for line in f]
+        with open(path, encoding="utf-8-sig") as f:  # universal newlines: the released files end lines with CRLF
+            lines = [line.rstrip("\n") for line in f]
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     out, item = [], {}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if line == KBQG_SEPARATOR:
+        if line.strip() == KBQG_SEPARATOR:
             if set(item) != set(KBQG_TAGS):
                 missing = [t for t in KBQG_TAGS if t not in item]
                 raise UserError(f"{path}:{lineno}: an item without its <{missing[0]} id=N> line before the separator")
@@ -67,8 +67,8 @@ def nlpcc_kbqa(path: str) -> list[dict]:
         tag, number, text = m.group(1), int(m.group(2)), m.group(3).strip()
         if tag in item or (item and number != next(iter(item.values()))[1]):
             raise UserError(f"{path}:{lineno}: <{tag} id={number}> inside another item (a separator missing?)")
-        if tag == "triple" and text.count(" ||| ") != 2:
-            raise UserError(f"{path}:{lineno}: field 'triple' must be 'subject ||| predicate ||| object'")
+        if tag == "triple" and (len(parts := m.group(3).split("|||")) != 3 or not all(p.strip() for p in parts)):
+            raise UserError(f"{path}:{lineno}: field 'triple' must be 'subject ||| predicate ||| object', none empty")
         if not text:
             raise UserError(f"{path}:{lineno}: field {tag!r} is empty")
         item[tag] = (lineno, number, text)

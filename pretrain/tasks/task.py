@@ -73,6 +73,7 @@ def collate_encoder(samples: list[dict], pad_id: int, max_len: int) -> dict[str,
 
 class _Task:
     kind: str
+    skipped: dict[str, int] = {}  # examples of each split a task's format says are not examples (CLUE's "-")
     generates = False  # a decoder: picked on the valid loss, its test outputs decoded
     test_labelled = True  # False: the test split has no labels (a benchmark's hidden test set): predicted, not scored
     select: tuple[str, bool]  # the valid column that picks the checkpoint, and whether higher is better
@@ -95,6 +96,7 @@ class _Task:
         self.num_workers = int(cfg.data.num_workers)
         self.weights = {o.name: 1.0 for o in self.objectives}
         self.fresh = self._fresh(t)
+        self.files_read = self.data_files()  # when read: results.json records the copy the run trained on
 
     def _read(self, data_dir: str, t: DictConfig) -> dict[str, list[dict]]:
         """Each split's examples; sets `fields` and `paths` (every file read, for the results' checksums)."""
@@ -122,6 +124,10 @@ class _Task:
         return {split: e.truncated for split, e in self.splits.items()}
 
     def warn_truncated(self) -> None:
+        for split, n in self.skipped.items():
+            if n:
+                print(f"pretrain.finetune: {self.splits[split].path}: {n} lines without a majority label skipped",
+                      file=sys.stderr)  # fmt: skip
         for e in self.splits.values():
             if e.truncated:
                 print(f"pretrain.finetune: warning: {e.path}: {e.truncated} of {len(e)} examples longer than "
