@@ -14,7 +14,7 @@ import time
 import pytest
 from slurm_cluster import FINISHED, ClusterUnavailable, SlurmCluster, missing_programs
 
-from runs import TINY, rows
+from runs import SHARED, TINY, rows
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e, pytest.mark.skipif(
     bool(missing_programs()), reason=f"Slurm/munge not installed (missing {', '.join(missing_programs())}; `make install-test` installs them as root)"
@@ -129,7 +129,7 @@ def test_srun_mode_trains_stage_one_on_two_nodes(reference):
 
 def test_srun_mode_stage_two_starts_from_stage_one(cluster, prepared, reference, tmp_path):
     run = str(tmp_path / "palm")
-    args = TINY + PALM + [f"data.dir={prepared}", f"run.dir={run}", f"init_from={reference}"]
+    args = SHARED + PALM + [f"data.dir={prepared}", f"run.dir={run}", f"init_from={reference}"]
     job = cluster.submit(SCRIPT, args, env=SRUN, sbatch_args=TWO_NODES)
     cluster.wait_for(job, "COMPLETED", JOB_TIMEOUT)
     assert [r["step"] for r in rows(run, "train")] == list(range(1, 9))
