@@ -79,12 +79,12 @@ class Window:
         out = {}
         for i, objective in enumerate(self.objectives):
             loss_sum, correct, n = flat[3 * i : 3 * i + 3]
-            name = objective.name
-            out[f"{name}_loss"] = loss_sum / n if n else None
-            out[f"{name}_acc"] = correct / n if n else None
-            out[f"{name}_count"] = int(n)
+            loss, acc = objective.columns
+            out[loss] = loss_sum / n if n else None
+            out[acc] = correct / n if n else None
+            out[f"{objective.name}_count"] = int(n)
             if objective.perplexity:
-                out[f"{name}_ppl"] = math.exp(min(out[f"{name}_loss"], 50.0)) if n else None
+                out[f"{objective.name}_ppl"] = math.exp(min(out[loss], 50.0)) if n else None
         elapsed = time.perf_counter() - self.started
         tokens, padded, flops = flat[-3:]
         out["tokens"] = int(tokens)
